@@ -1,0 +1,5 @@
+"""`python -m relayd` runs the command line."""
+
+from relayd.cli import main
+
+raise SystemExit(main())

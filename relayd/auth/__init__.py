@@ -1,0 +1,33 @@
+"""Credentials beside delivery: password sources, OAuth token providers, encrypted token caches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from relayd.config import Config, RouteConfig
+
+
+class TokenProvider(Protocol):
+    """Gives OAuth access tokens for one route.
+
+    `account` is the mailbox or user the token must act for (delegated flows keep one token cache
+    per user; app-only flows ignore it). Implementations cache tokens and renew them before they
+    expire; a failure raises relayd.errors.AuthenticationError (transient: mail is deferred).
+    """
+
+    async def token(self, account: str) -> str: ...
+
+    def invalidate(self, account: str) -> None:
+        """Forget a token the upstream refused (401/535), so the next call fetches a new one."""
+
+
+def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> TokenProvider:
+    """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""
+    if route.provider == "google":
+        from relayd.auth.google import GoogleTokenProvider  # type: ignore[import-not-found]
+
+        return GoogleTokenProvider(route, config, scopes)  # type: ignore[no-any-return]
+    from relayd.auth.oauth import MsalTokenProvider  # type: ignore[import-not-found]
+
+    return MsalTokenProvider(route, config, scopes)  # type: ignore[no-any-return]

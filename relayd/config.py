@@ -1,0 +1,700 @@
+"""TOML -> immutable, validated config objects; every problem is reported at once, naming its key."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from relayd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/relayd/relayd.toml"
+CONFIG_ENV = "RELAYD_CONFIG"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+
+DEFAULT_MAX_MESSAGE_SIZE = 35 * 1000 * 1000
+DEFAULT_MAX_CONNECTIONS = 2
+DEFAULT_TIMEOUT_S = 60.0
+
+UPSTREAMS = ("smtp", "ews", "graph", "outbox")
+# Upstreams whose delivery module exists. The others are valid names that `relayd check` reports
+# as "not supported yet" instead of crashing later.
+IMPLEMENTED_UPSTREAMS: set[str] = {"smtp", "outbox"}
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+               "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
+class Secret:
+    """A credential that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    count: int
+    per_s: float
+
+
+@dataclass(frozen=True)
+class ServerUser:
+    name: str
+    password_hash: Secret
+    senders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[Address, ...] = (Address("127.0.0.1", 2525),)
+    hostname: str = "localhost"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    listen_tls: tuple[Address, ...] = ()
+    tls_legacy: bool = False
+    users: Mapping[str, ServerUser] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: Path = Path("/var/lib/relayd/queue")
+    max_age_s: float = 5 * 86400
+    retry_min_s: float = 60
+    retry_max_s: float = 3600
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Address | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    path: Path = Path("/var/lib/relayd/tokens")
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One upstream route. Keys that do not apply to its upstream stay None."""
+
+    name: str
+    senders: tuple[str, ...]
+    upstream: str
+    rate_limit: RateLimit | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    ca_file: Path | None = None
+    # smtp
+    host: str | None = None
+    port: int | None = None
+    tls: str | None = None
+    auth: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    provider: str | None = None
+    # ews / graph / xoauth2
+    server: str | None = None
+    service_endpoint: str | None = None
+    endpoint: str | None = None
+    authority: str | None = None
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    certificate_file: Path | None = None
+    thumbprint: str | None = None
+    refresh_token: Secret | None = None
+    flow: str | None = None
+    mailbox: str | None = None
+    save_to_sent: bool = True
+    from_rewrite: bool = False
+    # outbox
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    queue: QueueConfig
+    metrics: MetricsConfig
+    auth: AuthConfig
+    routes: Mapping[str, RouteConfig]
+    source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing helpers. Each appends to `problems` and returns None instead of raising, so that one
+# load reports everything wrong with the file.
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1.5h', '5d' -> seconds."""
+    m = _DURATION_RE.match(text)
+    if not m:
+        raise ValueError("must be a duration such as 30s, 5m, 1h or 5d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(text: str | int) -> int:
+    """'35MB' -> 35000000; a bare integer is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError("must be a positive size")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError("must be a size such as 512KB, 35MB or 1GB")
+    value = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").upper()]
+    if value <= 0:
+        raise ValueError("must be a positive size")
+    return value
+
+
+def parse_address(text: str, *, allow_zero: bool = False) -> Address:
+    """'127.0.0.1:2525' or '[::1]:2525' -> Address."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]\s]+):(\d+)$", text)
+    if not m:
+        raise ValueError('must be "host:port" (IPv6: "[::1]:port")')
+    port = int(m.group(2))
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError("port must be 1-65535")
+    return Address(m.group(1), port)
+
+
+class _Section:
+    """Reads one TOML table, tracking which keys were used so the rest can be called unknown."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str, problems: list[str]) -> None:
+        self.data = data
+        self.prefix = prefix
+        self.problems = problems
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            value_ok = False
+        else:
+            value_ok = isinstance(value, kinds)
+        if not value_ok:
+            names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            self.problem(name, f"must be {names}")
+            return default
+        return value
+
+    def text(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = ()) -> Any:
+        value = self.get(name, str, default)
+        if value is None or name not in self.data:
+            return value
+        if "\r" in value or "\n" in value or "\0" in value:
+            self.problem(name, "must not contain line breaks")
+            return default
+        if choices and value not in choices:
+            self.problem(name, f"must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def convert(self, name: str, parser: Callable[[Any], Any], kind: type | tuple[type, ...] = str,
+                default: Any = None) -> Any:
+        raw = self.get(name, kind, None)
+        if raw is None:
+            return default
+        try:
+            return parser(raw)
+        except ValueError as e:
+            self.problem(name, str(e))
+            return default
+
+    def string_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(name, list, None)
+        if value is None:
+            return default
+        if not all(isinstance(v, str) for v in value):
+            self.problem(name, "must be a list of strings")
+            return default
+        return tuple(value)
+
+    def unknown(self, skip: tuple[str, ...] = ()) -> None:
+        for name in self.data:
+            if name not in self.used and name not in skip:
+                self.problem(name, "unknown key")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list",
+               dict: "a table", float: "a number"}
+
+
+def _read_secret_file(path_text: str, key: str, problems: list[str]) -> Secret | None:
+    """Read a secret from a file that only its owner can read.
+
+    A relative path is looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=).
+    """
+    path = Path(path_text)
+    if not path.is_absolute():
+        cred_dir = os.environ.get(CREDENTIALS_ENV)
+        if not cred_dir:
+            problems.append(f"{key}: relative path {path_text!r} needs ${CREDENTIALS_ENV} "
+                            "(systemd LoadCredential=); give an absolute path otherwise")
+            return None
+        path = Path(cred_dir) / path
+    try:
+        st = path.stat()
+    except OSError as e:
+        problems.append(f"{key}: cannot read {path}: {e.strerror}")
+        return None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        problems.append(f"{key}: {path} is readable by group or others; chmod 600 it")
+        return None
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+        return None
+    if not value:
+        problems.append(f"{key}: {path} is empty")
+        return None
+    return Secret(value)
+
+
+def _secret(section: _Section, base: str, *, required: bool, what: str) -> Secret | None:
+    """`{base}_file` or `{base}_env`: exactly one when required, at most one otherwise."""
+    file_key, env_key = f"{base}_file", f"{base}_env"
+    path = section.text(file_key)
+    env = section.text(env_key)
+    if path is not None and env is not None:
+        section.problem(file_key, f"give {file_key} or {env_key}, not both")
+        return None
+    if path is not None:
+        return _read_secret_file(path, section.key(file_key), section.problems)
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            section.problem(env_key, f"environment variable {env} is not set")
+            return None
+        return Secret(value)
+    if required:
+        section.problems.append(f"{section.key(file_key)}: required ({what}; or {env_key})")
+    return None
+
+
+def _parse_rate(text: str) -> RateLimit:
+    m = _RATE_RE.match(text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError('must be a rate such as "30/min" or "2/s"')
+    return RateLimit(int(m.group(1)), float(_RATE_UNITS[m.group(2)]))
+
+
+def _validate_pattern(pattern: str) -> str | None:
+    """Return why a sender pattern is invalid, or None."""
+    if pattern == "*":
+        return None
+    if any(c.isspace() for c in pattern) or pattern.count("@") != 1:
+        return f"{pattern!r} is not an address, *@domain or *"
+    local, domain = pattern.split("@")
+    if not local or not domain or "*" in domain or ("*" in local and local != "*"):
+        return f"{pattern!r} is not an address, *@domain or *"
+    return None
+
+
+def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
+    s = _Section(data, "server", problems)
+    defaults = ServerConfig()
+    listen = []
+    for i, text in enumerate(s.string_list("listen", ("127.0.0.1:2525",))):
+        try:
+            listen.append(parse_address(text, allow_zero=True))
+        except ValueError as e:
+            problems.append(f"server.listen[{i}]: {text!r} {e}")
+    listen_tls = []
+    for i, text in enumerate(s.string_list("listen_tls")):
+        try:
+            listen_tls.append(parse_address(text, allow_zero=True))
+        except ValueError as e:
+            problems.append(f"server.listen_tls[{i}]: {text!r} {e}")
+    hostname = s.text("hostname", defaults.hostname)
+    if not _HOST_RE.match(hostname):
+        s.problem("hostname", "must be a host name")
+    size = s.convert("max_message_size", parse_size, (str, int), defaults.max_message_size)
+    clients = []
+    for i, text in enumerate(s.string_list("allowed_clients", ("127.0.0.0/8", "::1/128"))):
+        try:
+            clients.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            problems.append(f"server.allowed_clients[{i}]: {text!r} is not an address or network")
+    tls_cert = s.text("tls_cert")
+    tls_key = s.text("tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        s.problem("tls_cert", "tls_cert and tls_key go together")
+    tls_legacy = s.get("tls_legacy", bool, False)
+    users: dict[str, ServerUser] = {}
+    users_data = s.get("users", dict, {})
+    for name, udata in users_data.items():
+        if not isinstance(udata, dict):
+            problems.append(f"server.users.{name}: must be a table")
+            continue
+        u = _Section(udata, f"server.users.{name}", problems)
+        phash = u.text("password_hash")
+        if phash is None:
+            u.problem("password_hash", "required (make one with `relayd hash-password`)")
+        senders = u.string_list("senders")
+        if not senders:
+            u.problem("senders", "required: the sender patterns this user may use")
+        for pattern in senders:
+            why = _validate_pattern(pattern.lower())
+            if why:
+                u.problem("senders", why)
+        u.unknown()
+        if phash is not None:
+            users[name] = ServerUser(name, Secret(phash), tuple(p.lower() for p in senders))
+    s.unknown()
+    return ServerConfig(
+        listen=tuple(listen), hostname=hostname, max_message_size=size,
+        allowed_clients=tuple(clients), tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None, listen_tls=tuple(listen_tls),
+        tls_legacy=tls_legacy, users=MappingProxyType(users),
+    )
+
+
+def _parse_queue(data: Mapping[str, Any], problems: list[str]) -> QueueConfig:
+    s = _Section(data, "queue", problems)
+    d = QueueConfig()
+    path = s.text("path", str(d.path))
+    max_age = s.convert("max_age", parse_duration, default=d.max_age_s)
+    rmin = s.convert("retry_min", parse_duration, default=d.retry_min_s)
+    rmax = s.convert("retry_max", parse_duration, default=d.retry_max_s)
+    if rmin <= 0:
+        s.problem("retry_min", "must be more than 0s")
+    if rmax < rmin:
+        s.problem("retry_max", "must not be less than retry_min")
+    s.unknown()
+    return QueueConfig(Path(path), max_age, rmin, rmax)
+
+
+def _parse_metrics(data: Mapping[str, Any], problems: list[str]) -> MetricsConfig:
+    s = _Section(data, "metrics", problems)
+    listen = s.convert("listen", lambda t: parse_address(t, allow_zero=True))
+    s.unknown()
+    return MetricsConfig(listen)
+
+
+def _parse_auth(data: Mapping[str, Any], problems: list[str]) -> AuthConfig:
+    s = _Section(data, "auth", problems)
+    d = AuthConfig()
+    path = s.text("path", str(d.path))
+    key_file = s.text("key_file")
+    s.unknown()
+    return AuthConfig(Path(path), Path(key_file) if key_file else None)
+
+
+# Keys each upstream takes, beyond the ones every route has.
+_COMMON_KEYS = ("senders", "upstream", "rate_limit", "max_connections", "timeout", "ca_file")
+_OAUTH_KEYS = ("tenant_id", "client_id", "client_secret_file", "client_secret_env",
+               "certificate_file", "thumbprint", "flow", "authority")
+_UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
+    "smtp": ("host", "port", "tls", "auth", "username", "password_file", "password_env",
+             "provider", "refresh_token_file", "refresh_token_env", "mailbox", *_OAUTH_KEYS),
+    "ews": ("auth", "server", "service_endpoint", "username", "password_file", "password_env",
+            "mailbox", "save_to_sent", "from_rewrite", *_OAUTH_KEYS),
+    "graph": ("endpoint", "mailbox", "save_to_sent", "from_rewrite", *_OAUTH_KEYS),
+    "outbox": ("path",),
+}
+
+
+def _parse_oauth(s: _Section, values: dict[str, Any], *, provider: str = "microsoft") -> None:
+    """The OAuth keys shared by ews (auth = oauth), graph and smtp (auth = xoauth2)."""
+    values["flow"] = s.text("flow", "app", choices=("app", "device"))
+    values["client_id"] = s.text("client_id")
+    values["tenant_id"] = s.text("tenant_id")
+    values["authority"] = s.text("authority")
+    if values["authority"] is not None and not values["authority"].startswith("https://"):
+        s.problem("authority", "must be an https:// URL")
+    if values["client_id"] is None:
+        s.problem("client_id", "required for OAuth")
+    if provider == "microsoft" and values["tenant_id"] is None:
+        s.problem("tenant_id", "required for Microsoft OAuth")
+    cert = s.text("certificate_file")
+    thumb = s.text("thumbprint")
+    has_secret = s.has("client_secret_file") or s.has("client_secret_env")
+    if cert is not None and has_secret:
+        s.problem("certificate_file", "give client_secret_file/_env or certificate_file, not both")
+    if (cert is None) != (thumb is None):
+        s.problem("thumbprint", "certificate_file and thumbprint go together")
+    values["certificate_file"] = Path(cert) if cert else None
+    values["thumbprint"] = thumb
+    needs_secret = values["flow"] == "app" and cert is None and provider == "microsoft"
+    values["client_secret"] = _secret(s, "client_secret", required=needs_secret,
+                                      what="the app's client secret")
+
+
+def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> RouteConfig | None:
+    s = _Section(data, f"routes.{name}", problems)
+    start = len(problems)
+    senders = s.string_list("senders")
+    if not senders:
+        s.problem("senders", "required: a list of sender addresses or patterns")
+    for pattern in senders:
+        why = _validate_pattern(pattern.lower())
+        if why:
+            s.problem("senders", why)
+    upstream = s.text("upstream")
+    if upstream is None:
+        s.problem("upstream", f"required: one of {', '.join(UPSTREAMS)}")
+        return None
+    if upstream not in UPSTREAMS:
+        s.problem("upstream", f"must be one of {', '.join(UPSTREAMS)}")
+        return None
+    if upstream not in IMPLEMENTED_UPSTREAMS:
+        s.problem("upstream", f'"{upstream}" is not supported yet by this version of relayd')
+        return None
+    v: dict[str, Any] = {}
+    v["rate_limit"] = s.convert("rate_limit", _parse_rate)
+    v["max_connections"] = s.get("max_connections", int, DEFAULT_MAX_CONNECTIONS)
+    if not 1 <= v["max_connections"] <= 100:
+        s.problem("max_connections", "must be 1-100")
+    v["timeout_s"] = s.convert("timeout", parse_duration, default=DEFAULT_TIMEOUT_S)
+    ca = s.text("ca_file")
+    if ca is not None and not os.access(ca, os.R_OK):
+        s.problem("ca_file", f"cannot read {ca}")
+    v["ca_file"] = Path(ca) if ca else None
+
+    if upstream == "smtp":
+        _parse_smtp_route(s, v)
+    elif upstream == "outbox":
+        path = s.text("path")
+        if path is None:
+            s.problem("path", "required: the folder .eml files are written to")
+        v["path"] = Path(path) if path else None
+    elif upstream == "ews":
+        _parse_ews_route(s, v)
+    else:
+        _parse_graph_route(s, v)
+    allowed = _COMMON_KEYS + _UPSTREAM_KEYS[upstream]
+    for key in s.data:
+        if key in s.used:
+            continue
+        if key in allowed:
+            s.problem(key, "does not apply with this route's other settings (auth, flow, tls)")
+        elif any(key in keys for keys in _UPSTREAM_KEYS.values()):
+            s.problem(key, f'unknown key for upstream = "{upstream}"')
+        else:
+            s.problem(key, "unknown key")
+    if len(problems) > start:
+        return None
+    return RouteConfig(name=name, senders=tuple(p.lower() for p in senders), upstream=upstream,
+                       **v)
+
+
+def _parse_smtp_route(s: _Section, v: dict[str, Any]) -> None:
+    v["host"] = s.text("host")
+    if v["host"] is None:
+        s.problem("host", "required: the upstream SMTP server")
+    elif not _HOST_RE.match(v["host"]):
+        s.problem("host", "must be a host name or address")
+    v["tls"] = s.text("tls", "starttls", choices=("starttls", "implicit", "none"))
+    port = s.get("port", int, 465 if v["tls"] == "implicit" else 587)
+    if not 1 <= port <= 65535:
+        s.problem("port", "must be 1-65535")
+    v["port"] = port
+    v["auth"] = s.text("auth", None, choices=("password", "xoauth2", "none"))
+    if v["auth"] is None:
+        has_pw = s.has("password_file") or s.has("password_env")
+        v["auth"] = "password" if has_pw else "none"
+    v["username"] = s.text("username")
+    if v["auth"] == "password":
+        if v["username"] is None:
+            s.problem("username", 'required with auth = "password"')
+        v["password"] = _secret(s, "password", required=True, what="the account's password")
+    elif v["auth"] == "xoauth2":
+        v["provider"] = s.text("provider", None, choices=("microsoft", "google"))
+        if v["provider"] is None:
+            s.problem("provider", 'required with auth = "xoauth2": "microsoft" or "google"')
+        v["mailbox"] = s.text("mailbox", "sender")
+        _parse_oauth(s, v, provider=v["provider"] or "microsoft")
+        v["refresh_token"] = _secret(s, "refresh_token", required=False, what="")
+    if v["auth"] != "none" and v["tls"] == "none" and v["host"] not in ("127.0.0.1", "::1",
+                                                                     "localhost"):
+        s.problem("tls", 'credentials would cross the network in clear; use "starttls" or '
+                  '"implicit"')
+
+
+def _parse_mailbox_keys(s: _Section, v: dict[str, Any]) -> None:
+    v["mailbox"] = s.text("mailbox", "sender")
+    if v["mailbox"] != "sender" and _validate_pattern(v["mailbox"]) is not None:
+        s.problem("mailbox", '"sender" or an email address')
+    v["save_to_sent"] = s.get("save_to_sent", bool, True)
+    v["from_rewrite"] = s.get("from_rewrite", bool, False)
+    if v["from_rewrite"] and v["mailbox"] == "sender":
+        s.problem("from_rewrite", 'needs a fixed mailbox address (mailbox = "sender" already '
+                  "sends as the sender)")
+
+
+def _parse_ews_route(s: _Section, v: dict[str, Any]) -> None:
+    default_auth = "oauth" if s.has("client_id") else "basic"
+    v["auth"] = s.text("auth", default_auth, choices=("basic", "ntlm", "oauth"))
+    v["server"] = s.text("server")
+    v["service_endpoint"] = s.text("service_endpoint")
+    if (v["server"] is None) == (v["service_endpoint"] is None):
+        s.problem("server", "give server or service_endpoint (exactly one)")
+    if v["server"] is not None and not _HOST_RE.match(v["server"]):
+        s.problem("server", "must be a host name")
+    if v["service_endpoint"] is not None and not v["service_endpoint"].startswith(
+            ("https://", "http://")):
+        s.problem("service_endpoint", "must be an https:// URL")
+    if v["auth"] == "oauth" and (v["service_endpoint"] or "https://").startswith("http://"):
+        s.problem("service_endpoint", "OAuth needs an https:// endpoint")
+    _parse_mailbox_keys(s, v)
+    if v["auth"] in ("basic", "ntlm"):
+        v["username"] = s.text("username")
+        if v["username"] is None:
+            s.problem("username", f'required with auth = "{v["auth"]}"')
+        v["password"] = _secret(s, "password", required=True, what="the account's password")
+    else:
+        _parse_oauth(s, v)
+
+
+def _parse_graph_route(s: _Section, v: dict[str, Any]) -> None:
+    v["endpoint"] = s.text("endpoint", "https://graph.microsoft.com")
+    if not v["endpoint"].startswith("https://"):
+        s.problem("endpoint", "must be an https:// URL")
+    _parse_mailbox_keys(s, v)
+    _parse_oauth(s, v)
+
+
+def _check_listeners(server: ServerConfig, problems: list[str]) -> None:
+    for i, addr in enumerate(server.listen + server.listen_tls):
+        try:
+            ip = ipaddress.ip_address(addr.host)
+        except ValueError:
+            ip = None
+        loopback = addr.host == "localhost" or (ip is not None and ip.is_loopback)
+        if not loopback and not server.users:
+            key = "server.listen" if i < len(server.listen) else "server.listen_tls"
+            problems.append(f"{key}: {addr} is not a loopback address; configure [server.users] "
+                            "so clients must authenticate")
+
+
+def _check_patterns(routes: Mapping[str, RouteConfig], problems: list[str]) -> None:
+    owner: dict[str, str] = {}
+    for route in routes.values():
+        for pattern in route.senders:
+            if pattern in owner and owner[pattern] != route.name:
+                problems.append(f"routes.{route.name}.senders: {pattern!r} is already claimed by "
+                                f"routes.{owner[pattern]}")
+            else:
+                owner[pattern] = route.name
+
+
+def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
+    """Build a Config from parsed TOML, or raise ConfigError listing every problem."""
+    problems: list[str] = []
+    top = _Section(data, "", problems)
+
+    def table(name: str) -> Mapping[str, Any]:
+        value = top.get(name, dict, {})
+        return value if isinstance(value, dict) else {}
+
+    server = _parse_server(table("server"), problems)
+    queue = _parse_queue(table("queue"), problems)
+    metrics = _parse_metrics(table("metrics"), problems)
+    auth = _parse_auth(table("auth"), problems)
+    routes: dict[str, RouteConfig] = {}
+    for name, rdata in table("routes").items():
+        if not isinstance(rdata, dict):
+            problems.append(f"routes.{name}: must be a table")
+            continue
+        route = _parse_route(name, rdata, problems)
+        if route is not None:
+            routes[name] = route
+    if not table("routes"):
+        problems.append("routes: at least one [routes.NAME] table is required")
+    for name in data:
+        if name not in top.used:
+            problems.append(f"{name}: unknown section")
+    _check_listeners(server, problems)
+    _check_patterns(routes, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(server, queue, metrics, auth, MappingProxyType(routes), source)
+
+
+def config_path(explicit: str | None) -> str:
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; ConfigError names the file and every bad key."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"], source) from None
+    except OSError as e:
+        raise ConfigError([f"{source}: cannot read: {e.strerror}"], source) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"], source) from None
+    return parse_config(data, source)

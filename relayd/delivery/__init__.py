@@ -1,0 +1,87 @@
+"""The delivery interface every upstream implements, and the factory that picks one per route.
+
+An `Upstream` is built once per route (and rebuilt on reload). The scheduler opens up to
+`max_connections` sessions from it; each session delivers one message at a time, so a session may
+keep a connection open between messages. `deliver` returns one `RecipientResult` per recipient,
+or raises `TransientDeliveryError` / `PermanentDeliveryError` when the whole attempt failed.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from relayd.config import Config, RouteConfig
+
+
+class Status(enum.Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    status: Status
+    code: int | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """What a session delivers: the envelope still pending and the message bytes as received."""
+
+    queue_id: str
+    sender: str  # "" for a bounce
+    recipients: Sequence[str]
+    data: bytes
+    mail_options: Sequence[str] = field(default_factory=tuple)  # e.g. BODY=8BITMIME, SMTPUTF8
+
+
+class Session(abc.ABC):
+    @abc.abstractmethod
+    async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
+        """Deliver one message; raise Transient/PermanentDeliveryError if nothing got through."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the session holds (a connection). Never raises."""
+
+
+class Upstream(abc.ABC):
+    def __init__(self, route: RouteConfig, config: Config) -> None:
+        self.route = route
+        self.config = config
+
+    @abc.abstractmethod
+    def session(self) -> Session:
+        """A new session; cheap, connects lazily."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release shared resources (HTTP clients, thread pools, token providers)."""
+
+
+def all_results(recipients: Sequence[str], result: RecipientResult) -> dict[str, RecipientResult]:
+    return {r: result for r in recipients}
+
+
+def make_upstream(route: RouteConfig, config: Config) -> Upstream:
+    """The Upstream for a route's `upstream` key. Imports lazily: ews pulls in exchangelib."""
+    if route.upstream == "smtp":
+        from relayd.delivery.smtp import SmtpUpstream
+
+        return SmtpUpstream(route, config)
+    if route.upstream == "outbox":
+        from relayd.delivery.outbox import OutboxUpstream
+
+        return OutboxUpstream(route, config)
+    if route.upstream == "ews":
+        from relayd.delivery.ews import EwsUpstream  # type: ignore[import-not-found]
+
+        return EwsUpstream(route, config)  # type: ignore[no-any-return]
+    if route.upstream == "graph":
+        from relayd.delivery.graph import GraphUpstream  # type: ignore[import-not-found]
+
+        return GraphUpstream(route, config)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown upstream {route.upstream!r}")

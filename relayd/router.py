@@ -1,0 +1,55 @@
+"""Envelope sender -> route: an exact address beats *@domain, which beats *."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from relayd.config import RouteConfig
+
+
+@dataclass(frozen=True)
+class Match:
+    route: RouteConfig
+    pattern: str
+
+
+def normalize(address: str) -> str:
+    """Lower-case for matching. Local parts are case-sensitive in theory, never in practice."""
+    return address.strip().lower()
+
+
+class Router:
+    """Looks up the route for an envelope sender. Built once per config; immutable."""
+
+    def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
+        self._exact: dict[str, RouteConfig] = {}
+        self._domain: dict[str, RouteConfig] = {}
+        self._default: RouteConfig | None = None
+        for route in routes.values():
+            for pattern in route.senders:
+                if pattern == "*":
+                    self._default = route
+                elif pattern.startswith("*@"):
+                    self._domain[pattern[2:]] = route
+                else:
+                    self._exact[pattern] = route
+
+    def match(self, sender: str) -> Match | None:
+        address = normalize(sender)
+        if not address or "@" not in address:
+            return None
+        route = self._exact.get(address)
+        if route is not None:
+            return Match(route, address)
+        domain = address.rpartition("@")[2]
+        route = self._domain.get(domain)
+        if route is not None:
+            return Match(route, f"*@{domain}")
+        if self._default is not None:
+            return Match(self._default, "*")
+        return None
+
+    def lookup(self, sender: str) -> RouteConfig | None:
+        m = self.match(sender)
+        return m.route if m else None
