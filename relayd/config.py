@@ -29,9 +29,17 @@ DEFAULT_MAX_CONNECTIONS = 2
 DEFAULT_TIMEOUT_S = 60.0
 
 UPSTREAMS = ("smtp", "ews", "graph", "outbox")
-# Upstreams whose delivery module exists. The others are valid names that `relayd check` reports
-# as "not supported yet" instead of crashing later.
-IMPLEMENTED_UPSTREAMS: set[str] = {"smtp", "outbox"}
+
+
+def _implemented_upstreams() -> frozenset[str]:
+    """Upstreams whose delivery module exists. The others are valid names that `relayd check`
+    reports as "not supported yet" instead of failing later."""
+    import importlib.util
+
+    return frozenset(u for u in UPSTREAMS if importlib.util.find_spec(f"relayd.delivery.{u}"))
+
+
+IMPLEMENTED_UPSTREAMS = _implemented_upstreams()
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -58,6 +58,11 @@ class Upstream(abc.ABC):
     def session(self) -> Session:
         """A new session; cheap, connects lazily."""
 
+    def refuse_sender(self, sender: str) -> str | None:
+        """Why this route cannot send for `sender` right now (e.g. no signed-in token for a
+        delegated OAuth route), as an SMTP reply for MAIL FROM; None to accept. Must be fast."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (HTTP clients, thread pools, token providers)."""
 
