@@ -34,9 +34,8 @@ UPSTREAMS = ("smtp", "ews", "graph", "outbox")
 def _implemented_upstreams() -> frozenset[str]:
     """Upstreams whose delivery module exists. The others are valid names that `relayd check`
     reports as "not supported yet" instead of failing later."""
-    import importlib.util
-
-    return frozenset(u for u in UPSTREAMS if importlib.util.find_spec(f"relayd.delivery.{u}"))
+    here = Path(__file__).parent / "delivery"
+    return frozenset(u for u in UPSTREAMS if (here / f"{u}.py").is_file())
 
 
 IMPLEMENTED_UPSTREAMS = _implemented_upstreams()
