@@ -1,0 +1,251 @@
+"""A fake Microsoft identity platform for msal: discovery, token and device-code endpoints."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from tests.fakes.https import Handler, HttpsServer, start_https_server
+
+TENANT = "contoso-tenant"
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+CLIENT_SECRET = "app-secret-value"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class IssuedToken:
+    kind: str  # "app" or "user"
+    user: str | None
+    scope: str
+    expires_at: float
+
+
+@dataclass
+class IdpState:
+    tenant: str = TENANT
+    client_id: str = CLIENT_ID
+    client_secret: str = CLIENT_SECRET
+    certificate: x509.Certificate | None = None  # accepted for client assertions
+    token_lifetime_s: int = 3600
+    refresh_in_s: int | None = None  # tells msal to renew early (proactive refresh)
+    device_user: str | None = None  # device codes are approved for this user on first poll
+    device_interval_s: int = 1
+    fail_token_status: int | None = None  # answer every token request with this HTTP status
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (grant, form)
+    access_tokens: dict[str, IssuedToken] = field(default_factory=dict)
+    refresh_tokens: dict[str, str] = field(default_factory=dict)  # refresh token -> user
+    revoked: set[str] = field(default_factory=set)
+    device_codes: dict[str, str | None] = field(default_factory=dict)  # code -> approved user
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    base_url: str = ""
+
+    def grants(self, grant_type: str) -> int:
+        """How many token requests of this grant type arrived."""
+        with self.lock:
+            return sum(1 for g, _ in self.requests if g == grant_type)
+
+    def revoke_user(self, user: str) -> None:
+        """Revoke every refresh token of `user`, as an admin or a password change would."""
+        with self.lock:
+            self.revoked.update(rt for rt, u in self.refresh_tokens.items() if u == user)
+
+    def check_bearer(self, token: str) -> IssuedToken | None:
+        """The token's grant if it was issued here and has not expired."""
+        with self.lock:
+            issued = self.access_tokens.get(token)
+        if issued is None or issued.expires_at < time.time():
+            return None
+        return issued
+
+    @property
+    def authority(self) -> str:
+        return f"{self.base_url}/{self.tenant}"
+
+
+class IdpHandler(Handler):
+    state: IdpState  # type: ignore[assignment]
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        st = self.state
+        base = f"{st.base_url}/{st.tenant}"
+        if self.path.split("?")[0] == f"/{st.tenant}/v2.0/.well-known/openid-configuration":
+            self.json(200, {
+                "issuer": f"{base}/v2.0",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "jwks_uri": f"{base}/discovery/v2.0/keys",
+                "response_types_supported": ["code", "id_token", "code id_token"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+            })
+            return
+        self.json(404, {"error": "not_found"})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        st = self.state
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(self.read_body().decode()).items()}
+        if self.path == f"/{st.tenant}/oauth2/v2.0/devicecode":
+            self.device_code(form)
+        elif self.path == f"/{st.tenant}/oauth2/v2.0/token":
+            with st.lock:
+                st.requests.append((form.get("grant_type", ""), form))
+            if st.fail_token_status:
+                self.json(st.fail_token_status, {"error": "temporarily_unavailable",
+                                                 "error_description": "try later"})
+                return
+            self.token(form)
+        else:
+            self.json(404, {"error": "not_found"})
+
+    def json(self, status: int, body: dict[str, Any]) -> None:
+        self.reply(status, json.dumps(body), "application/json")
+
+    def error(self, error: str, description: str, status: int = 400) -> None:
+        self.json(status, {"error": error, "error_description": description,
+                           "error_codes": [70000]})
+
+    def device_code(self, form: dict[str, str]) -> None:
+        st = self.state
+        if form.get("client_id") != st.client_id:
+            self.error("unauthorized_client", "AADSTS700016: unknown application")
+            return
+        code = secrets.token_urlsafe(16)
+        user_code = secrets.token_hex(4).upper()
+        with st.lock:
+            st.device_codes[code] = None
+        self.json(200, {
+            "device_code": code, "user_code": user_code,
+            "verification_uri": f"{st.base_url}/devicelogin", "expires_in": 60,
+            "interval": st.device_interval_s,
+            "message": f"To sign in, open {st.base_url}/devicelogin and enter {user_code}.",
+        })
+
+    def client_ok(self, form: dict[str, str]) -> bool:
+        st = self.state
+        if form.get("client_id") != st.client_id:
+            self.error("unauthorized_client", "AADSTS700016: unknown application")
+            return False
+        if "client_secret" in form:
+            if form["client_secret"] != st.client_secret:
+                self.error("invalid_client", "AADSTS7000215: Invalid client secret provided.",
+                           401)
+                return False
+            return True
+        if form.get("client_assertion_type") == JWT_BEARER:
+            if st.certificate is None or not self.assertion_ok(form.get("client_assertion", "")):
+                self.error("invalid_client", "AADSTS700027: Client assertion failed signature "
+                           "validation.", 401)
+                return False
+            return True
+        return form.get("grant_type") != "client_credentials"  # public clients have no secret
+
+    def assertion_ok(self, assertion: str) -> bool:
+        st = self.state
+        cert = st.certificate
+        assert cert is not None
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, cert.public_key(),  # type: ignore[arg-type]
+                                algorithms=["RS256", "PS256"],
+                                audience=f"{st.authority}/oauth2/v2.0/token")
+        except jwt.PyJWTError:
+            return False
+        x5t = _b64url(cert.fingerprint(hashes.SHA1()))  # noqa: S303 - what Entra ID checks
+        x5t256 = _b64url(cert.fingerprint(hashes.SHA256()))
+        return (header.get("x5t") == x5t or header.get("x5t#S256") == x5t256) and \
+            claims.get("iss") == st.client_id and claims.get("sub") == st.client_id
+
+    def token(self, form: dict[str, str]) -> None:
+        st = self.state
+        grant = form.get("grant_type", "")
+        if not self.client_ok(form):
+            return
+        scope = form.get("scope", "")
+        if grant == "client_credentials":
+            self.issue("app", None, scope)
+        elif grant == "refresh_token":
+            rt = form.get("refresh_token", "")
+            with st.lock:
+                user = st.refresh_tokens.get(rt)
+                revoked = rt in st.revoked
+            if user is None or revoked:
+                self.error("invalid_grant", "AADSTS50173: The provided grant has expired due "
+                           "to it being revoked, a fresh auth token is needed.")
+                return
+            self.issue("user", user, scope)
+        elif grant == DEVICE_GRANT:
+            code = form.get("device_code", "")
+            with st.lock:
+                if code not in st.device_codes:
+                    known = False
+                else:
+                    known = True
+                    approved = st.device_codes[code]
+                    if approved is None and st.device_user is not None:
+                        st.device_codes[code] = st.device_user  # approved now; next poll wins
+            if not known:
+                self.error("expired_token", "AADSTS70020: The provided value for the input "
+                           "parameter 'device_code' is not valid.")
+            elif approved is None:
+                self.error("authorization_pending", "AADSTS70016: OAuth 2.0 device flow error. "
+                           "Authorization is pending.")
+            else:
+                with st.lock:
+                    del st.device_codes[code]
+                self.issue("user", approved, scope)
+        else:
+            self.error("unsupported_grant_type", f"grant {grant!r} is not supported")
+
+    def issue(self, kind: str, user: str | None, scope: str) -> None:
+        st = self.state
+        now = time.time()
+        access = "at-" + secrets.token_urlsafe(24)
+        body: dict[str, Any] = {"token_type": "Bearer", "access_token": access,
+                                "expires_in": st.token_lifetime_s,
+                                "ext_expires_in": st.token_lifetime_s,
+                                "scope": " ".join(s for s in scope.split()
+                                                  if s not in ("openid", "profile",
+                                                               "offline_access"))}
+        if st.refresh_in_s is not None:
+            body["refresh_in"] = st.refresh_in_s
+        with st.lock:
+            st.access_tokens[access] = IssuedToken(kind, user, scope, now + st.token_lifetime_s)
+        if user is not None:
+            refresh = "rt-" + secrets.token_urlsafe(24)
+            oid = "oid-" + user.split("@")[0]
+            with st.lock:
+                st.refresh_tokens[refresh] = user
+            body["refresh_token"] = refresh
+            body["client_info"] = _b64url(json.dumps({"uid": oid, "utid": st.tenant}).encode())
+            claims = {"aud": st.client_id, "iss": f"{st.authority}/v2.0", "iat": int(now),
+                      "nbf": int(now), "exp": int(now) + 3600, "oid": oid, "sub": oid,
+                      "tid": st.tenant, "preferred_username": user, "name": user,
+                      "ver": "2.0"}
+            body["id_token"] = ".".join([_b64url(b'{"alg":"none","typ":"JWT"}'),
+                                         _b64url(json.dumps(claims).encode()), ""])
+        self.json(200, body)
+
+
+def start_idp(state: IdpState | None = None) -> HttpsServer:
+    """Start a fake identity provider; its authority is `server.state.authority`."""
+    st = state or IdpState()
+    server = start_https_server(IdpHandler, st)
+    st.base_url = server.base_url
+    return server
