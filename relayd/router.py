@@ -19,6 +19,13 @@ def normalize(address: str) -> str:
     return address.strip().lower()
 
 
+def matches_any(patterns: tuple[str, ...], sender: str) -> bool:
+    """Whether `sender` matches one of the patterns (exact, *@domain or *)."""
+    address = normalize(sender)
+    domain = address.rpartition("@")[2]
+    return "*" in patterns or address in patterns or f"*@{domain}" in patterns
+
+
 class Router:
     """Looks up the route for an envelope sender. Built once per config; immutable."""
 

@@ -1,0 +1,326 @@
+"""Command line: argument parsing only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from email.message import EmailMessage
+from typing import Any, TextIO
+
+from relayd import __version__
+from relayd.config import Config, config_path, load_config
+from relayd.errors import ConfigError, DeliveryError, QueueError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+CONTROL_WAIT_S = 10.0
+
+log = logging.getLogger("relayd")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiosmtpd logs every command line at INFO (AUTH lines included): keep it to warnings.
+    for noisy in ("mail.log", "aiosmtplib", "exchangelib", "msal", "httpx", "httpcore",
+                  "urllib3", "requests_ntlm"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def _print_problems(e: ConfigError, out: TextIO) -> None:
+    for problem in e.problems:
+        print(problem, file=out)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relayd.service import serve
+
+    setup_logging(args.log_level, args.log_format)
+    return asyncio.run(serve(config_path(args.config)))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.source}: ok, {len(config.routes)} route(s): "
+          + ", ".join(f"{r.name} ({r.upstream})" for r in config.routes.values()))
+    return EXIT_OK
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from relayd.router import Router
+
+    config = _load(args)
+    match = Router(config.routes).match(args.address)
+    if match is None:
+        print(f"{args.address}: no route (refused at MAIL FROM with 550 5.7.1)")
+        return EXIT_FAILED
+    r = match.route
+    target = {"smtp": f"{r.host}:{r.port}", "outbox": str(r.path),
+              "ews": r.service_endpoint or r.server or "", "graph": r.endpoint or ""}
+    print(f"{args.address}: route {r.name} (upstream {r.upstream} {target[r.upstream]}) "
+          f"matched by {match.pattern!r}")
+    return EXIT_OK
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    from relayd.delivery import OutboundMessage, Status, make_upstream
+    from relayd.router import Router
+
+    setup_logging("warning")
+    config = _load(args)
+    route = Router(config.routes).lookup(args.sender)
+    if route is None:
+        print(f"no route for {args.sender}: it would be refused with 550 5.7.1")
+        return EXIT_FAILED
+    print(f"1. route: {route.name} (upstream {route.upstream})")
+    msg = EmailMessage()
+    msg["From"] = args.sender
+    msg["To"] = ", ".join(args.to)
+    msg["Subject"] = args.subject
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=config.server.hostname)
+    msg.set_content(f"This is a test message from relayd on {config.server.hostname}, sent "
+                    f"through the route {route.name!r} at {time.strftime('%Y-%m-%d %H:%M:%S')}.\n")
+    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    print(f"2. message: {len(data)} bytes from <{args.sender}> to "
+          + ", ".join(f"<{t}>" for t in args.to))
+
+    async def run() -> int:
+        upstream = make_upstream(route, config)
+        session = upstream.session()
+        try:
+            print(f"3. delivering through {route.upstream} ...")
+            results = await session.deliver(OutboundMessage("SENDTEST", args.sender, args.to,
+                                                            data))
+        except DeliveryError as e:
+            kind = "temporary" if e.__class__.__name__.startswith("Transient") or \
+                "Authentication" in e.__class__.__name__ else "permanent"
+            print(f"4. failed ({kind}): {e}")
+            return EXIT_FAILED
+        finally:
+            await session.close()
+            await upstream.close()
+        ok = True
+        for rcpt, res in results.items():
+            print(f"4. <{rcpt}>: {res.status.value}: {res.code or ''} {res.text}".rstrip())
+            ok = ok and res.status is Status.DELIVERED
+        return EXIT_OK if ok else EXIT_FAILED
+
+    return asyncio.run(run())
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from relayd.queue import Spool
+
+    config = _load(args)
+    spool = Spool(config.queue.path)
+    if args.queue_cmd == "list":
+        entries = []
+        for qid in spool.ids():
+            try:
+                entries.append(spool.load(qid))
+            except QueueError as e:
+                print(f"{qid}: unreadable: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps([e.summary() for e in entries], indent=2))
+            return EXIT_OK
+        now = time.time()
+        for e in entries:
+            pending = e.pending()
+            when = "now" if e.next_attempt <= now else f"in {_age(e.next_attempt - now)}"
+            print(f"{e.id}  {e.size:>9}  {_age(now - e.received):>4}  "
+                  f"<{e.sender or 'MAILER-DAEMON'}> -> {', '.join(pending)}  "
+                  f"[tries {e.attempts}, next {when}]"
+                  + (f"  {e.last_error}" if e.last_error else ""))
+        print(f"{len(entries)} message(s) in the queue")
+        return EXIT_OK
+    if args.queue_cmd == "show":
+        try:
+            entry = spool.load(args.id)
+        except QueueError as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_FAILED
+        print(json.dumps(entry.summary(), indent=2))
+        if args.body:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(spool.read_data(entry))
+        return EXIT_OK
+    target = "all" if getattr(args, "all", False) else args.id
+    if target is None:
+        print("give a queue id or --all", file=sys.stderr)
+        return EXIT_USAGE
+    if target != "all":
+        try:
+            spool.load(target)
+        except QueueError as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_FAILED
+    return _queue_act(spool, args.queue_cmd, target)
+
+
+def _queue_act(spool: Any, action: str, target: str) -> int:
+    """Ask the running daemon, or act on the files when no daemon holds the queue."""
+    if spool.daemon_running():
+        path = spool.request(action, target)
+        deadline = time.monotonic() + CONTROL_WAIT_S
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if path.exists():
+            print(f"{action} {target}: the daemon did not take the request within "
+                  f"{CONTROL_WAIT_S:.0f}s; it stays queued", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{action} {target}: done by the running daemon")
+        return EXIT_OK
+    ids = spool.ids() if target == "all" else [target]
+    for qid in ids:
+        if action == "delete":
+            spool.remove(qid)
+        else:
+            try:
+                entry = spool.load(qid)
+            except QueueError as e:
+                print(str(e), file=sys.stderr)
+                continue
+            entry.next_attempt = 0.0
+            spool.save_state(entry)
+    print(f"{action} {target}: done ({len(ids)} message(s)); the daemon is not running")
+    return EXIT_OK
+
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    from relayd.auth import oauth  # type: ignore[attr-defined]
+
+    config = _load(args)
+    if args.auth_cmd == "login":
+        return int(oauth.login(config, args.route, args.user, sys.stdout))
+    return int(oauth.status(config, sys.stdout))
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from relayd.auth.passwords import hash_password_cli  # type: ignore[import-not-found]
+
+    return int(hash_password_cli(sys.stdin, sys.stdout, sys.stderr))
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relayd", description="Local SMTP relay for legacy apps "
+                                "that delivers through modern-auth upstreams.")
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("-c", "--config", metavar="FILE",
+                        help="config file (default: $RELAYD_CONFIG, then /etc/relayd/relayd.toml)")
+        return sp
+
+    sp = add("serve", "run the daemon in the foreground")
+    sp.add_argument("--log-level", default="info",
+                    choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--log-format", default="text", choices=["text", "json"])
+    sp.set_defaults(func=cmd_serve)
+
+    add("check", "validate the config").set_defaults(func=cmd_check)
+
+    sp = add("route", "print the route an envelope sender maps to")
+    sp.add_argument("address")
+    sp.set_defaults(func=cmd_route)
+
+    sp = add("send-test", "deliver a test message through the sender's route, now")
+    sp.add_argument("--from", dest="sender", required=True, metavar="ADDR")
+    sp.add_argument("--to", required=True, action="append", metavar="ADDR")
+    sp.add_argument("--subject", default="relayd test message")
+    sp.set_defaults(func=cmd_send_test)
+
+    sp = add("queue", "inspect and act on the queue (works while the daemon runs)")
+    qsub = sp.add_subparsers(dest="queue_cmd", required=True, metavar="ACTION")
+    q = qsub.add_parser("list", help="one line per queued message")
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    q.add_argument("--json", action="store_true")
+    q = qsub.add_parser("show", help="envelope, state and (--body) content of one message")
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    q.add_argument("id")
+    q.add_argument("--body", action="store_true")
+    q = qsub.add_parser("retry", help="try a message (or --all) again now")
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    q.add_argument("id", nargs="?")
+    q.add_argument("--all", action="store_true")
+    q = qsub.add_parser("delete", help="remove a message from the queue without delivering it")
+    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    q.add_argument("id")
+    sp.set_defaults(func=cmd_queue)
+
+    sp = add("auth", "OAuth sign-in for delegated routes")
+    asub = sp.add_subparsers(dest="auth_cmd", required=True, metavar="ACTION")
+    a = asub.add_parser("login", help="device-code sign-in for a delegated OAuth route")
+    a.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    a.add_argument("route")
+    a.add_argument("--user", metavar="ADDR")
+    a = asub.add_parser("status", help="each token's account and expiry")
+    a.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_auth)
+
+    sp = sub.add_parser("hash-password", help="print an scrypt hash for server.users")
+    sp.set_defaults(func=cmd_hash_password)
+    sub.add_parser("sendmail", help="sendmail-compatible submission (see relayd sendmail -h)",
+                   add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["sendmail"]:
+        # sendmail's own option syntax (-oi, -f addr, -t) does not fit argparse.
+        from relayd.sendmail import main as sendmail_main  # type: ignore[import-not-found]
+
+        return int(sendmail_main(args_list[1:], sys.stdin.buffer, None))
+    args = build_parser().parse_args(args_list)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        _print_problems(e, sys.stderr)
+        return EXIT_USAGE
+    except QueueError as e:
+        print(f"relayd: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

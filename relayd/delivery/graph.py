@@ -1,0 +1,569 @@
+"""Microsoft Graph upstream: the message's own MIME, base64-encoded, sent through sendMail."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import email.policy
+import email.utils
+import json
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.headerregistry import Address, Group
+from email.message import Message
+from email.parser import BytesParser
+from typing import Any
+
+import httpx
+
+from relayd.auth import TokenProvider, make_token_provider
+from relayd.config import Config, RouteConfig
+from relayd.delivery import (
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    Status,
+    Upstream,
+    all_results,
+)
+from relayd.errors import (
+    AuthenticationError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1.0"
+# Graph refuses sendMail bodies over about 4 MB (users see 413); the body is the base64 text.
+MAX_MIME_REQUEST_BYTES = 4_000_000
+# Graph's own limit: 4 concurrent requests per app and mailbox.
+MAX_REQUESTS_PER_MAILBOX = 4
+# Attachments below 3 MB may be posted whole; larger ones need an upload session.
+SMALL_ATTACHMENT_MAX_BYTES = 3_000_000
+# Upload session chunks must be multiples of 320 KiB; Graph suggests at most 4 MB each.
+UPLOAD_CHUNK_BYTES = 320 * 1024 * 10
+# Headers Graph reads recipients from.
+RECIPIENT_HEADERS = ("to", "cc", "bcc")
+# The permission a draft + upload session needs; named in the bounce when it is missing.
+READWRITE_PERMISSION = "Mail.ReadWrite"
+
+_PERMANENT_STATUSES = frozenset({400, 403, 404, 405, 406, 410, 411, 415, 422})
+_THROTTLE_STATUSES = frozenset({429, 503})
+
+
+class _TooLarge(Exception):
+    """sendMail refused the size (413): take the draft path instead."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The header block, edited field by field so everything not edited stays byte-identical.
+
+
+@dataclass
+class _Head:
+    fields: list[bytes]  # each raw field, folded continuation lines and line ending included
+    eol: bytes
+    body: bytes  # the blank separator line and everything after it
+
+    @classmethod
+    def split(cls, data: bytes) -> _Head:
+        crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
+        if crlf >= 0 and (lf < 0 or crlf < lf):
+            end, eol = crlf + 2, b"\r\n"
+        elif lf >= 0:
+            end, eol = lf + 1, b"\n"
+        else:
+            end, eol = len(data), b"\r\n"
+        head, body = data[:end], data[end:]
+        fields: list[bytes] = []
+        for line in head.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1] += line
+            else:
+                fields.append(line)
+        return cls(fields, eol, body)
+
+    def join(self) -> bytes:
+        return b"".join(self.fields) + self.body
+
+    @staticmethod
+    def name(raw: bytes) -> str:
+        return raw.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
+
+    @staticmethod
+    def value(raw: bytes) -> str:
+        """The unfolded value, decoded as UTF-8 (RFC 6532) with undecodable bytes kept."""
+        text = raw.split(b":", 1)[1] if b":" in raw else b""
+        return b"".join(text.splitlines()).strip().decode("utf-8", "surrogateescape")
+
+    def index(self, name: str) -> list[int]:
+        return [i for i, f in enumerate(self.fields) if self.name(f) == name]
+
+    def values(self, name: str) -> list[str]:
+        return [self.value(self.fields[i]) for i in self.index(name)]
+
+    def render(self, name: str, value: str | Sequence[Address | Group]) -> bytes:
+        """A new header field folded by the email package, in this message's line endings."""
+        if isinstance(value, str):
+            ascii_only = value.isascii()
+        else:
+            ascii_only = all(_is_ascii(v) for v in value)
+        policy = (email.policy.SMTP if ascii_only else email.policy.SMTPUTF8).clone(
+            linesep=self.eol.decode())
+        header = policy.header_factory(name, value)
+        folded: str = header.fold(policy=policy)
+        return folded.encode("utf-8", "surrogateescape")
+
+
+def _is_ascii(item: Address | Group) -> bool:
+    addresses = item.addresses if isinstance(item, Group) else (item,)
+    return all(a.addr_spec.isascii() for a in addresses)
+
+
+def _parse_addresses(value: str) -> tuple[Group, ...]:
+    header = email.policy.default.header_factory("to", value)
+    return tuple(header.groups)
+
+
+def _norm(address: str) -> str:
+    return address.strip().lower()
+
+
+def _address(addr_spec: str, display_name: str = "") -> Address:
+    # Address(addr_spec=...) refuses a UTF-8 local part; built from its halves it is accepted.
+    local, _, domain = addr_spec.rpartition("@")
+    return Address(display_name, username=local or addr_spec, domain=domain if local else "")
+
+
+@dataclass
+class Prepared:
+    """What Graph is given for one message, and why it differs from what was queued."""
+
+    mime: bytes
+    mailbox: str
+    added_bcc: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def prepare_mime(message: OutboundMessage, mailbox: str, *, from_rewrite: bool,
+                 is_bounce: bool = False) -> Prepared:
+    """Make the headers name exactly the envelope's recipients, and rewrite From when asked.
+
+    Graph sends to every To/Cc/Bcc address in the MIME and to nobody else. Envelope recipients
+    the headers do not name are added as Bcc. Header addresses the envelope does not name (a retry
+    after a partial delivery, or a client whose envelope differs from its headers) are removed
+    from the header that names them: Graph would otherwise send to them, which relayd never does.
+    Every field not edited keeps its bytes.
+    """
+    head = _Head.split(message.data)
+    envelope = {_norm(r): r for r in message.recipients}
+    named: set[str] = set()
+    removed: list[str] = []
+    for name in RECIPIENT_HEADERS:
+        for i in head.index(name):
+            groups = _parse_addresses(head.value(head.fields[i]))
+            addrs = [a.addr_spec for g in groups for a in g.addresses]
+            outsiders = [a for a in addrs if _norm(a) not in envelope]
+            named.update(_norm(a) for a in addrs if _norm(a) in envelope)
+            if not outsiders:
+                continue
+            removed.extend(outsiders)
+            kept: list[Address | Group] = []
+            for g in groups:
+                members = [a for a in g.addresses if _norm(a.addr_spec) in envelope]
+                if g.display_name is not None:
+                    if members:
+                        kept.append(Group(g.display_name, members))
+                else:
+                    kept.extend(members)
+            head.fields[i] = head.render(name, kept) if kept else b""
+    head.fields = [f for f in head.fields if f]
+    missing = [r for key, r in envelope.items() if key not in named]
+    if missing:
+        bcc = head.render("Bcc", [_address(r) for r in missing])
+        head.fields.append(bcc)
+    if from_rewrite or is_bounce:
+        _rewrite_from(head, mailbox, keep_reply_to=not is_bounce)
+    return Prepared(head.join(), mailbox, missing, removed)
+
+
+def _rewrite_from(head: _Head, mailbox: str, *, keep_reply_to: bool) -> None:
+    """From becomes the mailbox (display name kept); the original From becomes Reply-To unless
+    the message already says where replies go. Sender would ask for send-on-behalf: dropped."""
+    froms = head.index("from")
+    original_raw = head.fields[froms[0]] if froms else b""
+    original = head.value(original_raw) if froms else ""
+    display = ""
+    if original:
+        header = email.policy.default.header_factory("from", original)
+        addrs = list(header.addresses)
+        if len(addrs) == 1 and not header.defects:
+            display = addrs[0].display_name
+    new_from = head.render("From", [_address(mailbox, display)])
+    if froms:
+        head.fields[froms[0]] = new_from
+        for i in reversed(froms[1:]):
+            del head.fields[i]
+    else:
+        head.fields.append(new_from)
+    for i in reversed(head.index("sender")):
+        del head.fields[i]
+    if keep_reply_to and original_raw and not head.index("reply-to"):
+        # The original value byte for byte, so an odd but working display name survives.
+        head.fields.append(b"Reply-To:" + original_raw.split(b":", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting a large message into a draft and its attachments.
+
+
+@dataclass
+class _Attachment:
+    name: str
+    content_type: str
+    data: bytes
+    content_id: str | None
+    inline: bool
+
+
+def _split_attachments(data: bytes) -> tuple[bytes, list[_Attachment]]:
+    """The message without its attachment parts (re-serialized), and those parts' contents."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(data)
+    attachments: list[_Attachment] = []
+
+    def detach(part: Message) -> bool:
+        if part.is_multipart():
+            return False
+        disposition = part.get_content_disposition()
+        if part.get_content_maintype() == "text" and disposition != "attachment":
+            return False
+        return disposition in ("attachment", "inline") or part.get("content-id") is not None \
+            or part.get_content_maintype() not in ("text", "multipart")
+
+    def walk(container: Message, depth: int) -> None:
+        if depth > 32:  # nesting is bounded in any real message; stop a hostile one
+            raise PermanentDeliveryError("message nests multiparts more than 32 deep", 554)
+        payload = container.get_payload()
+        if not isinstance(payload, list):
+            return
+        kept: list[Message | str] = []
+        for part in payload:
+            if not isinstance(part, Message):
+                kept.append(part)
+            elif detach(part):
+                raw = part.get_payload(decode=True)
+                content = raw if isinstance(raw, bytes) else part.as_bytes()
+                cid = part.get("content-id")
+                attachments.append(_Attachment(
+                    name=part.get_filename() or f"attachment-{len(attachments) + 1}",
+                    content_type=part.get_content_type(),
+                    data=content,
+                    content_id=str(cid).strip().strip("<>") if cid else None,
+                    inline=part.get_content_disposition() == "inline" or (
+                        cid is not None and part.get_content_disposition() is None),
+                ))
+            else:
+                walk(part, depth + 1)
+                kept.append(part)
+        container.set_payload(kept)
+
+    walk(msg, 0)
+    policy = email.policy.SMTPUTF8 if not data.isascii() else email.policy.SMTP
+    return msg.as_bytes(policy=policy), attachments
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _graph_error(response: httpx.Response) -> str:
+    """Graph's own words: `ErrorSendAsDenied: ...`, or the start of whatever it answered."""
+    try:
+        body = response.json()
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        code, message = err.get("code"), err.get("message")
+        if code or message:
+            return f"{code or 'Error'}: {message or ''}".strip()
+    except (ValueError, json.JSONDecodeError):
+        pass
+    text = response.text.strip().replace("\r", " ").replace("\n", " ")
+    return text[:300] or (response.reason_phrase or "no reason given")
+
+
+@dataclass
+class _Slot:
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
+class GraphUpstream(Upstream):
+    """One route's Graph client: a shared HTTPS connection pool and token provider."""
+
+    def __init__(self, route: RouteConfig, config: Config) -> None:
+        super().__init__(route, config)
+        self.endpoint = (route.endpoint or "https://graph.microsoft.com").rstrip("/")
+        if route.flow == "device":
+            scopes = [f"{self.endpoint}/Mail.Send"]
+        else:
+            scopes = [f"{self.endpoint}/.default"]
+        self.tokens: TokenProvider = make_token_provider(route, config, scopes)
+        self._client: httpx.AsyncClient | None = None
+        self._slots: dict[str, _Slot] = {}
+        if not route.save_to_sent:
+            # Graph has no switch for MIME sends: Exchange always keeps a copy in Sent Items.
+            log.warning("route %s: save_to_sent = false cannot be honoured by Graph sendMail "
+                        "with MIME content; Exchange keeps a copy in Sent Items", route.name)
+
+    def session(self) -> Session:
+        return GraphSession(self)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            if self.route.ca_file is not None:
+                verify = ssl.create_default_context(cafile=str(self.route.ca_file))
+            else:
+                verify = ssl.create_default_context()
+            self._client = httpx.AsyncClient(
+                verify=verify,
+                # With a ca_file, the environment (CA bundles, proxies) must not override it.
+                trust_env=self.route.ca_file is None,
+                timeout=httpx.Timeout(self.route.timeout_s),
+                limits=httpx.Limits(max_connections=max(MAX_REQUESTS_PER_MAILBOX,
+                                                        self.route.max_connections * 2)),
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        closer = getattr(self.tokens, "close", None) or getattr(self.tokens, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, mailbox: str) -> AsyncIterator[None]:
+        key = mailbox.lower()
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(asyncio.Semaphore(MAX_REQUESTS_PER_MAILBOX))
+        slot.users += 1
+        try:
+            async with slot.semaphore:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                self._slots.pop(key, None)
+
+    def url(self, mailbox: str, *parts: str) -> str:
+        user = urllib.parse.quote(mailbox, safe="@")
+        tail = "/".join(urllib.parse.quote(p, safe="") for p in parts)
+        return f"{self.endpoint}/{API_VERSION}/users/{user}/{tail}"
+
+    async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
+                      json_body: Mapping[str, Any] | None = None,
+                      content_type: str | None = None, bearer: bool = True,
+                      headers: Mapping[str, str] | None = None) -> httpx.Response:
+        """One Graph call for `mailbox`, with a token; a 401 renews the token once."""
+        send_headers = dict(headers or {})
+        if content_type:
+            send_headers["Content-Type"] = content_type
+        for attempt in (1, 2):
+            if bearer:
+                token = await self.tokens.token(mailbox)
+                send_headers["Authorization"] = f"Bearer {token}"
+            try:
+                async with self._slot(mailbox):
+                    response = await self.client.request(method, url, content=content,
+                                                         json=json_body, headers=send_headers)
+            except httpx.TimeoutException as e:
+                raise TransientDeliveryError(f"Graph did not answer in time ({type(e).__name__})",
+                                             None) from None
+            except httpx.HTTPError as e:
+                raise TransientDeliveryError(f"cannot reach Graph at {self.endpoint}: {e}",
+                                             None) from None
+            if response.status_code == 401 and bearer:
+                self.tokens.invalidate(mailbox)
+                if attempt == 1:
+                    continue
+                raise AuthenticationError(f"Graph refused the token twice: "
+                                          f"{_graph_error(response)}", 401)
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def check(self, response: httpx.Response, what: str) -> None:
+        """Raise the delivery error an unsuccessful answer means."""
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        reason = f"Graph {what}: {status} {_graph_error(response)}"
+        if status == 413:
+            raise _TooLarge(reason)
+        if status in _THROTTLE_STATUSES:
+            raise TransientDeliveryError(reason, status, _retry_after(response))
+        if status in _PERMANENT_STATUSES:
+            raise PermanentDeliveryError(reason, status)
+        raise TransientDeliveryError(reason, status, _retry_after(response))
+
+
+class GraphSession(Session):
+    """Delivers one message at a time through its upstream's shared client."""
+
+    def __init__(self, upstream: GraphUpstream) -> None:
+        self.up = upstream
+
+    def mailbox_for(self, message: OutboundMessage) -> str:
+        route = self.up.route
+        if route.mailbox and route.mailbox != "sender":
+            return route.mailbox
+        if message.sender:
+            return message.sender
+        # A bounce (null sender) goes back to a sender of this route: its own mailbox sends it.
+        if len(message.recipients) == 1:
+            return message.recipients[0]
+        raise PermanentDeliveryError(
+            'a message with a null sender and several recipients has no mailbox to send from '
+            'on a route with mailbox = "sender"', 550)
+
+    async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
+        mailbox = self.mailbox_for(message)
+        prepared = prepare_mime(message, mailbox, from_rewrite=self.up.route.from_rewrite,
+                                is_bounce=not message.sender)
+        route = self.up.route.name
+        if prepared.removed:
+            log.info("%s route=%s: headers name %d address(es) not in this attempt's envelope; "
+                     "removed from To/Cc/Bcc so Graph does not send to them",
+                     message.queue_id, route, len(prepared.removed))
+        body = base64.b64encode(prepared.mime)
+        try:
+            if len(body) > MAX_MIME_REQUEST_BYTES:
+                raise _TooLarge(f"{len(body)} bytes of base64")
+            await self._send_mime(mailbox, body)
+            how = "sendMail"
+        except _TooLarge:
+            await self._send_draft(mailbox, prepared.mime, message.queue_id)
+            how = "draft + upload session"
+        log.info("%s route=%s: accepted by Graph for mailbox %s (%s)", message.queue_id, route,
+                 mailbox, how)
+        return all_results(message.recipients, RecipientResult(
+            Status.DELIVERED, 202, f"accepted by Graph {how} for {mailbox}"))
+
+    async def _send_mime(self, mailbox: str, body: bytes) -> None:
+        up = self.up
+        response = await up.request("POST", up.url(mailbox, "sendMail"), mailbox,
+                                    content=body, content_type="text/plain")
+        up.check(response, "sendMail")
+
+    async def _send_draft(self, mailbox: str, mime: bytes, queue_id: str) -> None:
+        """Large mail: a draft from the MIME without attachments, then the attachments, then
+        send. Needs Mail.ReadWrite; without it the message bounces saying so."""
+        up = self.up
+        skeleton, attachments = _split_attachments(mime)
+        body = base64.b64encode(skeleton)
+        if len(body) > MAX_MIME_REQUEST_BYTES:
+            raise PermanentDeliveryError(
+                f"message too large for Graph: even without attachments it is {len(skeleton)} "
+                f"bytes, over the {MAX_MIME_REQUEST_BYTES * 3 // 4} Graph takes in one request",
+                552)
+        response = await up.request("POST", up.url(mailbox, "messages"), mailbox, content=body,
+                                    content_type="text/plain")
+        if response.status_code == 403:
+            raise PermanentDeliveryError(
+                f"message of {len(mime)} bytes is over the about 4 MB Graph sendMail takes in "
+                f"one request; sending it as a draft with an upload session was refused "
+                f"({_graph_error(response)}). Grant the app the {READWRITE_PERMISSION} "
+                f"permission (application, or delegated for device sign-in) for this mailbox "
+                f"to send large messages", 552)
+        try:
+            up.check(response, "create draft")
+        except _TooLarge:
+            raise PermanentDeliveryError(f"Graph refused the draft as too large: "
+                                         f"{_graph_error(response)}", 552) from None
+        draft_id = str(response.json().get("id", ""))
+        if not draft_id:
+            raise TransientDeliveryError("Graph created a draft but returned no id", 500)
+        sent = False
+        try:
+            for att in attachments:
+                await self._attach(mailbox, draft_id, att)
+            response = await up.request("POST", up.url(mailbox, "messages", draft_id, "send"),
+                                        mailbox, content=b"")
+            up.check(response, "send draft")
+            sent = True
+        except _TooLarge as e:
+            raise PermanentDeliveryError(f"Graph refused an attachment as too large: {e}",
+                                         552) from None
+        finally:
+            if not sent:
+                # Leave no half-built draft behind in the user's mailbox.
+                with contextlib.suppress(Exception):
+                    await up.request("DELETE", up.url(mailbox, "messages", draft_id), mailbox)
+                log.info("%s route=%s: removed unsent Graph draft", queue_id, up.route.name)
+
+    async def _attach(self, mailbox: str, draft_id: str, att: _Attachment) -> None:
+        up = self.up
+        item: dict[str, Any] = {"name": att.name, "contentType": att.content_type,
+                                "isInline": att.inline}
+        if att.content_id:
+            item["contentId"] = att.content_id
+        if len(att.data) < SMALL_ATTACHMENT_MAX_BYTES:
+            payload = {"@odata.type": "#microsoft.graph.fileAttachment",
+                       "contentBytes": base64.b64encode(att.data).decode("ascii"), **item}
+            response = await up.request("POST", up.url(mailbox, "messages", draft_id,
+                                                       "attachments"), mailbox,
+                                        json_body=payload)
+            up.check(response, "add attachment")
+            return
+        session_body = {"AttachmentItem": {"attachmentType": "file", "size": len(att.data),
+                                           **item}}
+        response = await up.request(
+            "POST", up.url(mailbox, "messages", draft_id, "attachments", "createUploadSession"),
+            mailbox, json_body=session_body)
+        up.check(response, "create upload session")
+        upload_url = str(response.json().get("uploadUrl", ""))
+        if not upload_url.startswith("https://"):
+            raise TransientDeliveryError("Graph upload session has no https uploadUrl", 500)
+        total = len(att.data)
+        for start in range(0, total, UPLOAD_CHUNK_BYTES):
+            chunk = att.data[start:start + UPLOAD_CHUNK_BYTES]
+            end = start + len(chunk) - 1
+            # The upload URL carries its own credential; an Authorization header is refused.
+            response = await up.request(
+                "PUT", upload_url, mailbox, content=chunk, bearer=False,
+                content_type="application/octet-stream",
+                headers={"Content-Range": f"bytes {start}-{end}/{total}"})
+            up.check(response, "upload attachment")
+
+
+def header_recipients(data: bytes) -> list[str]:
+    """The addresses Graph would send `data` to: every To, Cc and Bcc address."""
+    head = _Head.split(data)
+    return [a.addr_spec for name in RECIPIENT_HEADERS for value in head.values(name)
+            for g in _parse_addresses(value) for a in g.addresses]

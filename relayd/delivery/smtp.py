@@ -1,0 +1,235 @@
+"""The SMTP upstream (aiosmtplib): STARTTLS or implicit TLS, password or XOAUTH2, one
+connection reused for consecutive messages, a result for each recipient."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import aiosmtplib
+
+from relayd.auth import TokenProvider, make_token_provider
+from relayd.config import Config, RouteConfig
+from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
+from relayd.errors import (AuthenticationError, PermanentDeliveryError, TransientDeliveryError)
+
+log = logging.getLogger(__name__)
+
+# Scopes for XOAUTH2 (FIELD-NOTES): Google's one scope; Microsoft delegated vs app-only.
+GOOGLE_SCOPES = ("https://mail.google.com/",)
+MICROSOFT_DELEGATED_SCOPES = ("https://outlook.office.com/SMTP.Send",)
+MICROSOFT_APP_SCOPES = ("https://outlook.office365.com/.default",)
+
+
+def result_for(code: int, text: str) -> RecipientResult:
+    """A reply code as an outcome: 2xx delivered, 4xx deferred, 5xx (and nonsense) failed."""
+    if 200 <= code < 300:
+        return RecipientResult(Status.DELIVERED, code, text)
+    if 400 <= code < 500:
+        return RecipientResult(Status.DEFERRED, code, text)
+    return RecipientResult(Status.FAILED, code, text)
+
+
+def error_for(code: int, text: str) -> TransientDeliveryError | PermanentDeliveryError:
+    if 400 <= code < 500:
+        return TransientDeliveryError(text, code)
+    return PermanentDeliveryError(text, code)
+
+
+class SmtpUpstream(Upstream):
+    def __init__(self, route: RouteConfig, config: Config) -> None:
+        super().__init__(route, config)
+        self.tls_context: ssl.SSLContext | None = None
+        if route.tls != "none":
+            self.tls_context = ssl.create_default_context(
+                cafile=str(route.ca_file) if route.ca_file else None)
+        self.tokens: TokenProvider | None = None
+        if route.auth == "xoauth2":
+            if route.provider == "google":
+                scopes = GOOGLE_SCOPES
+            elif route.flow == "device":
+                scopes = MICROSOFT_DELEGATED_SCOPES
+            else:
+                scopes = MICROSOFT_APP_SCOPES
+            self.tokens = make_token_provider(route, config, scopes)
+
+    def session(self) -> Session:
+        return SmtpSession(self)
+
+    def account_for(self, message: OutboundMessage) -> str:
+        """Who the connection authenticates as: the username, a fixed mailbox, or the sender
+        (a bounce authenticates as the mailbox it returns to)."""
+        route = self.route
+        if route.auth == "password":
+            return route.username or ""
+        if route.mailbox and route.mailbox != "sender":
+            return route.mailbox
+        if route.username:
+            return route.username
+        return message.sender or (message.recipients[0] if message.recipients else "")
+
+
+class SmtpSession(Session):
+    def __init__(self, upstream: SmtpUpstream) -> None:
+        self.up = upstream
+        self.route = upstream.route
+        self.client: aiosmtplib.SMTP | None = None
+        self.account = ""
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is None:
+            return
+        try:
+            if client.is_connected:
+                await client.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+    async def _connect(self, account: str) -> aiosmtplib.SMTP:
+        route = self.route
+        client = aiosmtplib.SMTP(
+            hostname=route.host, port=route.port, timeout=route.timeout_s,
+            use_tls=route.tls == "implicit", start_tls=route.tls == "starttls",
+            tls_context=self.up.tls_context, local_hostname=self.up.config.server.hostname)
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPConnectResponseError as e:
+            raise TransientDeliveryError(
+                f"{route.host}:{route.port} refused the connection: {e.message}", e.code) from e
+        except (aiosmtplib.SMTPException, OSError) as e:
+            raise TransientDeliveryError(
+                f"cannot connect to {route.host}:{route.port}: {_why(e)}") from e
+        try:
+            if route.auth == "password":
+                assert route.password is not None
+                await client.login(account, route.password.reveal())
+            elif route.auth == "xoauth2":
+                await self._xoauth2(client, account)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def _xoauth2(self, client: aiosmtplib.SMTP, account: str) -> None:
+        """Authenticate with a token; a 535 may mean it expired early: renew once, then defer."""
+        tokens = self.up.tokens
+        assert tokens is not None
+        for attempt in (1, 2):
+            token = await tokens.token(account)
+            try:
+                await client.auth_xoauth2(account, token)
+                return
+            except aiosmtplib.SMTPAuthenticationError as e:
+                tokens.invalidate(account)
+                if attempt == 2:
+                    raise AuthenticationError(
+                        f"{self.route.host} refused the OAuth token for {account}: {e.message}",
+                        e.code) from e
+            except aiosmtplib.SMTPException as e:
+                raise TransientDeliveryError(f"XOAUTH2 failed: {_why(e)}") from e
+
+    async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
+        account = self.up.account_for(message)
+        reused = self.client is not None and self.client.is_connected and account == self.account
+        if not reused:
+            await self.close()
+            self.client = await self._connect_mapped(account)
+            self.account = account
+        try:
+            return await self._transaction(message)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
+            await self.close()
+            if not reused:
+                raise TransientDeliveryError(f"connection lost: {_why(e)}") from e
+            # A reused connection may have been closed by the server while idle: once more.
+            self.client = await self._connect_mapped(account)
+            self.account = account
+            try:
+                return await self._transaction(message)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e2:
+                await self.close()
+                raise TransientDeliveryError(f"connection lost: {_why(e2)}") from e2
+        except aiosmtplib.SMTPTimeoutError as e:
+            await self.close()
+            raise TransientDeliveryError(f"timeout talking to {self.route.host}: {e}") from e
+        except aiosmtplib.SMTPException as e:
+            await self.close()
+            raise TransientDeliveryError(f"SMTP error: {_why(e)}") from e
+
+    async def _connect_mapped(self, account: str) -> aiosmtplib.SMTP:
+        try:
+            return await self._connect(account)
+        except aiosmtplib.SMTPAuthenticationError as e:
+            raise AuthenticationError(
+                f"{self.route.host} refused the credentials for {account}: {e.code} {e.message}",
+                e.code) from e
+        except aiosmtplib.SMTPTimeoutError as e:
+            raise TransientDeliveryError(f"timeout connecting to {self.route.host}: {e}") from e
+        except aiosmtplib.SMTPResponseException as e:
+            # EHLO, STARTTLS or AUTH refused: a setup problem, never the message's fault.
+            raise TransientDeliveryError(f"{self.route.host}: {e.message}", e.code) from e
+        except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
+            raise TransientDeliveryError(f"cannot set up {self.route.host}: {_why(e)}") from e
+
+    async def _transaction(self, message: OutboundMessage) -> dict[str, RecipientResult]:
+        client = self.client
+        assert client is not None
+        options, encoding = self._mail_options(client, message)
+        try:
+            await client.mail(message.sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPSenderRefused as e:
+            await self._rset()
+            if e.code == 421:
+                await self.close()
+            raise error_for(e.code, e.message) from e
+        results: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
+        for rcpt in message.recipients:
+            try:
+                await client.rcpt(rcpt, encoding=encoding)
+                accepted.append(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as e:
+                results[rcpt] = result_for(e.code, e.message)
+        if not accepted:
+            await self._rset()
+            return results
+        try:
+            reply = await client.data(message.data)
+        except aiosmtplib.SMTPDataError as e:
+            await self._rset()
+            results.update({r: result_for(e.code, e.message) for r in accepted})
+            return results
+        results.update({r: result_for(reply.code, reply.message) for r in accepted})
+        return results
+
+    def _mail_options(self, client: aiosmtplib.SMTP,
+                      message: OutboundMessage) -> tuple[list[str], str]:
+        options: list[str] = []
+        requested = {o.upper() for o in message.mail_options}
+        non_ascii = not all(a.isascii() for a in [message.sender, *message.recipients])
+        if "SMTPUTF8" in requested or non_ascii:
+            if not client.supports_extension("smtputf8"):
+                raise PermanentDeliveryError(
+                    f"{self.route.host} does not support SMTPUTF8, which this message's "
+                    "addresses need", 553)
+            options.append("SMTPUTF8")
+        if "BODY=8BITMIME" in requested and client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if client.supports_extension("size"):
+            options.append(f"SIZE={len(message.data)}")
+        return options, "utf-8" if "SMTPUTF8" in options else "ascii"
+
+    async def _rset(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        try:
+            await client.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            await self.close()
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())

@@ -1,0 +1,220 @@
+"""The SMTP listener (aiosmtpd): connection, MAIL/RCPT/DATA policy and queueing. It never
+delivers; DATA is answered 250 only once the message is on stable storage."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import Session as SmtpSession
+
+from relayd.config import Config, ServerUser
+from relayd.delivery import Upstream
+from relayd.queue import Entry, Spool
+from relayd.router import Router, matches_any
+
+log = logging.getLogger(__name__)
+
+# Replies are constants with enhanced status codes; nothing from an exception reaches a client.
+REPLY_ACCESS_DENIED = "554 5.7.1 Access denied: your address is not allowed to use this relay"
+REPLY_SENDER_OK = "250 2.1.0 Sender ok"
+REPLY_RCPT_OK = "250 2.1.5 Recipient ok"
+REPLY_UNKNOWN_SENDER = ("550 5.7.1 Sender address not allowed: no route is configured for it "
+                        "(relayd is not an open relay)")
+REPLY_SENDER_NOT_YOURS = "550 5.7.1 Sender address not allowed for your login"
+REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted from clients"
+REPLY_BAD_ADDRESS = "553 5.1.3 Malformed address"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_TEMP_STORAGE = "451 4.3.0 Temporary problem storing the message; try again later"
+REPLY_INTERNAL = "451 4.3.0 Temporary internal problem; try again later"
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REPLY_QUEUED = "250 2.0.0 Ok: queued as {id}"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
+
+MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
+LINE_LENGTH_LIMIT = 1024 * 1024  # accept long body lines (unwrapped HTML); RFC 5322 says 998
+# An addr-spec as SMTP carries it: no spaces, controls or angle brackets, one local@domain.
+_ADDRESS_RE = re.compile(r"^[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+$")
+_BARE_EOL_RE = re.compile(rb"\r\n|\r|\n")
+
+
+def valid_address(address: str) -> bool:
+    if len(address) > 320 or not _ADDRESS_RE.match(address):
+        return False
+    local, domain = address.rsplit("@", 1)
+    return bool(local) and len(local) <= 64 and "." not in (domain[0], domain[-1])
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Bare CR or LF becomes CRLF, as Postfix stores lines. Only CRLF.CRLF ever ends DATA
+    (aiosmtpd >= 1.4.6), and the SMTP client dot-stuffs what follows, so a bare-LF
+    '.' line can never start a second message upstream (SMTP smuggling)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
+    return _BARE_EOL_RE.sub(b"\r\n", data)
+
+
+class Relay(Protocol):
+    """What the listener needs from the service around it."""
+
+    config: Config
+    spool: Spool
+    router: Router
+
+    def upstream_for_sender(self, sender: str) -> Upstream | None: ...
+    def submit(self, entry: Entry) -> None: ...
+    def accepted(self, route: str) -> None: ...
+
+
+class Handler:
+    """aiosmtpd handler hooks: policy at each command, queueing at DATA."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd reads commands one line at a time, so pipelined commands just queue up.
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if address in ("", "<>"):
+            return REPLY_NULL_SENDER
+        if not valid_address(address):
+            return REPLY_BAD_ADDRESS
+        user: ServerUser | None = getattr(session, "relayd_user", None)
+        if self.relay.config.server.users and user is None and not _is_loopback(session):
+            return REPLY_AUTH_REQUIRED
+        upstream = self.relay.upstream_for_sender(address)
+        if upstream is None:
+            log.info("refused sender <%s> from %s: no route", address, _peer(session))
+            return REPLY_UNKNOWN_SENDER
+        if user is not None and not matches_any(user.senders, address):
+            log.warning("refused sender <%s> for user %s from %s: not in their senders",
+                        address, user.name, _peer(session))
+            return REPLY_SENDER_NOT_YOURS
+        refusal = upstream.refuse_sender(address)
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return REPLY_SENDER_OK
+
+    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if not valid_address(address):
+            return REPLY_BAD_ADDRESS
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return REPLY_TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return REPLY_RCPT_OK
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        assert envelope.mail_from is not None and isinstance(envelope.original_content, bytes)
+        data = normalize_line_endings(envelope.original_content)
+        options = [o for o in envelope.mail_options if o.startswith(("BODY=", "SMTPUTF8"))]
+        try:
+            entry = await self.relay.spool.accept(envelope.mail_from, envelope.rcpt_tos, data,
+                                                  options, client=_peer(session))
+        except Exception:
+            log.exception("cannot store a message from %s", _peer(session))
+            return REPLY_TEMP_STORAGE
+        route = self.relay.router.lookup(entry.sender)
+        route_name = route.name if route else "-"
+        log.info("%s: queued from=<%s> to=%d size=%d client=%s route=%s", entry.id,
+                 entry.sender, len(entry.recipients), entry.size, entry.client, route_name)
+        self.relay.accepted(route_name)
+        self.relay.submit(entry)
+        return REPLY_QUEUED.format(id=entry.id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s", type(error).__name__, exc_info=error)
+        return REPLY_INTERNAL
+
+
+def _peer(session: SmtpSession) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
+
+
+def _is_loopback(session: SmtpSession) -> bool:
+    try:
+        return ipaddress.ip_address(_peer(session)).is_loopback
+    except ValueError:
+        return False
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with a connection check and bookkeeping for a clean shutdown."""
+
+    line_length_limit = LINE_LENGTH_LIMIT
+
+    def __init__(self, handler: Handler, *, allowed: Sequence[Any],
+                 sessions: set[RelaySMTP], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._allowed = allowed
+        self._sessions = sessions
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        peer = _peer(self.session)
+        try:
+            ip = ipaddress.ip_address(peer.split("%")[0])
+            allowed = any(ip in net for net in self._allowed)
+        except ValueError:
+            allowed = False
+        if not allowed:
+            log.warning("refused connection from %s: not in server.allowed_clients", peer)
+            await self.push(REPLY_ACCESS_DENIED)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def close_gracefully(self) -> None:
+        """Tell an idle client we are going away (used after the drain timeout)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
+            self.transport.close()
+
+
+AuthFn = Callable[[SMTP, SmtpSession, Envelope, str, Any], AuthResult]
+
+
+def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelaySMTP], *,
+                          tls_context: ssl.SSLContext | None = None,
+                          authenticator: AuthFn | None = None) -> Callable[[], RelaySMTP]:
+    server = config.server
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler, allowed=server.allowed_clients, sessions=sessions,
+            data_size_limit=server.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+            hostname=server.hostname, ident="relayd", tls_context=tls_context,
+            authenticator=authenticator, auth_require_tls=True, timeout=300)
+
+    return factory
+
+
+__all__ = ["Handler", "LoginPassword", "RelaySMTP", "make_protocol_factory",
+           "normalize_line_endings", "valid_address"]

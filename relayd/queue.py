@@ -1,0 +1,395 @@
+"""The durable spool: write, fsync, recover, list, retry, delete.
+
+Layout under `queue.path` (Postfix keeps a similar split between content and state):
+  msg/ID      one line of JSON (the envelope), a newline, then the message bytes exactly as
+              received; written once to tmp/, fsynced, renamed into msg/, msg/ fsynced.
+  state/ID    per-recipient delivery state (JSON), replaced atomically after an attempt that
+              leaves work to do. No state file means every recipient is still pending.
+  corrupt/    entries that could not be read, moved aside with a .why file beside them.
+  control/    requests from `relayd queue retry|delete` while the daemon runs.
+  tmp/        files being written; anything left here after a crash was never acknowledged.
+  lock        held (flock) by the running daemon.
+
+"Active" (being delivered) lives only in memory, so after a crash every entry is simply due
+again: at most the message that was in flight is delivered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relayd.errors import QueueError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUBDIRS = ("msg", "state", "corrupt", "control", "tmp")
+ID_RE = re.compile(r"^[0-9A-Z]{10,20}$")
+MAX_HEADER_BYTES = 1024 * 1024  # an envelope line longer than this is corrupt
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+
+
+def new_id() -> str:
+    """Sortable by arrival (microseconds, base 36) plus randomness; safe as a file name."""
+    micros = int(time.time() * 1_000_000)
+    return _base36(micros).rjust(11, "0") + _base36(secrets.randbits(25)).rjust(5, "0")
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    out = ""
+    while n:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+    return out or "0"
+
+
+@dataclass
+class RecipientState:
+    status: str = PENDING
+    code: int | None = None
+    text: str = ""
+
+
+@dataclass
+class Entry:
+    """One queued message: its envelope and delivery state. The bytes stay on disk."""
+
+    id: str
+    sender: str
+    recipients: list[str]
+    received: float
+    mail_options: list[str] = field(default_factory=list)
+    client: str = ""
+    route: str | None = None  # pinned route (bounces go back through the original's route)
+    size: int = 0
+    data_offset: int = 0
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    rcpt: dict[str, RecipientState] = field(default_factory=dict)
+    # in memory only
+    active: bool = False
+    deleted: bool = False
+
+    @property
+    def is_bounce(self) -> bool:
+        return self.sender == ""
+
+    def pending(self) -> list[str]:
+        return [r for r in self.recipients if self.rcpt[r].status == PENDING]
+
+    def envelope_json(self) -> dict[str, Any]:
+        return {"v": FORMAT_VERSION, "id": self.id, "sender": self.sender,
+                "recipients": self.recipients, "received": self.received,
+                "mail_options": self.mail_options, "client": self.client, "route": self.route}
+
+    def state_json(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "next_attempt": self.next_attempt,
+                "last_error": self.last_error,
+                "rcpt": {r: {"status": s.status, "code": s.code, "text": s.text}
+                         for r, s in self.rcpt.items()}}
+
+    def summary(self) -> dict[str, Any]:
+        """What `relayd queue list/show` print."""
+        return {**self.envelope_json(), "size": self.size, **self.state_json()}
+
+
+class _DirSync:
+    """Group commit for a directory's fsync: every caller waits for one fsync that started after
+    its own rename, and concurrent callers share it. Turns N fsyncs into about one per batch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._requested = 0
+        self._done = 0
+        self._running: asyncio.Future[None] | None = None
+
+    async def sync(self) -> None:
+        self._requested += 1
+        ticket = self._requested
+        while self._done < ticket:
+            if self._running is None:
+                target = self._requested
+                loop = asyncio.get_running_loop()
+                self._running = loop.run_in_executor(None, fsync_dir, self.path)
+                try:
+                    await self._running
+                    self._done = max(self._done, target)
+                finally:
+                    self._running = None
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._running)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True) -> None:
+    """Write, fsync, rename into place (and fsync the directory unless the caller batches it)."""
+    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+class Spool:
+    """The files of one queue directory. Safe to use from the daemon and the CLI at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.msg_dir = self.path / "msg"
+        self.state_dir = self.path / "state"
+        self.corrupt_dir = self.path / "corrupt"
+        self.control_dir = self.path / "control"
+        self.tmp_dir = self.path / "tmp"
+        self._msg_sync = _DirSync(self.msg_dir)
+        self._lock_fd: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for sub in SUBDIRS:
+                (self.path / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise QueueError(f"cannot create queue directory {self.path}: {e.strerror}") from e
+
+    def lock(self) -> None:
+        """Take the daemon's lock; QueueError if another daemon holds it."""
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise QueueError(f"another relayd is using the queue {self.path}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def daemon_running(self) -> bool:
+        """True when a daemon holds the lock (for the CLI)."""
+        try:
+            fd = os.open(self.path / "lock", os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def clean_tmp(self) -> None:
+        """Files in tmp/ were never acknowledged to a client: remove them."""
+        for p in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def writable(self) -> bool:
+        """For /healthz: can a file be created and synced in the spool right now?"""
+        try:
+            write_atomic(self.tmp_dir / ".health", b"ok", self.tmp_dir, sync_dir=False)
+            return True
+        except OSError:
+            return False
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _new_entry(self, sender: str, recipients: Sequence[str], data: bytes,
+                   mail_options: Sequence[str], client: str, route: str | None) -> tuple[Entry,
+                                                                                       bytes]:
+        entry = Entry(id=new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
+                      received=time.time(), mail_options=list(mail_options), client=client,
+                      route=route)
+        entry.rcpt = {r: RecipientState() for r in entry.recipients}
+        header = json.dumps(entry.envelope_json(), ensure_ascii=True,
+                            separators=(",", ":")).encode() + b"\n"
+        entry.data_offset = len(header)
+        entry.size = len(data)
+        return entry, header + data
+
+    async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
+                     mail_options: Sequence[str] = (), client: str = "",
+                     route: str | None = None) -> Entry:
+        """Store a message durably. When this returns, it survives kill -9 and power loss."""
+        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._write_msg, entry.id, blob)
+        await self._msg_sync.sync()
+        return entry
+
+    def accept_sync(self, sender: str, recipients: Sequence[str], data: bytes,
+                    mail_options: Sequence[str] = (), client: str = "",
+                    route: str | None = None) -> Entry:
+        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route)
+        self._write_msg(entry.id, blob)
+        fsync_dir(self.msg_dir)
+        return entry
+
+    def _write_msg(self, queue_id: str, blob: bytes) -> None:
+        write_atomic(self.msg_dir / queue_id, blob, self.tmp_dir, sync_dir=False)
+
+    def save_state(self, entry: Entry) -> None:
+        data = json.dumps(entry.state_json(), separators=(",", ":")).encode()
+        write_atomic(self.state_dir / entry.id, data, self.tmp_dir)
+
+    def remove(self, queue_id: str) -> None:
+        """Forget an entry. The state file goes last so a crash in between leaves a finished
+        entry's content with its state, never content that looks fresh."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.msg_dir / queue_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_dir / queue_id)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read_data(self, entry: Entry) -> bytes:
+        with open(self.msg_dir / entry.id, "rb") as f:
+            f.seek(entry.data_offset)
+            return f.read()
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.msg_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if ID_RE.match(n))
+
+    def load(self, queue_id: str) -> Entry:
+        """Read one entry's envelope and state; QueueError if it is corrupt or gone."""
+        if not ID_RE.match(queue_id):
+            raise QueueError(f"{queue_id!r} is not a queue id")
+        path = self.msg_dir / queue_id
+        try:
+            with open(path, "rb") as f:
+                header = f.readline(MAX_HEADER_BYTES)
+                size = os.fstat(f.fileno()).st_size - len(header)
+        except FileNotFoundError:
+            raise QueueError(f"no message {queue_id} in the queue") from None
+        except OSError as e:
+            raise QueueError(f"{queue_id}: cannot read: {e.strerror}") from e
+        try:
+            env = json.loads(header)
+            entry = Entry(id=queue_id, sender=_str(env["sender"]),
+                          recipients=[_str(r) for r in env["recipients"]],
+                          received=float(env["received"]),
+                          mail_options=[_str(o) for o in env.get("mail_options", [])],
+                          client=_str(env.get("client", "")),
+                          route=None if env.get("route") is None else _str(env["route"]),
+                          size=size, data_offset=len(header))
+            if env.get("id") != queue_id or not entry.recipients or not header.endswith(b"\n"):
+                raise ValueError("envelope does not match its file")
+            entry.rcpt = {r: RecipientState() for r in entry.recipients}
+            self._load_state(entry)
+        except (ValueError, KeyError, TypeError) as e:
+            raise QueueError(f"{queue_id}: corrupt entry: {e}") from e
+        return entry
+
+    def _load_state(self, entry: Entry) -> None:
+        try:
+            raw = (self.state_dir / entry.id).read_bytes()
+        except FileNotFoundError:
+            return
+        state = json.loads(raw)
+        entry.attempts = int(state.get("attempts", 0))
+        entry.next_attempt = float(state.get("next_attempt", 0))
+        entry.last_error = _str(state.get("last_error", ""))
+        for r, s in state.get("rcpt", {}).items():
+            if r in entry.rcpt:
+                status = _str(s.get("status", PENDING))
+                if status not in (PENDING, DELIVERED, FAILED):
+                    raise ValueError(f"unknown recipient status {status!r}")
+                entry.rcpt[r] = RecipientState(status, s.get("code"), _str(s.get("text", "")))
+
+    def quarantine(self, queue_id: str, why: str) -> None:
+        """Move a corrupt entry aside so it stops failing, keeping it for a human to look at."""
+        for sub in ("msg", "state"):
+            src = self.path / sub / queue_id
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(src, self.corrupt_dir / f"{queue_id}.{sub}")
+        with contextlib.suppress(OSError):
+            (self.corrupt_dir / f"{queue_id}.why").write_text(why + "\n", encoding="utf-8")
+
+    def recover(self) -> Iterator[Entry]:
+        """Every readable entry; corrupt ones are moved aside and logged, never raised."""
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except QueueError as e:
+                if "no message" in str(e):
+                    continue  # removed while we listed
+                log.error("queue: %s; moved to %s", e, self.corrupt_dir)
+                self.quarantine(queue_id, str(e))
+        # State files whose message is gone belong to entries finished just before a crash.
+        for name in os.listdir(self.state_dir):
+            if ID_RE.match(name) and not (self.msg_dir / name).exists():
+                with contextlib.suppress(OSError):
+                    os.unlink(self.state_dir / name)
+
+    # -- control requests (CLI -> running daemon) ----------------------------------------------
+
+    def request(self, action: str, target: str) -> Path:
+        """Leave a request for the daemon; it deletes the file once done."""
+        path = self.control_dir / f"{action}.{target}.{secrets.token_hex(4)}"
+        write_atomic(path, b"", self.tmp_dir)
+        return path
+
+    def take_requests(self) -> list[tuple[str, str]]:
+        try:
+            names = sorted(os.listdir(self.control_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            parts = name.split(".")
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_dir / name)
+            if len(parts) == 3 and parts[0] in ("retry", "delete"):
+                out.append((parts[0], parts[1]))
+        return out
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value

@@ -1,0 +1,173 @@
+"""Lifecycle: startup -> run -> drain -> shutdown, signals, reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from relayd.config import Address, Config, load_config
+from relayd.delivery import Upstream, make_upstream
+from relayd.errors import ConfigError
+from relayd.listener import Handler, RelaySMTP, make_protocol_factory
+from relayd.queue import Entry, Spool
+from relayd.router import Router
+from relayd.scheduler import NullObserver, Observer, Scheduler, UpstreamFactory
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM waits for sessions and deliveries in flight
+SESSION_DRAIN_S = 10.0  # of which SMTP sessions get at most this much
+
+
+class Service:
+    """One running relay: listeners, spool and scheduler for one config."""
+
+    def __init__(self, config: Config, *, upstream_factory: UpstreamFactory = make_upstream,
+                 observer: Observer | None = None) -> None:
+        self.config = config
+        self.spool = Spool(config.queue.path)
+        self.router = Router(config.routes)
+        self.observer: Any = observer or NullObserver()
+        self.scheduler = Scheduler(config, self.spool, upstream_factory, self.observer)
+        self.handler = Handler(self)
+        self.sessions: set[RelaySMTP] = set()
+        self.servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []
+        self._scheduler_task: asyncio.Task[None] | None = None
+
+    # -- what the listener calls ---------------------------------------------------------------
+
+    def upstream_for_sender(self, sender: str) -> Upstream | None:
+        route = self.router.lookup(sender)
+        return self.scheduler.upstream_for(route) if route else None
+
+    def submit(self, entry: Entry) -> None:
+        self.scheduler.submit(entry)
+
+    def accepted(self, route: str) -> None:
+        hook: Callable[[str], None] | None = getattr(self.observer, "accepted", None)
+        if hook is not None:
+            hook(route)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spool.create()
+        self.spool.lock()
+        try:
+            self.spool.clean_tmp()
+            recovered = 0
+            for entry in self.spool.recover():
+                self.scheduler.submit(entry)
+                recovered += 1
+            if recovered:
+                log.info("queue: recovered %d message(s) from %s", recovered, self.spool.path)
+            self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+            await self._listen()
+        except BaseException:
+            await self.stop(timeout=1)
+            raise
+
+    async def _listen(self) -> None:
+        factory = make_protocol_factory(self.handler, self.config, self.sessions)
+        loop = asyncio.get_running_loop()
+        for addr in self.config.server.listen:
+            server = await _create_server(loop, factory, addr)
+            self.servers.append(server)
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.addresses.append((host, port))
+                log.info("listening on %s", Address(host, port))
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config: routes change for the next attempt; sessions and the queue are
+        untouched. Listener and queue settings need a restart."""
+        for key in ("server", "queue"):
+            if getattr(config, key) != getattr(self.config, key):
+                log.warning("reload: [%s] changed; restart relayd for it to take effect", key)
+        config = _with(config, server=self.config.server, queue=self.config.queue)
+        self.config = config
+        self.router = Router(config.routes)
+        self.scheduler.reload(config)
+        log.info("reload: config applied, %d route(s)", len(config.routes))
+
+    async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop accepting, let sessions and deliveries in flight finish, then cancel."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for server in self.servers:
+            server.close()
+        sessions_deadline = loop.time() + min(SESSION_DRAIN_S, timeout / 2)
+        while self.sessions and loop.time() < sessions_deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_gracefully()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+        await self.scheduler.drain(max(0.0, deadline - loop.time()))
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+            await asyncio.gather(self._scheduler_task, return_exceptions=True)
+            self._scheduler_task = None
+        self.spool.unlock()
+
+
+def _with(config: Config, **changes: Any) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+async def _create_server(loop: asyncio.AbstractEventLoop, factory: Callable[[], RelaySMTP],
+                         addr: Address) -> asyncio.Server:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    return await loop.create_server(factory, host=addr.host, port=addr.port, family=family,
+                                    reuse_address=True, backlog=512)
+
+
+async def serve(path: str, *, ready: Callable[[Service], None] | None = None) -> int:
+    """`relayd serve`: run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
+    config = load_config(path)
+    service = Service(config)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("%s again: exiting now", signame)
+            os._exit(1)
+        log.info("%s: draining and stopping", signame)
+        stop.set()
+
+    def on_reload() -> None:
+        try:
+            new = load_config(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", "; ".join(e.problems))
+            return
+        service.reload(new)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    log.info("relayd started with %s", path)
+    if ready is not None:
+        ready(service)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("relayd stopped")
+    return 0
