@@ -14,6 +14,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import Address, Group
 from email.message import Message
 from email.parser import BytesParser
@@ -182,7 +183,8 @@ def prepare_mime(message: OutboundMessage, mailbox: str, *, from_rewrite: bool,
                         kept.append(Group(g.display_name, members))
                 else:
                     kept.extend(members)
-            head.fields[i] = head.render(name, kept) if kept else b""
+            field_name = head.fields[i].split(b":", 1)[0].decode("ascii", "replace").strip()
+            head.fields[i] = head.render(field_name, kept) if kept else b""
     head.fields = [f for f in head.fields if f]
     missing = [r for key, r in envelope.items() if key not in named]
     if missing:
@@ -203,7 +205,9 @@ def _rewrite_from(head: _Head, mailbox: str, *, keep_reply_to: bool) -> None:
     if original:
         header = email.policy.default.header_factory("from", original)
         addrs = list(header.addresses)
-        if len(addrs) == 1 and not header.defects:
+        # A UTF-8 local part is fine here (SMTPUTF8); any other defect makes the name doubtful.
+        doubtful = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
+        if len(addrs) == 1 and not doubtful:
             display = addrs[0].display_name
     new_from = head.render("From", [_address(mailbox, display)])
     if froms:

@@ -1,0 +1,345 @@
+"""A fake Microsoft Graph mail endpoint: sendMail with MIME, drafts, attachments, upload sessions."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.policy
+import json
+import re
+import secrets
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from typing import Any
+
+from tests.fakes.https import Handler, HttpsServer, start_https_server
+
+# Graph refuses MIME requests over about 4 MB with 413.
+MAX_REQUEST_BYTES = 4_000_000
+
+
+def header_recipients(mime: bytes) -> list[str]:
+    """Every To/Cc/Bcc address, as Graph reads them from a MIME message."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+    out: list[str] = []
+    for name in ("to", "cc", "bcc"):
+        for header in msg.get_all(name, []):
+            out.extend(a.addr_spec for a in header.addresses)
+    return out
+
+
+def from_address(mime: bytes) -> str | None:
+    msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+    header = msg.get("from")
+    if header is None or not header.addresses:
+        return None
+    return str(header.addresses[0].addr_spec)
+
+
+@dataclass
+class Sent:
+    """One message Graph accepted for delivery."""
+
+    mailbox: str
+    mime: bytes  # for the draft path: the draft's MIME, without the attachments
+    recipients: list[str]
+    token: str
+    via: str  # "sendMail" or "draft"
+    attachments: list[dict[str, Any]] = field(default_factory=list)  # with "data": bytes
+
+
+@dataclass
+class Draft:
+    mailbox: str
+    mime: bytes
+    token: str
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Upload:
+    draft_id: str
+    item: dict[str, Any]
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class GraphState:
+    token_ok: Callable[[str], bool] = lambda token: True  # e.g. IdpState.check_bearer
+    rejected_tokens: set[str] = field(default_factory=set)  # answered 401 as expired
+    # Answers for the next API requests, before any checks: (status, headers, json body).
+    script: deque[tuple[int, dict[str, str], dict[str, Any]]] = field(default_factory=deque)
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    readwrite: bool = True  # the app has Mail.ReadWrite (drafts); otherwise 403
+    send_as_denied: bool = False  # From must be the mailbox itself
+    mailboxes: set[str] | None = None  # known mailboxes (lower case); None: any
+    delay_s: float = 0.0  # each sendMail takes this long (to observe concurrency)
+    sent: list[Sent] = field(default_factory=list)
+    requests: list[tuple[str, str, int]] = field(default_factory=list)  # method, path, status
+    tokens_seen: list[str] = field(default_factory=list)
+    drafts: dict[str, Draft] = field(default_factory=dict)
+    deleted_drafts: list[str] = field(default_factory=list)
+    uploads: dict[str, Upload] = field(default_factory=dict)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    max_in_flight: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    base_url: str = ""
+
+    def fail_next(self, status: int, code: str = "", message: str = "",
+                  headers: dict[str, str] | None = None, times: int = 1) -> None:
+        body = {"error": {"code": code or f"Http{status}", "message": message or "scripted"}}
+        with self.lock:
+            for _ in range(times):
+                self.script.append((status, dict(headers or {}), body))
+
+    def statuses(self, path_part: str = "") -> list[int]:
+        with self.lock:
+            return [s for _, p, s in self.requests if path_part in p]
+
+
+_USER_PATH = re.compile(r"^/v1\.0/users/([^/]+)/(.*)$")
+
+
+class GraphHandler(Handler):
+    state: GraphState  # type: ignore[assignment]
+
+    def answer(self, status: int, body: dict[str, Any] | None = None,
+               headers: dict[str, str] | None = None) -> None:
+        with self.state.lock:
+            self.state.requests.append((self.command, self.path, status))
+        data = json.dumps(body).encode() if body is not None else b""
+        self.reply(status, data, "application/json", headers)
+
+    def error(self, status: int, code: str, message: str) -> None:
+        self.answer(status, {"error": {"code": code, "message": message,
+                                       "innerError": {"request-id": secrets.token_hex(8)}}})
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        self.dispatch("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802 - stdlib naming
+        self.dispatch("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802 - stdlib naming
+        self.dispatch("DELETE")
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self.dispatch("GET")
+
+    def dispatch(self, method: str) -> None:
+        body = self.read_body()
+        path = self.path.split("?")[0]
+        if path.startswith("/upload/"):
+            self.upload(method, path.removeprefix("/upload/"), body)
+            return
+        m = _USER_PATH.match(path)
+        if not m:
+            self.error(404, "UnknownError", f"no such resource {path}")
+            return
+        st = self.state
+        with st.lock:
+            scripted = st.script.popleft() if st.script else None
+        if scripted is not None:
+            self.answer(scripted[0], scripted[2], scripted[1])
+            return
+        token = self.bearer()
+        if token is None:
+            return
+        mailbox = urllib.parse.unquote(m.group(1))
+        if st.mailboxes is not None and mailbox.lower() not in st.mailboxes:
+            self.error(404, "ErrorInvalidUser",
+                       f"The requested user '{mailbox}' is invalid.")
+            return
+        rest = m.group(2).split("/")
+        if method == "POST" and rest == ["sendMail"]:
+            self.send_mail(mailbox, body, token)
+        elif method == "POST" and rest == ["messages"]:
+            self.create_draft(mailbox, body, token)
+        elif method == "POST" and len(rest) == 3 and rest[0] == "messages" and rest[2] == "send":
+            self.send_draft(mailbox, rest[1], token)
+        elif method == "POST" and len(rest) == 3 and rest[2] == "attachments":
+            self.add_attachment(rest[1], body)
+        elif method == "POST" and len(rest) == 4 and rest[3] == "createUploadSession":
+            self.create_upload(rest[1], body)
+        elif method == "DELETE" and len(rest) == 2 and rest[0] == "messages":
+            with st.lock:
+                found = st.drafts.pop(rest[1], None)
+                st.deleted_drafts.append(rest[1])
+            self.answer(204 if found else 404)
+        else:
+            self.error(400, "BadRequest", f"unsupported {method} {path}")
+
+    def bearer(self) -> str | None:
+        st = self.state
+        auth = self.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else ""
+        with st.lock:
+            st.tokens_seen.append(token)
+            rejected = token in st.rejected_tokens
+        if not token or rejected or not st.token_ok(token):
+            self.error(401, "InvalidAuthenticationToken",
+                       "Lifetime validation failed, the token is expired.")
+            return None
+        return token
+
+    def mime(self, body: bytes) -> bytes | None:
+        st = self.state
+        if len(body) > st.max_request_bytes:
+            self.error(413, "RequestEntityTooLarge", "The request is too large.")
+            return None
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "text/plain":
+            self.error(415, "UnsupportedMediaType", "MIME content must be sent as text/plain")
+            return None
+        try:
+            return base64.b64decode(body, validate=True)
+        except binascii.Error:
+            self.error(400, "ErrorMimeContentInvalidBase64String",
+                       "Invalid base64 string for MIME content.")
+            return None
+
+    def check_send_as(self, mailbox: str, mime: bytes) -> bool:
+        sender = from_address(mime)
+        if self.state.send_as_denied and sender and sender.lower() != mailbox.lower():
+            self.error(403, "ErrorSendAsDenied", "The user account which was used to submit "
+                       "this request does not have the right to send mail on behalf of the "
+                       "specified sending account.")
+            return False
+        return True
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def send_mail(self, mailbox: str, body: bytes, token: str) -> None:
+        st = self.state
+        mime = self.mime(body)
+        if mime is None:
+            return
+        recipients = header_recipients(mime)
+        if not recipients:
+            self.error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
+            return
+        if not self.check_send_as(mailbox, mime):
+            return
+        key = mailbox.lower()
+        with st.lock:
+            st.in_flight[key] = st.in_flight.get(key, 0) + 1
+            st.max_in_flight[key] = max(st.max_in_flight.get(key, 0), st.in_flight[key])
+        try:
+            if st.delay_s:
+                time.sleep(st.delay_s)
+            with st.lock:
+                st.sent.append(Sent(mailbox, mime, recipients, token, "sendMail"))
+        finally:
+            with st.lock:
+                st.in_flight[key] -= 1
+        self.answer(202)
+
+    def create_draft(self, mailbox: str, body: bytes, token: str) -> None:
+        st = self.state
+        if not st.readwrite:
+            self.error(403, "ErrorAccessDenied", "Access is denied. Check credentials and try "
+                       "again.")
+            return
+        mime = self.mime(body)
+        if mime is None:
+            return
+        draft_id = "AAMk" + secrets.token_urlsafe(12)
+        with st.lock:
+            st.drafts[draft_id] = Draft(mailbox, mime, token)
+        self.answer(201, {"id": draft_id, "isDraft": True})
+
+    def add_attachment(self, draft_id: str, body: bytes) -> None:
+        st = self.state
+        item = json.loads(body)
+        with st.lock:
+            draft = st.drafts.get(draft_id)
+        if draft is None:
+            self.error(404, "ErrorItemNotFound", "The specified object was not found.")
+            return
+        if item.get("@odata.type") != "#microsoft.graph.fileAttachment":
+            self.error(400, "ErrorInvalidRequest", "expected a fileAttachment")
+            return
+        data = base64.b64decode(item.pop("contentBytes"), validate=True)
+        if len(data) >= 3 * 1024 * 1024:
+            self.error(413, "ErrorRequestEntityTooLarge", "use an upload session above 3 MB")
+            return
+        with st.lock:
+            draft.attachments.append({**item, "data": data})
+        self.answer(201, {"id": "att-" + secrets.token_hex(4)})
+
+    def create_upload(self, draft_id: str, body: bytes) -> None:
+        st = self.state
+        item = json.loads(body).get("AttachmentItem", {})
+        with st.lock:
+            found = draft_id in st.drafts
+        if not found:
+            self.error(404, "ErrorItemNotFound", "The specified object was not found.")
+            return
+        if item.get("attachmentType") != "file" or not isinstance(item.get("size"), int):
+            self.error(400, "ErrorInvalidRequest", "AttachmentItem needs attachmentType and size")
+            return
+        sid = secrets.token_urlsafe(12)
+        with st.lock:
+            st.uploads[sid] = Upload(draft_id, item)
+        self.answer(201, {"uploadUrl": f"{st.base_url}/upload/{sid}",
+                          "expirationDateTime": "2099-01-01T00:00:00Z",
+                          "nextExpectedRanges": ["0-"]})
+
+    def upload(self, method: str, sid: str, body: bytes) -> None:
+        st = self.state
+        if self.headers.get("Authorization"):
+            # Graph: the upload URL is pre-authenticated; a bearer token gets 401.
+            self.error(401, "InvalidAuthenticationToken", "Authorization header not allowed")
+            return
+        with st.lock:
+            up = st.uploads.get(sid)
+        m = re.match(r"^bytes (\d+)-(\d+)/(\d+)$", self.headers.get("Content-Range", ""))
+        if method != "PUT" or up is None or not m:
+            self.error(400, "ErrorInvalidRequest", "bad upload request")
+            return
+        start, end, total = (int(g) for g in m.groups())
+        if start != len(up.data) or end - start + 1 != len(body) or total != up.item["size"]:
+            self.error(416, "ErrorInvalidRange", "unexpected range")
+            return
+        up.data.extend(body)
+        if len(up.data) < total:
+            self.answer(200, {"nextExpectedRanges": [f"{len(up.data)}-"]})
+            return
+        with st.lock:
+            draft = st.drafts[up.draft_id]
+            draft.attachments.append({**up.item, "data": bytes(up.data), "upload": True})
+            del st.uploads[sid]
+        self.answer(201)
+
+    def send_draft(self, mailbox: str, draft_id: str, token: str) -> None:
+        st = self.state
+        with st.lock:
+            draft = st.drafts.get(draft_id)
+        if draft is None:
+            self.error(404, "ErrorItemNotFound", "The specified object was not found.")
+            return
+        recipients = header_recipients(draft.mime)
+        if not recipients:
+            self.error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
+            return
+        if not self.check_send_as(mailbox, draft.mime):
+            return
+        with st.lock:
+            del st.drafts[draft_id]
+            st.sent.append(Sent(mailbox, draft.mime, recipients, token, "draft",
+                                draft.attachments))
+        self.answer(202)
+
+
+def start_graph(state: GraphState | None = None) -> HttpsServer:
+    """Start a fake Graph; its endpoint (for a route's `endpoint`) is `server.base_url`."""
+    st = state or GraphState()
+    server = start_https_server(GraphHandler, st)
+    st.base_url = server.base_url
+    return server
