@@ -1,4 +1,4 @@
-"""A fake Microsoft Graph mail endpoint: sendMail with MIME, drafts, attachments, upload sessions."""
+"""A fake Microsoft Graph mail endpoint: MIME sendMail, drafts, attachments, upload sessions."""
 
 from __future__ import annotations
 
