@@ -1,0 +1,192 @@
+"""Google OAuth tokens for XOAUTH2: a user's refresh token, or a service account's delegation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import google.auth.exceptions
+import google.auth.transport.requests
+import requests
+from google.oauth2 import credentials as user_credentials
+from google.oauth2 import service_account
+
+from relayd.config import Config, RouteConfig
+from relayd.errors import AuthenticationError
+
+log = logging.getLogger(__name__)
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+# Renew this long before a token's end, so a token never expires between AUTH and DATA.
+RENEW_BEFORE_S = 300
+# Hand out no token with less than this left (a very short-lived token is still used once).
+MIN_TOKEN_USE_S = 30
+REFRESH_ACCOUNT = "refresh-token"  # the one cache key of a refresh-token route
+
+
+@dataclass(frozen=True)
+class _Token:
+    value: str
+    renew_at: float
+
+    def __repr__(self) -> str:
+        return f"_Token('***', renew_at={self.renew_at:.0f})"
+
+
+class _PinnedSession(requests.Session):
+    """requests lets REQUESTS_CA_BUNDLE override a session's `verify`; per request it wins.
+
+    Proxy variables keep working (unlike trust_env = False).
+    """
+
+    def __init__(self, verify: str | bool, timeout_s: float) -> None:
+        super().__init__()
+        self._pinned_verify = verify
+        self._timeout_s = timeout_s
+
+    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        if self._pinned_verify is not True:
+            kwargs["verify"] = self._pinned_verify
+        # google-auth passes its own 120 s; the route's timeout is the admin's choice.
+        kwargs["timeout"] = self._timeout_s
+        return super().request(method, url, *args, **kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error.args[0]) if error.args else str(error)
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def _expiry_ts(expiry: dt.datetime | None, now: float) -> float:
+    if expiry is None:  # the token endpoint gave no lifetime: assume Google's usual hour
+        return now + 3600
+    if expiry.tzinfo is None:  # google-auth keeps naive UTC datetimes
+        expiry = expiry.replace(tzinfo=dt.UTC)
+    return expiry.timestamp()
+
+
+class GoogleTokenProvider:
+    """TokenProvider for provider = "google".
+
+    With `refresh_token_file`/`_env`: the installed-app consent of one Google user; client_id and
+    client_secret are that OAuth client's. Without a refresh token: a service account with
+    domain-wide delegation, its JSON key given as `client_secret_file`/`_env` (a secret file,
+    mode 0600) and `client_id` the service account's client ID (the one authorised in the Admin
+    console); each account (sender or mailbox) gets its own token with that account as subject.
+    `authority`, when set, is the token endpoint URL (default Google's). Tokens live in memory.
+    """
+
+    def __init__(self, route: RouteConfig, config: Config, scopes: Sequence[str]) -> None:
+        self.route = route
+        self.config = config
+        self.scopes = list(scopes)
+        self.token_uri = route.authority or GOOGLE_TOKEN_URI
+        self.mode = "refresh_token" if route.refresh_token is not None else "service_account"
+        self._session = _PinnedSession(str(route.ca_file) if route.ca_file else True,
+                                       route.timeout_s)
+        self._request = google.auth.transport.requests.Request(self._session)
+        self._lock = threading.Lock()
+        self._tokens: dict[str, _Token] = {}
+        self._sa_info: dict[str, Any] | None = None
+
+    # -- TokenProvider -------------------------------------------------------------------------
+
+    async def token(self, account: str) -> str:
+        return await asyncio.to_thread(self.acquire, account)
+
+    def invalidate(self, account: str) -> None:
+        with self._lock:
+            self._tokens.pop(self._key(account), None)
+
+    def close(self) -> None:
+        self._session.close()
+
+    # -- blocking ------------------------------------------------------------------------------
+
+    def _key(self, account: str) -> str:
+        return REFRESH_ACCOUNT if self.mode == "refresh_token" else account.lower()
+
+    def acquire(self, account: str) -> str:
+        """A token for `account`, fetched when none is held or it is near its end."""
+        key = self._key(account)
+        # One fetch at a time: concurrent sessions wait for it rather than each asking Google.
+        with self._lock:
+            held = self._tokens.get(key)
+            if held is not None and time.time() < held.renew_at:
+                return held.value
+            token = self._fetch(account)
+            self._tokens[key] = token
+            return token.value
+
+    def _fetch(self, account: str) -> _Token:
+        route = self.route
+        try:
+            creds = self._credentials(account)
+            creds.refresh(self._request)  # type: ignore[no-untyped-call]
+        except google.auth.exceptions.RefreshError as e:
+            # e.g. "invalid_grant: Token has been expired or revoked." - the server's words only.
+            raise AuthenticationError(f"route {route.name}: Google refused the token request "
+                                      f"for {account}: {_first_line(e)}") from None
+        except (google.auth.exceptions.GoogleAuthError, requests.RequestException,
+                OSError) as e:
+            raise AuthenticationError(f"route {route.name}: Google token endpoint "
+                                      f"{self.token_uri} unreachable: {type(e).__name__}: "
+                                      f"{_first_line(e)}") from None
+        if not creds.token:
+            raise AuthenticationError(f"route {route.name}: Google answered without a token")
+        now = time.time()
+        expires = _expiry_ts(creds.expiry, now)
+        renew_at = max(expires - RENEW_BEFORE_S, now + min(MIN_TOKEN_USE_S, expires - now))
+        log.debug("route %s: Google token for %s valid until %.0f", route.name, account, expires)
+        return _Token(str(creds.token), renew_at)
+
+    def _credentials(self, account: str) -> user_credentials.Credentials | \
+            service_account.Credentials:
+        route = self.route
+        if self.mode == "refresh_token":
+            assert route.refresh_token is not None
+            if route.client_secret is None:
+                raise AuthenticationError(f"route {route.name}: a Google refresh token needs "
+                                          "client_secret_file (the OAuth client's secret)")
+            return user_credentials.Credentials(  # type: ignore[no-untyped-call]
+                token=None, refresh_token=route.refresh_token.reveal(),
+                token_uri=self.token_uri, client_id=route.client_id,
+                client_secret=route.client_secret.reveal(), scopes=self.scopes)
+        info = self._service_account_info()
+        creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            info, scopes=self.scopes, subject=account, token_uri=self.token_uri)
+        return creds  # type: ignore[no-any-return]
+
+    def _service_account_info(self) -> dict[str, Any]:
+        route = self.route
+        if self._sa_info is not None:
+            return self._sa_info
+        problem = (f"route {route.name}: without refresh_token_file, a Google route needs a "
+                   "service account JSON key as client_secret_file")
+        if route.client_secret is None:
+            raise AuthenticationError(problem)
+        try:
+            info = json.loads(route.client_secret.reveal())
+        except ValueError:
+            raise AuthenticationError(problem + " (it is not JSON)") from None
+        if not isinstance(info, dict) or info.get("type") != "service_account":
+            raise AuthenticationError(problem + ' (its "type" is not "service_account")')
+        missing = [k for k in ("client_email", "private_key") if not info.get(k)]
+        if missing:
+            raise AuthenticationError(problem + f" (it lacks {', '.join(missing)})")
+        if route.client_id and info.get("client_id") and str(info["client_id"]) != route.client_id:
+            raise AuthenticationError(
+                f"route {route.name}: client_id {route.client_id} is not the client ID of the "
+                f"service account key ({info['client_id']}); domain-wide delegation is granted "
+                "to the key's client ID")
+        info.setdefault("token_uri", self.token_uri)
+        self._sa_info = info
+        return info
