@@ -164,7 +164,7 @@ class TokenStore:
                                       "configured key; run `relayd auth login` again") from None
 
     def save(self, route: str, account: str, cache: str) -> Stamp:
-        """Encrypt and write atomically (temp file, fsync, rename, fsync dir). Call under locked()."""
+        """Encrypt and write atomically (temp, fsync, rename, fsync dir); call under locked()."""
         self._ensure_root()
         blob = self.fernet().encrypt(json.dumps(
             {"route": route, "account": account, "cache": cache}).encode())

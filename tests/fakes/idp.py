@@ -9,13 +9,14 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.fakes.https import Handler, HttpsServer, start_https_server
+from .https import Handler, HttpsServer, start_https_server
 
 TENANT = "contoso-tenant"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -47,11 +48,13 @@ class IdpState:
     device_user: str | None = None  # device codes are approved for this user on first poll
     device_interval_s: int = 1
     fail_token_status: int | None = None  # answer every token request with this HTTP status
-    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (grant, form)
+    # (grant type or "devicecode", form) of each token and device-code request
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     access_tokens: dict[str, IssuedToken] = field(default_factory=dict)
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # refresh token -> user
     revoked: set[str] = field(default_factory=set)
-    device_codes: dict[str, str | None] = field(default_factory=dict)  # code -> approved user
+    # device code -> [approved user or None, requested scope]
+    device_codes: dict[str, list[str | None]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
 
@@ -102,6 +105,8 @@ class IdpHandler(Handler):
         st = self.state
         form = {k: v[0] for k, v in urllib.parse.parse_qs(self.read_body().decode()).items()}
         if self.path == f"/{st.tenant}/oauth2/v2.0/devicecode":
+            with st.lock:
+                st.requests.append(("devicecode", form))
             self.device_code(form)
         elif self.path == f"/{st.tenant}/oauth2/v2.0/token":
             with st.lock:
@@ -129,7 +134,7 @@ class IdpHandler(Handler):
         code = secrets.token_urlsafe(16)
         user_code = secrets.token_hex(4).upper()
         with st.lock:
-            st.device_codes[code] = None
+            st.device_codes[code] = [None, form.get("scope", "")]
         self.json(200, {
             "device_code": code, "user_code": user_code,
             "verification_uri": f"{st.base_url}/devicelogin", "expires_in": 60,
@@ -169,7 +174,9 @@ class IdpHandler(Handler):
             return False
         x5t = _b64url(cert.fingerprint(hashes.SHA1()))  # noqa: S303 - what Entra ID checks
         x5t256 = _b64url(cert.fingerprint(hashes.SHA256()))
-        return (header.get("x5t") == x5t or header.get("x5t#S256") == x5t256) and \
+        # msal keeps the base64 padding on x5t; Entra ID accepts either form.
+        got, got256 = (str(header.get(h, "")).rstrip("=") for h in ("x5t", "x5t#S256"))
+        return (got == x5t or got256 == x5t256) and \
             claims.get("iss") == st.client_id and claims.get("sub") == st.client_id
 
     def token(self, form: dict[str, str]) -> None:
@@ -197,9 +204,9 @@ class IdpHandler(Handler):
                     known = False
                 else:
                     known = True
-                    approved = st.device_codes[code]
+                    approved, scope = st.device_codes[code]
                     if approved is None and st.device_user is not None:
-                        st.device_codes[code] = st.device_user  # approved now; next poll wins
+                        st.device_codes[code][0] = st.device_user  # approved; next poll wins
             if not known:
                 self.error("expired_token", "AADSTS70020: The provided value for the input "
                            "parameter 'device_code' is not valid.")
@@ -209,7 +216,7 @@ class IdpHandler(Handler):
             else:
                 with st.lock:
                     del st.device_codes[code]
-                self.issue("user", approved, scope)
+                self.issue("user", approved, scope or "")
         else:
             self.error("unsupported_grant_type", f"grant {grant!r} is not supported")
 
@@ -249,3 +256,42 @@ def start_idp(state: IdpState | None = None) -> HttpsServer:
     server = start_https_server(IdpHandler, st)
     st.base_url = server.base_url
     return server
+
+
+def oauth_route_keys(idp: HttpsServer, secret_dir: Path, *, flow: str = "app",
+                     secret: str = CLIENT_SECRET) -> dict[str, Any]:
+    """The OAuth keys of a route that signs in at this fake (client secret for the app flow)."""
+    keys: dict[str, Any] = {"auth": "oauth", "authority": idp.base_url, "tenant_id": TENANT,
+                            "client_id": CLIENT_ID, "flow": flow, "ca_file": str(idp.ca_file)}
+    if flow == "app":
+        path = secret_dir / "client-secret"
+        path.write_text(secret)
+        path.chmod(0o600)
+        keys["client_secret_file"] = str(path)
+    return keys
+
+
+def make_certificate(directory: Path) -> tuple[x509.Certificate, Path, str]:
+    """An app certificate as Entra ID takes it: (certificate, PEM file with key and cert,
+    SHA-1 thumbprint in hex)."""
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayd test app")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    path = directory / "app-cert.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+                     + cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o600)
+    return cert, path, cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303

@@ -1,0 +1,466 @@
+"""Microsoft OAuth through MSAL: app-only and delegated token providers, auth login and status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import msal  # type: ignore[import-untyped]
+import requests
+
+from relayd.auth.tokencache import Stamp, TokenStore
+from relayd.config import Config, RouteConfig
+from relayd.errors import AuthenticationError
+
+log = logging.getLogger(__name__)
+
+MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+EXCHANGE_ONLINE_HOST = "outlook.office365.com"
+SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
+SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
+# msal treats a cached access token as expired 5 minutes before its end; renew no later.
+MSAL_EXPIRY_MARGIN_S = 300
+# Hand out no token with less than this left, so a renewal cannot loop on an instantly stale one.
+MIN_TOKEN_USE_S = 30
+APP_ACCOUNT = "app"  # status file name for a route's client-credentials token
+_KEY_RE = re.compile(
+    r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----.+?-----END (?:RSA |EC |ENCRYPTED )?"
+    r"PRIVATE KEY-----", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """An access token and when to stop using it (`renew_at`, before its real `expires_at`)."""
+
+    token: str
+    renew_at: float
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"AccessToken('***', renew_at={self.renew_at:.0f})"
+
+
+def is_microsoft_oauth(route: RouteConfig) -> bool:
+    return route.client_id is not None and (route.provider or "microsoft") == "microsoft" and (
+        route.upstream == "graph" or route.auth in ("oauth", "xoauth2"))
+
+
+def authority_url(route: RouteConfig) -> tuple[str, bool]:
+    """(authority URL, whether it is a custom one). `authority` is the identity provider's base
+    URL (national cloud, test server); the tenant is appended unless the URL already has a path."""
+    if route.authority:
+        base = route.authority.rstrip("/")
+        if urlsplit(base).path.strip("/"):
+            return base, True
+        return f"{base}/{route.tenant_id or 'organizations'}", True
+    return f"{MICROSOFT_AUTHORITY}/{route.tenant_id or 'organizations'}", False
+
+
+def ews_host(route: RouteConfig) -> str:
+    if route.service_endpoint:
+        return urlsplit(route.service_endpoint).hostname or EXCHANGE_ONLINE_HOST
+    return route.server or EXCHANGE_ONLINE_HOST
+
+
+def app_scopes(route: RouteConfig) -> list[str]:
+    """The client-credentials scope for a route's resource."""
+    if route.upstream == "ews":
+        return [f"https://{ews_host(route)}/.default"]
+    if route.upstream == "graph":
+        return [f"{(route.endpoint or 'https://graph.microsoft.com').rstrip('/')}/.default"]
+    return [SMTP_APP_SCOPE]
+
+
+def delegated_scopes(route: RouteConfig) -> list[str]:
+    """The delegated (device-flow) scope for a route's resource."""
+    if route.upstream == "ews":
+        return [f"https://{ews_host(route)}/EWS.AccessAsUser.All"]
+    if route.upstream == "graph":
+        return [f"{(route.endpoint or 'https://graph.microsoft.com').rstrip('/')}/Mail.Send"]
+    return [SMTP_DELEGATED_SCOPE]
+
+
+class _PinnedSession(requests.Session):
+    """A requests session whose CA bundle and timeout are fixed per request.
+
+    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's `verify`; a `verify`
+    given per request wins, and this keeps the proxy variables working (unlike trust_env=False).
+    """
+
+    def __init__(self, verify: str | bool, timeout_s: float) -> None:
+        super().__init__()
+        self._pinned_verify = verify
+        self._timeout_s = timeout_s
+
+    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        if self._pinned_verify is not True:
+            kwargs["verify"] = self._pinned_verify
+        kwargs.setdefault("timeout", self._timeout_s)
+        return super().request(method, url, *args, **kwargs)
+
+
+def http_session(route: RouteConfig) -> requests.Session:
+    """The HTTP client for everything a route talks to, trusting `ca_file` when given."""
+    return _PinnedSession(str(route.ca_file) if route.ca_file else True, route.timeout_s)
+
+
+def _first_line(text: object) -> str:
+    return str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
+
+
+def _login_hint(route: str, account: str) -> str:
+    return f"run `relayd auth login {route} --user {account}`"
+
+
+@dataclass
+class _UserCache:
+    app: msal.PublicClientApplication
+    cache: msal.SerializableTokenCache
+    stamp: Stamp
+
+
+class MsalTokenProvider:
+    """TokenProvider for Microsoft routes.
+
+    flow = "app": client credentials (secret or certificate); the token lives in msal's in-memory
+    cache and is renewed by msal before it expires. flow = "device": the user's token cache from
+    `relayd auth login`, read from the encrypted store (again whenever its file changes) and
+    refreshed silently; refreshed caches are written back.
+    """
+
+    def __init__(self, route: RouteConfig, config: Config, scopes: Sequence[str]) -> None:
+        self.route = route
+        self.config = config
+        self.scopes = list(scopes)
+        self.authority, custom = authority_url(route)
+        # A custom authority is not in Microsoft's instance list: skip that lookup (it would go
+        # to login.microsoftonline.com) and use the authority's own OpenID discovery.
+        self._instance_discovery: bool | None = False if custom else None
+        self._http = http_session(route)
+        self._lock = threading.Lock()
+        self._app: msal.ConfidentialClientApplication | None = None
+        self._users: dict[str, _UserCache] = {}
+        self._force: set[str] = set()
+        self._last: dict[str, str] = {}  # account -> token last handed out
+        self._failing: set[str] = set()
+        self.store = TokenStore(config)
+
+    @property
+    def delegated(self) -> bool:
+        return self.route.flow == "device"
+
+    # -- TokenProvider -------------------------------------------------------------------------
+
+    async def token(self, account: str) -> str:
+        return (await asyncio.to_thread(self.acquire, account)).token
+
+    def invalidate(self, account: str) -> None:
+        key = self._key(account)
+        with self._lock:
+            self._force.add(key)
+
+    # -- blocking API (for code already on a worker thread, e.g. exchangelib) --------------------
+
+    def acquire(self, account: str) -> AccessToken:
+        """A valid token for `account` (ignored for app-only); AuthenticationError otherwise."""
+        key = self._key(account)
+        try:
+            if self.delegated:
+                tok = self._acquire_user(key)
+            else:
+                tok = self._acquire_app()
+        except AuthenticationError as e:
+            self._failed(key, str(e))
+            raise
+        except (requests.RequestException, msal.exceptions.MsalError, ValueError, RuntimeError,
+                OSError) as e:
+            # msal raises requests' errors for network trouble and ValueError when the
+            # authority's discovery document cannot be had.
+            msg = (f"route {self.route.name}: identity provider unreachable: "
+                   f"{type(e).__name__}: {_first_line(e)}")
+            self._failed(key, msg)
+            raise AuthenticationError(msg) from None
+        if key in self._failing or self._last.get(key) != tok.token:
+            self._failing.discard(key)
+            self.store.write_state(self.route.name, key, last_error=None,
+                                   expires_at=tok.expires_at)
+        self._last[key] = tok.token
+        return tok
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _key(self, account: str) -> str:
+        return account.lower() if self.delegated else APP_ACCOUNT
+
+    def _failed(self, key: str, message: str) -> None:
+        if key not in self._failing:
+            log.warning("route %s: OAuth token for %s unavailable: %s", self.route.name,
+                        key, message)
+        self._failing.add(key)
+        self.store.write_state(self.route.name, key, last_error=message)
+
+    def _result(self, result: Mapping[str, Any] | None, key: str) -> AccessToken:
+        if result and "access_token" in result:
+            now = time.time()
+            expires_at = now + float(result.get("expires_in") or 0)
+            renew_at = expires_at - MSAL_EXPIRY_MARGIN_S
+            if result.get("refresh_on"):
+                renew_at = min(renew_at, float(result["refresh_on"]))
+            return AccessToken(str(result["access_token"]), max(renew_at, now + MIN_TOKEN_USE_S),
+                               expires_at)
+        if not result:
+            raise AuthenticationError(f"route {self.route.name}: no usable token for {key}; "
+                                      + _login_hint(self.route.name, key))
+        error = str(result.get("error") or "error")
+        text = f"route {self.route.name}: token refused: {error}: " \
+               f"{_first_line(result.get('error_description'))}"
+        if self.delegated and error in ("invalid_grant", "interaction_required"):
+            text += "; " + _login_hint(self.route.name, key)
+        raise AuthenticationError(text)
+
+    # -- client credentials ----------------------------------------------------------------------
+
+    def _credential(self) -> str | dict[str, str]:
+        route = self.route
+        if route.certificate_file is not None:
+            try:
+                pem = route.certificate_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise AuthenticationError(f"route {route.name}: cannot read certificate_file "
+                                          f"{route.certificate_file}: {e}") from None
+            m = _KEY_RE.search(pem)
+            if not m:
+                raise AuthenticationError(f"route {route.name}: certificate_file "
+                                          f"{route.certificate_file} holds no private key")
+            return {"private_key": m.group(0),
+                    "thumbprint": (route.thumbprint or "").replace(":", "").strip()}
+        if route.client_secret is None:
+            raise AuthenticationError(f"route {route.name}: no client secret or certificate")
+        return route.client_secret.reveal()
+
+    def _app_client(self) -> msal.ConfidentialClientApplication:
+        with self._lock:
+            if self._app is None:
+                # Building it fetches the OpenID configuration; on failure it is retried next time.
+                self._app = msal.ConfidentialClientApplication(
+                    self.route.client_id, client_credential=self._credential(),
+                    authority=self.authority, http_client=self._http,
+                    instance_discovery=self._instance_discovery, token_cache=msal.TokenCache())
+            return self._app
+
+    def _acquire_app(self) -> AccessToken:
+        app = self._app_client()
+        with self._lock:
+            forced = APP_ACCOUNT in self._force
+        if forced:
+            # The upstream refused the cached token: drop it so msal fetches a new one.
+            cache = app.token_cache
+            for at in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+                cache.remove_at(at)
+        tok = self._result(app.acquire_token_for_client(self.scopes), APP_ACCOUNT)
+        with self._lock:
+            self._force.discard(APP_ACCOUNT)
+        return tok
+
+    # -- delegated (device flow) -----------------------------------------------------------------
+
+    def _user(self, key: str) -> _UserCache:
+        name = self.route.name
+        with self._lock:
+            u = self._users.get(key)
+            stamp = self.store.stamp(name, key)
+            if stamp is None:
+                self._users.pop(key, None)
+                raise AuthenticationError(f"route {name}: {key} has not signed in; "
+                                          + _login_hint(name, key))
+            if u is not None and u.stamp == stamp:
+                return u
+            stored = self.store.load(name, key)
+            if stored is None:
+                raise AuthenticationError(f"route {name}: {key} has not signed in; "
+                                          + _login_hint(name, key))
+            if u is None:
+                cache = msal.SerializableTokenCache()
+                cache.deserialize(stored.cache)
+                app = msal.PublicClientApplication(
+                    self.route.client_id, authority=self.authority, http_client=self._http,
+                    instance_discovery=self._instance_discovery, token_cache=cache)
+                u = _UserCache(app, cache, stored.stamp)
+                self._users[key] = u
+            else:
+                # `relayd auth login` wrote a new cache: take it without a restart.
+                u.cache.deserialize(stored.cache)
+                u.stamp = stored.stamp
+            return u
+
+    def _acquire_user(self, key: str) -> AccessToken:
+        u = self._user(key)
+        accounts = u.app.get_accounts(username=key)
+        if not accounts:
+            raise AuthenticationError(f"route {self.route.name}: the stored sign-in is not for "
+                                      f"{key}; " + _login_hint(self.route.name, key))
+        with self._lock:
+            forced = key in self._force
+        result = u.app.acquire_token_silent_with_error(self.scopes, accounts[0],
+                                                       force_refresh=forced)
+        tok = self._result(result, key)
+        with self._lock:
+            self._force.discard(key)
+        if u.cache.has_state_changed:
+            self._save(key, u)
+        return tok
+
+    def _save(self, key: str, u: _UserCache) -> None:
+        with self.store.locked():
+            if self.store.stamp(self.route.name, key) != u.stamp:
+                return  # a newer sign-in was stored meanwhile; it wins, we re-read it next time
+            u.stamp = self.store.save(self.route.name, key, u.cache.serialize())
+            u.cache.has_state_changed = False
+
+
+# -- functions for the CLI and the listener ------------------------------------------------------
+
+
+def has_signed_in(config: Config, route: RouteConfig, account: str) -> bool:
+    """Whether `account` has a stored delegated token for `route` (one stat: fast)."""
+    return TokenStore(config).exists(route.name, account.lower())
+
+
+def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int:
+    """`relayd auth login ROUTE [--user ADDR]`: device-code sign-in, stored encrypted."""
+    route = config.routes.get(route_name)
+    if route is None:
+        out.write(f"relayd: no route named {route_name!r}\n")
+        return 2
+    if not is_microsoft_oauth(route) or route.flow != "device":
+        out.write(f'relayd: route {route_name} does not use delegated OAuth (flow = "device")\n')
+        return 2
+    store = TokenStore(config)
+    try:
+        store.fernet(create=True)
+    except (AuthenticationError, OSError) as e:
+        out.write(f"relayd: {e}\n")
+        return 1
+    authority, custom = authority_url(route)
+    cache = msal.SerializableTokenCache()
+    http = http_session(route)
+    try:
+        app = msal.PublicClientApplication(
+            route.client_id, authority=authority, http_client=http,
+            instance_discovery=False if custom else None, token_cache=cache)
+        flow = app.initiate_device_flow(scopes=delegated_scopes(route))
+        if "user_code" not in flow:
+            out.write(f"relayd: the identity provider refused the sign-in: "
+                      f"{flow.get('error')}: {_first_line(flow.get('error_description'))}\n")
+            return 1
+        out.write(str(flow.get("message") or
+                      f"Open {flow['verification_uri']} and enter the code {flow['user_code']}")
+                  + "\n")
+        if user:
+            out.write(f"Sign in as {user}.\n")
+        out.flush()
+        result = app.acquire_token_by_device_flow(flow)  # polls until done or the code expires
+    except (requests.RequestException, msal.exceptions.MsalError, ValueError, RuntimeError) as e:
+        out.write(f"relayd: identity provider unreachable: {type(e).__name__}: "
+                  f"{_first_line(e)}\n")
+        return 1
+    finally:
+        http.close()
+    if "access_token" not in result:
+        out.write(f"relayd: sign-in failed: {result.get('error')}: "
+                  f"{_first_line(result.get('error_description'))}\n")
+        return 1
+    claims = result.get("id_token_claims") or {}
+    signed_in = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
+    if not signed_in:
+        out.write("relayd: the identity provider did not say who signed in; nothing stored\n")
+        return 1
+    if user and signed_in != user.lower():
+        out.write(f"relayd: signed in as {signed_in}, but --user is {user}: a delegated route "
+                  "sends only as the account that signed in; nothing stored\n")
+        return 1
+    try:
+        with store.locked():
+            store.save(route.name, signed_in, cache.serialize())
+        store.write_state(route.name, signed_in, last_error=None,
+                          expires_at=time.time() + float(result.get("expires_in") or 0))
+    except OSError as e:
+        out.write(f"relayd: cannot store the token cache in {store.root}: {e.strerror}\n")
+        return 1
+    out.write(f"Signed in as {signed_in}; token cache stored for route {route.name} "
+              f"({store.path(route.name, signed_in)}).\n")
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "unknown"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _cache_summary(cache_json: str) -> tuple[float | None, bool]:
+    """(latest access-token expiry, whether a refresh token is stored) from an msal cache."""
+    try:
+        doc = json.loads(cache_json) if cache_json else {}
+    except ValueError:
+        return None, False
+    expiries = [float(at.get("expires_on", 0)) for at in (doc.get("AccessToken") or {}).values()]
+    return (max(expiries) if expiries else None), bool(doc.get("RefreshToken"))
+
+
+def status(config: Config, out: TextIO) -> int:
+    """`relayd auth status`: each token's route, account, expiry and last error; never a token.
+
+    Exit 0 when every token is usable as far as relayd knows, 1 when one has a problem."""
+    store = TokenStore(config)
+    problems = 0
+    routes = [r for r in config.routes.values() if is_microsoft_oauth(r)]
+    if not routes:
+        out.write("no OAuth routes configured\n")
+        return 0
+    for route in routes:
+        if route.flow != "device":
+            state = store.read_state(route.name, APP_ACCOUNT)
+            line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
+            if state.get("expires_at"):
+                line += f"; last token valid until {_when(state['expires_at'])}"
+            if state.get("last_error"):
+                problems += 1
+                line += f"; last error ({_when(state.get('at'))}): {state['last_error']}"
+            out.write(line + "\n")
+            continue
+        files = store.files(route.name)
+        if not files:
+            out.write(f"{route.name}: nobody signed in (relayd auth login {route.name} "
+                      "--user ADDR)\n")
+            continue
+        for path in files:
+            try:
+                stored = store.load_file(path)
+            except AuthenticationError as e:
+                problems += 1
+                out.write(f"{route.name}: {path.name}: {e}\n")
+                continue
+            if stored is None:
+                continue
+            expiry, has_refresh = _cache_summary(stored.cache)
+            state = store.read_state(route.name, stored.account)
+            line = (f"{route.name}: {stored.account}: access token valid until {_when(expiry)}; "
+                    f"refresh token {'stored' if has_refresh else 'missing'}")
+            if state.get("last_error"):
+                problems += 1
+                line += f"; last error ({_when(state.get('at'))}): {state['last_error']}"
+            elif not has_refresh:
+                problems += 1
+            out.write(line + "\n")
+    return 1 if problems else 0
