@@ -162,7 +162,7 @@ class GoogleTokenProvider:
                 client_secret=route.client_secret.reveal(), scopes=self.scopes)
         info = self._service_account_info()
         creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
-            info, scopes=self.scopes, subject=account, token_uri=self.token_uri)
+            info, scopes=self.scopes, subject=account)
         return creds  # type: ignore[no-any-return]
 
     def _service_account_info(self) -> dict[str, Any]:
@@ -187,6 +187,8 @@ class GoogleTokenProvider:
                 f"route {route.name}: client_id {route.client_id} is not the client ID of the "
                 f"service account key ({info['client_id']}); domain-wide delegation is granted "
                 "to the key's client ID")
-        info.setdefault("token_uri", self.token_uri)
+        # `authority` overrides the key's own token_uri (a test or proxying endpoint).
+        if route.authority or not info.get("token_uri"):
+            info["token_uri"] = self.token_uri
         self._sa_info = info
         return info
