@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
@@ -18,10 +19,13 @@ class Failure:
     recipient: str
     code: int | None
     text: str
+    status: str | None = None  # an RFC 3463 status that overrides the one derived from text
 
 
 def status_code(failure: Failure) -> str:
     """The RFC 3463 status: the upstream's enhanced code when it gave one."""
+    if failure.status:
+        return failure.status
     m = ENHANCED_RE.match(failure.text)
     if m:
         return m.group(1)
@@ -38,7 +42,10 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
                  route: str, queue_id: str, arrival: float) -> bytes:
     """A multipart/report bounce to `sender` listing each failed recipient and the upstream's
     own words, with the original headers attached."""
-    msg = EmailMessage(policy=email.policy.SMTP)
+    # An internationalized sender needs a UTF-8 header (RFC 6532); the route then sends the
+    # bounce with SMTPUTF8 because its envelope address is not ASCII either.
+    policy = email.policy.SMTP if sender.isascii() else email.policy.SMTPUTF8
+    msg = EmailMessage(policy=policy)
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     msg["To"] = sender
     msg["Subject"] = "Undelivered Mail Returned to Sender"
@@ -55,7 +62,9 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     ]
     for f in failures:
         said = f"{f.code} {_one_line(f.text)}" if f.code is not None else _one_line(f.text)
-        lines.append(f"<{f.recipient}>: {said}")
+        lines.extend(textwrap.wrap(f"<{f.recipient}>: {said}", width=76,
+                                   subsequent_indent="    ", break_long_words=False,
+                                   break_on_hyphens=False))
     lines.append("")
     msg.set_content("\n".join(lines))
     msg.make_mixed()
@@ -94,7 +103,7 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     # surrogateescape carries 8-bit header bytes through the generator unchanged
     head_part.set_payload(raw_headers.decode("ascii", "surrogateescape"))
     msg.attach(head_part)
-    return msg.as_bytes(policy=email.policy.SMTP)
+    return msg.as_bytes(policy=policy)
 
 
 def _header_block(message: bytes) -> bytes:

@@ -322,10 +322,12 @@ class Scheduler:
             age_h = (now - entry.received) / 3600
             for rcpt in still:
                 state = entry.rcpt[rcpt]
+                last = (f"{state.code} {state.text}" if state.code is not None else state.text)
                 text = (f"message expired after {age_h:.1f} hours in the queue; last error: "
-                        f"{state.text or entry.last_error or 'none'}")
+                        f"{last or entry.last_error or 'none'}")
                 state.status, state.code, state.text = FAILED, None, text
-                failures.append(Failure(rcpt, None, text))
+                # RFC 3463 4.4.7: delivery time expired
+                failures.append(Failure(rcpt, None, text, status="4.4.7"))
                 log.info("%s: expired for <%s>: %s", entry.id, rcpt, text)
             still = []
         if failures and not entry.deleted:

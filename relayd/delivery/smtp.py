@@ -101,6 +101,12 @@ class SmtpSession(Session):
             raise TransientDeliveryError(
                 f"cannot connect to {route.host}:{route.port}: {_why(e)}") from e
         try:
+            if client.is_ehlo_or_helo_needed:
+                # Extensions (SMTPUTF8, 8BITMIME, SIZE) are known only after EHLO.
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
             if route.auth == "password":
                 assert route.password is not None
                 await client.login(account, route.password.reveal())

@@ -1,0 +1,252 @@
+"""Shared test parts: a recording aiosmtpd upstream on port 0, config files, a running relayd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import smtplib
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as SmtpSession
+
+from relayd.config import Config, load_config
+from relayd.service import Service
+
+REPO = Path(__file__).resolve().parent.parent
+RELAYD = [sys.executable, "-m", "relayd"]
+WAIT_S = 15.0
+
+
+# -- a recording upstream ----------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class RecordingHandler:
+    """Accepts mail and records it. Replies can be scripted per recipient and for DATA."""
+
+    messages: list[Received] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_reply: str | None = None
+    data_reply: str | None = None
+    connections: int = 0
+
+    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply and not reply.startswith("2"):
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        if self.data_reply:
+            return self.data_reply
+        assert isinstance(envelope.original_content, bytes)
+        # aiosmtpd spells the null reverse-path "<>"; record it as the empty address it is.
+        sender = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        self.messages.append(Received(sender, list(envelope.rcpt_tos),
+                                      envelope.original_content, list(envelope.mail_options)))
+        return "250 2.0.0 OK accepted"
+
+
+class Upstream:
+    """An aiosmtpd server on 127.0.0.1 that can be stopped and started on the same port."""
+
+    def __init__(self, **smtp_kwargs: Any) -> None:
+        self.handler = RecordingHandler()
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.protocols: list[SMTP] = []
+        self.smtp_kwargs = smtp_kwargs
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        handler = self.handler
+
+        def factory() -> SMTP:
+            handler.connections += 1
+            proto = SMTP(handler, hostname="upstream.test", enable_SMTPUTF8=True,
+                         **self.smtp_kwargs)
+            self.protocols.append(proto)
+            return proto
+
+        self.server = await loop.create_server(factory, "127.0.0.1", self.port,
+                                               reuse_address=True)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for proto in self.protocols:
+                if proto.transport is not None:
+                    proto.transport.close()
+            self.protocols.clear()
+            await self.server.wait_closed()
+            self.server = None
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def upstream2() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dead_port() -> int:
+    """A loopback port with nothing listening (connection refused)."""
+    return free_port()
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, routes: str, *, server: str = "", queue: str = "",
+                 listen: str = "127.0.0.1:0", extra: str = "") -> Path:
+    """A config file with a spool in tmp_path and fast retries; `routes` is TOML text."""
+    text = f"""
+[server]
+listen = ["{listen}"]
+hostname = "relay.test"
+{textwrap.dedent(server)}
+
+[queue]
+path = "{tmp_path / 'queue'}"
+retry_min = "1s"
+retry_max = "2s"
+{textwrap.dedent(queue)}
+
+{textwrap.dedent(routes)}
+{textwrap.dedent(extra)}
+"""
+    path = tmp_path / "relayd.toml"
+    path.write_text(text)
+    return path
+
+
+def smtp_route(name: str, senders: str, port: int, extra: str = "") -> str:
+    return f"""
+[routes.{name}]
+senders = {senders}
+upstream = "smtp"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+{extra}
+"""
+
+
+@contextlib.asynccontextmanager
+async def run_service(config: Config | Path, **kwargs: Any) -> AsyncIterator[Service]:
+    """Start relayd in this event loop and always shut it down."""
+    if isinstance(config, Path):
+        config = load_config(config)
+    service = Service(config, **kwargs)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop(timeout=5)
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+
+def message(sender: str = "alice@business.com", to: str = "bob@example.com",
+            subject: str = "hello", body: str = "Hello there.\r\n") -> bytes:
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{time.time_ns()}@test>\r\n\r\n{body}").encode()
+
+
+async def send(port: int, sender: str, recipients: list[str], data: bytes,
+               host: str = "127.0.0.1") -> dict[str, tuple[int, bytes]]:
+    """Send with smtplib (a real blocking client) in a thread; returns refused recipients."""
+
+    def go() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            return client.sendmail(sender, recipients, data)
+
+    return await asyncio.to_thread(go)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S,
+                   what: str = "condition") -> None:
+    """Poll until predicate() is true; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def service_port(service: Service) -> int:
+    return service.addresses[0][1]
+
+
+def relayd_cli(*args: str, env: dict[str, str] | None = None,
+               input: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the real `relayd` command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*RELAYD, *args], capture_output=True, text=True, env=full_env,
+                          input=input.decode() if input else None, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture
+def spool_files(tmp_path: Path) -> Callable[[], list[str]]:
+    def files() -> list[str]:
+        d = tmp_path / "queue" / "msg"
+        return sorted(os.listdir(d)) if d.exists() else []
+
+    return files
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("RELAYD_CONFIG", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    yield
