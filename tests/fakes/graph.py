@@ -78,10 +78,12 @@ class GraphState:
     readwrite: bool = True  # the app has Mail.ReadWrite (drafts); otherwise 403
     send_as_denied: bool = False  # From must be the mailbox itself
     mailboxes: set[str] | None = None  # known mailboxes (lower case); None: any
+    attachment_status: int | None = None  # answer attachment calls with this error
     delay_s: float = 0.0  # each sendMail takes this long (to observe concurrency)
     sent: list[Sent] = field(default_factory=list)
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # method, path, status
     tokens_seen: list[str] = field(default_factory=list)
+    peers: list[int] = field(default_factory=list)  # client port of each request: reuse shows
     drafts: dict[str, Draft] = field(default_factory=dict)
     deleted_drafts: list[str] = field(default_factory=list)
     uploads: dict[str, Upload] = field(default_factory=dict)
@@ -112,6 +114,7 @@ class GraphHandler(Handler):
                headers: dict[str, str] | None = None) -> None:
         with self.state.lock:
             self.state.requests.append((self.command, self.path, status))
+            self.state.peers.append(int(self.client_address[1]))
         data = json.dumps(body).encode() if body is not None else b""
         self.reply(status, data, "application/json", headers)
 
@@ -164,6 +167,9 @@ class GraphHandler(Handler):
             self.create_draft(mailbox, body, token)
         elif method == "POST" and len(rest) == 3 and rest[0] == "messages" and rest[2] == "send":
             self.send_draft(mailbox, rest[1], token)
+        elif method == "POST" and rest[-1] in ("attachments", "createUploadSession") and \
+                st.attachment_status:
+            self.error(st.attachment_status, "ServiceUnavailable", "scripted attachment failure")
         elif method == "POST" and len(rest) == 3 and rest[2] == "attachments":
             self.add_attachment(rest[1], body)
         elif method == "POST" and len(rest) == 4 and rest[3] == "createUploadSession":

@@ -1,0 +1,365 @@
+"""The Graph upstream against a fake Graph and a fake identity provider, over HTTPS on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayd.config import Config, parse_config
+from relayd.delivery import OutboundMessage, Status, make_upstream
+from relayd.delivery.graph import GraphUpstream
+from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
+from tests.fakes.graph import GraphState, header_recipients, start_graph
+from tests.fakes.https import HttpsServer
+from tests.fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
+from tests.mimeutil import CORPUS, assert_mime_equivalent, parse, without_headers
+
+SIMPLE = (CORPUS / "01-plain-ascii.eml").read_bytes()
+
+
+@dataclass
+class Env:
+    idp: IdpState
+    graph: GraphState
+    graph_url: str
+    idp_url: str
+    ca_file: Path
+    tmp_path: Path
+    made: list[GraphUpstream] = field(default_factory=list)
+
+    def config(self, **route: Any) -> Config:
+        keys: dict[str, Any] = {
+            "senders": ["*@business.com"], "upstream": "graph", "endpoint": self.graph_url,
+            "tenant_id": TENANT, "client_id": CLIENT_ID, "client_secret_env": "GRAPH_SECRET",
+            "authority": self.idp_url, "ca_file": str(self.ca_file), "timeout": "10s", **route,
+        }
+        return parse_config({"queue": {"path": str(self.tmp_path / "queue")},
+                             "auth": {"path": str(self.tmp_path / "tokens")},
+                             "routes": {"m365": keys}})
+
+    def upstream(self, **route: Any) -> GraphUpstream:
+        config = self.config(**route)
+        up = make_upstream(config.routes["m365"], config)
+        assert isinstance(up, GraphUpstream)
+        self.made.append(up)
+        return up
+
+
+@pytest.fixture
+async def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Env]:
+    monkeypatch.setenv("GRAPH_SECRET", CLIENT_SECRET)
+    idp_server: HttpsServer = start_idp()
+    idp: IdpState = idp_server.state
+    graph_state = GraphState(token_ok=lambda token: idp.check_bearer(token) is not None)
+    graph_server = start_graph(graph_state)
+    env = Env(idp, graph_state, graph_server.base_url, idp_server.base_url,
+              graph_server.ca_file, tmp_path)
+    yield env
+    for up in env.made:  # a failed test must not leak its connections
+        await up.close()
+    graph_server.stop()
+    idp_server.stop()
+
+
+def outbound(data: bytes = SIMPLE, sender: str = "casemanager@business.com",
+             recipients: tuple[str, ...] = ("alice@example.net",), qid: str = "Q1",
+             options: tuple[str, ...] = ()) -> OutboundMessage:
+    return OutboundMessage(qid, sender, list(recipients), data, options)
+
+
+async def deliver(up: GraphUpstream, msg: OutboundMessage) -> dict[str, Any]:
+    session = up.session()
+    try:
+        return await session.deliver(msg)
+    finally:
+        await session.close()
+
+
+async def test_sendmail_posts_the_mime_and_bcc_reaches_envelope_only_recipients(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    up = env.upstream()
+    msg = outbound(recipients=("alice@example.net", "auditor@example.org"))
+    results = await deliver(up, msg)
+    assert {r: v.status for r, v in results.items()} == {
+        "alice@example.net": Status.DELIVERED, "auditor@example.org": Status.DELIVERED}
+    assert all(v.code == 202 for v in results.values())
+    [sent] = env.graph.sent
+    assert sent.via == "sendMail" and sent.mailbox == "casemanager@business.com"
+    assert sorted(sent.recipients) == ["alice@example.net", "auditor@example.org"]
+    assert parse(sent.mime)["bcc"] == "auditor@example.org"
+    # Nothing but the Bcc field was touched, byte for byte.
+    assert without_headers(sent.mime, {"bcc"}) == SIMPLE
+    assert_mime_equivalent(SIMPLE, sent.mime, ignore={"bcc"})
+    # An app-only token for Graph's .default scope, issued by the identity provider.
+    issued = env.idp.check_bearer(sent.token)
+    assert issued is not None and issued.kind == "app"
+    assert issued.scope.split()[0] == f"{env.graph_url}/.default"
+    assert sent.token not in caplog.text and CLIENT_SECRET not in caplog.text
+    await up.close()
+
+
+async def test_header_addresses_outside_the_envelope_are_not_sent_to(env: Env) -> None:
+    """1. headers name r1, r2, r3 (To) 2. this attempt's envelope is r2 only (r1 and r3 were
+    delivered before) 3. Graph is asked to send to r2 alone."""
+    data = (CORPUS / "06-long-lines.eml").read_bytes()
+    up = env.upstream()
+    await deliver(up, outbound(data, sender="root@business.com", recipients=("r2@example.org",)))
+    [sent] = env.graph.sent
+    assert sent.recipients == ["r2@example.org"]
+    to = parse(sent.mime)["to"]
+    assert [a.addr_spec for a in to.addresses] == ["r2@example.org"]
+    assert to.addresses[0].display_name == "Recipient Number 2"
+    assert parse(sent.mime)["bcc"] is None
+    await up.close()
+
+
+async def test_envelope_recipients_match_headers_case_insensitively(env: Env) -> None:
+    up = env.upstream()
+    await deliver(up, outbound(recipients=("Alice@Example.NET",)))
+    [sent] = env.graph.sent
+    assert sent.recipients == ["alice@example.net"]
+    assert sent.mime == SIMPLE  # nothing added, nothing removed
+    await up.close()
+
+
+async def test_fixed_mailbox_with_from_rewrite(env: Env) -> None:
+    data = (CORPUS / "07-at-in-display-name.eml").read_bytes()
+    data = without_headers(data, {"reply-to"})
+    up = env.upstream(mailbox="shared@business.com", from_rewrite=True)
+    await deliver(up, outbound(data, sender="john.smith@business.com",
+                               recipients=("helpdesk@example.com",)))
+    [sent] = env.graph.sent
+    assert sent.mailbox == "shared@business.com"
+    got = parse(sent.mime)
+    [frm] = got["from"].addresses
+    assert (frm.display_name, frm.addr_spec) == ("Smith, John @ Acme Legal",
+                                                 "shared@business.com")
+    [reply] = got["reply-to"].addresses
+    assert (reply.display_name, reply.addr_spec) == ("Smith, John @ Acme Legal",
+                                                     "john.smith@business.com")
+    assert_mime_equivalent(data, sent.mime, ignore={"from", "reply-to"})
+    await up.close()
+
+
+async def test_from_rewrite_keeps_an_existing_reply_to(env: Env) -> None:
+    data = (CORPUS / "07-at-in-display-name.eml").read_bytes()
+    up = env.upstream(mailbox="shared@business.com", from_rewrite=True)
+    await deliver(up, outbound(data, sender="john.smith@business.com",
+                               recipients=("helpdesk@example.com",)))
+    got = parse(env.graph.sent[0].mime)
+    assert got.get_all("reply-to") == ['"Office @ Business" <office@business.com>']
+    await up.close()
+
+
+async def test_bounce_is_sent_from_the_mailbox_it_returns_to(env: Env) -> None:
+    env.graph.send_as_denied = True
+    bounce = (b"From: Mail Delivery System <MAILER-DAEMON@relay.test>\r\n"
+              b"To: casemanager@business.com\r\nSubject: Undelivered Mail\r\n\r\nSorry.\r\n")
+    up = env.upstream()
+    await deliver(up, outbound(bounce, sender="", recipients=("casemanager@business.com",)))
+    [sent] = env.graph.sent
+    assert sent.mailbox == "casemanager@business.com"
+    [frm] = parse(sent.mime)["from"].addresses
+    assert (frm.display_name, frm.addr_spec) == ("Mail Delivery System",
+                                                 "casemanager@business.com")
+    assert parse(sent.mime)["reply-to"] is None
+    await up.close()
+
+
+async def test_send_as_denied_is_permanent_with_graphs_words(env: Env) -> None:
+    env.graph.send_as_denied = True
+    up = env.upstream(mailbox="shared@business.com")
+    with pytest.raises(PermanentDeliveryError) as exc:
+        await deliver(up, outbound())
+    assert exc.value.code == 403 and "ErrorSendAsDenied" in exc.value.text
+    await up.close()
+
+
+async def test_unknown_mailbox_is_permanent(env: Env) -> None:
+    env.graph.mailboxes = {"someone@business.com"}
+    up = env.upstream()
+    with pytest.raises(PermanentDeliveryError) as exc:
+        await deliver(up, outbound())
+    assert exc.value.code == 404 and "ErrorInvalidUser" in exc.value.text
+    await up.close()
+
+
+@pytest.mark.parametrize("status, code", [(429, "ApplicationThrottled"),
+                                          (503, "ServiceUnavailable")])
+async def test_throttling_defers_with_retry_after(env: Env, status: int, code: str) -> None:
+    env.graph.fail_next(status, code, "slow down", headers={"Retry-After": "7"})
+    up = env.upstream()
+    with pytest.raises(TransientDeliveryError) as exc:
+        await deliver(up, outbound())
+    assert exc.value.code == status and exc.value.retry_after == 7
+    assert code in exc.value.text
+    assert not isinstance(exc.value, AuthenticationError)
+    # The next attempt goes through.
+    await deliver(up, outbound())
+    assert len(env.graph.sent) == 1
+    await up.close()
+
+
+async def test_server_error_is_transient(env: Env) -> None:
+    env.graph.fail_next(500, "InternalServerError", "oops")
+    up = env.upstream()
+    with pytest.raises(TransientDeliveryError) as exc:
+        await deliver(up, outbound())
+    assert exc.value.code == 500 and exc.value.retry_after is None
+    await up.close()
+
+
+async def test_expired_token_is_renewed_once(env: Env) -> None:
+    """1. first delivery gets a token 2. Graph starts refusing it as expired 3. the next
+    delivery renews it and succeeds, without a second failure."""
+    up = env.upstream()
+    await deliver(up, outbound())
+    first = env.graph.sent[0].token
+    env.graph.rejected_tokens.add(first)
+    await deliver(up, outbound(qid="Q2"))
+    second = env.graph.sent[1].token
+    assert second != first
+    assert env.graph.statuses("sendMail") == [202, 401, 202]
+    assert env.idp.grants("client_credentials") == 2
+    await up.close()
+
+
+async def test_token_refused_twice_defers_as_authentication_error(env: Env) -> None:
+    env.graph.token_ok = lambda token: False
+    up = env.upstream()
+    with pytest.raises(AuthenticationError) as exc:
+        await deliver(up, outbound())
+    assert exc.value.code == 401
+    assert env.graph.statuses("sendMail") == [401, 401]
+    await up.close()
+
+
+async def test_identity_provider_down_defers(env: Env) -> None:
+    env.idp.fail_token_status = 503
+    up = env.upstream()
+    with pytest.raises(AuthenticationError):
+        await deliver(up, outbound())
+    assert env.graph.sent == []
+    await up.close()
+
+
+async def test_connection_is_reused(env: Env) -> None:
+    up = env.upstream()
+    for i in range(3):
+        await deliver(up, outbound(qid=f"Q{i}"))
+    assert len(env.graph.sent) == 3
+    assert len(set(env.graph.peers)) == 1
+    await up.close()
+
+
+async def test_at_most_four_concurrent_requests_per_mailbox(env: Env) -> None:
+    env.graph.delay_s = 0.2
+    up = env.upstream(max_connections=10)
+    msgs = [outbound(qid=f"Q{i}") for i in range(9)]
+    other = outbound(sender="reports@business.com", qid="R1")
+    await asyncio.gather(*(deliver(up, m) for m in [*msgs, other]))
+    assert len(env.graph.sent) == 10
+    assert env.graph.max_in_flight["casemanager@business.com"] == 4
+    assert env.graph.max_in_flight["reports@business.com"] == 1
+    await up.close()
+
+
+# -- large messages ------------------------------------------------------------------------------
+
+
+def large_message(big: int = 3_500_000, small: int = 200_000) -> tuple[bytes, bytes, bytes]:
+    msg = EmailMessage()
+    msg["From"] = "Scanner <scanner@business.com>"
+    msg["To"] = "office@example.com"
+    msg["Subject"] = "Große Scans"
+    msg.set_content("Two scans attached.\n")
+    big_data = bytes(range(256)) * (big // 256)
+    small_data = b"%PDF-small" * (small // 10)
+    msg.add_attachment(big_data, maintype="application", subtype="pdf", filename="big.pdf")
+    msg.add_attachment(small_data, maintype="application", subtype="pdf",
+                       filename="Übersicht.pdf")
+    data = msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data, big_data, small_data
+
+
+async def test_large_message_goes_through_draft_and_upload_session(env: Env) -> None:
+    data, big_data, small_data = large_message()
+    assert len(base64.b64encode(data)) > 4_000_000
+    up = env.upstream()
+    results = await deliver(up, outbound(data, sender="scanner@business.com",
+                                         recipients=("office@example.com", "bcc@example.com")))
+    assert all(r.status is Status.DELIVERED for r in results.values())
+    [sent] = env.graph.sent
+    assert sent.via == "draft"
+    assert sorted(sent.recipients) == ["bcc@example.com", "office@example.com"]
+    by_name = {a["name"]: a for a in sent.attachments}
+    assert by_name["big.pdf"]["data"] == big_data and by_name["big.pdf"].get("upload")
+    assert by_name["Übersicht.pdf"]["data"] == small_data
+    assert not by_name["Übersicht.pdf"].get("upload")
+    draft = parse(sent.mime)
+    assert draft["subject"] == "Große Scans"
+    body = draft.get_body(("plain",))
+    assert body is not None and body.get_content() == "Two scans attached.\r\n"
+    assert b"\r\r\n" not in sent.mime and b"\n" not in sent.mime.replace(b"\r\n", b"")
+    assert env.graph.statuses("sendMail") == []
+    assert env.graph.drafts == {}
+    await up.close()
+
+
+async def test_large_message_without_mail_readwrite_bounces_saying_why(env: Env) -> None:
+    env.graph.readwrite = False
+    data, _, _ = large_message()
+    up = env.upstream()
+    with pytest.raises(PermanentDeliveryError) as exc:
+        await deliver(up, outbound(data, sender="scanner@business.com",
+                                   recipients=("office@example.com",)))
+    assert "Mail.ReadWrite" in exc.value.text and "4 MB" in exc.value.text
+    assert "ErrorAccessDenied" in exc.value.text
+    assert env.graph.sent == []
+    await up.close()
+
+
+async def test_413_from_sendmail_falls_back_to_a_draft(env: Env) -> None:
+    env.graph.max_request_bytes = 2000
+    data = (CORPUS / "05-attachment-pdf.eml").read_bytes()
+    assert len(base64.b64encode(data)) > 2000
+    up = env.upstream()
+    await deliver(up, outbound(data, sender="scanner@business.com",
+                               recipients=("office@business.com",)))
+    assert env.graph.statuses("sendMail") == [413]
+    [sent] = env.graph.sent
+    assert sent.via == "draft"
+    original = parse(data)
+    expected = {p.get_filename(): p.get_payload(decode=True)
+                for p in original.iter_attachments()}
+    assert {a["name"]: a["data"] for a in sent.attachments} == expected
+    await up.close()
+
+
+async def test_failed_draft_is_deleted(env: Env) -> None:
+    """1. the draft is created 2. adding an attachment fails (503) 3. the draft is deleted and
+    the message deferred, so no half-built draft stays in the mailbox."""
+    env.graph.attachment_status = 503
+    data, _, _ = large_message()
+    up = env.upstream()
+    with pytest.raises(TransientDeliveryError) as exc:
+        await deliver(up, outbound(data, sender="scanner@business.com",
+                                   recipients=("office@example.com",)))
+    assert exc.value.code == 503
+    assert env.graph.sent == [] and env.graph.drafts == {}
+    assert len(env.graph.deleted_drafts) == 1
+    await up.close()
+
+
+def test_header_recipients_helper_matches_graphs_view() -> None:
+    data = (CORPUS / "03-rfc2047-subject.eml").read_bytes()
+    assert header_recipients(data) == ["francois@example.fr", "yamada@example.jp"]
