@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from relayd.auth import make_token_provider
-from relayd.auth.google import GoogleTokenProvider
-from relayd.config import Config, parse_config
-from relayd.errors import AuthenticationError
-from tests.fakes.google import (
+from fakes.google import (
     CLIENT_ID,
     CLIENT_SECRET,
     GMAIL_SCOPE,
@@ -25,7 +20,12 @@ from tests.fakes.google import (
     GoogleState,
     start_google,
 )
-from tests.fakes.https import HttpsServer
+from fakes.https import HttpsServer
+
+from relayd.auth import make_token_provider
+from relayd.auth.google import GoogleTokenProvider
+from relayd.config import Config, parse_config
+from relayd.errors import AuthenticationError
 
 SCOPES = [GMAIL_SCOPE]
 

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.graph import GraphState, header_recipients, start_graph
+from fakes.https import HttpsServer
+from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
+from mimeutil import CORPUS, assert_mime_equivalent, parse, without_headers
 
 from relayd.config import Config, parse_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
-from tests.fakes.graph import GraphState, header_recipients, start_graph
-from tests.fakes.https import HttpsServer
-from tests.fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
-from tests.mimeutil import CORPUS, assert_mime_equivalent, parse, without_headers
 
 SIMPLE = (CORPUS / "01-plain-ascii.eml").read_bytes()
 

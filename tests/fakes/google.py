@@ -14,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fakes.https import Handler, HttpsServer, start_https_server
+from fakes.https import Handler, HttpsServer, start_https_server
 
 CLIENT_ID = "123456789-abc.apps.googleusercontent.com"
 CLIENT_SECRET = "GOCSPX-test-secret"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from email.parser import BytesParser
 from typing import Any
 
-from tests.fakes.https import Handler, HttpsServer, start_https_server
+from fakes.https import Handler, HttpsServer, start_https_server
 
 # Graph refuses MIME requests over about 4 MB with 413.
 MAX_REQUEST_BYTES = 4_000_000
