@@ -29,7 +29,7 @@ SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
 SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
 # msal treats a cached access token as expired 5 minutes before its end; renew no later.
 MSAL_EXPIRY_MARGIN_S = 300
-# Hand out no token with less than this left, so a renewal cannot loop on an instantly stale one.
+# Use a short-lived token (under msal's margin) this long before renewing it.
 MIN_TOKEN_USE_S = 30
 APP_ACCOUNT = "app"  # status file name for a route's client-credentials token
 _KEY_RE = re.compile(
@@ -213,11 +213,14 @@ class MsalTokenProvider:
         if result and "access_token" in result:
             now = time.time()
             expires_at = now + float(result.get("expires_in") or 0)
-            renew_at = expires_at - MSAL_EXPIRY_MARGIN_S
+            # A token shorter-lived than msal's margin is still used for a while (up to its
+            # end), so a renewal can never hand back an already-stale token in a loop.
+            renew_at = max(expires_at - MSAL_EXPIRY_MARGIN_S,
+                           min(expires_at - 1, now + MIN_TOKEN_USE_S))
             if result.get("refresh_on"):
-                renew_at = min(renew_at, float(result["refresh_on"]))
-            return AccessToken(str(result["access_token"]), max(renew_at, now + MIN_TOKEN_USE_S),
-                               expires_at)
+                # The identity provider asked for an early renewal (refresh_in); msal honours it.
+                renew_at = min(renew_at, max(float(result["refresh_on"]), now + 1))
+            return AccessToken(str(result["access_token"]), renew_at, expires_at)
         if not result:
             raise AuthenticationError(f"route {self.route.name}: no usable token for {key}; "
                                       + _login_hint(self.route.name, key))

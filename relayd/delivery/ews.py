@@ -1,1 +1,316 @@
-"""placeholder"""
+"""Exchange Web Services upstream: the MIME sent as-is through exchangelib, basic/NTLM or OAuth."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import email.parser
+import email.policy
+import email.utils
+import itertools
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import exchangelib  # type: ignore[import-untyped]
+import exchangelib.errors as ews_errors  # type: ignore[import-untyped]
+import requests
+from exchangelib.protocol import BaseProtocol  # type: ignore[import-untyped]
+from exchangelib.version import EXCHANGE_2013_SP1  # type: ignore[import-untyped]
+from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
+
+from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes, has_signed_in
+from relayd.config import Config, RouteConfig
+from relayd.delivery import (
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    Status,
+    Upstream,
+    all_results,
+)
+from relayd.errors import (
+    AuthenticationError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+
+log = logging.getLogger(__name__)
+
+EWS_PATH = "/EWS/Exchange.asmx"
+# Exchange 2013 SP1's schema is understood by every Exchange since, on-premises and Online;
+# naming a version means exchangelib never probes for one.
+EWS_VERSION = exchangelib.Version(build=EXCHANGE_2013_SP1)
+MAX_ERROR_TEXT = 300  # characters of an unexpected error kept in a deferral reason
+_T = TypeVar("_T")
+
+# exchangelib logs whole HTTP exchanges, Authorization header included, at DEBUG: keep its
+# records above that whatever the root level, so no token or password reaches a log.
+logging.getLogger("exchangelib").setLevel(logging.INFO)
+
+# Server answers that will never succeed, with the enhanced status code of the bounce.
+_PERMANENT: dict[type[Exception], tuple[int, str]] = {
+    ews_errors.ErrorSendAsDenied: (550, "5.7.60"),
+    ews_errors.ErrorImpersonateUserDenied: (550, "5.7.1"),
+    ews_errors.ErrorNonExistentMailbox: (550, "5.1.1"),
+    ews_errors.ErrorInvalidRecipients: (550, "5.1.3"),
+    ews_errors.ErrorInvalidSmtpAddress: (550, "5.1.3"),
+    ews_errors.ErrorMessageSizeExceeded: (552, "5.3.4"),
+    ews_errors.ErrorMimeContentConversionFailed: (554, "5.6.0"),
+    ews_errors.ErrorAccessDenied: (550, "5.7.1"),
+}
+
+
+class _RouteCaAdapter(requests.adapters.HTTPAdapter):
+    """exchangelib's HTTP adapter, pinning each route's ca_file by endpoint.
+
+    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's `verify`; the adapter
+    sees the final value, so setting it here is what makes `ca_file` win.
+    """
+
+    ca_files: dict[str, str] = {}  # endpoint URL -> CA file, shared by every route
+    lock = threading.Lock()
+
+    def send(self, request: requests.PreparedRequest, *args: Any,
+             **kwargs: Any) -> requests.Response:
+        url = request.url or ""
+        with self.lock:
+            ca = next((v for k, v in self.ca_files.items() if url.startswith(k)), None)
+        if ca is not None:
+            kwargs["verify"] = ca
+        return super().send(request, *args, **kwargs)
+
+
+BaseProtocol.HTTP_ADAPTER_CLS = _RouteCaAdapter
+_serial = itertools.count()
+
+
+class _ProviderCredentials(exchangelib.OAuth2AuthorizationCodeCredentials):  # type: ignore[misc]
+    """OAuth credentials whose token comes from relayd's provider, never from exchangelib.
+
+    exchangelib would fetch and refresh tokens itself only from login.microsoftonline.com. With
+    `expires_at` set to the provider's renewal time, requests-oauthlib raises TokenExpiredError
+    when it passes; exchangelib then calls refresh() and builds a fresh session.
+    """
+
+    def __init__(self, provider: MsalTokenProvider, account: str) -> None:
+        super().__init__(client_id=provider.route.client_id, tenant_id=provider.route.tenant_id)
+        self._provider = provider
+        self._account = account
+        self._serial = next(_serial)  # each instance gets its own exchangelib Protocol
+        self.access_token = self.fetch()
+
+    def fetch(self) -> dict[str, Any]:
+        tok = self._provider.acquire(self._account)
+        return {"access_token": tok.token, "token_type": "Bearer", "expires_at": tok.renew_at}
+
+    def refresh(self, session: Any) -> None:
+        self.access_token = self.fetch()
+
+
+@dataclass
+class _Target:
+    account: Any  # exchangelib.Account
+    credentials: Any
+
+
+def endpoint(route: RouteConfig) -> str:
+    """The EWS URL: service_endpoint, or the standard path on `server`. Never autodiscover."""
+    return route.service_endpoint or f"https://{route.server}{EWS_PATH}"
+
+
+def header_recipients(data: bytes) -> tuple[set[str], set[str]]:
+    """(To+Cc addresses, Bcc addresses) from the message header, lower-cased."""
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+
+    def addrs(*names: str) -> set[str]:
+        values = [str(v) for n in names for v in (headers.get_all(n) or [])]
+        return {a.lower() for _, a in email.utils.getaddresses(values) if "@" in a}
+
+    return addrs("To", "Cc"), addrs("Bcc")
+
+
+_RCPT_HEADER_RE = re.compile(rb"^(To|Cc|Bcc)(?=[ \t]*:)", re.IGNORECASE | re.MULTILINE)
+
+
+def neutralise_recipient_headers(data: bytes) -> bytes:
+    """Rename To/Cc/Bcc in the header (X-Original-To, ...) so Exchange takes recipients only from
+    the envelope. Used only when the header names someone the envelope does not."""
+    end = data.find(b"\r\n\r\n")
+    end = len(data) if end < 0 else end
+    head = _RCPT_HEADER_RE.sub(lambda m: b"X-Original-" + m.group(1), data[:end])
+    return head + data[end:]
+
+
+class EwsUpstream(Upstream):
+    """One route's EWS endpoint: a bounded thread pool and one exchangelib Account per mailbox."""
+
+    def __init__(self, route: RouteConfig, config: Config) -> None:
+        super().__init__(route, config)
+        self.endpoint = endpoint(route)
+        self.oauth = route.auth == "oauth"
+        self.delegated = self.oauth and route.flow == "device"
+        self.provider: MsalTokenProvider | None = None
+        if self.oauth:
+            scopes = delegated_scopes(route) if self.delegated else app_scopes(route)
+            self.provider = MsalTokenProvider(route, config, scopes)
+        # exchangelib blocks: its calls run here, at most max_connections at once.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=route.max_connections, thread_name_prefix=f"ews-{route.name}")
+        self._targets: dict[str, _Target] = {}
+        self._lock = threading.Lock()
+        if route.ca_file is not None:
+            with _RouteCaAdapter.lock:
+                _RouteCaAdapter.ca_files[self.endpoint] = str(route.ca_file)
+
+    def session(self) -> Session:
+        return EwsSession(self)
+
+    def refuse_sender(self, sender: str) -> str | None:
+        if not self.delegated or not sender:
+            return None
+        if has_signed_in(self.config, self.route, sender):
+            return None
+        return (f"550 5.7.1 {sender} has not signed in for route {self.route.name}; an "
+                f"administrator must run `relayd auth login {self.route.name} --user {sender}`")
+
+    async def close(self) -> None:
+        targets = list(self._targets.values())
+        self._targets.clear()
+
+        def shut() -> None:
+            for t in targets:
+                t.account.protocol.close()
+            if self.provider is not None:
+                self.provider.close()
+
+        await asyncio.to_thread(shut)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    # -- the blocking side (pool threads) ----------------------------------------------------
+
+    def mailbox_for(self, message: OutboundMessage) -> str:
+        if self.route.mailbox and self.route.mailbox != "sender":
+            return self.route.mailbox
+        if message.sender:
+            return message.sender
+        # A bounce has no sender; it goes back to the sender, a user of this route, so it is
+        # sent from that user's own mailbox.
+        return message.recipients[0]
+
+    def target(self, mailbox: str) -> _Target:
+        key = mailbox.lower()
+        with self._lock:
+            t = self._targets.get(key)
+        if t is not None:
+            return t
+        creds: Any
+        if self.provider is not None:
+            shared = None
+            if not self.delegated:
+                # App-only: one token (and one Protocol, one connection pool) for every mailbox.
+                with self._lock:
+                    shared = next((x.credentials for x in self._targets.values()), None)
+            creds = shared or _ProviderCredentials(self.provider, key if self.delegated else "")
+            auth_type = exchangelib.OAUTH2
+        else:
+            assert self.route.username is not None and self.route.password is not None
+            creds = exchangelib.Credentials(self.route.username, self.route.password.reveal())
+            auth_type = exchangelib.NTLM if self.route.auth == "ntlm" else exchangelib.BASIC
+        conf = exchangelib.Configuration(
+            service_endpoint=self.endpoint, credentials=creds, auth_type=auth_type,
+            version=EWS_VERSION, max_connections=self.route.max_connections)
+        access = exchangelib.IMPERSONATION if (self.oauth and not self.delegated) \
+            else exchangelib.DELEGATE
+        account = exchangelib.Account(primary_smtp_address=mailbox, config=conf,
+                                      autodiscover=False, access_type=access)
+        account.protocol.TIMEOUT = self.route.timeout_s
+        t = _Target(account, creds)
+        with self._lock:
+            return self._targets.setdefault(key, t)
+
+    def send_blocking(self, message: OutboundMessage) -> None:
+        mailbox = self.mailbox_for(message)
+        try:
+            target = self.target(mailbox)
+            envelope = {r.lower(): r for r in message.recipients}
+            visible, bcc_header = header_recipients(message.data)
+            data = message.data
+            if (visible | bcc_header) - envelope.keys():
+                # The header names people the envelope does not: Exchange would send to them.
+                data = neutralise_recipient_headers(data)
+                visible, bcc_header = set(), set()
+                log.info("route %s: header recipients outside the envelope; delivering to the "
+                         "envelope only", self.route.name)
+            bcc = [exchangelib.Mailbox(email_address=envelope[r])
+                   for r in envelope if r not in visible]
+            msg = exchangelib.Message(account=target.account, mime_content=data,
+                                      bcc_recipients=bcc or None)
+            msg.send(save_copy=self.route.save_to_sent)
+        except Exception as e:  # noqa: BLE001 - every library error is translated here
+            raise self.translate(e, mailbox) from None
+
+    def translate(self, e: Exception, mailbox: str) -> DeliveryError:
+        """exchangelib / requests / msal failures -> relayd's transient or permanent errors."""
+        if isinstance(e, DeliveryError):
+            return e
+        name = type(e).__name__
+        text = str(e).strip() or name
+        for cls, (code, enhanced) in _PERMANENT.items():
+            if isinstance(e, cls):
+                return PermanentDeliveryError(f"{enhanced} {name}: {text}", code)
+        if isinstance(e, ews_errors.UnauthorizedError):
+            self.forget_token(mailbox)
+            return AuthenticationError(f"4.7.0 EWS refused the credentials of route "
+                                       f"{self.route.name} for {mailbox} (HTTP 401)", 454)
+        if isinstance(e, ews_errors.ErrorServerBusy):
+            return TransientDeliveryError(f"4.3.2 {name}: {text}", 451,
+                                          retry_after=getattr(e, "back_off", None))
+        if isinstance(e, TokenExpiredError):
+            return AuthenticationError(f"4.7.0 OAuth token for {mailbox} expired", 454)
+        if isinstance(e, (ews_errors.TransportError, requests.RequestException, OSError,
+                          ews_errors.ErrorTimeoutExpired)):
+            return TransientDeliveryError(f"4.4.1 cannot reach {self.endpoint}: {name}: "
+                                          f"{text[:MAX_ERROR_TEXT]}", 451)
+        if isinstance(e, ews_errors.ResponseMessageError):
+            return TransientDeliveryError(f"4.3.0 {name}: {text[:MAX_ERROR_TEXT]}", 451)
+        # Unknown: defer (never bounce on a guess); the queue's max_age bounds the retries.
+        return TransientDeliveryError(f"4.3.0 EWS error {name}: {text[:MAX_ERROR_TEXT]}", 451)
+
+    def forget_token(self, mailbox: str) -> None:
+        """After a 401: the next attempt gets a fresh token and fresh connections."""
+        if self.provider is None:
+            return
+        self.provider.invalidate(mailbox)
+        key = mailbox.lower()
+        with self._lock:
+            if self.delegated:
+                dropped = [self._targets.pop(key, None)]
+            else:
+                dropped = list(self._targets.values())
+                self._targets.clear()
+        for t in dropped:
+            if t is not None:
+                t.account.protocol.close()
+
+
+class EwsSession(Session):
+    def __init__(self, upstream: EwsUpstream) -> None:
+        self.upstream = upstream
+
+    async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
+        up = self.upstream
+        if not message.recipients:
+            return {}
+        await up.run(lambda: up.send_blocking(message))
+        disposition = "sent and saved" if up.route.save_to_sent else "sent"
+        return all_results(message.recipients,
+                           RecipientResult(Status.DELIVERED, 250,
+                                           f"2.0.0 {disposition} via EWS {up.endpoint}"))
