@@ -149,6 +149,10 @@ def dead_port() -> int:
 def write_config(tmp_path: Path, routes: str, *, server: str = "", queue: str = "",
                  listen: str = "127.0.0.1:0", extra: str = "") -> Path:
     """A config file with a spool in tmp_path and fast retries; `routes` is TOML text."""
+    queue_lines = textwrap.dedent(queue)
+    for key, default in (("retry_min", '"1s"'), ("retry_max", '"2s"')):
+        if f"{key} =" not in queue_lines:
+            queue_lines += f"\n{key} = {default}"
     text = f"""
 [server]
 listen = ["{listen}"]
@@ -157,9 +161,7 @@ hostname = "relay.test"
 
 [queue]
 path = "{tmp_path / 'queue'}"
-retry_min = "1s"
-retry_max = "2s"
-{textwrap.dedent(queue)}
+{queue_lines}
 
 {textwrap.dedent(routes)}
 {textwrap.dedent(extra)}
@@ -234,6 +236,11 @@ def relayd_cli(*args: str, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*RELAYD, *args], capture_output=True, text=True, env=full_env,
                           input=input.decode() if input else None, timeout=timeout, cwd=REPO)
+
+
+async def arelayd_cli(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """relayd_cli without blocking the event loop an in-process relayd runs in."""
+    return await asyncio.to_thread(relayd_cli, *args, **kwargs)
 
 
 @pytest.fixture

@@ -1,0 +1,159 @@
+"""Config loading: every problem reported at once, each naming its key; `relayd check`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import relayd_cli
+from relayd.config import ConfigError, load_config, parse_duration, parse_size
+
+GOOD = """
+[server]
+listen = ["127.0.0.1:2525"]
+[queue]
+path = "{tmp}/queue"
+[routes.system]
+senders = ["casemanager@business.com"]
+upstream = "smtp"
+host = "smtp.office365.com"
+port = 587
+username = "casemanager@business.com"
+password_file = "{tmp}/secret"
+[routes.drafts]
+senders = ["*"]
+upstream = "outbox"
+path = "{tmp}/outbox"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    secret = tmp_path / "secret"
+    if not secret.exists():
+        secret.write_text("hunter2-not-logged\n")
+        secret.chmod(0o600)
+    path = tmp_path / "relayd.toml"
+    path.write_text(text.format(tmp=tmp_path))
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    return e.value.problems
+
+
+def test_good_config_loads_with_secret_hidden(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    route = config.routes["system"]
+    assert route.port == 587 and route.tls == "starttls" and route.auth == "password"
+    assert route.password is not None and route.password.reveal() == "hunter2-not-logged"
+    assert "hunter2" not in repr(route)
+
+
+def test_every_problem_is_reported_naming_its_key(tmp_path: Path) -> None:
+    text = GOOD.replace("port = 587", "port = 70000").replace(
+        'upstream = "outbox"', 'upstream = "outbox"\ncolour = "blue"').replace(
+        '[queue]', '[queue]\nmax_age = "forever"')
+    found = problems(tmp_path, text)
+    assert "routes.system.port: must be 1-65535" in found
+    assert "routes.drafts.colour: unknown key" in found
+    assert any(p.startswith("queue.max_age: must be a duration") for p in found)
+    assert len(found) == 3
+
+
+def test_duplicate_pattern_is_an_error(tmp_path: Path) -> None:
+    text = GOOD.replace('senders = ["*"]', 'senders = ["casemanager@business.com"]')
+    found = problems(tmp_path, text)
+    assert any("routes.drafts.senders: 'casemanager@business.com' is already claimed by "
+               "routes.system" in p or "routes.system.senders" in p for p in found)
+
+
+def test_missing_and_unsafe_secret_files(tmp_path: Path) -> None:
+    found = problems(tmp_path, GOOD.replace("{tmp}/secret", "{tmp}/nope"))
+    assert found == [f"routes.system.password_file: cannot read {tmp_path}/nope: "
+                     "No such file or directory"]
+    write(tmp_path, GOOD)
+    (tmp_path / "secret").chmod(0o644)
+    found = problems(tmp_path, GOOD)
+    assert found == [f"routes.system.password_file: {tmp_path}/secret is readable by group or "
+                     "others; chmod 600 it"]
+
+
+def test_password_env_and_credentials_directory(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYSTEM_PW", "from-env")
+    config = load_config(write(tmp_path, GOOD.replace('password_file = "{tmp}/secret"',
+                                                      'password_env = "SYSTEM_PW"')))
+    assert config.routes["system"].password.reveal() == "from-env"  # type: ignore[union-attr]
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "system").write_text("from-credential")
+    (creds / "system").chmod(0o400)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    config = load_config(write(tmp_path, GOOD.replace('"{tmp}/secret"', '"system"')))
+    assert config.routes["system"].password.reveal() == "from-credential"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("fragment, expected", [
+    ('upstream = "carrier-pigeon"', "routes.drafts.upstream: must be one of"),
+    ('upstream = "outbox"\ntls = "none"', 'routes.drafts.tls: unknown key for upstream = "outbox"'),
+    ('upstream = "outbox"\nmax_connections = 0', "routes.drafts.max_connections: must be 1-100"),
+    ('upstream = "outbox"\nrate_limit = "fast"', "routes.drafts.rate_limit: must be a rate"),
+])
+def test_route_key_errors(tmp_path: Path, fragment: str, expected: str) -> None:
+    found = problems(tmp_path, GOOD.replace('upstream = "outbox"', fragment))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_listening_off_loopback_needs_users(tmp_path: Path) -> None:
+    found = problems(tmp_path, GOOD.replace('"127.0.0.1:2525"', '"0.0.0.0:2525"'))
+    assert any(p.startswith("server.listen: 0.0.0.0:2525 is not a loopback address") for p in found)
+
+
+def test_host_with_line_break_rejected(tmp_path: Path) -> None:
+    found = problems(tmp_path, GOOD.replace('"smtp.office365.com"', '"evil\\r\\nRCPT TO:<x>"'))
+    assert "routes.system.host: must not contain line breaks" in found
+
+
+def test_units() -> None:
+    assert parse_duration("90s") == 90 and parse_duration("5d") == 5 * 86400
+    assert parse_size("35MB") == 35_000_000 and parse_size("512KB") == 512_000
+    with pytest.raises(ValueError):
+        parse_duration("5 weeks")
+
+
+def test_check_command_exit_codes(tmp_path: Path) -> None:
+    ok = relayd_cli("check", "-c", str(write(tmp_path, GOOD)))
+    assert ok.returncode == 0 and "2 route(s)" in ok.stdout
+    bad = GOOD.replace("port = 587", "port = 0").replace("[queue]", "[queue]\nspeed = 1")
+    result = relayd_cli("check", "-c", str(write(tmp_path, bad)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "routes.system.port: must be 1-65535" in lines
+    assert "queue.speed: unknown key" in lines
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_check_reports_a_broken_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nlisten = ")
+    result = relayd_cli("check", "-c", str(path))
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+    result = relayd_cli("check", "-c", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    result = relayd_cli("check", env={"RELAYD_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert os.fspath(path) in result.stdout
+
+
+def test_bundled_example_configs_are_valid(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "conf"
+    result = relayd_cli("check", "-c", str(root / "relayd.toml"))
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,105 @@
+"""The spool on disk and `relayd queue`: recovery, corrupt entries, commands while running."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import (Upstream, arelayd_cli, message, relayd_cli, run_service, send, service_port,
+                      smtp_route, wait_for, write_config)
+from relayd.queue import Spool
+
+
+def test_accept_recover_and_state_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "q")
+    spool.create()
+    entry = spool.accept_sync("a@b.com", ["x@y.com", "z@y.com", "x@y.com"], b"Subject: s\r\n\r\nhi\r\n",
+                              ["BODY=8BITMIME"], client="127.0.0.1")
+    assert entry.recipients == ["x@y.com", "z@y.com"]  # duplicates collapse
+    entry.rcpt["x@y.com"].status = "delivered"
+    entry.attempts = 2
+    entry.last_error = "451 busy"
+    spool.save_state(entry)
+    [again] = list(spool.recover())
+    assert again.id == entry.id and again.pending() == ["z@y.com"]
+    assert again.attempts == 2 and again.mail_options == ["BODY=8BITMIME"]
+    assert spool.read_data(again) == b"Subject: s\r\n\r\nhi\r\n"
+    assert os.stat(spool.msg_dir / entry.id).st_mode & 0o077 == 0
+
+
+def test_corrupt_entries_are_moved_aside_not_fatal(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "q")
+    spool.create()
+    good = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    (spool.msg_dir / "0AAAAAAAAAAAAAAA").write_bytes(b"{not json\nbody")
+    bad_state = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    (spool.state_dir / bad_state.id).write_text('{"rcpt": {"x@y.com": {"status": 7}}}')
+    (spool.msg_dir / "stray-file").write_text("ignored: not a queue id")
+    recovered = [e.id for e in spool.recover()]
+    assert recovered == [good.id]
+    corrupt = sorted(os.listdir(spool.corrupt_dir))
+    assert "0AAAAAAAAAAAAAAA.msg" in corrupt and "0AAAAAAAAAAAAAAA.why" in corrupt
+    assert f"{bad_state.id}.state" in corrupt
+
+
+async def test_corrupt_entry_at_startup_does_not_stop_delivery(tmp_path: Path,
+                                                               upstream: Upstream) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', upstream.port))
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    spool.accept_sync("a@business.com", ["x@example.com"], message())
+    (spool.msg_dir / "0BBBBBBBBBBBBBBB").write_bytes(b"\x00\xff garbage")
+    async with run_service(cfg):
+        await wait_for(lambda: len(upstream.messages) == 1)
+    assert "0BBBBBBBBBBBBBBB.why" in os.listdir(spool.corrupt_dir)
+
+
+async def test_queue_commands_while_the_daemon_runs(tmp_path: Path, upstream: Upstream) -> None:
+    """1. upstream refuses with 4xx 2. two messages queued 3. list/show see them
+    4. delete one 5. upstream fixed, retry --all 6. the other is delivered now."""
+    upstream.handler.rcpt_replies["x@example.com"] = "451 4.3.0 Not now"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', upstream.port),
+                       queue='retry_min = "1h"\nretry_max = "2h"')
+    async with run_service(cfg) as svc:
+        for subject in ("keep", "drop"):
+            await send(service_port(svc), "a@business.com", ["x@example.com"],
+                       message(subject=subject))
+        await wait_for(lambda: len(svc.scheduler.entries) == 2 and all(
+            e.attempts == 1 and not e.active for e in svc.scheduler.entries.values()))
+        listing = await arelayd_cli("queue", "list", "-c", str(cfg))
+        assert listing.returncode == 0
+        assert "2 message(s) in the queue" in listing.stdout
+        assert "451 4.3.0 Not now" in listing.stdout
+        entries = json.loads((await arelayd_cli("queue", "list", "--json", "-c", str(cfg))).stdout)
+        by_subject = {}
+        for e in entries:
+            shown = await arelayd_cli("queue", "show", e["id"], "--body", "-c", str(cfg))
+            assert shown.returncode == 0 and e["id"] in shown.stdout
+            by_subject["keep" if "Subject: keep" in shown.stdout else "drop"] = e["id"]
+        deleted = await arelayd_cli("queue", "delete", by_subject["drop"], "-c", str(cfg))
+        assert deleted.returncode == 0 and "running daemon" in deleted.stdout
+        assert by_subject["drop"] not in svc.scheduler.entries
+        upstream.handler.rcpt_replies.clear()
+        retried = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
+        assert retried.returncode == 0, retried.stderr
+        await wait_for(lambda: len(upstream.messages) == 1, what="delivery after retry")
+        missing = await arelayd_cli("queue", "show", "0ZZZZZZZZZZZZZZZ", "-c", str(cfg))
+        assert missing.returncode == 1
+    assert b"Subject: keep" in upstream.messages[0].data
+    assert os.listdir(tmp_path / "queue" / "msg") == []
+
+
+def test_queue_commands_without_a_daemon(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', 1))
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    entry = spool.accept_sync("a@business.com", ["x@example.com"], message())
+    entry.next_attempt = 9e9
+    spool.save_state(entry)
+    assert relayd_cli("queue", "retry", entry.id, "-c", str(cfg)).returncode == 0
+    assert spool.load(entry.id).next_attempt == 0
+    assert relayd_cli("queue", "delete", entry.id, "-c", str(cfg)).returncode == 0
+    assert spool.ids() == []
+    bad = relayd_cli("queue", "delete", "../../etc/passwd", "-c", str(cfg))
+    assert bad.returncode == 1 and "not a queue id" in bad.stderr

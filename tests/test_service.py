@@ -1,0 +1,147 @@
+"""`relayd serve` as a real process: kill -9 loses nothing, SIGTERM drains, SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from conftest import (REPO, Upstream, free_port, message, send, smtp_route, wait_for,
+                      write_config)
+
+
+@asynccontextmanager
+async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`relayd serve` in a subprocess, ready once its port answers; always killed at the end."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_kill_9_loses_no_accepted_message(tmp_path: Path, upstream: Upstream) -> None:
+    """1. upstream down 2. 50 messages accepted 3. kill -9 4. restart, upstream up
+    5. all 50 delivered, none lost."""
+    await upstream.stop()
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}")
+    log = tmp_path / "relayd.log"
+    subjects = [f"msg-{i:02d}" for i in range(50)]
+    async with daemon(cfg, port, log) as proc:
+        for s in subjects:
+            refused = await send(port, "alice@business.com", ["bob@example.com"],
+                                 message(subject=s))
+            assert refused == {}
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(os.listdir(tmp_path / "queue" / "msg")) == 50
+    await upstream.start()
+    async with daemon(cfg, port, log):
+        await wait_for(lambda: len({m.data for m in upstream.messages}) == 50, timeout=60,
+                       what="all 50 delivered after restart")
+        await wait_for(lambda: not os.listdir(tmp_path / "queue" / "msg"), what="empty spool")
+    got = Counter(m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+                  for m in upstream.messages)
+    assert set(got) == set(subjects)
+    assert "recovered 50 message(s)" in log.read_text()
+
+
+async def test_kill_9_during_delivery_delivers_at_least_once(tmp_path: Path,
+                                                             upstream: Upstream) -> None:
+    """1. upstream slow to answer DATA 2. messages queued and in flight 3. kill -9
+    4. restart 5. every message arrives (the ones in flight may arrive twice)."""
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}")
+    log = tmp_path / "relayd.log"
+    release = asyncio.Event()
+    handler = upstream.handler
+    original = handler.handle_DATA
+
+    async def slow_data(*args: object) -> str:
+        await release.wait()
+        return await original(*args)  # type: ignore[arg-type]
+
+    handler.handle_DATA = slow_data  # type: ignore[method-assign]
+    async with daemon(cfg, port, log) as proc:
+        for i in range(10):
+            await send(port, "alice@business.com", ["bob@example.com"],
+                       message(subject=f"m{i}"))
+        await asyncio.sleep(0.5)  # deliveries are now waiting on the upstream's DATA reply
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    release.set()
+    handler.handle_DATA = original  # type: ignore[method-assign]
+    async with daemon(cfg, port, log):
+        await wait_for(lambda: not os.listdir(tmp_path / "queue" / "msg"), timeout=30,
+                       what="empty spool")
+    subjects = {m.data.split(b"Subject: ")[1][:2] for m in upstream.messages}
+    assert subjects == {f"m{i}".encode() for i in range(10)}
+
+
+async def test_sigterm_drains_and_exits_0(tmp_path: Path, upstream: Upstream) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}")
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log) as proc:
+        for i in range(5):
+            await send(port, "alice@business.com", ["bob@example.com"], message(subject=f"{i}"))
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < 30:
+            await asyncio.sleep(0.05)
+        assert proc.returncode == 0, log.read_text()
+    assert len(upstream.messages) + len(os.listdir(tmp_path / "queue" / "msg")) >= 5
+    assert "draining" in log.read_text()
+
+
+async def test_sighup_reloads_routes_and_refuses_a_bad_config(tmp_path: Path,
+                                                              upstream: Upstream,
+                                                              upstream2: Upstream) -> None:
+    """1. route to upstream 1 2. SIGHUP with the route moved to upstream 2: new mail goes there
+    3. SIGHUP with a broken file: refused, logged, old config still in force."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=listen)
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log) as proc:
+        await send(port, "a@business.com", ["x@example.com"], message(subject="one"))
+        await wait_for(lambda: len(upstream.messages) == 1)
+        write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream2.port),
+                     listen=listen)
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "reload: config applied" in log.read_text(), what="reload")
+        await send(port, "a@business.com", ["x@example.com"], message(subject="two"))
+        await wait_for(lambda: len(upstream2.messages) == 1, what="delivery on the new route")
+        cfg.write_text(cfg.read_text() + "\n[routes.broken]\nupstream = 42\n")
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "reload refused" in log.read_text(), what="refused reload")
+        await send(port, "a@business.com", ["x@example.com"], message(subject="three"))
+        await wait_for(lambda: len(upstream2.messages) == 2, what="old config still works")
+        assert proc.poll() is None
+    assert "routes.broken.upstream" in log.read_text()
