@@ -1,0 +1,155 @@
+"""End to end through EWS: smtplib -> relayd -> fake EWS (OAuth at a fake IdP); kill -9 mid-call."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port, message, run_service, send, wait_for, write_config
+from fakes.ews import EWS_PATH, EwsState, start_ews
+from fakes.https import HttpsServer
+from fakes.idp import CLIENT_ID, TENANT, start_idp
+
+ALICE = "alice@contoso.com"
+
+
+@pytest.fixture
+def idp() -> Iterator[HttpsServer]:
+    server = start_idp()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ews(idp: HttpsServer) -> Iterator[HttpsServer]:
+    server = start_ews(EwsState(idp=idp.state, require_impersonation=True))
+    yield server
+    server.stop()
+
+
+def ews_route(tmp_path: Path, idp: HttpsServer, ews: HttpsServer, **extra: str) -> str:
+    secret = tmp_path / "client-secret"
+    secret.write_text(idp.state.client_secret)
+    secret.chmod(0o600)
+    lines = "\n".join(f"{k} = {v}" for k, v in extra.items())
+    return f"""
+[auth]
+path = "{tmp_path / 'tokens'}"
+key_file = "{tmp_path / 'token.key'}"
+
+[routes.staff]
+senders = ["*@contoso.com"]
+upstream = "ews"
+auth = "oauth"
+service_endpoint = "{ews.base_url}{EWS_PATH}"
+authority = "{idp.base_url}"
+tenant_id = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{secret}"
+ca_file = "{ews.ca_file}"
+{lines}
+"""
+
+
+async def test_smtp_in_ews_out(tmp_path: Path, idp: HttpsServer, ews: HttpsServer) -> None:
+    """1. Case Manager submits by SMTP with a Bcc-only recipient 2. relayd queues it 3. EWS
+    receives the same message (relayd may add only a trace header) with the Bcc recipient,
+    impersonating the sender, saved to Sent Items."""
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews))
+    data = message(sender=ALICE, to="bob@example.com", subject="hearing")
+    async with run_service(cfg) as service:
+        port = service.addresses[0][1]
+        refused = await send(port, ALICE, ["bob@example.com", "judge@example.com"], data)
+        assert refused == {}
+        await wait_for(lambda: len(ews.state.sent) == 1, what="EWS CreateItem")
+    [sent] = ews.state.sent
+    assert sent.mime.endswith(data)
+    assert sent.bcc == ["judge@example.com"]
+    assert sent.impersonated == ALICE and sent.disposition == "SendAndSaveCopy"
+    assert idp.state.grants("client_credentials") == 1
+
+
+async def test_permanent_ews_refusal_bounces_to_the_sender(tmp_path: Path, idp: HttpsServer,
+                                                           ews: HttpsServer) -> None:
+    """1. EWS answers ErrorSendAsDenied 2. a bounce goes to the sender through the same route,
+    from the sender's own mailbox, quoting the server's words."""
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"))
+    ews.state.faults = ["sendas"]
+    async with run_service(cfg) as service:
+        port = service.addresses[0][1]
+        await send(port, ALICE, ["bob@example.com"], message(sender=ALICE, to="bob@example.com"))
+        await wait_for(lambda: len(ews.state.sent) == 1, what="the bounce")
+    [bounce] = ews.state.sent
+    assert bounce.impersonated == ALICE
+    assert bounce.bcc == []  # the bounce names alice in its To header
+    assert ALICE.encode() in bounce.mime.split(b"\r\n\r\n")[0]
+    assert b"ErrorSendAsDenied" in bounce.mime
+
+
+async def test_busy_server_defers_then_delivers(tmp_path: Path, idp: HttpsServer,
+                                                ews: HttpsServer) -> None:
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"))
+    ews.state.faults = ["busy", "http500"]
+    ews.state.busy_back_off_ms = 100
+    async with run_service(cfg) as service:
+        port = service.addresses[0][1]
+        await send(port, ALICE, ["bob@example.com"], message(sender=ALICE, to="bob@example.com"))
+        await wait_for(lambda: len(ews.state.sent) == 1, timeout=30, what="delivery after retries")
+    assert ews.state.calls.count("CreateItem") == 3
+
+
+@asynccontextmanager
+async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_kill_9_during_an_ews_call_loses_nothing(tmp_path: Path, idp: HttpsServer,
+                                                       ews: HttpsServer) -> None:
+    """1. relayd serve accepts a message 2. its CreateItem is held by EWS 3. kill -9
+    4. that call dies unanswered (not sent) 5. restart 6. the message is delivered, once."""
+    port = free_port()
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"),
+                       listen=f"127.0.0.1:{port}")
+    log = tmp_path / "relayd.log"
+    ews.state.block = threading.Event()
+    ews.state.faults = ["reset"]  # the held call ends without sending
+    data = message(sender=ALICE, to="bob@example.com", subject="kill-9")
+    async with daemon(cfg, port, log) as proc:
+        assert await send(port, ALICE, ["bob@example.com"], data) == {}
+        await wait_for(ews.state.entered.is_set, what="CreateItem in flight")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    ews.state.block.set()
+    ews.state.block = None
+    await wait_for(lambda: not ews.state.faults, what="held call finished")
+    assert ews.state.sent == []
+    async with daemon(cfg, port, log):
+        await wait_for(lambda: len(ews.state.sent) >= 1, timeout=30, what="redelivery")
+        await wait_for(lambda: not list((tmp_path / "queue" / "msg").iterdir()),
+                       what="empty spool")
+    assert len(ews.state.sent) == 1
+    assert ews.state.sent[0].mime.endswith(data)
