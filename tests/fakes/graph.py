@@ -23,13 +23,18 @@ from fakes.https import Handler, HttpsServer, start_https_server
 MAX_REQUEST_BYTES = 4_000_000
 
 
+def _utf8(text: str) -> str:
+    """The parser keeps raw UTF-8 header bytes as surrogates; headers are UTF-8 (RFC 6532)."""
+    return text.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+
+
 def header_recipients(mime: bytes) -> list[str]:
     """Every To/Cc/Bcc address, as Graph reads them from a MIME message."""
     msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
     out: list[str] = []
     for name in ("to", "cc", "bcc"):
         for header in msg.get_all(name, []):
-            out.extend(a.addr_spec for a in header.addresses)
+            out.extend(_utf8(a.addr_spec) for a in header.addresses)
     return out
 
 
@@ -38,7 +43,7 @@ def from_address(mime: bytes) -> str | None:
     header = msg.get("from")
     if header is None or not header.addresses:
         return None
-    return str(header.addresses[0].addr_spec)
+    return _utf8(str(header.addresses[0].addr_spec))
 
 
 @dataclass
