@@ -157,3 +157,18 @@ def test_bundled_example_configs_are_valid(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent / "conf"
     result = relayd_cli("check", "-c", str(root / "relayd.toml"))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", ["individual", "shared-mailbox", "global-account",
+                                  "system-email"])
+def test_layout_examples_are_valid(tmp_path: Path, name: str) -> None:
+    """Each account layout example passes `relayd check` once its credentials exist."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for secret in ("alice", "bob", "support", "staff", "system"):
+        (creds / secret).write_text("example-secret")
+        (creds / secret).chmod(0o600)
+    example = Path(__file__).resolve().parent.parent / "conf" / "examples" / f"{name}.toml"
+    result = relayd_cli("check", "-c", str(example), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert result.returncode == 0, result.stderr
+    assert "example-secret" not in result.stdout + result.stderr
