@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -402,9 +403,20 @@ max_connections = {self.conns}
         while time.monotonic() < end and self.queue_files():
             time.sleep(0.2)
 
+    def stack_dump(self) -> str:
+        py_spy = ensure_py_spy()
+        if not py_spy or self.proc is None or self.proc.poll() is not None:
+            return "(not available)"
+        try:
+            r = run([py_spy, "dump", "--pid", str(self.proc.pid)], timeout=60, check=False)
+            return (r.stdout + r.stderr).strip()
+        except BenchError as e:
+            return str(e)
+
     def close(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if self.proc is not None:
+            info["cpu_percent_idle_1s"] = self.idle_cpu()
             info["queue_files_left"] = self.queue_files()
             t = time.monotonic()
             rc = stop(self.proc, signal.SIGTERM, wait=30)
@@ -418,7 +430,16 @@ max_connections = {self.conns}
             info["log_error_lines"] = len(errs)
             if errs:
                 info["log_error_sample"] = errs[:10]
+            self.proc = None
         return info
+
+    def idle_cpu(self) -> float | None:
+        """CPU use over one second with no load: a spinning event loop shows here."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        a = cpu_seconds([self.proc.pid])
+        time.sleep(1)
+        return round(100 * (cpu_seconds([self.proc.pid]) - a), 1)
 
 
 class Postfix(Target):
@@ -779,12 +800,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--targets", default="baseline,relayd,postfix-8,postfix-def",
                     help="comma list of baseline, relayd, postfix-8, postfix-def")
-    ap.add_argument("--relayd", default=str(ROOT / ".venv/bin/relayd"), help="relayd executable")
+    ap.add_argument("--relayd", default=str(ROOT / ".venv/bin/relayd"), help="relayd command (shell words), e.g. 'env PYTHONPATH=/tmp/x .venv/bin/python -m relayd'")
     ap.add_argument("--upstream-connections", type=int, default=8, help="relayd route max_connections")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the extra relayd run under py-spy")
     ap.add_argument("--top", type=int, default=15, help="functions listed in the profile")
-    ap.add_argument("--run-timeout", type=float, default=180, help="seconds for each wait of a run")
+    ap.add_argument("--run-timeout", type=float, default=120, help="seconds for each wait of a run")
     ap.add_argument("--time-limit", type=float, default=1800, help="seconds for the whole benchmark")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each run")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to watch for duplicates after each run")
@@ -825,16 +846,18 @@ def main() -> int:
     try:
         ensure_postfix_tools()
         report["machine"] = machine_info(workdir)
-        if "relayd" in names and not Path(args.relayd).exists() and not shutil.which(args.relayd):
+        relayd_cmd = shlex.split(args.relayd)
+        if "relayd" in names and not shutil.which(relayd_cmd[0]):
             report["targets"]["relayd"] = {"runs": [], "error": f"relayd executable not found: {args.relayd}"}
             names.remove("relayd")
+        report["params"]["relayd_command"] = args.relayd
         for name in names:
             sink = Sink(name, workdir)
             sinks.append(sink)
             if name == "baseline":
                 t: Target = Baseline(sink)
             elif name == "relayd":
-                t = Relayd(sink, workdir, [args.relayd], args.upstream_connections)
+                t = Relayd(sink, workdir, relayd_cmd, args.upstream_connections)
             else:
                 t = Postfix(sink, workdir, 8 if name == "postfix-8" else None)
             report["targets"][name] = {"description": t.description, "runs": [], "sink_port": sink.port}
@@ -862,6 +885,9 @@ def main() -> int:
                     entry["error"] = f"run {i + 1}: {e}"
                     if isinstance(t, Relayd):
                         entry["error"] += f"\n--- relayd log (tail) ---\n{t.log_tail()}"
+                        entry["error"] += f"\n--- py-spy dump of relayd ---\n{t.stack_dump()}"
+                        # a stuck relayd (e.g. spinning) must not skew the other targets' runs
+                        entry["shutdown"] = t.close()
         if args.profile and isinstance(targets.get("relayd"), Relayd) and not report["targets"]["relayd"].get("error"):
             log("extra relayd run under py-spy (not counted)")
             try:
