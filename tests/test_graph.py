@@ -360,6 +360,14 @@ async def test_failed_draft_is_deleted(env: Env) -> None:
     await up.close()
 
 
+async def test_delegated_route_refuses_senders_that_have_not_signed_in(env: Env) -> None:
+    up = env.upstream(flow="device")
+    refusal = up.refuse_sender("alice@business.com")
+    assert refusal is not None and refusal.startswith("550 5.7.1")
+    assert "relayd auth login m365 --user alice@business.com" in refusal
+    assert env.upstream().refuse_sender("alice@business.com") is None  # app-only: anyone
+
+
 def test_header_recipients_helper_matches_graphs_view() -> None:
     data = (CORPUS / "03-rfc2047-subject.eml").read_bytes()
     assert header_recipients(data) == ["francois@example.fr", "yamada@example.jp"]

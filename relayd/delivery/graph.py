@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from relayd.auth import TokenProvider, make_token_provider
+from relayd.auth.oauth import has_signed_in
 from relayd.config import Config, RouteConfig
 from relayd.delivery import (
     OutboundMessage,
@@ -340,6 +341,18 @@ class GraphUpstream(Upstream):
 
     def session(self) -> Session:
         return GraphSession(self)
+
+    def refuse_sender(self, sender: str) -> str | None:
+        """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
+        rather than queue mail that can only defer until it expires."""
+        if self.route.flow != "device" or not sender:
+            return None
+        fixed = self.route.mailbox if self.route.mailbox not in (None, "sender") else None
+        account = fixed or sender
+        if has_signed_in(self.config, self.route, account):
+            return None
+        return (f"550 5.7.1 {account} has not signed in for route {self.route.name}; an "
+                f"administrator must run `relayd auth login {self.route.name} --user {account}`")
 
     @property
     def client(self) -> httpx.AsyncClient:
