@@ -92,7 +92,7 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     del status["MIME-Version"]
     for block in blocks:
         status.attach(block)
-    msg.attach(status)
+    msg.attach(status)  # type: ignore[arg-type]  # a plain Message part is what DSNs need
 
     head_part = Message()
     head_part.set_type("text/rfc822-headers")
@@ -102,7 +102,7 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
         head_part["Content-Transfer-Encoding"] = "8bit"
     # surrogateescape carries 8-bit header bytes through the generator unchanged
     head_part.set_payload(raw_headers.decode("ascii", "surrogateescape"))
-    msg.attach(head_part)
+    msg.attach(head_part)  # type: ignore[arg-type]
     return msg.as_bytes(policy=policy)
 
 

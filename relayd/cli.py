@@ -158,16 +158,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
             except QueueError as e:
                 print(f"{qid}: unreadable: {e}", file=sys.stderr)
         if args.json:
-            print(json.dumps([e.summary() for e in entries], indent=2))
+            print(json.dumps([ent.summary() for ent in entries], indent=2))
             return EXIT_OK
         now = time.time()
-        for e in entries:
-            pending = e.pending()
-            when = "now" if e.next_attempt <= now else f"in {_age(e.next_attempt - now)}"
-            print(f"{e.id}  {e.size:>9}  {_age(now - e.received):>4}  "
-                  f"<{e.sender or 'MAILER-DAEMON'}> -> {', '.join(pending)}  "
-                  f"[tries {e.attempts}, next {when}]"
-                  + (f"  {e.last_error}" if e.last_error else ""))
+        for ent in entries:
+            pending = ent.pending()
+            when = "now" if ent.next_attempt <= now else f"in {_age(ent.next_attempt - now)}"
+            print(f"{ent.id}  {ent.size:>9}  {_age(now - ent.received):>4}  "
+                  f"<{ent.sender or 'MAILER-DAEMON'}> -> {', '.join(pending)}  "
+                  f"[tries {ent.attempts}, next {when}]"
+                  + (f"  {ent.last_error}" if ent.last_error else ""))
         print(f"{len(entries)} message(s) in the queue")
         return EXIT_OK
     if args.queue_cmd == "show":
@@ -224,7 +224,7 @@ def _queue_act(spool: Any, action: str, target: str) -> int:
 
 
 def cmd_auth(args: argparse.Namespace) -> int:
-    from relayd.auth import oauth  # type: ignore[attr-defined]
+    from relayd.auth import oauth
 
     config = _load(args)
     if args.auth_cmd == "login":
@@ -233,7 +233,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relayd.auth.passwords import hash_password_cli  # type: ignore[import-not-found]
+    from relayd.auth.passwords import hash_password_cli
 
     return int(hash_password_cli(sys.stdin, sys.stdout, sys.stderr))
 
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["sendmail"]:
         # sendmail's own option syntax (-oi, -f addr, -t) does not fit argparse.
-        from relayd.sendmail import main as sendmail_main  # type: ignore[import-not-found]
+        from relayd.sendmail import main as sendmail_main
 
         return int(sendmail_main(args_list[1:], sys.stdin.buffer, None))
     args = build_parser().parse_args(args_list)

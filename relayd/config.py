@@ -1,4 +1,4 @@
-"""TOML -> immutable, validated config objects; every problem is reported at once, naming its key."""
+"""TOML -> immutable, validated config objects; every problem reported at once, naming its key."""
 
 from __future__ import annotations
 
@@ -6,17 +6,12 @@ import ipaddress
 import os
 import re
 import stat
-import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from relayd.errors import ConfigError
 

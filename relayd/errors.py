@@ -35,7 +35,8 @@ class TransientDeliveryError(DeliveryError):
     `retry_after` is the upstream's own back-off hint in seconds, when it gave one.
     """
 
-    def __init__(self, text: str, code: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, text: str, code: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(text, code)
         self.retry_after = retry_after
 

@@ -40,7 +40,8 @@ REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
 MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
 LINE_LENGTH_LIMIT = 1024 * 1024  # accept long body lines (unwrapped HTML); RFC 5322 says 998
 # An addr-spec as SMTP carries it: no spaces, controls or angle brackets, one local@domain.
-_ADDRESS_RE = re.compile(r"^[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+$")
+_ATOM = r"[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+"
+_ADDRESS_RE = re.compile(rf"^{_ATOM}@{_ATOM}$")
 _BARE_EOL_RE = re.compile(rb"\r\n|\r|\n")
 
 
@@ -193,9 +194,10 @@ class RelaySMTP(SMTP):
 
     def close_gracefully(self) -> None:
         """Tell an idle client we are going away (used after the drain timeout)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
+            transport.close()
 
 
 AuthFn = Callable[[SMTP, SmtpSession, Envelope, str, Any], AuthResult]

@@ -15,8 +15,12 @@ from typing import Protocol
 from relayd.bounce import Failure, build_bounce
 from relayd.config import Config, RateLimit, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
-from relayd.errors import (AuthenticationError, DeliveryError, PermanentDeliveryError,
-                           TransientDeliveryError)
+from relayd.errors import (
+    AuthenticationError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
 from relayd.queue import DELIVERED, FAILED, Entry, Spool
 from relayd.router import Router
 
@@ -347,7 +351,7 @@ class Scheduler:
 
     def _backoff(self, attempts: int, retry_after: float | None) -> float:
         q = self.config.queue
-        delay = min(q.retry_max_s, q.retry_min_s * 2 ** max(0, attempts - 1))
+        delay: float = min(q.retry_max_s, q.retry_min_s * 2.0 ** max(0, attempts - 1))
         if retry_after is not None:
             delay = min(q.retry_max_s, max(retry_after, 1.0))
         return delay

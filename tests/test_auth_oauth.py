@@ -195,7 +195,11 @@ async def test_device_login_stores_an_encrypted_cache_used_by_the_daemon(
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "token.key").stat().st_mode) == 0o600
     blob = files[0].read_bytes()
-    assert b"rt-" not in blob and b"at-" not in blob and b"alice" not in blob
+    # None of the tokens the identity provider issued, nor the account, is readable on disk.
+    # (Compare whole tokens: a 3-byte prefix like "rt-" turns up in random base64 by chance.)
+    issued = list(idp.state.access_tokens) + list(idp.state.refresh_tokens)
+    assert issued and not any(token.encode() in blob for token in issued)
+    assert b"alice" not in blob
     form = next(f for g, f in idp.state.requests if g == "devicecode")
     assert idp.state.grants(DEVICE_GRANT) == 2  # polled: pending, then approved
     assert "EWS.AccessAsUser.All" in form["scope"]

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import relayd_cli
+
 from relayd.config import ConfigError, load_config, parse_duration, parse_size
 
 GOOD = """

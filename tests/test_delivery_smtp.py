@@ -8,9 +8,17 @@ import email.policy
 from pathlib import Path
 
 import aiosmtplib
-
-from conftest import (Upstream, dead_port, message, run_service, send, service_port,
-                      smtp_route, wait_for, write_config)
+from conftest import (
+    Upstream,
+    dead_port,
+    message,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
 
 
 async def test_message_arrives_with_envelope_and_bytes_intact(tmp_path: Path,
@@ -51,7 +59,8 @@ async def test_consecutive_messages_reuse_one_upstream_connection(tmp_path: Path
                                             "max_connections = 1"))
     async with run_service(cfg) as svc:
         for i in range(5):
-            await send(service_port(svc), "a@business.com", ["b@example.com"], message(body=f"{i}\r\n"))
+            await send(service_port(svc), "a@business.com", ["b@example.com"],
+                       message(body=f"{i}\r\n"))
         await wait_for(lambda: len(upstream.messages) == 5)
     assert upstream.handler.connections == 1
 

@@ -9,9 +9,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from conftest import (Upstream, message, run_service, send, service_port, smtp_route, wait_for,
-                      write_config)
+from conftest import (
+    Upstream,
+    message,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
 
 
 async def raw_session(port: int, lines: list[bytes], *, read_banner: bool = True,
@@ -195,7 +202,8 @@ async def test_storage_failure_answers_451_and_keeps_serving(cfg: Path, upstream
         await still_serving(port, upstream, 1)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("swaks") is None,
+                    reason="swaks not installed (.ci/run installs it)")
 async def test_swaks_sends_through_relayd(cfg: Path, upstream: Upstream) -> None:
     async with run_service(cfg) as svc:
         proc = await asyncio.create_subprocess_exec(

@@ -6,16 +6,28 @@ import json
 import os
 from pathlib import Path
 
-from conftest import (Upstream, arelayd_cli, message, relayd_cli, run_service, send, service_port,
-                      smtp_route, wait_for, write_config)
+from conftest import (
+    Upstream,
+    arelayd_cli,
+    message,
+    relayd_cli,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
+
 from relayd.queue import Spool
 
 
 def test_accept_recover_and_state_round_trip(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "q")
     spool.create()
-    entry = spool.accept_sync("a@b.com", ["x@y.com", "z@y.com", "x@y.com"], b"Subject: s\r\n\r\nhi\r\n",
-                              ["BODY=8BITMIME"], client="127.0.0.1")
+    entry = spool.accept_sync("a@b.com", ["x@y.com", "z@y.com", "x@y.com"],
+                              b"Subject: s\r\n\r\nhi\r\n", ["BODY=8BITMIME"],
+                              client="127.0.0.1")
     assert entry.recipients == ["x@y.com", "z@y.com"]  # duplicates collapse
     entry.rcpt["x@y.com"].status = "delivered"
     entry.attempts = 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import relayd_cli
+
 from relayd.config import parse_config
 from relayd.router import Router
 

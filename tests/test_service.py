@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from conftest import (REPO, Upstream, free_port, message, send, smtp_route, wait_for,
-                      write_config)
+from conftest import REPO, Upstream, free_port, message, send, smtp_route, wait_for, write_config
 
 
 @asynccontextmanager

@@ -25,9 +25,9 @@ class TokenProvider(Protocol):
 def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> TokenProvider:
     """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""
     if route.provider == "google":
-        from relayd.auth.google import GoogleTokenProvider  # type: ignore[import-not-found]
+        from relayd.auth.google import GoogleTokenProvider
 
-        return GoogleTokenProvider(route, config, scopes)  # type: ignore[no-any-return]
-    from relayd.auth.oauth import MsalTokenProvider  # type: ignore[import-not-found]
+        return GoogleTokenProvider(route, config, scopes)
+    from relayd.auth.oauth import MsalTokenProvider
 
-    return MsalTokenProvider(route, config, scopes)  # type: ignore[no-any-return]
+    return MsalTokenProvider(route, config, scopes)

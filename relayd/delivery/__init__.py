@@ -82,11 +82,11 @@ def make_upstream(route: RouteConfig, config: Config) -> Upstream:
 
         return OutboxUpstream(route, config)
     if route.upstream == "ews":
-        from relayd.delivery.ews import EwsUpstream  # type: ignore[import-not-found]
+        from relayd.delivery.ews import EwsUpstream
 
-        return EwsUpstream(route, config)  # type: ignore[no-any-return]
+        return EwsUpstream(route, config)
     if route.upstream == "graph":
-        from relayd.delivery.graph import GraphUpstream  # type: ignore[import-not-found]
+        from relayd.delivery.graph import GraphUpstream
 
-        return GraphUpstream(route, config)  # type: ignore[no-any-return]
+        return GraphUpstream(route, config)
     raise ValueError(f"unknown upstream {route.upstream!r}")

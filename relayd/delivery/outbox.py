@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from relayd.config import Config, RouteConfig
-from relayd.delivery import (OutboundMessage, RecipientResult, Session, Status, Upstream,
-                             all_results)
+from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
 from relayd.errors import TransientDeliveryError
 from relayd.queue import write_atomic
 

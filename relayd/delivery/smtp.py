@@ -11,7 +11,7 @@ import aiosmtplib
 from relayd.auth import TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
-from relayd.errors import (AuthenticationError, PermanentDeliveryError, TransientDeliveryError)
+from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
 
 log = logging.getLogger(__name__)
 
