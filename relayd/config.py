@@ -402,6 +402,12 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         phash = u.text("password_hash")
         if phash is None:
             u.problem("password_hash", "required (make one with `relayd hash-password`)")
+        else:
+            from relayd.auth.passwords import check_hash
+
+            why = check_hash(phash)
+            if why:
+                u.problem("password_hash", why)
         senders = u.string_list("senders")
         if not senders:
             u.problem("senders", "required: the sender patterns this user may use")

@@ -4,16 +4,19 @@ delivers; DATA is answered 250 only once the message is on stable storage."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 
+from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, ServerUser
 from relayd.delivery import Upstream
 from relayd.queue import Entry, Spool
@@ -36,6 +39,20 @@ REPLY_INTERNAL = "451 4.3.0 Temporary internal problem; try again later"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {id}"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
+REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins; closing connection"
+
+SESSION_TIMEOUT_S = 300
+AUTH_FAIL_DELAY_S = 1.0  # after a failed login, doubling per further failure from that address
+AUTH_FAIL_DELAY_MAX_S = 8.0
+AUTH_FAILURES_PER_SESSION = 3
+AUTH_TRACKED_PEERS = 10_000
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the login is unknown, so both cases cost the same scrypt time."""
+    return hash_password("relayd-no-such-user")
 
 MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
 LINE_LENGTH_LIMIT = 1024 * 1024  # accept long body lines (unwrapped HTML); RFC 5322 says 998
@@ -157,20 +174,96 @@ def _is_loopback(session: SmtpSession) -> bool:
         return False
 
 
+def _capture(server: SMTP, session: SmtpSession, envelope: Envelope, mechanism: str,
+             auth_data: Any) -> AuthResult:
+    """aiosmtpd's authenticator is synchronous; scrypt is too slow for the event loop. So this
+    only hands the decoded login back, and RelaySMTP verifies it in a thread."""
+    return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+
+class LoginGuard:
+    """Slows down failed logins per client address (brute force) and counts them."""
+
+    def __init__(self, on_failure: Callable[[], None]) -> None:
+        self.failures: dict[str, tuple[int, float]] = {}
+        self.on_failure = on_failure
+
+    def delay(self, peer: str) -> float:
+        count, _ = self.failures.get(peer, (0, 0.0))
+        if not count:
+            return 0.0
+        return float(min(AUTH_FAIL_DELAY_MAX_S, AUTH_FAIL_DELAY_S * 2 ** (count - 1)))
+
+    def failed(self, peer: str) -> None:
+        count, _ = self.failures.get(peer, (0, 0.0))
+        self.failures[peer] = (count + 1, time.monotonic())
+        if len(self.failures) > AUTH_TRACKED_PEERS:  # bounded memory under a spray
+            oldest = min(self.failures, key=lambda k: self.failures[k][1])
+            del self.failures[oldest]
+        self.on_failure()
+
+    def succeeded(self, peer: str) -> None:
+        self.failures.pop(peer, None)
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with a connection check and bookkeeping for a clean shutdown."""
+    """aiosmtpd's SMTP with a connection check, AUTH against [server.users] and bookkeeping
+    for a clean shutdown."""
 
     line_length_limit = LINE_LENGTH_LIMIT
 
     def __init__(self, handler: Handler, *, allowed: Sequence[Any],
-                 sessions: set[RelaySMTP], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+                 sessions: set[RelaySMTP], users: Mapping[str, ServerUser],
+                 guard: LoginGuard, implicit_tls: bool = False, **kwargs: Any) -> None:
+        super().__init__(handler, authenticator=_capture if users else None, **kwargs)
         self._allowed = allowed
         self._sessions = sessions
+        self._users = users
+        self._guard = guard
+        self._implicit_tls = implicit_tls
+        self._failed_here = 0
+        if not users:
+            self._auth_methods.clear()  # nothing to log in to: do not advertise AUTH
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._sessions.add(self)
+        if self.session is not None:
+            # AUTH only over TLS, or from this machine (loopback never leaves it).
+            self._auth_require_tls = not (self._implicit_tls or _is_loopback(self.session))
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _verify(self, result: AuthResult) -> AuthResult:
+        if not result.success or not isinstance(result.auth_data, LoginPassword):
+            return result
+        assert self.session is not None
+        peer = _peer(self.session)
+        login = result.auth_data.login.decode("utf-8", "replace")
+        password = result.auth_data.password.decode("utf-8", "replace")
+        user = self._users.get(login)
+        stored = user.password_hash.reveal() if user else _dummy_hash()
+        # Verify even for unknown users, so timing does not tell which logins exist.
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if ok and user is not None:
+            self._guard.succeeded(peer)
+            self.session.relayd_user = user  # type: ignore[attr-defined]
+            log.info("login %s from %s", user.name, peer)
+            return AuthResult(success=True, auth_data=user.name)
+        self._guard.failed(peer)
+        self._failed_here += 1
+        log.warning("failed login for %r from %s", login[:64], peer)
+        await asyncio.sleep(self._guard.delay(peer))
+        if self._failed_here >= AUTH_FAILURES_PER_SESSION:
+            await self.push(REPLY_TOO_MANY_FAILURES)
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
@@ -200,23 +293,20 @@ class RelaySMTP(SMTP):
             transport.close()
 
 
-AuthFn = Callable[[SMTP, SmtpSession, Envelope, str, Any], AuthResult]
-
-
-def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelaySMTP], *,
-                          tls_context: ssl.SSLContext | None = None,
-                          authenticator: AuthFn | None = None) -> Callable[[], RelaySMTP]:
+def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelaySMTP],
+                          guard: LoginGuard, *, starttls: ssl.SSLContext | None = None,
+                          implicit_tls: bool = False) -> Callable[[], RelaySMTP]:
+    """Protocols for one listener: plain with STARTTLS offered, or implicit TLS (the TLS
+    layer is then the server's, and STARTTLS is not offered again)."""
     server = config.server
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
-            handler, allowed=server.allowed_clients, sessions=sessions,
-            data_size_limit=server.max_message_size, enable_SMTPUTF8=True, decode_data=False,
-            hostname=server.hostname, ident="relayd", tls_context=tls_context,
-            authenticator=authenticator, auth_require_tls=True, timeout=300)
+            handler, allowed=server.allowed_clients, sessions=sessions, users=server.users,
+            guard=guard, implicit_tls=implicit_tls, data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True, decode_data=False, hostname=server.hostname, ident="relayd",
+            tls_context=starttls, auth_require_tls=not implicit_tls, timeout=SESSION_TIMEOUT_S)
 
     return factory
 
 
-__all__ = ["Handler", "LoginPassword", "RelaySMTP", "make_protocol_factory",
-           "normalize_line_endings", "valid_address"]

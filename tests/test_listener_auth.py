@@ -1,0 +1,219 @@
+"""Listener TLS and AUTH: STARTTLS, implicit TLS, logins limited to their sender patterns,
+brute force slowed and counted, no open relay, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import ssl
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import Upstream, message, run_service, smtp_route, wait_for, write_config
+
+from relayd.auth.passwords import hash_password
+from relayd.config import load_config
+from relayd.metrics import Metrics
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return hash_password(PASSWORD)
+
+
+def auth_config(tmp_path: Path, upstream: Upstream, password_hash: str, extra: str = "") -> Path:
+    return write_config(
+        tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+        listen="127.0.0.1:0",
+        server=f"""
+listen_tls = ["127.0.0.1:0"]
+{extra}
+[server.users.casemanager]
+password_hash = "{password_hash}"
+senders = ["*@business.com"]
+[server.users.scanner]
+password_hash = "{password_hash}"
+senders = ["scanner@business.com"]
+""")
+
+
+def unverified() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the listener's certificate is self-signed
+    return ctx
+
+
+def submit(port: int, user: str, password: str, sender: str, *, implicit: bool = False,
+           starttls: bool = True) -> str:
+    """Log in and send; SMTPSenderRefused etc. when refused."""
+    cls = smtplib.SMTP_SSL if implicit else smtplib.SMTP
+    kwargs = {"context": unverified()} if implicit else {}
+    with cls("127.0.0.1", port, timeout=15, **kwargs) as client:  # type: ignore[arg-type]
+        if starttls and not implicit:
+            client.starttls(context=unverified())
+        client.login(user, password)
+        refused = client.sendmail(sender, ["x@example.com"], message(sender=sender))
+        assert refused == {}
+        return sender
+
+
+async def test_starttls_and_implicit_tls_with_login(tmp_path: Path, upstream: Upstream,
+                                                    password_hash: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    caplog.set_level(logging.INFO)
+    async with run_service(cfg) as svc:
+        plain_port, tls_port = svc.addresses[0][1], svc.tls_addresses[0][1]
+        await asyncio.to_thread(submit, plain_port, "casemanager", PASSWORD, "alice@business.com")
+        await asyncio.to_thread(submit, tls_port, "scanner", PASSWORD, "scanner@business.com",
+                                implicit=True)
+        await wait_for(lambda: len(upstream.messages) == 2)
+    assert sorted(m.mail_from for m in upstream.messages) == ["alice@business.com",
+                                                              "scanner@business.com"]
+    assert "self-signed certificate" in caplog.text
+    assert (tmp_path / "queue" / "tls" / "selfsigned.key").stat().st_mode & 0o077 == 0
+    assert PASSWORD not in caplog.text and password_hash not in caplog.text
+
+
+async def test_tls_below_1_2_refused_unless_tls_legacy(tmp_path: Path, upstream: Upstream,
+                                                       password_hash: str) -> None:
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        ctx = unverified()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is, that is the point
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+        with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
+            await asyncio.to_thread(smtplib.SMTP_SSL, "127.0.0.1", svc.tls_addresses[0][1],
+                                    context=ctx, timeout=10)
+
+
+async def test_a_login_may_only_use_its_own_senders(tmp_path: Path, upstream: Upstream,
+                                                    password_hash: str) -> None:
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        port = svc.addresses[0][1]
+        with pytest.raises(smtplib.SMTPSenderRefused) as e:
+            await asyncio.to_thread(submit, port, "scanner", PASSWORD, "ceo@business.com")
+        assert e.value.smtp_code == 550 and b"5.7.1" in e.value.smtp_error
+    assert upstream.messages == []
+
+
+async def test_failed_logins_are_refused_slowed_counted_and_cut_off(
+        tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    metrics = Metrics()
+    async with run_service(cfg, observer=metrics) as svc:
+        port = svc.addresses[0][1]
+
+        def brute_force() -> tuple[list[int], float]:
+            codes = []
+            started = time.monotonic()
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.starttls(context=unverified())
+                client.ehlo()
+                for guess in ("123456", "password", "letmein", "qwerty"):
+                    client.user, client.password = "casemanager", guess
+                    try:
+                        # One mechanism per try (login() would go on to the next one).
+                        client.auth("PLAIN", client.auth_plain)
+                    except smtplib.SMTPAuthenticationError as e:
+                        codes.append(e.smtp_code)
+                        if e.smtp_code == 421:
+                            break
+                    except smtplib.SMTPServerDisconnected:
+                        codes.append(421)
+                        break
+            return codes, time.monotonic() - started
+
+        codes, took = await asyncio.to_thread(brute_force)
+        # Third failure closes the session; delays 1s then 2s at least before it.
+        assert codes == [535, 535, 421]
+        assert took >= 3.0  # 1 s after the first failure, 2 s after the second
+        text = metrics.render().decode()
+        assert "relayd_failed_logins_total 3.0" in text
+        # The right password from elsewhere still works afterwards (after the delay).
+        await asyncio.to_thread(submit, port, "casemanager", PASSWORD, "alice@business.com")
+    assert len(upstream.messages) == 1
+
+
+async def test_unknown_user_and_wrong_password_answer_alike(tmp_path: Path, upstream: Upstream,
+                                                            password_hash: str) -> None:
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        port = svc.addresses[0][1]
+
+        def attempt(user: str) -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.starttls(context=unverified())
+                try:
+                    client.login(user, "wrong")
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code, e.smtp_error
+            raise AssertionError("login succeeded")
+
+        assert await asyncio.to_thread(attempt, "casemanager") == await asyncio.to_thread(
+            attempt, "nobody")
+
+
+async def test_loopback_client_without_login_may_send_when_users_exist(
+        tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
+    """Local tools (relayd sendmail, cron) need no login on loopback; senders still routed."""
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        port = svc.addresses[0][1]
+
+        def send_plain(sender: str) -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+                client.sendmail(sender, ["x@example.com"], message(sender=sender))
+
+        await asyncio.to_thread(send_plain, "cron@business.com")
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            await asyncio.to_thread(send_plain, "eve@evil.example")
+        await wait_for(lambda: len(upstream.messages) == 1)
+
+
+async def test_crlf_in_mail_from_cannot_inject_commands(tmp_path: Path,
+                                                        upstream: Upstream) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    async with run_service(cfg) as svc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.addresses[0][1])
+        await reader.readline()
+        writer.write(b"EHLO c\r\nMAIL FROM:<a@business.com\rRCPT TO:<v@example.com>>\r\n")
+        await writer.drain()
+        while not (line := await reader.readline()).startswith(b"250 "):
+            pass
+        reply = await reader.readline()
+        writer.close()
+    assert reply[:3] in (b"501", b"553")
+
+
+async def test_metrics_and_healthz_endpoints(tmp_path: Path, upstream: Upstream) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       extra='[metrics]\nlisten = "127.0.0.1:0"')
+    async with run_service(load_config(cfg), observer=Metrics()) as svc:
+        from conftest import send, service_port
+
+        await send(service_port(svc), "a@business.com", ["x@example.com"], message())
+        await wait_for(lambda: len(upstream.messages) == 1)
+        base = f"http://127.0.0.1:{svc.metrics_port}"
+
+        def get(path: str) -> tuple[int, str]:
+            with urllib.request.urlopen(base + path, timeout=10) as r:  # noqa: S310 - loopback
+                return r.status, r.read().decode()
+
+        status, body = await asyncio.to_thread(get, "/metrics")
+        assert status == 200
+        assert 'relayd_messages_accepted_total{route="staff"} 1.0' in body
+        assert 'relayd_messages_delivered_total{route="staff"} 1.0' in body
+        assert "relayd_delivery_latency_seconds_count" in body
+        assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n") or \
+            (await asyncio.to_thread(get, "/healthz"))[0] == 200
