@@ -693,16 +693,34 @@ def config_path(explicit: str | None) -> str:
     return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file; ConfigError names the file and every bad key."""
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed file, or ConfigError saying why it cannot be read."""
     source = str(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError([f"{source}: file not found"], source) from None
     except OSError as e:
         raise ConfigError([f"{source}: cannot read: {e.strerror}"], source) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{source}: not valid TOML: {e}"], source) from None
-    return parse_config(data, source)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; ConfigError names the file and every bad key."""
+    return parse_config(read_toml(path), str(path))
+
+
+def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Only [server]: for `relayd sendmail`, which runs as any user and so must not need the
+    routes' secret files to find the listener."""
+    table = read_toml(path).get("server", {})
+    problems: list[str] = []
+    if not isinstance(table, dict):
+        problems.append("server: must be a table")
+        table = {}
+    server = _parse_server(table, problems)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return server

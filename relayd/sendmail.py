@@ -13,13 +13,12 @@ import pwd
 import re
 import smtplib
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.utils import formataddr, formatdate, getaddresses, make_msgid, parseaddr
 from typing import BinaryIO
 
-from relayd.config import Address, ServerConfig, _parse_server, config_path
+from relayd.config import Address, ServerConfig, config_path, load_server_config
 from relayd.errors import ConfigError
 
 EX_OK = 0
@@ -108,28 +107,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         else:
             raise _Exit(EX_USAGE, f"unknown option {arg}")
     return opts
-
-
-def _load_server(path: str) -> ServerConfig:
-    """Only [server] of the config: sendmail runs as any user and must not need the secrets
-    (which the full loader reads) to find the listener."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"], path) from None
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read: {e.strerror}"], path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: not valid TOML: {e}"], path) from None
-    problems: list[str] = []
-    table = data.get("server", {})
-    if not isinstance(table, dict):
-        raise ConfigError(["server: must be a table"], path)
-    server = _parse_server(table, problems)
-    if problems:
-        raise ConfigError(problems, path)
-    return server
 
 
 def _submit_address(server: ServerConfig) -> Address:
@@ -331,7 +308,7 @@ def _run(argv: Sequence[str], stdin: BinaryIO, config_file: str | None) -> None:
     opts = parse_args(argv)
     path = config_path(opts.config or config_file)
     try:
-        server = _load_server(path)
+        server = load_server_config(path)
     except ConfigError as e:
         raise _Exit(EX_CONFIG, f"bad config: {'; '.join(e.problems)}") from None
     where = _submit_address(server)

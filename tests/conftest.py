@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,29 @@ def spool_files(tmp_path: Path) -> Callable[[], list[str]]:
         return sorted(os.listdir(d)) if d.exists() else []
 
     return files
+
+
+@asynccontextmanager
+async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`relayd serve` in a subprocess, ready once its port answers; always killed at the end."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
 
 
 @pytest.fixture(autouse=True)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, message, run_service, send, wait_for, write_config
+from conftest import daemon, free_port, message, run_service, send, wait_for, write_config
 from fakes.ews import EWS_PATH, EwsState, start_ews
 from fakes.https import HttpsServer
 from fakes.idp import CLIENT_ID, TENANT, start_idp
@@ -102,29 +99,6 @@ async def test_busy_server_defers_then_delivers(tmp_path: Path, idp: HttpsServer
         await send(port, ALICE, ["bob@example.com"], message(sender=ALICE, to="bob@example.com"))
         await wait_for(lambda: len(ews.state.sent) == 1, timeout=30, what="delivery after retries")
     assert ews.state.calls.count("CreateItem") == 3
-
-
-@asynccontextmanager
-async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
-        assert proc.poll() is None, log.read_text()
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_kill_9_during_an_ews_call_loses_nothing(tmp_path: Path, idp: HttpsServer,

@@ -5,39 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from conftest import REPO, Upstream, free_port, message, send, smtp_route, wait_for, write_config
-
-
-@asynccontextmanager
-async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """`relayd serve` in a subprocess, ready once its port answers; always killed at the end."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
-        assert proc.poll() is None, log.read_text()
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+from conftest import Upstream, daemon, free_port, message, send, smtp_route, wait_for, write_config
 
 
 async def test_kill_9_loses_no_accepted_message(tmp_path: Path, upstream: Upstream) -> None:
