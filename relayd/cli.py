@@ -7,6 +7,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{config.source}: ok, {len(config.routes)} route(s): "
           + ", ".join(f"{r.name} ({r.upstream})" for r in config.routes.values()))
     return EXIT_OK
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
+        # installed as /usr/sbin/sendmail (a symlink to relayd): behave as sendmail
+        args_list = ["sendmail", *args_list]
     if args_list[:1] == ["sendmail"]:
         # sendmail's own option syntax (-oi, -f addr, -t) does not fit argparse.
         from relayd.sendmail import main as sendmail_main

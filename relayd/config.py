@@ -173,6 +173,16 @@ class Config:
     auth: AuthConfig
     routes: Mapping[str, RouteConfig]
     source: str = ""
+    warnings: tuple[str, ...] = ()  # valid, but not what the admin may expect
+
+
+def _warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
+    out = []
+    for r in routes.values():
+        if r.upstream == "graph" and not r.save_to_sent:
+            out.append(f"routes.{r.name}.save_to_sent: Graph sendMail with a MIME body always "
+                       "saves a copy in Sent Items; false has no effect")
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,6 +593,12 @@ def _parse_smtp_route(s: _Section, v: dict[str, Any]) -> None:
         v["mailbox"] = s.text("mailbox", "sender")
         _parse_oauth(s, v, provider=v["provider"] or "microsoft")
         v["refresh_token"] = _secret(s, "refresh_token", required=False, what="")
+        if v["provider"] == "google" and v.get("client_secret") is None \
+                and not s.has("client_secret_file") and not s.has("client_secret_env"):
+            # Google: a user's refresh token with the app's client secret, or a service
+            # account whose JSON key is the client secret. Either way a client secret.
+            s.problem("client_secret_file", "required for Google: the OAuth client secret (with "
+                      "refresh_token_file) or the service account's JSON key")
     if v["auth"] != "none" and v["tls"] == "none" and v["host"] not in ("127.0.0.1", "::1",
                                                                      "localhost"):
         s.problem("tls", 'credentials would cross the network in clear; use "starttls" or '
@@ -686,7 +702,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     _check_patterns(routes, problems)
     if problems:
         raise ConfigError(problems, source)
-    return Config(server, queue, metrics, auth, MappingProxyType(routes), source)
+    return Config(server, queue, metrics, auth, MappingProxyType(routes), source,
+                  _warnings(routes))
 
 
 def config_path(explicit: str | None) -> str:

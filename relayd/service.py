@@ -185,6 +185,8 @@ async def _create_server(factory: Callable[[], RelaySMTP], addr: Address,
 async def serve(path: str, *, ready: Callable[[Service], None] | None = None) -> int:
     """`relayd serve`: run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     config = load_config(path)
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
     service = Service(config, observer=Metrics())
     await service.start()
     stop = asyncio.Event()

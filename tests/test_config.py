@@ -172,3 +172,34 @@ def test_layout_examples_are_valid(tmp_path: Path, name: str) -> None:
     result = relayd_cli("check", "-c", str(example), env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert result.returncode == 0, result.stderr
     assert "example-secret" not in result.stdout + result.stderr
+
+
+def test_google_xoauth2_needs_a_client_secret(tmp_path: Path) -> None:
+    route = """
+[routes.gmail]
+senders = ["*@gmail-business.com"]
+upstream = "smtp"
+host = "smtp.gmail.com"
+auth = "xoauth2"
+provider = "google"
+client_id = "123.apps.googleusercontent.com"
+"""
+    found = problems(tmp_path, GOOD + route)
+    assert [p for p in found if p.startswith("routes.gmail.")] == [
+        "routes.gmail.client_secret_file: required for Google: the OAuth client secret (with "
+        "refresh_token_file) or the service account's JSON key"]
+
+
+def test_check_warns_when_graph_cannot_honour_save_to_sent(tmp_path: Path) -> None:
+    route = """
+[routes.m365]
+senders = ["*@m365.example"]
+upstream = "graph"
+tenant_id = "t"
+client_id = "c"
+client_secret_file = "{tmp}/secret"
+save_to_sent = false
+"""
+    result = relayd_cli("check", "-c", str(write(tmp_path, GOOD + route)))
+    assert result.returncode == 0, result.stderr
+    assert "warning: routes.m365.save_to_sent:" in result.stderr
