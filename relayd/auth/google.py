@@ -20,6 +20,7 @@ from google.oauth2 import service_account
 
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
+from relayd.http import route_session
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +39,6 @@ class _Token:
 
     def __repr__(self) -> str:
         return f"_Token('***', renew_at={self.renew_at:.0f})"
-
-
-class _PinnedSession(requests.Session):
-    """requests lets REQUESTS_CA_BUNDLE override a session's `verify`; per request it wins.
-
-    Proxy variables keep working (unlike trust_env = False).
-    """
-
-    def __init__(self, verify: str | bool, timeout_s: float) -> None:
-        super().__init__()
-        self._pinned_verify = verify
-        self._timeout_s = timeout_s
-
-    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
-        if self._pinned_verify is not True:
-            kwargs["verify"] = self._pinned_verify
-        # google-auth passes its own 120 s; the route's timeout is the admin's choice.
-        kwargs["timeout"] = self._timeout_s
-        return super().request(method, url, *args, **kwargs)
 
 
 def _first_line(error: BaseException) -> str:
@@ -90,8 +72,8 @@ class GoogleTokenProvider:
         self.scopes = list(scopes)
         self.token_uri = route.authority or GOOGLE_TOKEN_URI
         self.mode = "refresh_token" if route.refresh_token is not None else "service_account"
-        self._session = _PinnedSession(str(route.ca_file) if route.ca_file else True,
-                                       route.timeout_s)
+        # The route's timeout replaces the 120 s google-auth asks for (relayd.http).
+        self._session = route_session(route)
         self._request = google.auth.transport.requests.Request(self._session)
         self._lock = threading.Lock()
         self._tokens: dict[str, _Token] = {}

@@ -20,6 +20,7 @@ import requests
 from relayd.auth.tokencache import Stamp, TokenStore
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
+from relayd.http import route_session
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +90,6 @@ def delegated_scopes(route: RouteConfig) -> list[str]:
     return [SMTP_DELEGATED_SCOPE]
 
 
-class _PinnedSession(requests.Session):
-    """A requests session whose CA bundle and timeout are fixed per request.
-
-    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's `verify`; a `verify`
-    given per request wins, and this keeps the proxy variables working (unlike trust_env=False).
-    """
-
-    def __init__(self, verify: str | bool, timeout_s: float) -> None:
-        super().__init__()
-        self._pinned_verify = verify
-        self._timeout_s = timeout_s
-
-    def request(self, method: Any, url: Any, *args: Any, **kwargs: Any) -> requests.Response:
-        if self._pinned_verify is not True:
-            kwargs["verify"] = self._pinned_verify
-        kwargs.setdefault("timeout", self._timeout_s)
-        return super().request(method, url, *args, **kwargs)
-
-
-def http_session(route: RouteConfig) -> requests.Session:
-    """The HTTP client for everything a route talks to, trusting `ca_file` when given."""
-    return _PinnedSession(str(route.ca_file) if route.ca_file else True, route.timeout_s)
-
-
 def _first_line(text: object) -> str:
     return str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
 
@@ -145,7 +122,7 @@ class MsalTokenProvider:
         # A custom authority is not in Microsoft's instance list: skip that lookup (it would go
         # to login.microsoftonline.com) and use the authority's own OpenID discovery.
         self._instance_discovery: bool | None = False if custom else None
-        self._http = http_session(route)
+        self._http = route_session(route)
         self._lock = threading.Lock()
         self._app: msal.ConfidentialClientApplication | None = None
         self._users: dict[str, _UserCache] = {}
@@ -356,7 +333,7 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
         return 1
     authority, custom = authority_url(route)
     cache = msal.SerializableTokenCache()
-    http = http_session(route)
+    http = route_session(route)
     try:
         app = msal.PublicClientApplication(
             route.client_id, authority=authority, http_client=http,
