@@ -281,3 +281,35 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("RELAYD_CONFIG", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     yield
+
+
+# -- the fake identity provider and EWS (tests/fakes) -----------------------------------------
+
+
+@pytest.fixture
+def machine_ca_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on real machines: requests would prefer these over a session's `verify`."""
+    from fakes.config import SYSTEM_BUNDLE
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", SYSTEM_BUNDLE)
+    monkeypatch.setenv("CURL_CA_BUNDLE", SYSTEM_BUNDLE)
+
+
+@pytest.fixture
+def idp() -> Iterator[Any]:
+    """A fake Microsoft identity platform (fakes.idp) over HTTPS."""
+    from fakes.idp import start_idp
+
+    server = start_idp()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ews(idp: Any) -> Iterator[Any]:
+    """A fake EWS (fakes.ews) trusting idp's tokens; app-only calls must impersonate a mailbox."""
+    from fakes.ews import EwsState, start_ews
+
+    server = start_ews(EwsState(idp=idp.state, require_impersonation=True))
+    yield server
+    server.stop()

@@ -7,6 +7,8 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
+from relayd.delivery.mime import Head
+
 CORPUS = Path(__file__).parent / "corpus"
 
 
@@ -22,16 +24,7 @@ def corpus() -> list[Path]:
 
 def without_headers(data: bytes, names: set[str]) -> bytes:
     """The message with every field named in `names` (lower case) removed, bytes otherwise kept."""
-    head_end = data.find(b"\r\n\r\n")
-    head, body = (data, b"") if head_end < 0 else (data[:head_end + 2], data[head_end + 2:])
-    fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    kept = [f for f in fields if f.split(b":", 1)[0].strip().lower().decode() not in names]
-    return b"".join(kept) + body
+    return Head.split(data).without(names).join()
 
 
 def assert_mime_equivalent(sent: bytes, received: bytes, ignore: set[str] = frozenset()) -> None:

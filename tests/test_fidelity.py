@@ -14,7 +14,7 @@ from fakes.graph import GraphState, start_graph
 from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
 from mimeutil import assert_mime_equivalent, corpus, parse, without_headers
 
-from relayd.delivery.graph import header_recipients
+from relayd.delivery.mime import header_recipients
 
 BCC_ONLY = "hidden@example.org"  # an envelope recipient no header names
 CORPUS_FILES = corpus()

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import email.parser
-import email.policy
-import email.utils
 import itertools
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,12 +28,14 @@ from relayd.delivery import (
     Upstream,
     all_results,
 )
+from relayd.delivery.mime import mailbox_for, restrict_to_envelope
 from relayd.errors import (
     AuthenticationError,
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from relayd.http import EndpointPinnedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +63,8 @@ _PERMANENT: dict[type[Exception], tuple[int, str]] = {
 }
 
 
-class _RouteCaAdapter(requests.adapters.HTTPAdapter):
-    """exchangelib's HTTP adapter, pinning each route's ca_file by endpoint.
-
-    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace a session's `verify`; the adapter
-    sees the final value, so setting it here is what makes `ca_file` win.
-    """
-
-    ca_files: dict[str, str] = {}  # endpoint URL -> CA file, shared by every route
-    lock = threading.Lock()
-
-    def send(self, request: requests.PreparedRequest, *args: Any,
-             **kwargs: Any) -> requests.Response:
-        url = request.url or ""
-        with self.lock:
-            ca = next((v for k, v in self.ca_files.items() if url.startswith(k)), None)
-        if ca is not None:
-            kwargs["verify"] = ca
-        return super().send(request, *args, **kwargs)
-
-
-BaseProtocol.HTTP_ADAPTER_CLS = _RouteCaAdapter
+# exchangelib makes its own sessions: its adapter class is how a route's ca_file is pinned.
+BaseProtocol.HTTP_ADAPTER_CLS = EndpointPinnedAdapter
 _serial = itertools.count()
 
 
@@ -123,29 +102,6 @@ def endpoint(route: RouteConfig) -> str:
     return route.service_endpoint or f"https://{route.server}{EWS_PATH}"
 
 
-def header_recipients(data: bytes) -> tuple[set[str], set[str]]:
-    """(To+Cc addresses, Bcc addresses) from the message header, lower-cased."""
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
-
-    def addrs(*names: str) -> set[str]:
-        values = [str(v) for n in names for v in (headers.get_all(n) or [])]
-        return {a.lower() for _, a in email.utils.getaddresses(values) if "@" in a}
-
-    return addrs("To", "Cc"), addrs("Bcc")
-
-
-_RCPT_HEADER_RE = re.compile(rb"^(To|Cc|Bcc)(?=[ \t]*:)", re.IGNORECASE | re.MULTILINE)
-
-
-def neutralise_recipient_headers(data: bytes) -> bytes:
-    """Rename To/Cc/Bcc in the header (X-Original-To, ...) so Exchange takes recipients only from
-    the envelope. Used only when the header names someone the envelope does not."""
-    end = data.find(b"\r\n\r\n")
-    end = len(data) if end < 0 else end
-    head = _RCPT_HEADER_RE.sub(lambda m: b"X-Original-" + m.group(1), data[:end])
-    return head + data[end:]
-
-
 class EwsUpstream(Upstream):
     """One route's EWS endpoint: a bounded thread pool and one exchangelib Account per mailbox."""
 
@@ -164,8 +120,7 @@ class EwsUpstream(Upstream):
         self._targets: dict[str, _Target] = {}
         self._lock = threading.Lock()
         if route.ca_file is not None:
-            with _RouteCaAdapter.lock:
-                _RouteCaAdapter.ca_files[self.endpoint] = str(route.ca_file)
+            EndpointPinnedAdapter.pin(self.endpoint, route.ca_file)
 
     def session(self) -> Session:
         return EwsSession(self)
@@ -195,15 +150,6 @@ class EwsUpstream(Upstream):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     # -- the blocking side (pool threads) ----------------------------------------------------
-
-    def mailbox_for(self, message: OutboundMessage) -> str:
-        if self.route.mailbox and self.route.mailbox != "sender":
-            return self.route.mailbox
-        if message.sender:
-            return message.sender
-        # A bounce has no sender; it goes back to the sender, a user of this route, so it is
-        # sent from that user's own mailbox.
-        return message.recipients[0]
 
     def target(self, mailbox: str) -> _Target:
         key = mailbox.lower()
@@ -237,21 +183,19 @@ class EwsUpstream(Upstream):
             return self._targets.setdefault(key, t)
 
     def send_blocking(self, message: OutboundMessage) -> None:
-        mailbox = self.mailbox_for(message)
+        mailbox = mailbox_for(self.route, message)
         try:
             target = self.target(mailbox)
-            envelope = {r.lower(): r for r in message.recipients}
-            visible, bcc_header = header_recipients(message.data)
-            data = message.data
-            if (visible | bcc_header) - envelope.keys():
-                # The header names people the envelope does not: Exchange would send to them.
-                data = neutralise_recipient_headers(data)
-                visible, bcc_header = set(), set()
-                log.info("route %s: header recipients outside the envelope; delivering to the "
-                         "envelope only", self.route.name)
-            bcc = [exchangelib.Mailbox(email_address=envelope[r])
-                   for r in envelope if r not in visible]
-            msg = exchangelib.Message(account=target.account, mime_content=data,
+            # relayd's recipient policy (relayd.delivery.mime): header addresses outside the
+            # envelope are removed; envelope recipients no header names go as BccRecipients,
+            # which leaves the MIME as it was sent.
+            restricted = restrict_to_envelope(message.data, message.recipients)
+            if restricted.removed:
+                log.info("%s route=%s: headers name %d address(es) not in this attempt's "
+                         "envelope; removed from To/Cc/Bcc so Exchange does not send to them",
+                         message.queue_id, self.route.name, len(restricted.removed))
+            bcc = [exchangelib.Mailbox(email_address=r) for r in restricted.unnamed]
+            msg = exchangelib.Message(account=target.account, mime_content=restricted.data,
                                       bcc_recipients=bcc or None)
             msg.send(save_copy=self.route.save_to_sent)
         except Exception as e:  # noqa: BLE001 - every library error is translated here

@@ -12,10 +12,9 @@ import logging
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import Address, Group
 from email.message import Message
 from email.parser import BytesParser
 from typing import Any
@@ -32,6 +31,14 @@ from relayd.delivery import (
     Status,
     Upstream,
     all_results,
+)
+from relayd.delivery.mime import (
+    Head,
+    add_bcc,
+    address,
+    fixed_mailbox,
+    mailbox_for,
+    restrict_to_envelope,
 )
 from relayd.errors import (
     AuthenticationError,
@@ -50,8 +57,6 @@ MAX_REQUESTS_PER_MAILBOX = 4
 SMALL_ATTACHMENT_MAX_BYTES = 3_000_000
 # Upload session chunks must be multiples of 320 KiB; Graph suggests at most 4 MB each.
 UPLOAD_CHUNK_BYTES = 320 * 1024 * 10
-# Headers Graph reads recipients from.
-RECIPIENT_HEADERS = ("to", "cc", "bcc")
 # The permission a draft + upload session needs; named in the bounce when it is missing.
 READWRITE_PERMISSION = "Mail.ReadWrite"
 
@@ -61,86 +66,6 @@ _THROTTLE_STATUSES = frozenset({429, 503})
 
 class _TooLarge(Exception):
     """sendMail refused the size (413): take the draft path instead."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The header block, edited field by field so everything not edited stays byte-identical.
-
-
-@dataclass
-class _Head:
-    fields: list[bytes]  # each raw field, folded continuation lines and line ending included
-    eol: bytes
-    body: bytes  # the blank separator line and everything after it
-
-    @classmethod
-    def split(cls, data: bytes) -> _Head:
-        crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")
-        if crlf >= 0 and (lf < 0 or crlf < lf):
-            end, eol = crlf + 2, b"\r\n"
-        elif lf >= 0:
-            end, eol = lf + 1, b"\n"
-        else:
-            end, eol = len(data), b"\r\n"
-        head, body = data[:end], data[end:]
-        fields: list[bytes] = []
-        for line in head.splitlines(keepends=True):
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] += line
-            else:
-                fields.append(line)
-        return cls(fields, eol, body)
-
-    def join(self) -> bytes:
-        return b"".join(self.fields) + self.body
-
-    @staticmethod
-    def name(raw: bytes) -> str:
-        return raw.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-
-    @staticmethod
-    def value(raw: bytes) -> str:
-        """The unfolded value, decoded as UTF-8 (RFC 6532) with undecodable bytes kept."""
-        text = raw.split(b":", 1)[1] if b":" in raw else b""
-        return b"".join(text.splitlines()).strip().decode("utf-8", "surrogateescape")
-
-    def index(self, name: str) -> list[int]:
-        return [i for i, f in enumerate(self.fields) if self.name(f) == name]
-
-    def values(self, name: str) -> list[str]:
-        return [self.value(self.fields[i]) for i in self.index(name)]
-
-    def render(self, name: str, value: str | Sequence[Address | Group]) -> bytes:
-        """A new header field folded by the email package, in this message's line endings."""
-        if isinstance(value, str):
-            ascii_only = value.isascii()
-        else:
-            ascii_only = all(_is_ascii(v) for v in value)
-        policy = (email.policy.SMTP if ascii_only else email.policy.SMTPUTF8).clone(
-            linesep=self.eol.decode())
-        header = policy.header_factory(name, value)
-        folded: str = header.fold(policy=policy)
-        return folded.encode("utf-8", "surrogateescape")
-
-
-def _is_ascii(item: Address | Group) -> bool:
-    addresses = item.addresses if isinstance(item, Group) else (item,)
-    return all(a.addr_spec.isascii() for a in addresses)
-
-
-def _parse_addresses(value: str) -> tuple[Group, ...]:
-    header = email.policy.default.header_factory("to", value)
-    return tuple(header.groups)
-
-
-def _norm(address: str) -> str:
-    return address.strip().lower()
-
-
-def _address(addr_spec: str, display_name: str = "") -> Address:
-    # Address(addr_spec=...) refuses a UTF-8 local part; built from its halves it is accepted.
-    local, _, domain = addr_spec.rpartition("@")
-    return Address(display_name, username=local or addr_spec, domain=domain if local else "")
 
 
 @dataclass
@@ -157,46 +82,20 @@ def prepare_mime(message: OutboundMessage, mailbox: str, *, from_rewrite: bool,
                  is_bounce: bool = False) -> Prepared:
     """Make the headers name exactly the envelope's recipients, and rewrite From when asked.
 
-    Graph sends to every To/Cc/Bcc address in the MIME and to nobody else. Envelope recipients
-    the headers do not name are added as Bcc. Header addresses the envelope does not name (a retry
-    after a partial delivery, or a client whose envelope differs from its headers) are removed
-    from the header that names them: Graph would otherwise send to them, which relayd never does.
-    Every field not edited keeps its bytes.
+    Graph sends to every To/Cc/Bcc address in the MIME and to nobody else: relayd's recipient
+    policy (relayd.delivery.mime) removes the addresses outside the envelope, and envelope
+    recipients no header names go in an added Bcc field. Every field not edited keeps its bytes.
     """
-    head = _Head.split(message.data)
-    envelope = {_norm(r): r for r in message.recipients}
-    named: set[str] = set()
-    removed: list[str] = []
-    for name in RECIPIENT_HEADERS:
-        for i in head.index(name):
-            groups = _parse_addresses(head.value(head.fields[i]))
-            addrs = [a.addr_spec for g in groups for a in g.addresses]
-            outsiders = [a for a in addrs if _norm(a) not in envelope]
-            named.update(_norm(a) for a in addrs if _norm(a) in envelope)
-            if not outsiders:
-                continue
-            removed.extend(outsiders)
-            kept: list[Address | Group] = []
-            for g in groups:
-                members = [a for a in g.addresses if _norm(a.addr_spec) in envelope]
-                if g.display_name is not None:
-                    if members:
-                        kept.append(Group(g.display_name, members))
-                else:
-                    kept.extend(members)
-            field_name = head.fields[i].split(b":", 1)[0].decode("ascii", "replace").strip()
-            head.fields[i] = head.render(field_name, kept) if kept else b""
-    head.fields = [f for f in head.fields if f]
-    missing = [r for key, r in envelope.items() if key not in named]
-    if missing:
-        bcc = head.render("Bcc", [_address(r) for r in missing])
-        head.fields.append(bcc)
+    restricted = restrict_to_envelope(message.data, message.recipients)
+    mime = add_bcc(restricted.data, restricted.unnamed)
     if from_rewrite or is_bounce:
+        head = Head.split(mime)
         _rewrite_from(head, mailbox, keep_reply_to=not is_bounce)
-    return Prepared(head.join(), mailbox, missing, removed)
+        mime = head.join()
+    return Prepared(mime, mailbox, restricted.unnamed, restricted.removed)
 
 
-def _rewrite_from(head: _Head, mailbox: str, *, keep_reply_to: bool) -> None:
+def _rewrite_from(head: Head, mailbox: str, *, keep_reply_to: bool) -> None:
     """From becomes the mailbox (display name kept); the original From becomes Reply-To unless
     the message already says where replies go. Sender would ask for send-on-behalf: dropped."""
     froms = head.index("from")
@@ -210,7 +109,7 @@ def _rewrite_from(head: _Head, mailbox: str, *, keep_reply_to: bool) -> None:
         doubtful = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
         if len(addrs) == 1 and not doubtful:
             display = addrs[0].display_name
-    new_from = head.render("From", [_address(mailbox, display)])
+    new_from = head.render("From", [address(mailbox, display)])
     if froms:
         head.fields[froms[0]] = new_from
         for i in reversed(froms[1:]):
@@ -347,8 +246,7 @@ class GraphUpstream(Upstream):
         rather than queue mail that can only defer until it expires."""
         if self.route.flow != "device" or not sender:
             return None
-        fixed = self.route.mailbox if self.route.mailbox not in (None, "sender") else None
-        account = fixed or sender
+        account = fixed_mailbox(self.route) or sender
         if has_signed_in(self.config, self.route, account):
             return None
         return (f"550 5.7.1 {account} has not signed in for route {self.route.name}; an "
@@ -456,21 +354,8 @@ class GraphSession(Session):
     def __init__(self, upstream: GraphUpstream) -> None:
         self.up = upstream
 
-    def mailbox_for(self, message: OutboundMessage) -> str:
-        route = self.up.route
-        if route.mailbox and route.mailbox != "sender":
-            return route.mailbox
-        if message.sender:
-            return message.sender
-        # A bounce (null sender) goes back to a sender of this route: its own mailbox sends it.
-        if len(message.recipients) == 1:
-            return message.recipients[0]
-        raise PermanentDeliveryError(
-            'a message with a null sender and several recipients has no mailbox to send from '
-            'on a route with mailbox = "sender"', 550)
-
     async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
-        mailbox = self.mailbox_for(message)
+        mailbox = mailbox_for(self.up.route, message)
         prepared = prepare_mime(message, mailbox, from_rewrite=self.up.route.from_rewrite,
                                 is_bounce=not message.sender)
         route = self.up.route.name
@@ -578,9 +463,3 @@ class GraphSession(Session):
                 headers={"Content-Range": f"bytes {start}-{end}/{total}"})
             up.check(response, "upload attachment")
 
-
-def header_recipients(data: bytes) -> list[str]:
-    """The addresses Graph would send `data` to: every To, Cc and Bcc address."""
-    head = _Head.split(data)
-    return [a.addr_spec for name in RECIPIENT_HEADERS for value in head.values(name)
-            for g in _parse_addresses(value) for a in g.addresses]
