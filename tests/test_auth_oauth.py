@@ -7,18 +7,16 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes.config import ALICE, SYSTEM_BUNDLE, UNREACHABLE_EWS, ews_route_keys, staff_config
 from fakes.https import HttpsServer
 from fakes.idp import (
     DEVICE_GRANT,
     IdpState,
     make_certificate,
-    oauth_route_keys,
-    start_idp,
 )
 
 from relayd.auth import make_token_provider
@@ -33,36 +31,13 @@ from relayd.auth.oauth import (
 from relayd.config import Config, parse_config
 from relayd.errors import AuthenticationError
 
-ALICE = "alice@contoso.com"
-SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-
-
-@pytest.fixture(autouse=True)
-def _machine_ca_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on real machines: requests would prefer these over a session's `verify`.
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", SYSTEM_BUNDLE)
-    monkeypatch.setenv("CURL_CA_BUNDLE", SYSTEM_BUNDLE)
-
-
-@pytest.fixture
-def idp() -> Iterator[HttpsServer]:
-    server = start_idp()
-    yield server
-    server.stop()
+pytestmark = pytest.mark.usefixtures("machine_ca_env")
 
 
 def make_config(tmp_path: Path, idp: HttpsServer, *, flow: str = "app",
                 **route: Any) -> Config:
-    keys = oauth_route_keys(idp, tmp_path, flow=flow)
-    keys.update(route)
-    keys = {k: v for k, v in keys.items() if v is not None}
-    return parse_config({
-        "queue": {"path": str(tmp_path / "queue")},
-        "auth": {"path": str(tmp_path / "tokens"), "key_file": str(tmp_path / "token.key")},
-        "routes": {"staff": {"senders": ["*@contoso.com"], "upstream": "ews",
-                             "service_endpoint": "https://127.0.0.1:9/EWS/Exchange.asmx",
-                             **keys}},
-    })
+    return staff_config(tmp_path, ews_route_keys(tmp_path, idp, UNREACHABLE_EWS, flow=flow,
+                                                 **route))
 
 
 def provider(config: Config) -> MsalTokenProvider:
@@ -169,7 +144,7 @@ async def test_token_endpoint_5xx_is_transient(tmp_path: Path, idp: HttpsServer)
 
 
 async def test_ca_file_wins_over_requests_ca_bundle(tmp_path: Path, idp: HttpsServer) -> None:
-    # REQUESTS_CA_BUNDLE points at the system store (autouse fixture), which does not trust the
+    # REQUESTS_CA_BUNDLE points at the system store (machine_ca_env), which does not trust the
     # test CA: success proves the route's ca_file was used.
     assert os.environ["REQUESTS_CA_BUNDLE"] == SYSTEM_BUNDLE
     assert await provider(make_config(tmp_path, idp)).token("")
@@ -289,9 +264,7 @@ async def test_key_from_systemd_credential(tmp_path: Path, idp: HttpsServer,
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     config = parse_config({
         "queue": {"path": str(tmp_path / "queue")}, "auth": {"path": str(tmp_path / "tokens")},
-        "routes": {"staff": {"senders": ["*@contoso.com"], "upstream": "ews",
-                             "service_endpoint": "https://127.0.0.1:9/EWS/Exchange.asmx",
-                             **oauth_route_keys(idp, tmp_path, flow="device")}}})
+        "routes": {"staff": ews_route_keys(tmp_path, idp, UNREACHABLE_EWS, flow="device")}})
     assert (await asyncio.to_thread(sign_in, config, idp.state))[0] == 0
     assert await provider(config).token(ALICE)
     (creds / "token-key").write_text("x" * 40)  # another key cannot decrypt it

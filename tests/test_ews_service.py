@@ -4,54 +4,18 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import pytest
 from conftest import daemon, free_port, message, run_service, send, wait_for, write_config
-from fakes.ews import EWS_PATH, EwsState, start_ews
+from fakes.config import ALICE, ews_route_keys, staff_toml
+from fakes.ews import EWS_PATH
 from fakes.https import HttpsServer
-from fakes.idp import CLIENT_ID, TENANT, start_idp
-
-ALICE = "alice@contoso.com"
 
 
-@pytest.fixture
-def idp() -> Iterator[HttpsServer]:
-    server = start_idp()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def ews(idp: HttpsServer) -> Iterator[HttpsServer]:
-    server = start_ews(EwsState(idp=idp.state, require_impersonation=True))
-    yield server
-    server.stop()
-
-
-def ews_route(tmp_path: Path, idp: HttpsServer, ews: HttpsServer, **extra: str) -> str:
-    secret = tmp_path / "client-secret"
-    secret.write_text(idp.state.client_secret)
-    secret.chmod(0o600)
-    lines = "\n".join(f"{k} = {v}" for k, v in extra.items())
-    return f"""
-[auth]
-path = "{tmp_path / 'tokens'}"
-key_file = "{tmp_path / 'token.key'}"
-
-[routes.staff]
-senders = ["*@contoso.com"]
-upstream = "ews"
-auth = "oauth"
-service_endpoint = "{ews.base_url}{EWS_PATH}"
-authority = "{idp.base_url}"
-tenant_id = "{TENANT}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret}"
-ca_file = "{ews.ca_file}"
-{lines}
-"""
+def ews_route(tmp_path: Path, idp: HttpsServer, ews: HttpsServer, **extra: Any) -> str:
+    return staff_toml(tmp_path, ews_route_keys(tmp_path, idp, ews.base_url + EWS_PATH,
+                                               ca_file=str(ews.ca_file), **extra))
 
 
 async def test_smtp_in_ews_out(tmp_path: Path, idp: HttpsServer, ews: HttpsServer) -> None:
@@ -76,7 +40,7 @@ async def test_permanent_ews_refusal_bounces_to_the_sender(tmp_path: Path, idp: 
                                                            ews: HttpsServer) -> None:
     """1. EWS answers ErrorSendAsDenied 2. a bounce goes to the sender through the same route,
     from the sender's own mailbox, quoting the server's words."""
-    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"))
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent=False))
     ews.state.faults = ["sendas"]
     async with run_service(cfg) as service:
         port = service.addresses[0][1]
@@ -91,7 +55,7 @@ async def test_permanent_ews_refusal_bounces_to_the_sender(tmp_path: Path, idp: 
 
 async def test_busy_server_defers_then_delivers(tmp_path: Path, idp: HttpsServer,
                                                 ews: HttpsServer) -> None:
-    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"))
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent=False))
     ews.state.faults = ["busy", "http500"]
     ews.state.busy_back_off_ms = 100
     async with run_service(cfg) as service:
@@ -106,7 +70,7 @@ async def test_kill_9_during_an_ews_call_loses_nothing(tmp_path: Path, idp: Http
     """1. relayd serve accepts a message 2. its CreateItem is held by EWS 3. kill -9
     4. that call dies unanswered (not sent) 5. restart 6. the message is delivered, once."""
     port = free_port()
-    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent="false"),
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews, save_to_sent=False),
                        listen=f"127.0.0.1:{port}")
     log = tmp_path / "relayd.log"
     ews.state.block = threading.Event()
