@@ -4,6 +4,7 @@ brute force slowed and counted, no open relay, metrics."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import smtplib
 import ssl
@@ -94,6 +95,13 @@ async def test_tls_below_1_2_refused(tmp_path: Path, upstream: Upstream,
         with pytest.raises((ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected)):
             await asyncio.to_thread(smtplib.SMTP_SSL, "127.0.0.1", svc.tls_addresses[0][1],
                                     context=ctx, timeout=10)
+        # asyncio (3.11) leaves the server side of a failed TLS handshake for the garbage
+        # collector, which warns "unclosed transport"; collect it here, where it was provoked,
+        # rather than let it surface in whichever test runs next.
+        await asyncio.sleep(0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 async def test_a_login_may_only_use_its_own_senders(tmp_path: Path, upstream: Upstream,
