@@ -7,6 +7,7 @@ import contextlib
 import os
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -49,6 +50,13 @@ class RecordingHandler:
     mail_reply: str | None = None
     data_reply: str | None = None
     connections: int = 0
+    open_now: int = 0  # connections open at this moment, and the most at once
+    open_max: int = 0
+    logins: list[str] = field(default_factory=list)
+
+    async def handle_QUIT(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        self.open_now -= 1
+        return "221 Bye"
 
     async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -80,7 +88,8 @@ class RecordingHandler:
 class Upstream:
     """An aiosmtpd server on 127.0.0.1 that can be stopped and started on the same port."""
 
-    def __init__(self, **smtp_kwargs: Any) -> None:
+    def __init__(self, *, implicit_tls: ssl.SSLContext | None = None, **smtp_kwargs: Any) -> None:
+        self.implicit_tls = implicit_tls
         self.handler = RecordingHandler()
         self.port = 0
         self.server: asyncio.Server | None = None
@@ -97,13 +106,15 @@ class Upstream:
 
         def factory() -> SMTP:
             handler.connections += 1
+            handler.open_now += 1
+            handler.open_max = max(handler.open_max, handler.open_now)
             proto = SMTP(handler, hostname="upstream.test", enable_SMTPUTF8=True,
                          **self.smtp_kwargs)
             self.protocols.append(proto)
             return proto
 
         self.server = await loop.create_server(factory, "127.0.0.1", self.port,
-                                               reuse_address=True)
+                                               reuse_address=True, ssl=self.implicit_tls)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -237,5 +237,10 @@ class SmtpSession(Session):
 
 
 def _why(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
-    return " ".join(text.split())
+    """The error in one line, with its cause: aiosmtplib's "Error connecting to host on port
+    N:" alone does not tell an admin whether it was refused, timed out or a TLS failure."""
+    text = " ".join((str(e) or type(e).__name__).split())
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text.rstrip(':')}: {' '.join(str(cause).split())}"
+    return text
