@@ -20,14 +20,7 @@ from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes, has_signed_in
 from relayd.config import Config, RouteConfig
-from relayd.delivery import (
-    OutboundMessage,
-    RecipientResult,
-    Session,
-    Status,
-    Upstream,
-    all_results,
-)
+from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
 from relayd.delivery.mime import mailbox_for, restrict_to_envelope
 from relayd.errors import (
     AuthenticationError,
