@@ -45,5 +45,10 @@ class AuthenticationError(TransientDeliveryError):
     """The route's credentials were refused. Never bounces mail: it defers."""
 
 
+class UpstreamUnavailableError(TransientDeliveryError):
+    """The upstream could not be reached at all (refused, timed out, TLS failed). The scheduler
+    then holds the route's other messages for a while instead of trying each one."""
+
+
 class PermanentDeliveryError(DeliveryError):
     """Never going to work (5xx, SendAsDenied, mailbox not found): fail and bounce."""

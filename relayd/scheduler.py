@@ -20,6 +20,7 @@ from relayd.errors import (
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UpstreamUnavailableError,
 )
 from relayd.queue import DELIVERED, FAILED, Entry, Spool
 from relayd.router import Router
@@ -90,6 +91,17 @@ class RouteRunner:
         self.idle = 0
         self.limiter = RateLimiter(route.rate_limit) if route.rate_limit else None
         self.retired = False
+        # Set when the upstream could not be reached: until then, defer without trying.
+        self.unreachable: tuple[float, UpstreamUnavailableError] | None = None
+
+    def unreachable_error(self) -> UpstreamUnavailableError | None:
+        if self.unreachable is None:
+            return None
+        until, error = self.unreachable
+        if time.monotonic() >= until:
+            self.unreachable = None
+            return None
+        return error
 
     def push(self, entry: Entry) -> None:
         self.ready.put_nowait(entry)
@@ -250,13 +262,23 @@ class Scheduler:
         retry_after: float | None = None
         pending = entry.pending()
         started = time.monotonic()
+        runner = self.runners.get(route.name)
         try:
             if entry.deleted:
                 return
+            down = runner.unreachable_error() if runner else None
+            if down is not None:
+                raise down  # the route was just found unreachable: do not try again yet
             data = await asyncio.to_thread(self.spool.read_data, entry)
             message = OutboundMessage(entry.id, entry.sender, pending, data, entry.mail_options)
             results = await asyncio.wait_for(session.deliver(message),
                                              route.timeout_s + ATTEMPT_GRACE_S)
+        except UpstreamUnavailableError as e:
+            if runner is not None and runner.unreachable is None:
+                log.warning("route %s: upstream unreachable, holding its mail for %ds: %s",
+                            route.name, self.config.queue.retry_min_s, _reply(e))
+                runner.unreachable = (time.monotonic() + self.config.queue.retry_min_s, e)
+            results = _all(pending, Status.DEFERRED, e)
         except TransientDeliveryError as e:
             retry_after = e.retry_after
             level = logging.ERROR if isinstance(e, AuthenticationError) else logging.INFO

@@ -3,6 +3,7 @@ deferral, retry and bounces."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 from pathlib import Path
@@ -186,3 +187,35 @@ async def test_smtputf8_and_8bitmime_are_passed_on(tmp_path: Path, upstream: Ups
     assert got.rcpt_tos == ["zoë@example.com"]
     assert got.data == data.encode()
     assert "SMTPUTF8" in got.mail_options and "BODY=8BITMIME" in got.mail_options
+
+
+async def test_unreachable_upstream_holds_the_route_instead_of_trying_each_message(
+        tmp_path: Path) -> None:
+    """1. an upstream that accepts TCP and never answers 2. five messages queued
+    3. the first attempts time out 4. the rest are deferred without a connection each."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', port,
+                                            'timeout = "1s"\nmax_connections = 2'),
+                       queue='retry_min = "30s"\nretry_max = "60s"')
+    try:
+        async with run_service(cfg) as svc:
+            for i in range(5):
+                await send(service_port(svc), "a@business.com", ["b@example.com"],
+                           message(subject=f"{i}"))
+            await wait_for(lambda: len(svc.scheduler.entries) == 5 and all(
+                e.attempts >= 1 and not e.active for e in svc.scheduler.entries.values()),
+                what="every message deferred once")
+            assert len(accepted) <= 2  # one try per connection slot, not one per message
+            assert all("timed out" in e.last_error.lower()
+                       for e in svc.scheduler.entries.values())
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -11,7 +11,12 @@ import aiosmtplib
 from relayd.auth import TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
-from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
+from relayd.errors import (
+    AuthenticationError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UpstreamUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +100,10 @@ class SmtpSession(Session):
         try:
             await client.connect()
         except aiosmtplib.SMTPConnectResponseError as e:
-            raise TransientDeliveryError(
+            raise UpstreamUnavailableError(
                 f"{route.host}:{route.port} refused the connection: {e.message}", e.code) from e
         except (aiosmtplib.SMTPException, OSError) as e:
-            raise TransientDeliveryError(
+            raise UpstreamUnavailableError(
                 f"cannot connect to {route.host}:{route.port}: {_why(e)}") from e
         try:
             if client.is_ehlo_or_helo_needed:
@@ -171,12 +176,13 @@ class SmtpSession(Session):
                 f"{self.route.host} refused the credentials for {account}: {e.code} {e.message}",
                 e.code) from e
         except aiosmtplib.SMTPTimeoutError as e:
-            raise TransientDeliveryError(f"timeout connecting to {self.route.host}: {e}") from e
+            raise UpstreamUnavailableError(
+                f"timeout setting up {self.route.host}: {_why(e)}") from e
         except aiosmtplib.SMTPResponseException as e:
             # EHLO, STARTTLS or AUTH refused: a setup problem, never the message's fault.
             raise TransientDeliveryError(f"{self.route.host}: {e.message}", e.code) from e
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise TransientDeliveryError(f"cannot set up {self.route.host}: {_why(e)}") from e
+            raise UpstreamUnavailableError(f"cannot set up {self.route.host}: {_why(e)}") from e
 
     async def _transaction(self, message: OutboundMessage) -> dict[str, RecipientResult]:
         client = self.client
