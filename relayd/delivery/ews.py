@@ -27,6 +27,7 @@ from relayd.errors import (
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UpstreamUnavailableError,
 )
 from relayd.http import EndpointPinnedAdapter
 
@@ -212,10 +213,12 @@ class EwsUpstream(Upstream):
                                           retry_after=getattr(e, "back_off", None))
         if isinstance(e, TokenExpiredError):
             return AuthenticationError(f"4.7.0 OAuth token for {mailbox} expired", 454)
-        if isinstance(e, (ews_errors.TransportError, requests.RequestException, OSError,
-                          ews_errors.ErrorTimeoutExpired)):
-            return TransientDeliveryError(f"4.4.1 cannot reach {self.endpoint}: {name}: "
-                                          f"{text[:MAX_ERROR_TEXT]}", 451)
+        if isinstance(e, (ews_errors.TransportError, requests.RequestException, OSError)):
+            # The endpoint is unreachable: the scheduler holds the route's other mail a while.
+            return UpstreamUnavailableError(f"4.4.1 cannot reach {self.endpoint}: {name}: "
+                                            f"{text[:MAX_ERROR_TEXT]}", 451)
+        if isinstance(e, ews_errors.ErrorTimeoutExpired):
+            return TransientDeliveryError(f"4.4.1 {name}: {text[:MAX_ERROR_TEXT]}", 451)
         if isinstance(e, ews_errors.ResponseMessageError):
             return TransientDeliveryError(f"4.3.0 {name}: {text[:MAX_ERROR_TEXT]}", 451)
         # Unknown: defer (never bounce on a guess); the queue's max_age bounds the retries.

@@ -44,6 +44,7 @@ from relayd.errors import (
     AuthenticationError,
     PermanentDeliveryError,
     TransientDeliveryError,
+    UpstreamUnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -318,6 +319,10 @@ class GraphUpstream(Upstream):
                 async with self._slot(mailbox):
                     response = await self.client.request(method, url, content=content,
                                                          json=json_body, headers=send_headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                # Graph is unreachable: the scheduler holds the route's other mail for a while.
+                raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
+                                               f"{type(e).__name__}: {e}", None) from None
             except httpx.TimeoutException as e:
                 raise TransientDeliveryError(f"Graph did not answer in time ({type(e).__name__})",
                                              None) from None
