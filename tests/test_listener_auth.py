@@ -9,6 +9,7 @@ import logging
 import smtplib
 import ssl
 import time
+import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
@@ -223,5 +224,31 @@ async def test_metrics_and_healthz_endpoints(tmp_path: Path, upstream: Upstream)
         assert 'relayd_messages_accepted_total{route="staff"} 1.0' in body
         assert 'relayd_messages_delivered_total{route="staff"} 1.0' in body
         assert "relayd_delivery_latency_seconds_count" in body
-        assert await asyncio.to_thread(get, "/healthz") == (200, "ok\n") or \
-            (await asyncio.to_thread(get, "/healthz"))[0] == 200
+        status, body = await asyncio.to_thread(get, "/healthz")
+        assert status == 200 and body.strip() == "ok"
+
+
+async def test_healthz_fails_when_the_spool_cannot_be_written(tmp_path: Path,
+                                                              upstream: Upstream) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       extra='[metrics]\nlisten = "127.0.0.1:0"')
+    async with run_service(load_config(cfg), observer=Metrics()) as svc:
+        url = f"http://127.0.0.1:{svc.metrics_port}/healthz"
+
+        def status() -> int:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        assert await asyncio.to_thread(status) == 200
+        tmp_dir = tmp_path / "queue" / "tmp"
+        tmp_dir.rename(tmp_path / "tmp-moved")
+        tmp_dir.write_text("a file where the spool's tmp/ should be")  # root ignores modes
+        try:
+            assert await asyncio.to_thread(status) == 503
+        finally:
+            tmp_dir.unlink()
+            (tmp_path / "tmp-moved").rename(tmp_dir)
+        assert await asyncio.to_thread(status) == 200

@@ -116,3 +116,45 @@ async def test_sighup_reloads_routes_and_refuses_a_bad_config(tmp_path: Path,
         await wait_for(lambda: len(upstream2.messages) == 2, what="old config still works")
         assert proc.poll() is None
     assert "routes.broken.upstream" in log.read_text()
+
+
+async def test_json_logs_carry_state_changes_and_never_a_secret(tmp_path: Path,
+                                                                upstream: Upstream) -> None:
+    """`--log-format json`: one JSON object per line; the route's password appears nowhere,
+    not even when the upstream refuses it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    secret = tmp_path / "pw"
+    secret.write_text("Sup3r-Secret-Upstream-PW\n")
+    secret.chmod(0o600)
+    port = free_port()
+    route = smtp_route("staff", '["*@business.com"]', upstream.port,
+                       f'username = "relay@business.com"\npassword_file = "{secret}"')
+    cfg = write_config(tmp_path, route, listen=f"127.0.0.1:{port}")
+    log = tmp_path / "relayd.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg),
+                                 "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    try:
+        await wait_for(lambda: "listening on" in log.read_text(), what="start")
+        # The upstream offers no AUTH, so the login fails and the mail is deferred.
+        await send(port, "a@business.com", ["x@example.com"], message())
+        await wait_for(lambda: "deferred" in log.read_text(), what="a deferral")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    messages = [line["message"] for line in lines]
+    assert any("queued from=<a@business.com>" in m for m in messages)
+    assert any("deferred" in m for m in messages)
+    assert "Sup3r-Secret-Upstream-PW" not in log.read_text()
+    check = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(cfg)],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert check.returncode == 0
+    assert "Sup3r-Secret" not in check.stdout + check.stderr
