@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -126,9 +127,16 @@ class Service:
             log.info("metrics on http://%s/metrics", Address(listen.host, self.metrics_port))
 
     async def _report_queue(self) -> None:
+        """Gauges that are read, not counted: queue depth and age, token lifetimes."""
         set_queue = getattr(self.observer, "set_queue", None)
+        set_expiry = getattr(self.observer, "set_token_expiry", None)
         while set_queue is not None:
             set_queue(*self.scheduler.stats())
+            now = time.time()
+            for name, runner in list(self.scheduler.runners.items()):
+                for account, expires in runner.upstream.token_expiries().items():
+                    if set_expiry is not None:
+                        set_expiry(name, account, expires - now)
             await asyncio.sleep(QUEUE_GAUGE_INTERVAL_S)
 
     def reload(self, config: Config) -> None:

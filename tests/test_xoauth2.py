@@ -249,3 +249,23 @@ async def test_through_relayd_revoked_token_defers_then_delivers(
     assert got.data == DATA and got.mail_from == "casemanager@business.com"
     # No bounce went anywhere: the only message the upstream saw is the original.
     assert got.rcpt_tos == ["bob@example.com"]
+
+
+async def test_token_lifetime_is_exported_as_a_metric(oauth: OAuthEnv) -> None:
+    """After a delivery over a Microsoft app-only route, /metrics shows the token's remaining
+    lifetime for that route (the gauge is refreshed every few seconds)."""
+    from relayd.metrics import Metrics
+
+    oauth.handler.check = oauth.microsoft_token_ok
+    cfg = write_config(oauth.tmp_path, route_toml(oauth.microsoft_route()),
+                       extra=f'[auth]\npath = "{oauth.tmp_path / "tokens"}"\n')
+    metrics = Metrics()
+    async with run_service(cfg, observer=metrics) as svc:
+        await send(service_port(svc), "casemanager@business.com", ["bob@example.com"], DATA)
+        await wait_for(lambda: len(oauth.upstream.messages) == 1, what="delivery")
+        await wait_for(lambda: b'relayd_token_expiry_seconds{account=' in metrics.render(),
+                       timeout=20, what="the token gauge")
+    line = next(x for x in metrics.render().decode().splitlines()
+                if x.startswith("relayd_token_expiry_seconds{"))
+    assert 'route="oauth"' in line
+    assert 0 < float(line.rsplit(" ", 1)[1]) <= 3600

@@ -21,6 +21,9 @@ class TokenProvider(Protocol):
     def invalidate(self, account: str) -> None:
         """Forget a token the upstream refused (401/535), so the next call fetches a new one."""
 
+    def expiries(self) -> dict[str, float]:
+        """When each account's current token expires (epoch seconds), for the metrics."""
+
 
 def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> TokenProvider:
     """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""

@@ -36,6 +36,7 @@ REFRESH_ACCOUNT = "refresh-token"  # the one cache key of a refresh-token route
 class _Token:
     value: str
     renew_at: float
+    expires_at: float
 
     def __repr__(self) -> str:
         return f"_Token('***', renew_at={self.renew_at:.0f})"
@@ -84,6 +85,10 @@ class GoogleTokenProvider:
     async def token(self, account: str) -> str:
         return await asyncio.to_thread(self.acquire, account)
 
+    def expiries(self) -> dict[str, float]:
+        with self._lock:
+            return {key: tok.expires_at for key, tok in self._tokens.items()}
+
     def invalidate(self, account: str) -> None:
         with self._lock:
             self._tokens.pop(self._key(account), None)
@@ -128,7 +133,7 @@ class GoogleTokenProvider:
         expires = _expiry_ts(creds.expiry, now)
         renew_at = max(expires - RENEW_BEFORE_S, now + min(MIN_TOKEN_USE_S, expires - now))
         log.debug("route %s: Google token for %s valid until %.0f", route.name, account, expires)
-        return _Token(str(creds.token), renew_at)
+        return _Token(str(creds.token), renew_at, expires)
 
     def _credentials(self, account: str) -> user_credentials.Credentials | \
             service_account.Credentials:

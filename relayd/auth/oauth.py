@@ -128,6 +128,7 @@ class MsalTokenProvider:
         self._users: dict[str, _UserCache] = {}
         self._force: set[str] = set()
         self._last: dict[str, str] = {}  # account -> token last handed out
+        self._expires: dict[str, float] = {}  # account -> when that token expires
         self._failing: set[str] = set()
         self.store = TokenStore(config)
 
@@ -171,7 +172,11 @@ class MsalTokenProvider:
             self.store.write_state(self.route.name, key, last_error=None,
                                    expires_at=tok.expires_at)
         self._last[key] = tok.token
+        self._expires[key] = tok.expires_at
         return tok
+
+    def expiries(self) -> dict[str, float]:
+        return dict(self._expires)
 
     def close(self) -> None:
         self._http.close()

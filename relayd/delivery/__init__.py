@@ -66,6 +66,10 @@ class Upstream(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (HTTP clients, thread pools, token providers)."""
 
+    def token_expiries(self) -> dict[str, float]:
+        """Account -> expiry (epoch seconds) of the OAuth tokens this route holds."""
+        return {}
+
 
 def all_results(recipients: Sequence[str], result: RecipientResult) -> dict[str, RecipientResult]:
     return {r: result for r in recipients}

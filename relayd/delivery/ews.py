@@ -119,6 +119,9 @@ class EwsUpstream(Upstream):
     def session(self) -> Session:
         return EwsSession(self)
 
+    def token_expiries(self) -> dict[str, float]:
+        return self.provider.expiries() if self.provider is not None else {}
+
     def refuse_sender(self, sender: str) -> str | None:
         if not self.delegated or not sender:
             return None

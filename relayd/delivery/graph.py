@@ -242,6 +242,9 @@ class GraphUpstream(Upstream):
     def session(self) -> Session:
         return GraphSession(self)
 
+    def token_expiries(self) -> dict[str, float]:
+        return self.tokens.expiries() if self.tokens is not None else {}
+
     def refuse_sender(self, sender: str) -> str | None:
         """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
         rather than queue mail that can only defer until it expires."""

@@ -61,6 +61,9 @@ class SmtpUpstream(Upstream):
     def session(self) -> Session:
         return SmtpSession(self)
 
+    def token_expiries(self) -> dict[str, float]:
+        return self.tokens.expiries() if self.tokens is not None else {}
+
     def account_for(self, message: OutboundMessage) -> str:
         """Who the connection authenticates as: the username, a fixed mailbox, or the sender
         (a bounce authenticates as the mailbox it returns to)."""
