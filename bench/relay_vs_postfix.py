@@ -106,7 +106,9 @@ def stop_all() -> None:
             log(f"cleanup of pid {p.pid}: {e}")
 
 
-def run(cmd: list[str], timeout: float, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], timeout: float, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     kw.setdefault("stdin", subprocess.DEVNULL)
     try:
         r = subprocess.run(cmd, timeout=timeout, text=True, capture_output=True, **kw)
@@ -146,22 +148,36 @@ def wait_banner(port: int, timeout: float, proc: subprocess.Popen[bytes] | None 
 
 # --------------------------------------------------------------------------- tools
 
+
 def ensure_postfix_tools() -> None:
     if shutil.which("smtp-source") and shutil.which("smtp-sink") and shutil.which("postfix"):
         return
     log("installing postfix (debconf 'No configuration', --no-install-recommends)")
-    run(["sh", "-c", "echo 'postfix postfix/main_mailer_type select No configuration'"
-         " | debconf-set-selections"], timeout=60)
+    run(
+        [
+            "sh",
+            "-c",
+            "echo 'postfix postfix/main_mailer_type select No configuration'"
+            " | debconf-set-selections",
+        ],
+        timeout=60,
+    )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-q"], timeout=600, env=env)
-    run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix"], timeout=900, env=env)
+    run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postfix"],
+        timeout=900,
+        env=env,
+    )
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if not shutil.which(tool):
             raise BenchError(f"{tool} still missing after installing postfix")
 
 
 def ensure_py_spy() -> str | None:
-    exe = shutil.which("py-spy") or (str(TOOLS_VENV / "bin/py-spy") if (TOOLS_VENV / "bin/py-spy").exists() else None)
+    exe = shutil.which("py-spy") or (
+        str(TOOLS_VENV / "bin/py-spy") if (TOOLS_VENV / "bin/py-spy").exists() else None
+    )
     if exe:
         return exe
     log(f"installing py-spy into {TOOLS_VENV} (separate from the project venv)")
@@ -182,6 +198,7 @@ def tool_version(cmd: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- sink
+
 
 class Sink:
     """smtp-sink on a free port; its -c counters are read live and time-stamped."""
@@ -256,6 +273,7 @@ class Sink:
 
 # --------------------------------------------------------------------------- targets
 
+
 class Target:
     name = "?"
     description = ""
@@ -328,7 +346,9 @@ class Relayd(Target):
     name = "relayd"
     description = "smtp-source -> relayd (fsync before 250, 8 upstream connections) -> smtp-sink"
 
-    def __init__(self, sink: Sink, workdir: Path, relayd_cmd: list[str], upstream_conns: int) -> None:
+    def __init__(
+        self, sink: Sink, workdir: Path, relayd_cmd: list[str], upstream_conns: int
+    ) -> None:
         super().__init__(sink)
         self.dir = workdir / "relayd"
         self.cmd = relayd_cmd
@@ -345,7 +365,7 @@ allowed_clients = ["127.0.0.0/8"]
 max_message_size = "35MB"
 
 [queue]
-path = "{self.dir / 'queue'}"
+path = "{self.dir / "queue"}"
 retry_min = "1s"
 retry_max = "5s"
 
@@ -382,8 +402,10 @@ max_connections = {self.conns}
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            raise BenchError(f"relayd exited with {self.proc.returncode} during the run\n"
-                             f"--- {self.logpath} (tail) ---\n{self.log_tail()}")
+            raise BenchError(
+                f"relayd exited with {self.proc.returncode} during the run\n"
+                f"--- {self.logpath} (tail) ---\n{self.log_tail()}"
+            )
 
     def queue_files(self) -> int:
         return sum(len(files) for _, _, files in os.walk(self.dir / "queue"))
@@ -394,9 +416,12 @@ max_connections = {self.conns}
         pids = proc_tree(self.proc.pid)
         cpu = cpu_seconds(pids)
         used, self.cpu_before = cpu - self.cpu_before, cpu
-        return {"cpu_s": round(used, 2), "processes": len(pids),
-                "vmhwm_kib": max(filter(None, (status_kib(p, "VmHWM") for p in pids)), default=None),
-                "vmrss_kib": sum(filter(None, (status_kib(p, "VmRSS") for p in pids)))}
+        return {
+            "cpu_s": round(used, 2),
+            "processes": len(pids),
+            "vmhwm_kib": max(filter(None, (status_kib(p, "VmHWM") for p in pids)), default=None),
+            "vmrss_kib": sum(filter(None, (status_kib(p, "VmRSS") for p in pids))),
+        }
 
     def wait_idle(self) -> None:
         end = time.monotonic() + 15
@@ -425,8 +450,11 @@ max_connections = {self.conns}
             if rc != 0:
                 self.notes.append(f"relayd exited {rc} on SIGTERM (design says 0)")
             self.logf.close()
-            errs = [l for l in self.logpath.read_text(errors="replace").splitlines()
-                    if re.search(r"Traceback|ERROR|CRITICAL|Exception", l)]
+            errs = [
+                line
+                for line in self.logpath.read_text(errors="replace").splitlines()
+                if re.search(r"Traceback|ERROR|CRITICAL|Exception", line)
+            ]
             info["log_error_lines"] = len(errs)
             if errs:
                 info["log_error_sample"] = errs[:10]
@@ -450,25 +478,36 @@ class Postfix(Target):
         self.conc = concurrency
         tag = str(concurrency) if concurrency else "def"
         self.name = f"postfix-{tag}"
-        self.description = (f"smtp-source -> Postfix relay ({'destination concurrency ' + str(concurrency) if concurrency else 'default concurrency 20'}) -> smtp-sink")
+        how = f"destination concurrency {concurrency}" if concurrency else "default concurrency 20"
+        self.description = f"smtp-source -> Postfix relay ({how}) -> smtp-sink"
         self.base = workdir / self.name
         self.etc = self.base / "etc"
         self.maillog = Path(f"/var/log/relayd-bench-{os.getpid()}-{self.name}.log")
         self.started = False
 
-    def postfix(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def postfix(
+        self, *args: str, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         # `postfix start` leaves master holding inherited descriptors: never wait for EOF on a pipe
         with tempfile.TemporaryFile("w+") as out:
             try:
-                r = subprocess.run(["postfix", "-c", str(self.etc), *args], stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT, timeout=timeout, text=True)
+                r = subprocess.run(
+                    ["postfix", "-c", str(self.etc), *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    text=True,
+                )
             except subprocess.TimeoutExpired as e:
                 raise BenchError(f"postfix {' '.join(args)} timed out after {timeout}s") from e
             out.seek(0)
             text = out.read()
         if check and r.returncode != 0:
-            raise BenchError(f"postfix -c {self.etc} {' '.join(args)}: exit {r.returncode}\n{text}\n"
-                             f"--- {self.maillog} (tail) ---\n{self.log_tail()}")
+            raise BenchError(
+                f"postfix -c {self.etc} {' '.join(args)}: exit {r.returncode}\n{text}\n"
+                f"--- {self.maillog} (tail) ---\n{self.log_tail()}"
+            )
         return subprocess.CompletedProcess(r.args, r.returncode, text, "")
 
     def log_tail(self, n: int = 20) -> str:
@@ -479,11 +518,19 @@ class Postfix(Target):
 
     def start(self) -> None:
         self.port = free_port()
-        conc = (f"default_destination_concurrency_limit = {self.conc}\n"
-                f"smtp_destination_concurrency_limit = {self.conc}" if self.conc
-                else "# (Postfix defaults: default_destination_concurrency_limit = 20)")
-        subst = {"@BASE@": str(self.base), "@MAILLOG@": str(self.maillog),
-                 "@SINKPORT@": str(self.sink.port), "@PORT@": str(self.port), "@CONCURRENCY@": conc}
+        conc = (
+            f"default_destination_concurrency_limit = {self.conc}\n"
+            f"smtp_destination_concurrency_limit = {self.conc}"
+            if self.conc
+            else "# (Postfix defaults: default_destination_concurrency_limit = 20)"
+        )
+        subst = {
+            "@BASE@": str(self.base),
+            "@MAILLOG@": str(self.maillog),
+            "@SINKPORT@": str(self.sink.port),
+            "@PORT@": str(self.port),
+            "@CONCURRENCY@": conc,
+        }
 
         def fill(name: str) -> str:
             text = (BENCH / "postfix" / name).read_text()
@@ -584,41 +631,74 @@ class Postfix(Target):
 
 # --------------------------------------------------------------------------- one measurement
 
+
+def machine_cpu() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all CPUs, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return f[3] + f[4], sum(f[:8])
+
+
 def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     sink = target.sink
     base = sink.count
     want = base + args.messages
     os.sync()
     time.sleep(args.pause)
-    cmd = ["smtp-source", "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
-           "-f", SENDER, "-t", RECIPIENT, "-M", "bench-client.local", f"127.0.0.1:{target.port}"]
+    cmd = [
+        "smtp-source",
+        "-s",
+        str(args.sessions),
+        "-m",
+        str(args.messages),
+        "-l",
+        str(args.size),
+        "-f",
+        SENDER,
+        "-t",
+        RECIPIENT,
+        "-M",
+        "bench-client.local",
+        f"127.0.0.1:{target.port}",
+    ]
+    cpu0 = machine_cpu()
     t0 = time.monotonic()
     src = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         out, _ = src.communicate(timeout=args.run_timeout)
     except subprocess.TimeoutExpired:
         stop(src, wait=2)
-        raise BenchError(f"smtp-source did not finish within {args.run_timeout}s "
-                         f"(sink count {sink.count - base}/{args.messages}): {' '.join(cmd)}")
+        raise BenchError(  # noqa: B904 (the timeout itself says nothing more)
+            f"smtp-source did not finish within {args.run_timeout}s "
+            f"(sink count {sink.count - base}/{args.messages}): {' '.join(cmd)}"
+        )
     finally:
         if src in _started:
             _started.remove(src)
     t1 = time.monotonic()
     if src.returncode != 0:
-        raise BenchError(f"smtp-source exit {src.returncode} after {t1 - t0:.2f}s "
-                         f"(sink count {sink.count - base}/{args.messages}): {' '.join(cmd)}\n"
-                         f"{out.decode(errors='replace')}")
+        raise BenchError(
+            f"smtp-source exit {src.returncode} after {t1 - t0:.2f}s "
+            f"(sink count {sink.count - base}/{args.messages}): {' '.join(cmd)}\n"
+            f"{out.decode(errors='replace')}"
+        )
     t2 = sink.wait_count(want, args.run_timeout)
     if t2 is None:
-        raise BenchError(f"sink got only {sink.count - base}/{args.messages} messages within "
-                         f"{args.run_timeout}s after smtp-source finished")
+        raise BenchError(
+            f"sink got only {sink.count - base}/{args.messages} messages within "
+            f"{args.run_timeout}s after smtp-source finished"
+        )
+    cpu1 = machine_cpu()
     time.sleep(args.settle)  # duplicates or stragglers would show here
     extra = sink.count - want
     target.wait_idle()
-    r = {"accepted_s": round(t1 - t0, 3), "delivered_s": round(t2 - t0, 3),
-         "accepted_mps": round(args.messages / (t1 - t0), 1),
-         "delivered_mps": round(args.messages / (t2 - t0), 1),
-         "extra_at_sink": extra}
+    r = {
+        "accepted_s": round(t1 - t0, 3),
+        "delivered_s": round(t2 - t0, 3),
+        "accepted_mps": round(args.messages / (t1 - t0), 1),
+        "delivered_mps": round(args.messages / (t2 - t0), 1),
+        "extra_at_sink": extra,
+        "machine_busy_pct": round(100 * (1 - (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1])), 1),
+    }
     r.update(target.after_run())
     return r
 
@@ -628,10 +708,26 @@ def profile_relayd(target: Relayd, args: argparse.Namespace, results: Path) -> d
     py_spy = ensure_py_spy()
     if not py_spy or target.proc is None:
         return {"skipped": "py-spy unavailable"}
-    raw = results / "relayd-py-spy.txt"
-    spy = spawn([py_spy, "record", "--pid", str(target.proc.pid), "--rate", "200", "--format", "raw",
-                 "--subprocesses", "--output", str(raw), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    raw = results / f"relayd-py-spy-{time.strftime('%Y%m%d-%H%M%S')}.txt"
+    # --gil: only samples of the thread holding the GIL, i.e. the Python CPU that serializes
+    # the event loop (threads blocked in fsync are not counted)
+    spy = spawn(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(target.proc.pid),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--gil",
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.0)
     if spy.poll() is not None:
         return {"skipped": f"py-spy exited {spy.returncode} (ptrace not permitted?)"}
@@ -664,11 +760,15 @@ def summarize_collapsed(text: str, top: int) -> dict[str, Any]:
         if not stack or not n.isdigit():
             continue
         count = int(n)
-        frames = [f for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [
+            f
+            for f in stack.split(";")
+            if f and not f.startswith("process ") and not f.startswith("thread ")
+        ]
         if not frames:
             continue
         total += count
-        self_c[_short(frames[-1])] += count
+        self_c[_short(frames[-1], line=True)] += count
         for f in set(_short(f) for f in frames):
             incl[f] += count
         # which package's code the leaf is in
@@ -678,24 +778,36 @@ def summarize_collapsed(text: str, top: int) -> dict[str, Any]:
     def pct(c: collections.Counter[str]) -> list[tuple[str, float]]:
         return [(k, round(100 * v / total, 1)) for k, v in c.most_common(top)]
 
-    return {"samples": total, "self_top": pct(self_c), "inclusive_top": pct(incl),
-            "self_by_package": pct(files)}
+    # frames on (nearly) every stack -- main, run_forever, Handle._run -- say nothing
+    incl = collections.Counter({k: v for k, v in incl.items() if not _ROOT_FRAME.search(k)})
+    return {
+        "samples": total,
+        "self_top": pct(self_c),
+        "inclusive_top": pct(incl),
+        "self_by_package": pct(files),
+    }
 
 
-def _short(frame: str) -> str:
-    # "handle_DATA (relayd/listener.py:123)" -> "handle_DATA (relayd/listener.py)"
-    m = re.match(r"(.*?) \((.*?)(?::\d+)?\)$", frame)
+_ROOT_FRAME = re.compile(
+    r"runpy|threading\.py|asyncio/runners|run_forever|run_until_complete|_run_once|Handle\._run"
+    r"|^<module>|^main \(|^cmd_serve|^_worker|_WorkItem\.run"
+)
+
+
+def _short(frame: str, line: bool = False) -> str:
+    # "handle_DATA (/x/relayd/listener.py:123)" -> "handle_DATA (relayd/listener.py[:123])"
+    m = re.match(r"(.*?) \((.*?)(:\d+)?\)$", frame)
     if not m:
         return frame
-    func, path = m.groups()
-    return f"{func} ({_trim(path)})"
+    func, path, lineno = m.groups()
+    return f"{func} ({_trim(path)}{(lineno or '') if line else ''})"
 
 
 def _trim(path: str) -> str:
     for marker in ("site-packages/", "/lib/python3", "/relayd/"):
         i = path.find(marker)
         if i >= 0:
-            rest = path[i + len(marker):]
+            rest = path[i + len(marker) :]
             if marker == "/lib/python3":
                 rest = "stdlib/" + rest.split("/", 1)[-1]
             if marker == "/relayd/":
@@ -714,6 +826,7 @@ def _pkg(path: str) -> str:
 
 # --------------------------------------------------------------------------- report
 
+
 def machine_info(workdir: Path) -> dict[str, Any]:
     cpu = "?"
     try:
@@ -725,11 +838,17 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         pass
     fs = run(["df", "-T", str(workdir)], timeout=10, check=False).stdout.splitlines()[-1].split()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "mem_mib": mem,
-            "kernel": platform.release(), "spool_fs": f"{fs[1]} on {fs[0]}" if len(fs) > 2 else "?",
-            "python": platform.python_version(),
-            "postfix": tool_version(["postconf", "-h", "mail_version"]),
-            "relayd_git": tool_version(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"])}
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_mib": mem,
+        "kernel": platform.release(),
+        "spool_fs": f"{fs[1]} on {fs[0]}" if len(fs) > 2 else "?",
+        "python": platform.python_version(),
+        "postfix": tool_version(["postconf", "-h", "mail_version"]),
+        "relayd_git": tool_version(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"]),
+    }
 
 
 def summary(runs: list[dict[str, Any]], key: str) -> dict[str, float] | None:
@@ -746,30 +865,43 @@ def fmt(s: dict[str, float] | None) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = ["| target | accepted msg/s | delivered msg/s | runs |",
-            "|---|---|---|---|"]
+    rows = [
+        "| target | accepted msg/s | delivered msg/s | machine CPU busy | runs |",
+        "|---|---|---|---|---|",
+    ]
     for name, t in report["targets"].items():
         if t.get("error") and not t["runs"]:
-            rows.append(f"| {name} | FAILED | FAILED | 0 |")
+            rows.append(f"| {name} | FAILED | FAILED | — | 0 |")
             continue
-        rows.append(f"| {name} | {fmt(t['accepted'])} | {fmt(t['delivered'])} | {len(t['runs'])} |")
+        busy = [r["machine_busy_pct"] for r in t["runs"] if "machine_busy_pct" in r]
+        busy_s = f"{statistics.median(busy):.0f}%" if busy else "—"
+        rows.append(
+            f"| {name} | {fmt(t['accepted'])} | {fmt(t['delivered'])} | {busy_s}"
+            f" | {len(t['runs'])} |"
+        )
     out = "\n".join(rows)
     ratios = report.get("ratios", {})
     if ratios:
         out += "\n\n| ratio (medians) | accepted | delivered |\n|---|---|---|\n"
-        out += "\n".join(f"| {k} | {v['accepted']:.2f} | {v['delivered']:.2f} |" for k, v in ratios.items())
+        out += "\n".join(
+            f"| {k} | {v['accepted']:.2f} | {v['delivered']:.2f} |" for k, v in ratios.items()
+        )
     rel = report["targets"].get("relayd", {})
     extra = [r for t in report["targets"].values() for r in t["runs"] if r.get("extra_at_sink")]
     lines = []
     if rel.get("runs"):
         hwm = max(r.get("vmhwm_kib") or 0 for r in rel["runs"])
         cpu = [r["cpu_s"] for r in rel["runs"] if "cpu_s" in r]
-        lines.append(f"relayd peak RSS (VmHWM): {hwm / 1024:.1f} MiB; CPU per run: "
-                     + ", ".join(f"{c:.2f}s" for c in cpu)
-                     + f" (= {1e6 * statistics.median(cpu) / report['params']['messages']:.0f} µs/message)")
+        lines.append(
+            f"relayd peak RSS (VmHWM): {hwm / 1024:.1f} MiB; CPU per run: "
+            + ", ".join(f"{c:.2f}s" for c in cpu)
+            + f" (= {1e6 * statistics.median(cpu) / report['params']['messages']:.0f} µs/message)"
+        )
     if extra:
-        lines.append(f"WARNING: {len(extra)} run(s) delivered more than {report['params']['messages']} "
-                     "messages to the sink (duplicates)")
+        lines.append(
+            f"WARNING: {len(extra)} run(s) delivered more than {report['params']['messages']} "
+            "messages to the sink (duplicates)"
+        )
     for name, t in report["targets"].items():
         if t.get("error"):
             lines.append(f"{name} ERROR: {t['error'].splitlines()[0]}")
@@ -781,9 +913,12 @@ def table(report: dict[str, Any]) -> str:
 def profile_text(prof: dict[str, Any] | None) -> str:
     if not prof or "self_top" not in prof:
         return f"profile: {prof.get('skipped') if prof else 'not run'}"
-    lines = [f"relayd profile (py-spy, {prof['samples']} samples in an extra, uncounted run):",
-             "  self time by package: " + ", ".join(f"{k} {v}%" for k, v in prof["self_by_package"][:8]),
-             "  top self:"]
+    lines = [
+        f"relayd profile (py-spy --gil: Python code holding the GIL; {prof['samples']} samples"
+        " at 200 Hz in an extra, uncounted run):",
+        "  self time by package: " + ", ".join(f"{k} {v}%" for k, v in prof["self_by_package"][:8]),
+        "  top self:",
+    ]
     lines += [f"    {v:5.1f}%  {k}" for k, v in prof["self_top"]]
     lines.append("  top inclusive:")
     lines += [f"    {v:5.1f}%  {k}" for k, v in prof["inclusive_top"]]
@@ -792,24 +927,47 @@ def profile_text(prof: dict[str, Any] | None) -> str:
 
 # --------------------------------------------------------------------------- main
 
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=4096, help="message payload bytes (smtp-source -l)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--targets", default="baseline,relayd,postfix-8,postfix-def",
-                    help="comma list of baseline, relayd, postfix-8, postfix-def")
-    ap.add_argument("--relayd", default=str(ROOT / ".venv/bin/relayd"), help="relayd command (shell words), e.g. 'env PYTHONPATH=/tmp/x .venv/bin/python -m relayd'")
-    ap.add_argument("--upstream-connections", type=int, default=8, help="relayd route max_connections")
-    ap.add_argument("--no-profile", dest="profile", action="store_false",
-                    help="skip the extra relayd run under py-spy")
+    ap.add_argument(
+        "--targets",
+        default="baseline,relayd,postfix-8,postfix-def",
+        help="comma list of baseline, relayd, postfix-8, postfix-def",
+    )
+    ap.add_argument(
+        "--relayd",
+        default=str(ROOT / ".venv/bin/relayd"),
+        help="relayd command (shell words), e.g. "
+        "'env PYTHONPATH=/tmp/x .venv/bin/python -m relayd'",
+    )
+    ap.add_argument(
+        "--upstream-connections", type=int, default=8, help="relayd route max_connections"
+    )
+    ap.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the extra relayd run under py-spy",
+    )
     ap.add_argument("--top", type=int, default=15, help="functions listed in the profile")
     ap.add_argument("--run-timeout", type=float, default=120, help="seconds for each wait of a run")
-    ap.add_argument("--time-limit", type=float, default=1800, help="seconds for the whole benchmark")
+    ap.add_argument(
+        "--time-limit", type=float, default=1800, help="seconds for the whole benchmark"
+    )
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each run")
-    ap.add_argument("--settle", type=float, default=1.0, help="seconds to watch for duplicates after each run")
-    ap.add_argument("--workdir", default="/var/tmp", help="where the temp spools go (disk, not tmpfs)")
+    ap.add_argument(
+        "--settle", type=float, default=1.0, help="seconds to watch for duplicates after each run"
+    )
+    ap.add_argument(
+        "--workdir", default="/var/tmp", help="where the temp spools go (disk, not tmpfs)"
+    )
     ap.add_argument("--results", default=str(BENCH / "results"))
     args = ap.parse_args()
 
@@ -818,7 +976,10 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
-        print("bench: run as root (it installs postfix and starts a Postfix instance)", file=sys.stderr)
+        print(
+            "bench: run as root (it installs postfix and starts a Postfix instance)",
+            file=sys.stderr,
+        )
         return 2
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -834,12 +995,18 @@ def main() -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix="relayd-bench-", dir=args.workdir))
     workdir.chmod(0o755)  # Postfix's daemons must traverse it
-    report: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                              "params": {"messages": args.messages, "sessions": args.sessions,
-                                         "size": args.size, "runs": args.runs,
-                                         "relayd_upstream_connections": args.upstream_connections,
-                                         "smtp_source": "one message per session (no -d)"},
-                              "targets": {}}
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "params": {
+            "messages": args.messages,
+            "sessions": args.sessions,
+            "size": args.size,
+            "runs": args.runs,
+            "relayd_upstream_connections": args.upstream_connections,
+            "smtp_source": "one message per session (no -d)",
+        },
+        "targets": {},
+    }
     targets: dict[str, Target] = {}
     sinks: list[Sink] = []
     rc = 0
@@ -848,7 +1015,10 @@ def main() -> int:
         report["machine"] = machine_info(workdir)
         relayd_cmd = shlex.split(args.relayd)
         if "relayd" in names and not shutil.which(relayd_cmd[0]):
-            report["targets"]["relayd"] = {"runs": [], "error": f"relayd executable not found: {args.relayd}"}
+            report["targets"]["relayd"] = {
+                "runs": [],
+                "error": f"relayd executable not found: {args.relayd}",
+            }
             names.remove("relayd")
         report["params"]["relayd_command"] = args.relayd
         for name in names:
@@ -860,7 +1030,11 @@ def main() -> int:
                 t = Relayd(sink, workdir, relayd_cmd, args.upstream_connections)
             else:
                 t = Postfix(sink, workdir, 8 if name == "postfix-8" else None)
-            report["targets"][name] = {"description": t.description, "runs": [], "sink_port": sink.port}
+            report["targets"][name] = {
+                "description": t.description,
+                "runs": [],
+                "sink_port": sink.port,
+            }
             try:
                 t.start()
                 report["targets"][name]["port"] = t.port
@@ -878,8 +1052,11 @@ def main() -> int:
                 try:
                     r = measure(t, args)
                     entry["runs"].append(r)
-                    log(f"  {name}: accepted {r['accepted_mps']:.0f}/s, delivered {r['delivered_mps']:.0f}/s"
-                        + (f", extra {r['extra_at_sink']}" if r["extra_at_sink"] else ""))
+                    log(
+                        f"  {name}: accepted {r['accepted_mps']:.0f}/s,"
+                        f" delivered {r['delivered_mps']:.0f}/s"
+                        + (f", extra {r['extra_at_sink']}" if r["extra_at_sink"] else "")
+                    )
                 except BenchError as e:
                     log(f"  {name} FAILED: {e}")
                     entry["error"] = f"run {i + 1}: {e}"
@@ -888,7 +1065,11 @@ def main() -> int:
                         entry["error"] += f"\n--- py-spy dump of relayd ---\n{t.stack_dump()}"
                         # a stuck relayd (e.g. spinning) must not skew the other targets' runs
                         entry["shutdown"] = t.close()
-        if args.profile and isinstance(targets.get("relayd"), Relayd) and not report["targets"]["relayd"].get("error"):
+        if (
+            args.profile
+            and isinstance(targets.get("relayd"), Relayd)
+            and not report["targets"]["relayd"].get("error")
+        ):
             log("extra relayd run under py-spy (not counted)")
             try:
                 report["relayd_profile"] = profile_relayd(targets["relayd"], args, results)  # type: ignore[arg-type]
@@ -914,7 +1095,7 @@ def main() -> int:
         stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    for name, t in report["targets"].items():
+    for t in report["targets"].values():
         t["accepted"] = summary(t["runs"], "accepted_mps")
         t["delivered"] = summary(t["runs"], "delivered_mps")
     rel = report["targets"].get("relayd", {})
@@ -924,13 +1105,17 @@ def main() -> int:
         if rel.get("accepted") and p.get("accepted"):
             report["ratios"][f"relayd / {pf}"] = {
                 "accepted": rel["accepted"]["median"] / p["accepted"]["median"],
-                "delivered": rel["delivered"]["median"] / p["delivered"]["median"]}
+                "delivered": rel["delivered"]["median"] / p["delivered"]["median"],
+            }
     if any(t.get("error") for t in report["targets"].values()):
         rc = 1
-    text = (f"relayd bench {report['date']} on {report.get('machine', {}).get('host', '?')} "
-            f"({report.get('machine', {}).get('cores', '?')} cores, {report.get('machine', {}).get('cpu', '?')}); "
-            f"{args.messages} messages x {args.size} B, {args.sessions} sessions, {args.runs} runs; "
-            "median (min–max)\n\n" + table(report))
+    machine = report.get("machine", {})
+    text = (
+        f"relayd bench {report['date']} on {machine.get('host', '?')} "
+        f"({machine.get('cores', '?')} cores, {machine.get('cpu', '?')}); "
+        f"{args.messages} messages x {args.size} B, {args.sessions} sessions, {args.runs} runs; "
+        "median (min–max)\n\n" + table(report)
+    )
     if "relayd_profile" in report:
         text += "\n\n" + profile_text(report["relayd_profile"])
     (results / f"{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
