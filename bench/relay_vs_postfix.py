@@ -632,6 +632,27 @@ class Postfix(Target):
 # --------------------------------------------------------------------------- one measurement
 
 
+def patched_relayd(diff: Path, workdir: Path) -> str:
+    """relayd/ as committed at HEAD, plus diff; return the command that runs that copy."""
+    src = workdir / "relayd-patched"
+    src.mkdir()
+    run(["sh", "-c", f"git -C '{ROOT}' archive HEAD relayd | tar -x -C '{src}'"], timeout=60)
+    with open(diff, "rb") as f:
+        r = subprocess.run(
+            ["patch", "-p1", "--forward", "--batch"],
+            cwd=src,
+            stdin=f,
+            capture_output=True,
+            timeout=60,
+        )
+    if r.returncode != 0:
+        raise BenchError(
+            f"{diff} does not apply to relayd/ at HEAD: {r.stdout.decode()}{r.stderr.decode()}"
+        )
+    python = ROOT / ".venv/bin/python"
+    return f"env PYTHONPATH={src} {python} -m relayd"
+
+
 def machine_cpu() -> tuple[int, int]:
     """(idle + iowait, total) jiffies of all CPUs, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -948,6 +969,12 @@ def main() -> int:
         "'env PYTHONPATH=/tmp/x .venv/bin/python -m relayd'",
     )
     ap.add_argument(
+        "--relayd-patch",
+        metavar="DIFF",
+        help="measure a patched copy: relayd/ as committed at HEAD, exported to the temp dir, DIFF "
+        "applied with patch -p1, run with the project venv's Python (nothing in the tree changes)",
+    )
+    ap.add_argument(
         "--upstream-connections", type=int, default=8, help="relayd route max_connections"
     )
     ap.add_argument(
@@ -1013,6 +1040,8 @@ def main() -> int:
     try:
         ensure_postfix_tools()
         report["machine"] = machine_info(workdir)
+        if args.relayd_patch:
+            args.relayd = patched_relayd(Path(args.relayd_patch).resolve(), workdir)
         relayd_cmd = shlex.split(args.relayd)
         if "relayd" in names and not shutil.which(relayd_cmd[0]):
             report["targets"]["relayd"] = {
@@ -1021,6 +1050,7 @@ def main() -> int:
             }
             names.remove("relayd")
         report["params"]["relayd_command"] = args.relayd
+        report["params"]["relayd_patch"] = args.relayd_patch
         for name in names:
             sink = Sink(name, workdir)
             sinks.append(sink)
