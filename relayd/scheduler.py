@@ -28,6 +28,7 @@ from relayd.router import Router
 log = logging.getLogger(__name__)
 
 CONTROL_POLL_S = 0.5
+MEMORY_HOLD_BYTES = 64 * 1024 * 1024  # fresh messages kept in memory for their first attempt
 IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route runs dry
 ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
 RETRY_AFTER_CAP_FACTOR = 1.0  # an upstream's Retry-After is honoured up to retry_max
@@ -171,6 +172,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._retired: list[RouteRunner] = []
+        self._held_bytes = 0
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -223,10 +225,25 @@ class Scheduler:
     def submit(self, entry: Entry) -> None:
         """A message just accepted (or recovered): deliver it as soon as its route allows."""
         self.entries[entry.id] = entry
+        self._hold(entry)
         if entry.next_attempt <= self.clock():
             self._dispatch(entry)
         else:
             self._schedule(entry, entry.next_attempt)
+
+    def _hold(self, entry: Entry) -> None:
+        """Keep a fresh message's bytes for its first attempt, within MEMORY_HOLD_BYTES."""
+        if entry.data is None:
+            return
+        if self._held_bytes + len(entry.data) > MEMORY_HOLD_BYTES:
+            entry.data = None  # read back from the spool when its turn comes
+        else:
+            self._held_bytes += len(entry.data)
+
+    def _release(self, entry: Entry) -> None:
+        if entry.data is not None:
+            self._held_bytes -= len(entry.data)
+            entry.data = None
 
     def _schedule(self, entry: Entry, when: float) -> None:
         entry.next_attempt = when
@@ -269,7 +286,9 @@ class Scheduler:
             down = runner.unreachable_error() if runner else None
             if down is not None:
                 raise down  # the route was just found unreachable: do not try again yet
-            data = await asyncio.to_thread(self.spool.read_data, entry)
+            data = entry.data
+            if data is None:
+                data = await asyncio.to_thread(self.spool.read_data, entry)
             message = OutboundMessage(entry.id, entry.sender, pending, data, entry.mail_options)
             results = await asyncio.wait_for(session.deliver(message),
                                              route.timeout_s + ATTEMPT_GRACE_S)
@@ -359,8 +378,9 @@ class Scheduler:
         if failures and not entry.deleted:
             await self._bounce(entry, route_name, failures)
         entry.active = False
+        self._release(entry)
         if entry.deleted or not still:
-            await asyncio.to_thread(self.spool.remove, entry.id)
+            self.spool.remove(entry.id, has_state=entry.has_state)
             self.entries.pop(entry.id, None)
             return
         delay = self._backoff(entry.attempts, retry_after)
@@ -385,7 +405,9 @@ class Scheduler:
                       entry.id, ", ".join(f.recipient for f in failures),
                       "; ".join(f.text for f in failures))
             return
-        original = await asyncio.to_thread(self.spool.read_data, entry)
+        original = entry.data
+        if original is None:
+            original = await asyncio.to_thread(self.spool.read_data, entry)
         data = build_bounce(original=original, sender=entry.sender, failures=failures,
                             hostname=self.config.server.hostname, route=route_name,
                             queue_id=entry.id, arrival=entry.received)
@@ -440,7 +462,8 @@ class Scheduler:
                     entry.deleted = True
                     if not entry.active:
                         self.entries.pop(qid, None)
-                        await asyncio.to_thread(self.spool.remove, qid)
+                        self._release(entry)
+                        self.spool.remove(qid, has_state=entry.has_state)
 
     def stats(self) -> tuple[int, float]:
         """Queue depth and the age in seconds of the oldest entry."""

@@ -173,6 +173,7 @@ class Service:
         stop_metrics = getattr(self.observer, "stop", None)
         if stop_metrics is not None:
             await stop_metrics()
+        await asyncio.to_thread(self.spool.close)
         self.spool.unlock()
 
 
