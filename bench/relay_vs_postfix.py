@@ -408,7 +408,11 @@ max_connections = {self.conns}
             )
 
     def queue_files(self) -> int:
-        return sum(len(files) for _, _, files in os.walk(self.dir / "queue"))
+        return len(self.queue_file_names())
+
+    def queue_file_names(self) -> list[str]:
+        root = self.dir / "queue"
+        return [str(Path(d, f).relative_to(root)) for d, _, files in os.walk(root) for f in files]
 
     def after_run(self) -> dict[str, Any]:
         self.check_alive()
@@ -425,7 +429,7 @@ max_connections = {self.conns}
 
     def wait_idle(self) -> None:
         end = time.monotonic() + 15
-        while time.monotonic() < end and self.queue_files():
+        while time.monotonic() < end and any(n.startswith("msg/") for n in self.queue_file_names()):
             time.sleep(0.2)
 
     def stack_dump(self) -> str:
@@ -442,7 +446,7 @@ max_connections = {self.conns}
         info: dict[str, Any] = {}
         if self.proc is not None:
             info["cpu_percent_idle_1s"] = self.idle_cpu()
-            info["queue_files_left"] = self.queue_files()
+            info["queue_files_left"] = self.queue_file_names()[:20]
             t = time.monotonic()
             rc = stop(self.proc, signal.SIGTERM, wait=30)
             info["sigterm_exit"] = rc
@@ -632,11 +636,13 @@ class Postfix(Target):
 # --------------------------------------------------------------------------- one measurement
 
 
-def patched_relayd(diff: Path, workdir: Path) -> str:
+def patched_relayd(diff: Path | None, workdir: Path) -> str:
     """relayd/ as committed at HEAD, plus diff; return the command that runs that copy."""
     src = workdir / "relayd-patched"
     src.mkdir()
     run(["sh", "-c", f"git -C '{ROOT}' archive HEAD relayd | tar -x -C '{src}'"], timeout=60)
+    if diff is None:
+        return f"env PYTHONPATH={src} {ROOT / '.venv/bin/python'} -m relayd"
     with open(diff, "rb") as f:
         r = subprocess.run(
             ["patch", "-p1", "--forward", "--batch"],
@@ -659,12 +665,32 @@ def machine_cpu() -> tuple[int, int]:
     return f[3] + f[4], sum(f[:8])
 
 
+def background_busy(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU in use while the bench itself is idle (other people's work)."""
+    a = machine_cpu()
+    time.sleep(seconds)
+    b = machine_cpu()
+    return round(100 * (1 - (b[0] - a[0]) / max(1, b[1] - a[1])), 1)
+
+
+def wait_quiet(limit_pct: float, wait_s: float) -> float:
+    """Wait (up to wait_s) until something else's CPU use drops below limit_pct; return the last."""
+    end = time.monotonic() + wait_s
+    busy = background_busy()
+    while busy > limit_pct and time.monotonic() < end:
+        log(f"machine {busy:.0f}% busy with other work; waiting for it to calm down")
+        time.sleep(3)
+        busy = background_busy()
+    return busy
+
+
 def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
     sink = target.sink
     base = sink.count
     want = base + args.messages
     os.sync()
     time.sleep(args.pause)
+    quiet = wait_quiet(args.quiet_pct, args.quiet_wait)
     cmd = [
         "smtp-source",
         "-s",
@@ -718,6 +744,7 @@ def measure(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         "accepted_mps": round(args.messages / (t1 - t0), 1),
         "delivered_mps": round(args.messages / (t2 - t0), 1),
         "extra_at_sink": extra,
+        "busy_before_pct": quiet,
         "machine_busy_pct": round(100 * (1 - (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1])), 1),
     }
     r.update(target.after_run())
@@ -867,8 +894,17 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "kernel": platform.release(),
         "spool_fs": f"{fs[1]} on {fs[0]}" if len(fs) > 2 else "?",
         "python": platform.python_version(),
-        "postfix": tool_version(["postconf", "-h", "mail_version"]),
-        "relayd_git": tool_version(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"]),
+        "postfix": tool_version(["postconf", "-d", "-h", "mail_version"]),
+        "relayd_git": tool_version(
+            ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", "--", "relayd"]
+        ),
+        "relayd_tree_dirty": bool(
+            run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "--", "relayd"],
+                timeout=30,
+                check=False,
+            ).stdout
+        ),
     }
 
 
@@ -923,6 +959,14 @@ def table(report: dict[str, Any]) -> str:
             f"WARNING: {len(extra)} run(s) delivered more than {report['params']['messages']} "
             "messages to the sink (duplicates)"
         )
+    noisy = [
+        r for t in report["targets"].values() for r in t["runs"] if r.get("busy_before_pct", 0) > 15
+    ]
+    if noisy:
+        lines.append(
+            f"WARNING: {len(noisy)} run(s) started while other work kept the machine >15% busy "
+            "(see busy_before_pct in the JSON): those figures are low"
+        )
     for name, t in report["targets"].items():
         if t.get("error"):
             lines.append(f"{name} ERROR: {t['error'].splitlines()[0]}")
@@ -969,6 +1013,11 @@ def main() -> int:
         "'env PYTHONPATH=/tmp/x .venv/bin/python -m relayd'",
     )
     ap.add_argument(
+        "--relayd-head",
+        action="store_true",
+        help="measure relayd/ as committed at HEAD (exported to the temp dir), not the work tree",
+    )
+    ap.add_argument(
         "--relayd-patch",
         metavar="DIFF",
         help="measure a patched copy: relayd/ as committed at HEAD, exported to the temp dir, DIFF "
@@ -991,6 +1040,15 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of quiet before each run")
     ap.add_argument(
         "--settle", type=float, default=1.0, help="seconds to watch for duplicates after each run"
+    )
+    ap.add_argument(
+        "--quiet-pct",
+        type=float,
+        default=15,
+        help="before each run, wait while other work keeps the machine busier than this",
+    )
+    ap.add_argument(
+        "--quiet-wait", type=float, default=120, help="seconds to wait for quiet at most"
     )
     ap.add_argument(
         "--workdir", default="/var/tmp", help="where the temp spools go (disk, not tmpfs)"
@@ -1040,8 +1098,9 @@ def main() -> int:
     try:
         ensure_postfix_tools()
         report["machine"] = machine_info(workdir)
-        if args.relayd_patch:
-            args.relayd = patched_relayd(Path(args.relayd_patch).resolve(), workdir)
+        if args.relayd_patch or args.relayd_head:
+            diff = Path(args.relayd_patch).resolve() if args.relayd_patch else None
+            args.relayd = patched_relayd(diff, workdir)
         relayd_cmd = shlex.split(args.relayd)
         if "relayd" in names and not shutil.which(relayd_cmd[0]):
             report["targets"]["relayd"] = {
@@ -1051,6 +1110,9 @@ def main() -> int:
             names.remove("relayd")
         report["params"]["relayd_command"] = args.relayd
         report["params"]["relayd_patch"] = args.relayd_patch
+        report["params"]["relayd_source"] = (
+            "HEAD" if args.relayd_patch or args.relayd_head else "work tree (editable install)"
+        )
         for name in names:
             sink = Sink(name, workdir)
             sinks.append(sink)
