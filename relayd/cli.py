@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relayd.service import serve
 
     setup_logging(args.log_level, args.log_format)
-    return asyncio.run(serve(config_path(args.config)))
+    log_options = ["--log-level", args.log_level, "--log-format", args.log_format]
+    return asyncio.run(serve(config_path(args.config), log_options=log_options))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -314,6 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
         # installed as /usr/sbin/sendmail (a symlink to relayd): behave as sendmail
         args_list = ["sendmail", *args_list]
+    if args_list[:1] == ["_worker"]:
+        # a listener process started by `relayd serve` (server.workers > 1); not for people
+        from relayd.workers import worker_main
+
+        return worker_main(args_list[1:])
     if args_list[:1] == ["sendmail"]:
         # sendmail's own option syntax (-oi, -f addr, -t) does not fit argparse.
         from relayd.sendmail import main as sendmail_main

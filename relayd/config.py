@@ -22,6 +22,7 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1000 * 1000
 DEFAULT_MAX_CONNECTIONS = 2
 DEFAULT_TIMEOUT_S = 60.0
+MAX_WORKERS = 64
 
 UPSTREAMS = ("smtp", "ews", "graph", "outbox")
 
@@ -106,6 +107,7 @@ class ServerConfig:
     listen_tls: tuple[Address, ...] = ()
     tls_legacy: bool = False
     users: Mapping[str, ServerUser] = field(default_factory=lambda: MappingProxyType({}))
+    workers: int = 1  # SMTP listener processes (the first one also schedules and delivers)
 
 
 @dataclass(frozen=True)
@@ -402,6 +404,12 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     if (tls_cert is None) != (tls_key is None):
         s.problem("tls_cert", "tls_cert and tls_key go together")
     tls_legacy = s.get("tls_legacy", bool, False)
+    workers = s.get("workers", (int, str), 1)
+    if workers == "auto":
+        workers = min(MAX_WORKERS, os.cpu_count() or 1)
+    elif not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        s.problem("workers", f'must be 1-{MAX_WORKERS} or "auto"')
+        workers = 1
     users: dict[str, ServerUser] = {}
     users_data = s.get("users", dict, {})
     for name, udata in users_data.items():
@@ -433,7 +441,7 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         listen=tuple(listen), hostname=hostname, max_message_size=size,
         allowed_clients=tuple(clients), tls_cert=Path(tls_cert) if tls_cert else None,
         tls_key=Path(tls_key) if tls_key else None, listen_tls=tuple(listen_tls),
-        tls_legacy=tls_legacy, users=MappingProxyType(users),
+        tls_legacy=tls_legacy, users=MappingProxyType(users), workers=workers,
     )
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
-import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from relayd import notify
-from relayd.config import Address, Config, load_config
+from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import Upstream, make_upstream
 from relayd.errors import ConfigError
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
@@ -31,16 +32,43 @@ LISTEN_BACKLOG = 512
 QUEUE_GAUGE_INTERVAL_S = 5.0
 
 
+@dataclass
+class Listeners:
+    """Listening sockets bound once by the main process and shared with its workers."""
+
+    plain: list[socket.socket]
+    tls: list[socket.socket]
+
+
+def bind_listeners(server: ServerConfig) -> Listeners:
+    def bind(addr: Address) -> socket.socket:
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        return socket.create_server((addr.host, addr.port), family=family,
+                                    backlog=LISTEN_BACKLOG)
+
+    return Listeners([bind(a) for a in server.listen], [bind(a) for a in server.listen_tls])
+
+
 class Service:
-    """One running relay: listeners, spool and scheduler for one config."""
+    """One running relay: listeners, spool and scheduler for one config.
+
+    With `report` set it is a listener worker (server.workers > 1): it accepts and stores mail
+    like any listener, then reports each queue id to the main process, which owns the
+    scheduler, the queue lock, recovery, control requests and metrics.
+    """
 
     def __init__(self, config: Config, *, upstream_factory: UpstreamFactory = make_upstream,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, listeners: Listeners | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.spool = Spool(config.queue.path)
         self.router = Router(config.routes)
         self.observer: Any = observer or NullObserver()
+        self.make_upstream = upstream_factory
         self.scheduler = Scheduler(config, self.spool, upstream_factory, self.observer)
+        self.listeners = listeners
+        self.report = report
+        self._upstreams: dict[str, Upstream] = {}  # a worker's, for refuse_sender only
         self.handler = Handler(self)
         self.guard = LoginGuard(self._failed_login)
         self.sessions: set[RelaySMTP] = set()
@@ -54,10 +82,25 @@ class Service:
 
     def upstream_for_sender(self, sender: str) -> Upstream | None:
         route = self.router.lookup(sender)
-        return self.scheduler.upstream_for(route) if route else None
+        if route is None:
+            return None
+        if self.report is None:
+            return self.scheduler.upstream_for(route)
+        upstream = self._upstreams.get(route.name)
+        if upstream is None or upstream.route != route:
+            upstream = self._upstreams[route.name] = self.make_upstream(route, self.config)
+        return upstream
 
     def submit(self, entry: Entry) -> None:
-        self.scheduler.submit(entry)
+        if self.report is None:
+            self.scheduler.submit(entry)
+            return
+        try:
+            self.report(f"A {entry.id}")
+        except OSError as e:
+            # The message is on disk; the main process finds it when it starts again.
+            log.error("%s: cannot tell the main process (%s); it is queued all the same",
+                      entry.id, e)
 
     def accepted(self, route: str) -> None:
         hook: Callable[[str], None] | None = getattr(self.observer, "accepted", None)
@@ -65,6 +108,10 @@ class Service:
             hook(route)
 
     def _failed_login(self) -> None:
+        if self.report is not None:
+            with contextlib.suppress(OSError):
+                self.report("L")
+            return
         hook: Callable[[], None] | None = getattr(self.observer, "failed_login", None)
         if hook is not None:
             hook()
@@ -77,6 +124,9 @@ class Service:
 
     async def start(self) -> None:
         self.spool.create()
+        if self.report is not None:
+            await self._listen()  # a worker: the main process does everything else
+            return
         self.spool.lock()
         try:
             self.spool.clean_tmp()
@@ -107,11 +157,15 @@ class Service:
                                       starttls=tls)
         implicit = make_protocol_factory(self.handler, self.config, self.sessions, self.guard,
                                          implicit_tls=True)
-        for addrs, factory, ssl_ctx, bound in (
-                (server_cfg.listen, plain, None, self.addresses),
-                (server_cfg.listen_tls, implicit, tls, self.tls_addresses)):
-            for addr in addrs:
-                server = await _create_server(factory, addr, ssl_ctx)
+        listeners = self.listeners
+        if listeners is None:
+            listeners = await asyncio.to_thread(bind_listeners, server_cfg)
+        for socks, factory, ssl_ctx, bound in (
+                (listeners.plain, plain, None, self.addresses),
+                (listeners.tls, implicit, tls, self.tls_addresses)):
+            for sock in socks:
+                server = await asyncio.get_running_loop().create_server(
+                    factory, sock=sock, ssl=ssl_ctx, backlog=LISTEN_BACKLOG)
                 self.servers.append(server)
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
@@ -173,6 +227,9 @@ class Service:
         stop_metrics = getattr(self.observer, "stop", None)
         if stop_metrics is not None:
             await stop_metrics()
+        for upstream in self._upstreams.values():
+            with contextlib.suppress(Exception):
+                await upstream.close()
         await asyncio.to_thread(self.spool.close)
         self.spool.unlock()
 
@@ -183,21 +240,21 @@ def _with(config: Config, **changes: Any) -> Config:
     return dataclasses.replace(config, **changes)
 
 
-async def _create_server(factory: Callable[[], RelaySMTP], addr: Address,
-                         ssl_ctx: ssl.SSLContext | None) -> asyncio.Server:
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host=addr.host, port=addr.port, family=family,
-                                    reuse_address=True, backlog=LISTEN_BACKLOG, ssl=ssl_ctx)
-
-
-async def serve(path: str, *, ready: Callable[[Service], None] | None = None) -> int:
+async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
+                log_options: Sequence[str] = ()) -> int:
     """`relayd serve`: run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     config = load_config(path)
     for warning in config.warnings:
         log.warning("config: %s", warning)
-    service = Service(config, observer=Metrics())
+    listeners = bind_listeners(config.server) if config.server.workers > 1 else None
+    service = Service(config, observer=Metrics(), listeners=listeners)
     await service.start()
+    pool = None
+    if listeners is not None:
+        from relayd.workers import WorkerPool
+
+        pool = WorkerPool(service, path, listeners, config.server.workers - 1, log_options)
+        await pool.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -220,6 +277,8 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None) ->
             log.error("reload refused, keeping the running config: %s", "; ".join(e.problems))
         else:
             service.reload(new)
+            if pool is not None:
+                pool.reload()
         notify.ready()
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
@@ -233,6 +292,8 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None) ->
     try:
         await stop.wait()
     finally:
+        if pool is not None:
+            await pool.stop(SESSION_DRAIN_S + 5)  # their sessions drain; their ids come in
         await service.stop()
         watchdog.cancel()
         await asyncio.gather(watchdog, return_exceptions=True)

@@ -1,0 +1,171 @@
+"""Listener worker processes (server.workers > 1): more CPU cores for SMTP sessions.
+
+One Python process tops out on SMTP session handling (aiosmtpd reads DATA line by line; each
+message is a dozen socket calls), not on the disk. The main process binds the listening
+sockets and starts workers that share them: the kernel hands each new connection to whichever
+process accepts first. A worker stores each message durably like any listener, then reports
+its queue id on its stdout ("A ID", or "L" for a failed login) before answering 250. The main
+process owns the rest: scheduler, queue lock, recovery, control requests, metrics, systemd.
+A worker that dies is started again; a worker whose main process is gone stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from relayd.config import load_config
+from relayd.errors import ConfigError, QueueError
+from relayd.service import SESSION_DRAIN_S, Listeners, Service
+
+log = logging.getLogger(__name__)
+
+RESPAWN_DELAY_S = 1.0
+PARENT_CHECK_S = 1.0
+
+
+class WorkerPool:
+    """The main process's side: start, watch, signal and stop the workers."""
+
+    def __init__(self, service: Service, config_path: str, listeners: Listeners, count: int,
+                 log_options: Sequence[str] = ()) -> None:
+        self.service = service
+        self.config_path = config_path
+        self.listeners = listeners
+        self.count = count
+        self.log_options = list(log_options)
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self) -> None:
+        for index in range(1, self.count + 1):
+            self._tasks.append(asyncio.create_task(self._keep(index), name=f"worker-{index}"))
+
+    async def _keep(self, index: int) -> None:
+        """Run worker `index`, reading its reports; start it again if it dies."""
+        while not self._stopping:
+            plain = [s.fileno() for s in self.listeners.plain]
+            tls = [s.fileno() for s in self.listeners.tls]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relayd", "_worker", "-c", self.config_path,
+                "--index", str(index), "--plain", ",".join(map(str, plain)),
+                "--tls", ",".join(map(str, tls)), *self.log_options,
+                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=[*plain, *tls])
+            self.procs[index] = proc
+            log.info("worker %d started (pid %d)", index, proc.pid)
+            assert proc.stdout is not None
+            while line := await proc.stdout.readline():
+                self._event(index, line.decode("ascii", "replace").strip())
+            code = await proc.wait()
+            del self.procs[index]
+            if self._stopping:
+                return
+            log.error("worker %d (pid %d) exited with %s; starting it again", index, proc.pid,
+                      code)
+            await asyncio.sleep(RESPAWN_DELAY_S)
+
+    def _event(self, index: int, line: str) -> None:
+        kind, _, queue_id = line.partition(" ")
+        if kind == "L":
+            self.service._failed_login()
+        elif kind == "A" and queue_id:
+            if queue_id in self.service.scheduler.entries:
+                return
+            try:
+                entry = self.service.spool.load(queue_id)
+            except QueueError as e:
+                log.error("worker %d reported %s, which cannot be read: %s", index, queue_id, e)
+                return
+            route = self.service.router.lookup(entry.sender)
+            self.service.accepted(route.name if route else "-")
+            self.service.submit(entry)
+        else:
+            log.warning("worker %d said something unexpected: %r", index, line[:100])
+
+    def reload(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM to every worker; their sessions drain and their last reports come in."""
+        self._stopping = True
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for proc in self.procs.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+                for task in pending:
+                    task.cancel()
+
+
+def _fds(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def worker_main(argv: Sequence[str]) -> int:
+    """`relayd _worker`: what WorkerPool starts. Not a command for people."""
+    from relayd.cli import setup_logging
+
+    ap = argparse.ArgumentParser(prog="relayd _worker")
+    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("--index", type=int, default=1)
+    ap.add_argument("--plain", default="")
+    ap.add_argument("--tls", default="")
+    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--log-format", default="text")
+    args = ap.parse_args(list(argv))
+    setup_logging(args.log_level, args.log_format)
+    listeners = Listeners([socket.socket(fileno=fd) for fd in _fds(args.plain)],
+                          [socket.socket(fileno=fd) for fd in _fds(args.tls)])
+    try:
+        return asyncio.run(_run_worker(args.config, listeners, args.index))
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error("worker %d: %s", args.index, problem)
+        return 2
+
+
+async def _run_worker(path: str, listeners: Listeners, index: int) -> int:
+    parent = os.getppid()
+    stdout = sys.stdout.fileno()
+
+    def report(line: str) -> None:
+        os.write(stdout, line.encode("ascii") + b"\n")  # short: one atomic pipe write
+
+    service = Service(load_config(path), listeners=listeners, report=report)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_reload() -> None:
+        try:
+            service.reload(load_config(path))
+        except ConfigError as e:
+            log.error("worker %d: reload refused: %s", index, "; ".join(e.problems))
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
+        if os.getppid() != parent:
+            log.error("worker %d: the main process is gone; stopping", index)
+            break
+    await service.stop(timeout=SESSION_DRAIN_S)
+    return 0

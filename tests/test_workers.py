@@ -1,0 +1,96 @@
+"""server.workers > 1: listener processes that share the port with the main process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from conftest import (Upstream, daemon, free_port, message, send, smtp_route, wait_for,
+                      write_config)
+
+
+def worker_pids(log: Path) -> list[int]:
+    return [int(p) for p in re.findall(r"worker 1 started \(pid (\d+)\)", log.read_text())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it is gone for our purposes
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def test_workers_accept_on_their_own_and_the_main_process_delivers(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. workers = 2 2. the main process is stopped (SIGSTOP): the worker alone accepts
+    3. main process continues: it learns the queue ids and delivers everything."""
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log) as proc:
+        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(5):
+                await asyncio.wait_for(send(port, "a@business.com", ["x@example.com"],
+                                            message(subject=f"while stopped {i}")), 20)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        for i in range(20):
+            await send(port, "a@business.com", ["x@example.com"], message(subject=f"m{i}"))
+        await wait_for(lambda: len(upstream.messages) == 25, what="all 25 delivered")
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert proc.returncode == 0, log.read_text()
+    assert not alive(worker_pids(log)[0])
+    subjects = sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in upstream.messages)
+    assert subjects.count(b"while stopped 0") == 1 and len(set(subjects)) == 25
+
+
+async def test_a_killed_worker_is_started_again(tmp_path: Path, upstream: Upstream) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log):
+        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
+        first = worker_pids(log)[0]
+        os.kill(first, signal.SIGKILL)
+        await wait_for(lambda: len(worker_pids(log)) == 2, what="worker restart")
+        assert "exited with -9; starting it again" in log.read_text()
+        for i in range(10):
+            await send(port, "a@business.com", ["x@example.com"], message(subject=f"{i}"))
+        await wait_for(lambda: len(upstream.messages) == 10)
+
+
+async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. upstream down, workers = 2 2. twenty messages accepted 3. kill -9 the main process:
+    its worker stops by itself 4. restart, upstream up: all twenty delivered."""
+    await upstream.stop()
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log) as proc:
+        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
+        worker = worker_pids(log)[0]
+        for i in range(20):
+            await send(port, "a@business.com", ["x@example.com"], message(subject=f"{i}"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        await wait_for(lambda: not alive(worker), what="the orphaned worker to stop")
+    await upstream.start()
+    async with daemon(cfg, port, log):
+        await wait_for(lambda: len({m.data for m in upstream.messages}) == 20, timeout=30,
+                       what="all 20 delivered after restart")
