@@ -9,8 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import (Upstream, daemon, free_port, message, send, smtp_route, wait_for,
-                      write_config)
+from conftest import Upstream, daemon, free_port, message, send, smtp_route, wait_for, write_config
 
 
 def worker_pids(log: Path) -> list[int]:
