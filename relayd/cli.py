@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from relayd import __version__
 from relayd.config import Config, config_path, load_config
-from relayd.errors import ConfigError, DeliveryError, QueueError
+from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -126,8 +126,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
             results = await session.deliver(OutboundMessage("SENDTEST", args.sender, args.to,
                                                             data))
         except DeliveryError as e:
-            kind = "temporary" if e.__class__.__name__.startswith("Transient") or \
-                "Authentication" in e.__class__.__name__ else "permanent"
+            kind = "temporary" if isinstance(e, TransientDeliveryError) else "permanent"
             print(f"4. failed ({kind}): {e}")
             return EXIT_FAILED
         finally:
