@@ -6,6 +6,7 @@ Load: Postfix's smtp-source, SESSIONS concurrent sessions, one message of SIZE b
 Targets, each in front of its own smtp-sink on 127.0.0.1:
   baseline      smtp-source -> smtp-sink (the raw ceiling of the tools themselves)
   relayd        smtp-source -> relayd serve (fsync before 250) -> smtp-sink
+  relayd-w2     the same with server.workers = 2 (listener processes sharing the port)
   postfix-8     smtp-source -> throwaway Postfix relay (destination concurrency 8) -> smtp-sink
   postfix-def   the same with Postfix's default concurrency (20)
 Every target runs RUNS times, interleaved round by round; the report gives median and range.
@@ -347,10 +348,21 @@ class Relayd(Target):
     description = "smtp-source -> relayd (fsync before 250, 8 upstream connections) -> smtp-sink"
 
     def __init__(
-        self, sink: Sink, workdir: Path, relayd_cmd: list[str], upstream_conns: int
+        self,
+        sink: Sink,
+        workdir: Path,
+        relayd_cmd: list[str],
+        upstream_conns: int,
+        workers: int = 1,
     ) -> None:
         super().__init__(sink)
-        self.dir = workdir / "relayd"
+        self.workers = workers
+        if workers != 1:
+            self.name = f"relayd-w{workers}"
+            self.description = self.description.replace(
+                "relayd (", f"relayd with server.workers = {workers} ("
+            )
+        self.dir = workdir / self.name
         self.cmd = relayd_cmd
         self.conns = upstream_conns
         self.proc: subprocess.Popen[bytes] | None = None
@@ -361,6 +373,7 @@ class Relayd(Target):
 [server]
 listen = ["127.0.0.1:{self.port}"]
 hostname = "bench.local"
+{f"workers = {self.workers}" if self.workers != 1 else ""}
 allowed_clients = ["127.0.0.0/8"]
 max_message_size = "35MB"
 
@@ -943,14 +956,19 @@ def table(report: dict[str, Any]) -> str:
         out += "\n".join(
             f"| {k} | {v['accepted']:.2f} | {v['delivered']:.2f} |" for k, v in ratios.items()
         )
-    rel = report["targets"].get("relayd", {})
     extra = [r for t in report["targets"].values() for r in t["runs"] if r.get("extra_at_sink")]
     lines = []
-    if rel.get("runs"):
+    for name, rel in report["targets"].items():
+        if not name.startswith("relayd") or not rel.get("runs"):
+            continue
         hwm = max(r.get("vmhwm_kib") or 0 for r in rel["runs"])
+        rss = max(r.get("vmrss_kib") or 0 for r in rel["runs"])
+        procs = max(r.get("processes") or 1 for r in rel["runs"])
         cpu = [r["cpu_s"] for r in rel["runs"] if "cpu_s" in r]
         lines.append(
-            f"relayd peak RSS (VmHWM): {hwm / 1024:.1f} MiB; CPU per run: "
+            f"{name}: peak RSS (VmHWM, largest process) {hwm / 1024:.1f} MiB"
+            + (f", {procs} processes, {rss / 1024:.1f} MiB RSS in all" if procs > 1 else "")
+            + "; CPU per run (all processes): "
             + ", ".join(f"{c:.2f}s" for c in cpu)
             + f" (= {1e6 * statistics.median(cpu) / report['params']['messages']:.0f} µs/message)"
         )
@@ -1003,8 +1021,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
         "--targets",
-        default="baseline,relayd,postfix-8,postfix-def",
-        help="comma list of baseline, relayd, postfix-8, postfix-def",
+        default="baseline,relayd,relayd-w2,postfix-8,postfix-def",
+        help="comma list of baseline, relayd, relayd-wN (server.workers = N), postfix-8, "
+        "postfix-def",
     )
     ap.add_argument(
         "--relayd",
@@ -1057,7 +1076,9 @@ def main() -> int:
     args = ap.parse_args()
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    unknown = set(names) - {"baseline", "relayd", "postfix-8", "postfix-def"}
+    unknown = {n for n in names if n not in ("baseline", "relayd", "postfix-8", "postfix-def")} - {
+        n for n in names if re.fullmatch(r"relayd-w\d+", n)
+    }
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
     if os.geteuid() != 0:
@@ -1102,12 +1123,13 @@ def main() -> int:
             diff = Path(args.relayd_patch).resolve() if args.relayd_patch else None
             args.relayd = patched_relayd(diff, workdir)
         relayd_cmd = shlex.split(args.relayd)
-        if "relayd" in names and not shutil.which(relayd_cmd[0]):
-            report["targets"]["relayd"] = {
-                "runs": [],
-                "error": f"relayd executable not found: {args.relayd}",
-            }
-            names.remove("relayd")
+        if not shutil.which(relayd_cmd[0]):
+            for n in [n for n in names if n.startswith("relayd")]:
+                report["targets"][n] = {
+                    "runs": [],
+                    "error": f"relayd executable not found: {args.relayd}",
+                }
+                names.remove(n)
         report["params"]["relayd_command"] = args.relayd
         report["params"]["relayd_patch"] = args.relayd_patch
         report["params"]["relayd_source"] = (
@@ -1118,8 +1140,9 @@ def main() -> int:
             sinks.append(sink)
             if name == "baseline":
                 t: Target = Baseline(sink)
-            elif name == "relayd":
-                t = Relayd(sink, workdir, relayd_cmd, args.upstream_connections)
+            elif name.startswith("relayd"):
+                workers = int(name[len("relayd-w") :]) if name != "relayd" else 1
+                t = Relayd(sink, workdir, relayd_cmd, args.upstream_connections, workers)
             else:
                 t = Postfix(sink, workdir, 8 if name == "postfix-8" else None)
             report["targets"][name] = {
@@ -1190,15 +1213,15 @@ def main() -> int:
     for t in report["targets"].values():
         t["accepted"] = summary(t["runs"], "accepted_mps")
         t["delivered"] = summary(t["runs"], "delivered_mps")
-    rel = report["targets"].get("relayd", {})
     report["ratios"] = {}
-    for pf in ("postfix-8", "postfix-def"):
-        p = report["targets"].get(pf, {})
-        if rel.get("accepted") and p.get("accepted"):
-            report["ratios"][f"relayd / {pf}"] = {
-                "accepted": rel["accepted"]["median"] / p["accepted"]["median"],
-                "delivered": rel["delivered"]["median"] / p["delivered"]["median"],
-            }
+    for rname, rel in report["targets"].items():
+        for pf in ("postfix-8", "postfix-def"):
+            p = report["targets"].get(pf, {})
+            if rname.startswith("relayd") and rel.get("accepted") and p.get("accepted"):
+                report["ratios"][f"{rname} / {pf}"] = {
+                    "accepted": rel["accepted"]["median"] / p["accepted"]["median"],
+                    "delivered": rel["delivered"]["median"] / p["delivered"]["median"],
+                }
     if any(t.get("error") for t in report["targets"].values()):
         rc = 1
     machine = report.get("machine", {})
