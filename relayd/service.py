@@ -59,8 +59,9 @@ class Service:
 
     def __init__(self, config: Config, *, upstream_factory: UpstreamFactory = make_upstream,
                  observer: Observer | None = None, listeners: Listeners | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None, accept: bool = True) -> None:
         self.config = config
+        self.accept = accept  # False: the workers hold the SMTP sessions, this one delivers
         self.spool = Spool(config.queue.path)
         self.router = Router(config.routes)
         self.observer: Any = observer or NullObserver()
@@ -138,7 +139,8 @@ class Service:
                 log.info("queue: recovered %d message(s) from %s", recovered, self.spool.path)
             self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
             self._tasks.append(asyncio.create_task(self._report_queue(), name="queue-gauges"))
-            await self._listen()
+            if self.accept:
+                await self._listen()
             await self._start_metrics()
         except BaseException:
             await self.stop(timeout=1)
@@ -246,15 +248,21 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     config = load_config(path)
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    # With workers, the SMTP sessions are theirs and this process schedules and delivers.
     listeners = bind_listeners(config.server) if config.server.workers > 1 else None
-    service = Service(config, observer=Metrics(), listeners=listeners)
+    service = Service(config, observer=Metrics(), listeners=listeners,
+                      accept=listeners is None)
     await service.start()
     pool = None
     if listeners is not None:
         from relayd.workers import WorkerPool
 
-        pool = WorkerPool(service, path, listeners, config.server.workers - 1, log_options)
+        pool = WorkerPool(service, path, listeners, config.server.workers, log_options)
         await pool.start()
+        for sock in listeners.plain + listeners.tls:
+            host, port = sock.getsockname()[:2]
+            service.addresses.append((host, port))
+            log.info("listening on %s (%d workers)", Address(host, port), pool.count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals_seen = 0
