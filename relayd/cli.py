@@ -274,32 +274,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--subject", default="relayd test message")
     sp.set_defaults(func=cmd_send_test)
 
+    def action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+        """A sub-action that also takes -c after its name (relayd queue list -c FILE)."""
+        ap: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+        ap.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+        return ap
+
     sp = add("queue", "inspect and act on the queue (works while the daemon runs)")
     qsub = sp.add_subparsers(dest="queue_cmd", required=True, metavar="ACTION")
-    q = qsub.add_parser("list", help="one line per queued message")
-    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
-    q.add_argument("--json", action="store_true")
-    q = qsub.add_parser("show", help="envelope, state and (--body) content of one message")
-    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    action(qsub, "list", "one line per queued message").add_argument("--json",
+                                                                     action="store_true")
+    q = action(qsub, "show", "envelope, state and (--body) content of one message")
     q.add_argument("id")
     q.add_argument("--body", action="store_true")
-    q = qsub.add_parser("retry", help="try a message (or --all) again now")
-    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    q = action(qsub, "retry", "try a message (or --all) again now")
     q.add_argument("id", nargs="?")
     q.add_argument("--all", action="store_true")
-    q = qsub.add_parser("delete", help="remove a message from the queue without delivering it")
-    q.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
-    q.add_argument("id")
+    action(qsub, "delete", "remove a message from the queue without delivering it").add_argument(
+        "id")
     sp.set_defaults(func=cmd_queue)
 
     sp = add("auth", "OAuth sign-in for delegated routes")
     asub = sp.add_subparsers(dest="auth_cmd", required=True, metavar="ACTION")
-    a = asub.add_parser("login", help="device-code sign-in for a delegated OAuth route")
-    a.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    a = action(asub, "login", "device-code sign-in for a delegated OAuth route")
     a.add_argument("route")
     a.add_argument("--user", metavar="ADDR")
-    a = asub.add_parser("status", help="each token's account and expiry")
-    a.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    action(asub, "status", "each token's account and expiry")
     sp.set_defaults(func=cmd_auth)
 
     sp = sub.add_parser("hash-password", help="print an scrypt hash for server.users")

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from relayd.config import Config, RouteConfig
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """An access token and when to stop using it (`renew_at`, before its real `expires_at`)."""
+
+    token: str
+    renew_at: float
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"AccessToken('***', renew_at={self.renew_at:.0f})"
 
 
 class TokenProvider(Protocol):

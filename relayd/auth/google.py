@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import google.auth.exceptions
@@ -18,6 +17,7 @@ import requests
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
+from relayd.auth import AccessToken
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
@@ -30,16 +30,6 @@ RENEW_BEFORE_S = 300
 # Hand out no token with less than this left (a very short-lived token is still used once).
 MIN_TOKEN_USE_S = 30
 REFRESH_ACCOUNT = "refresh-token"  # the one cache key of a refresh-token route
-
-
-@dataclass(frozen=True)
-class _Token:
-    value: str
-    renew_at: float
-    expires_at: float
-
-    def __repr__(self) -> str:
-        return f"_Token('***', renew_at={self.renew_at:.0f})"
 
 
 def _first_line(error: BaseException) -> str:
@@ -77,7 +67,7 @@ class GoogleTokenProvider:
         self._session = route_session(route)
         self._request = google.auth.transport.requests.Request(self._session)
         self._lock = threading.Lock()
-        self._tokens: dict[str, _Token] = {}
+        self._tokens: dict[str, AccessToken] = {}
         self._sa_info: dict[str, Any] | None = None
 
     # -- TokenProvider -------------------------------------------------------------------------
@@ -108,12 +98,12 @@ class GoogleTokenProvider:
         with self._lock:
             held = self._tokens.get(key)
             if held is not None and time.time() < held.renew_at:
-                return held.value
+                return held.token
             token = self._fetch(account)
             self._tokens[key] = token
-            return token.value
+            return token.token
 
-    def _fetch(self, account: str) -> _Token:
+    def _fetch(self, account: str) -> AccessToken:
         route = self.route
         try:
             creds = self._credentials(account)
@@ -133,7 +123,7 @@ class GoogleTokenProvider:
         expires = _expiry_ts(creds.expiry, now)
         renew_at = max(expires - RENEW_BEFORE_S, now + min(MIN_TOKEN_USE_S, expires - now))
         log.debug("route %s: Google token for %s valid until %.0f", route.name, account, expires)
-        return _Token(str(creds.token), renew_at, expires)
+        return AccessToken(str(creds.token), renew_at, expires)
 
     def _credentials(self, account: str) -> user_credentials.Credentials | \
             service_account.Credentials:

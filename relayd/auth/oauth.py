@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import msal  # type: ignore[import-untyped]
 import requests
 
+from relayd.auth import AccessToken
 from relayd.auth.tokencache import Stamp, TokenStore
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
@@ -36,18 +37,6 @@ APP_ACCOUNT = "app"  # status file name for a route's client-credentials token
 _KEY_RE = re.compile(
     r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----.+?-----END (?:RSA |EC |ENCRYPTED )?"
     r"PRIVATE KEY-----", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class AccessToken:
-    """An access token and when to stop using it (`renew_at`, before its real `expires_at`)."""
-
-    token: str
-    renew_at: float
-    expires_at: float
-
-    def __repr__(self) -> str:
-        return f"AccessToken('***', renew_at={self.renew_at:.0f})"
 
 
 def is_microsoft_oauth(route: RouteConfig) -> bool:
