@@ -91,3 +91,19 @@ async def test_kill_9_during_an_ews_call_loses_nothing(tmp_path: Path, idp: Http
                        what="empty spool")
     assert len(ews.state.sent) == 1
     assert ews.state.sent[0].mime.endswith(data)
+
+
+async def test_send_test_through_an_ews_route(tmp_path: Path, idp: HttpsServer,
+                                              ews: HttpsServer) -> None:
+    """`relayd send-test` proves an EWS route's credentials by hand, bypassing the queue."""
+    from conftest import arelayd_cli
+
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews))
+    result = await arelayd_cli("send-test", "-c", str(cfg), "--from", ALICE,
+                               "--to", "bob@example.com")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "route: staff (upstream ews)" in result.stdout
+    assert "<bob@example.com>: delivered" in result.stdout
+    [sent] = ews.state.sent
+    assert b"Subject: relayd test message" in sent.mime
+    assert sent.impersonated == ALICE
