@@ -56,7 +56,8 @@ class WorkerPool:
             tls = [s.fileno() for s in self.listeners.tls]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relayd", "_worker", "-c", self.config_path,
-                "--index", str(index), "--plain", ",".join(map(str, plain)),
+                "--index", str(index), "--parent", str(os.getpid()),
+                "--plain", ",".join(map(str, plain)),
                 "--tls", ",".join(map(str, tls)), *self.log_options,
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=[*plain, *tls])
@@ -124,6 +125,7 @@ def worker_main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="relayd _worker")
     ap.add_argument("-c", "--config", required=True)
     ap.add_argument("--index", type=int, default=1)
+    ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--plain", default="")
     ap.add_argument("--tls", default="")
     ap.add_argument("--log-level", default="info")
@@ -133,15 +135,19 @@ def worker_main(argv: Sequence[str]) -> int:
     listeners = Listeners([socket.socket(fileno=fd) for fd in _fds(args.plain)],
                           [socket.socket(fileno=fd) for fd in _fds(args.tls)])
     try:
-        return asyncio.run(_run_worker(args.config, listeners, args.index))
+        return asyncio.run(_run_worker(args.config, listeners, args.index, args.parent))
     except ConfigError as e:
         for problem in e.problems:
             log.error("worker %d: %s", args.index, problem)
         return 2
 
 
-async def _run_worker(path: str, listeners: Listeners, index: int) -> int:
-    parent = os.getppid()
+async def _run_worker(path: str, listeners: Listeners, index: int, parent: int) -> int:
+    # `parent` comes from the main process itself: read here, os.getppid() would already be
+    # 1 if the main process died while this one was starting, and the check never fire.
+    if os.getppid() != parent:
+        log.error("worker %d: the main process is gone before the worker started", index)
+        return 1
     stdout = sys.stdout.fileno()
 
     def report(line: str) -> None:

@@ -12,8 +12,13 @@ from pathlib import Path
 from conftest import Upstream, daemon, free_port, message, send, smtp_route, wait_for, write_config
 
 
-def worker_pids(log: Path) -> list[int]:
-    return [int(p) for p in re.findall(r"worker 1 started \(pid (\d+)\)", log.read_text())]
+def worker_pids(log: Path, index: int = 1) -> list[int]:
+    pattern = rf"worker {index} started \(pid (\d+)\)"
+    return [int(p) for p in re.findall(pattern, log.read_text())]
+
+
+def all_worker_pids(log: Path) -> list[int]:
+    return [int(p) for p in re.findall(r"worker \d+ started \(pid (\d+)\)", log.read_text())]
 
 
 def alive(pid: int) -> bool:
@@ -82,14 +87,19 @@ async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
                        listen=f"127.0.0.1:{port}", server="workers = 2")
     log = tmp_path / "relayd.log"
     async with daemon(cfg, port, log) as proc:
-        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
-        worker = worker_pids(log)[0]
+        await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         for i in range(20):
             await send(port, "a@business.com", ["x@example.com"], message(subject=f"{i}"))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        await wait_for(lambda: not alive(worker), what="the orphaned worker to stop")
+        await wait_for(lambda: not any(map(alive, all_worker_pids(log))),
+                       what="the orphaned workers to stop")
     await upstream.start()
-    async with daemon(cfg, port, log):
+    async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len({m.data for m in upstream.messages}) == 20, timeout=30,
                        what="all 20 delivered after restart")
+        await wait_for(lambda: len(all_worker_pids(log)) == 4, what="the new workers start")
+        proc.send_signal(signal.SIGKILL)  # at once: workers may still be starting up
+        proc.wait(10)
+        await wait_for(lambda: not any(map(alive, all_worker_pids(log))),
+                       what="every worker to stop, even one still starting")
