@@ -335,12 +335,8 @@ class Spool:
                     mail_options: Sequence[str] = (), client: str = "",
                     route: str | None = None) -> Entry:
         entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route)
-        self._write_msg(entry.id, blob)
-        fsync_dir(self.msg_dir)
+        write_atomic(self.msg_dir / entry.id, blob, self.tmp_dir)
         return entry
-
-    def _write_msg(self, queue_id: str, blob: bytes) -> None:
-        write_atomic(self.msg_dir / queue_id, blob, self.tmp_dir, sync_dir=False)
 
     def close(self) -> None:
         """Finish the writes in progress and stop the writer thread."""

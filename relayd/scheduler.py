@@ -32,7 +32,6 @@ MEMORY_HOLD_BYTES = 64 * 1024 * 1024  # fresh messages kept in memory for their 
 INLINE_READ_MAX_BYTES = 256 * 1024  # spool files up to this size are read on the event loop
 IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route runs dry
 ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
-RETRY_AFTER_CAP_FACTOR = 1.0  # an upstream's Retry-After is honoured up to retry_max
 
 
 class Observer(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -201,7 +202,8 @@ class Service:
         for key in ("server", "queue"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("reload: [%s] changed; restart relayd for it to take effect", key)
-        config = _with(config, server=self.config.server, queue=self.config.queue)
+        config = dataclasses.replace(config, server=self.config.server,
+                                     queue=self.config.queue)
         self.config = config
         self.router = Router(config.routes)
         self.scheduler.reload(config)
@@ -234,12 +236,6 @@ class Service:
                 await upstream.close()
         await asyncio.to_thread(self.spool.close)
         self.spool.unlock()
-
-
-def _with(config: Config, **changes: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
