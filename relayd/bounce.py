@@ -4,38 +4,34 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
-import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
 
-ENHANCED_RE = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
-MAX_DIAGNOSTIC_CHARS = 900
+from relayd.reply import Reply
 
 
 @dataclass(frozen=True)
 class Failure:
     recipient: str
-    code: int | None
-    text: str
-    status: str | None = None  # an RFC 3463 status that overrides the one derived from text
+    reply: Reply  # what the upstream (or relayd, for an expiry) said
+    status: str  # the DSN status (RFC 3463), decided by relayd.qmgr.outcome
 
 
-def status_code(failure: Failure) -> str:
-    """The RFC 3463 status: the upstream's enhanced code when it gave one."""
-    if failure.status:
-        return failure.status
-    m = ENHANCED_RE.match(failure.text)
-    if m:
-        return m.group(1)
-    if failure.code is not None and 400 <= failure.code < 600:
-        return f"{failure.code // 100}.0.0"
-    return "5.0.0"
+def _printable(address: str) -> str:
+    """An address as a DSN can show it: bytes that are not UTF-8 (which reach relayd as lone
+    surrogates) as \\xNN escapes, so one bad address never makes the whole bounce unbuildable."""
+    return address.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:MAX_DIAGNOSTIC_CHARS]
+def diagnostic_code(reply: Reply) -> str:
+    """RFC 3464 Diagnostic-Code: `smtp; 550 5.1.1 ...` when an SMTP server said it, else the
+    protocol's own words under an x- type (`x-graph; Graph sendMail: 404 ...`)."""
+    if reply.source == "smtp" and reply.smtp_code is not None:
+        return f"smtp; {reply.one_line()}"
+    words = " ".join(reply.text.split())[:900]
+    return f"x-{reply.source}; {words}"
 
 
 def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], hostname: str,
@@ -61,8 +57,8 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
         "",
     ]
     for f in failures:
-        said = f"{f.code} {_one_line(f.text)}" if f.code is not None else _one_line(f.text)
-        lines.extend(textwrap.wrap(f"<{f.recipient}>: {said}", width=76,
+        said = f.reply.one_line()
+        lines.extend(textwrap.wrap(f"<{_printable(f.recipient)}>: {said}", width=76,
                                    subsequent_indent="    ", break_long_words=False,
                                    break_on_hyphens=False))
     lines.append("")
@@ -80,13 +76,10 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     blocks = [per_message]
     for f in failures:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {f.recipient}"
+        block["Final-Recipient"] = f"rfc822; {_printable(f.recipient)}"
         block["Action"] = "failed"
-        block["Status"] = status_code(f)
-        if f.code is not None:
-            block["Diagnostic-Code"] = f"smtp; {f.code} {_one_line(f.text)}"
-        else:
-            block["Diagnostic-Code"] = f"x-relayd; {_one_line(f.text)}"
+        block["Status"] = f.status
+        block["Diagnostic-Code"] = diagnostic_code(f.reply)
         blocks.append(block)
     status.set_type("message/delivery-status")
     del status["MIME-Version"]

@@ -134,7 +134,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
             await upstream.close()
         ok = True
         for rcpt, res in results.items():
-            print(f"4. <{rcpt}>: {res.status.value}: {res.code or ''} {res.text}".rstrip())
+            print(f"4. <{rcpt}>: {res.status.value}: {res.reply}".rstrip())
             ok = ok and res.status is Status.DELIVERED
         return EXIT_OK if ok else EXIT_FAILED
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from relayd.reply import Reply
+
 
 class RelayError(Exception):
     """Root of every error relayd raises on purpose."""
@@ -21,11 +23,18 @@ class QueueError(RelayError):
 
 
 class DeliveryError(RelayError):
-    """An upstream refused or failed a delivery. `code` and `text` are the upstream's words."""
+    """An upstream refused or failed a delivery. `code` is an SMTP reply code (None when the
+    upstream does not speak SMTP and no code says the same thing); `text` is the upstream's
+    words, which may start with an RFC 3463 status. `reply` is both as one value."""
 
-    def __init__(self, text: str, code: int | None = None) -> None:
+    def __init__(self, text: str, code: int | None = None, *, enhanced: str | None = None,
+                 source: str = "smtp") -> None:
         self.text = text
         self.code = code
+        reply = Reply.smtp(code, text, source)
+        if enhanced is not None:
+            reply = Reply(code, enhanced, reply.text, source)
+        self.reply = reply
         super().__init__(f"{code} {text}" if code is not None else text)
 
 
@@ -36,8 +45,9 @@ class TransientDeliveryError(DeliveryError):
     """
 
     def __init__(self, text: str, code: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(text, code)
+                 retry_after: float | None = None, *, enhanced: str | None = None,
+                 source: str = "smtp") -> None:
+        super().__init__(text, code, enhanced=enhanced, source=source)
         self.retry_after = retry_after
 
 
@@ -46,8 +56,8 @@ class AuthenticationError(TransientDeliveryError):
 
 
 class UpstreamUnavailableError(TransientDeliveryError):
-    """The upstream could not be reached at all (refused, timed out, TLS failed). The scheduler
-    then holds the route's other messages for a while instead of trying each one."""
+    """The upstream could not be reached at all (refused, timed out, TLS failed). The route's
+    delivery agent then holds its other messages for a while instead of trying each one."""
 
 
 class PermanentDeliveryError(DeliveryError):

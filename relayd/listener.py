@@ -21,9 +21,8 @@ from aiosmtpd.smtp import Session as SmtpSession
 
 from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, ServerUser
-from relayd.delivery import Upstream
-from relayd.queue import Entry, Spool
-from relayd.router import Router, matches_any
+from relayd.intake import Intake
+from relayd.policy import SenderPolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +30,6 @@ log = logging.getLogger(__name__)
 REPLY_ACCESS_DENIED = "554 5.7.1 Access denied: your address is not allowed to use this relay"
 REPLY_SENDER_OK = "250 2.1.0 Sender ok"
 REPLY_RCPT_OK = "250 2.1.5 Recipient ok"
-REPLY_UNKNOWN_SENDER = ("550 5.7.1 Sender address not allowed: no route is configured for it "
-                        "(relayd is not an open relay)")
-REPLY_SENDER_NOT_YOURS = "550 5.7.1 Sender address not allowed for your login"
 REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted from clients"
 REPLY_BAD_ADDRESS = "553 5.1.3 Malformed address"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -86,11 +82,9 @@ class Relay(Protocol):
     """What the listener needs from the service around it."""
 
     config: Config
-    spool: Spool
-    router: Router
+    policy: SenderPolicy
+    intake: Intake
 
-    def upstream_for_sender(self, sender: str) -> Upstream | None: ...
-    def submit(self, entry: Entry) -> None: ...
     def accepted(self, route: str) -> None: ...
 
 
@@ -115,17 +109,13 @@ class Handler:
         user: ServerUser | None = getattr(session, "relayd_user", None)
         if self.relay.config.server.users and user is None and not _is_loopback(session):
             return REPLY_AUTH_REQUIRED
-        upstream = self.relay.upstream_for_sender(address)
-        if upstream is None:
-            log.info("refused sender <%s> from %s: no route", address, _peer(session))
-            return REPLY_UNKNOWN_SENDER
-        if user is not None and not matches_any(user.senders, address):
-            log.warning("refused sender <%s> for user %s from %s: not in their senders",
-                        address, user.name, _peer(session))
-            return REPLY_SENDER_NOT_YOURS
-        refusal = upstream.refuse_sender(address)
-        if refusal:
-            return refusal
+        decision = self.relay.policy.check(address, user)
+        if decision.route is None:
+            level = logging.INFO if user is None else logging.WARNING
+            log.log(level, "refused sender <%s> from %s: %s", address, _peer(session),
+                    decision.why)
+            return decision.refusal or REPLY_INTERNAL
+        envelope.relayd_route = decision.route.name  # type: ignore[attr-defined]
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return REPLY_SENDER_OK
@@ -144,18 +134,14 @@ class Handler:
         assert envelope.mail_from is not None and isinstance(envelope.original_content, bytes)
         data = normalize_line_endings(envelope.original_content)
         options = [o for o in envelope.mail_options if o.startswith(("BODY=", "SMTPUTF8"))]
+        route_name: str = getattr(envelope, "relayd_route", "-")
         try:
-            entry = await self.relay.spool.accept(envelope.mail_from, envelope.rcpt_tos, data,
-                                                  options, client=_peer(session))
-        except Exception:
-            log.exception("cannot store a message from %s", _peer(session))
+            entry = await self.relay.intake.accept(envelope.mail_from, envelope.rcpt_tos, data,
+                                                   options, _peer(session), route_name)
+        except Exception as e:
+            log.error("cannot store a message from %s: %s", _peer(session), e)
             return REPLY_TEMP_STORAGE
-        route = self.relay.router.lookup(entry.sender)
-        route_name = route.name if route else "-"
-        log.info("%s: queued from=<%s> to=%d size=%d client=%s route=%s", entry.id,
-                 entry.sender, len(entry.recipients), entry.size, entry.client, route_name)
         self.relay.accepted(route_name)
-        self.relay.submit(entry)
         return REPLY_QUEUED.format(id=entry.id)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -1,4 +1,4 @@
-"""The durable spool: write, fsync, recover, list, retry, delete.
+"""The durable spool: the files of the queue directory, and nothing about scheduling.
 
 Layout under `queue.path` (Postfix keeps a similar split between content and state):
   msg/ID      one line of JSON (the envelope), a newline, then the message bytes exactly as
@@ -10,8 +10,11 @@ Layout under `queue.path` (Postfix keeps a similar split between content and sta
   tmp/        files being written; anything left here after a crash was never acknowledged.
   lock        held (flock) by the running daemon.
 
-"Active" (being delivered) lives only in memory, so after a crash every entry is simply due
-again: at most the message that was in flight is delivered twice.
+Whether a message is being delivered, held or deferred is the queue manager's, in memory
+(relayd.qmgr), so after a crash every entry is simply due again: at most the message that was
+in flight is delivered twice. A bounce's envelope names the message and recipients it reports
+(`bounce_for`), so recovery can tell which failures are already bounced even when the crash came
+between storing the bounce and recording the failure.
 """
 
 from __future__ import annotations
@@ -78,17 +81,16 @@ class Entry:
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     route: str | None = None  # pinned route (bounces go back through the original's route)
+    bounce_for: str | None = None  # a bounce: the queue id of the message it reports
+    bounce_rcpts: list[str] = field(default_factory=list)  # and the recipients it reports
     size: int = 0
     data_offset: int = 0
     attempts: int = 0
+    backoff: int = 0  # failed tries since the last retry request
     next_attempt: float = 0.0
     last_error: str = ""
     rcpt: dict[str, RecipientState] = field(default_factory=dict)
-    # in memory only
-    active: bool = False
-    deleted: bool = False
     has_state: bool = False  # a state/ file exists for it
-    data: bytes | None = field(default=None, repr=False)  # the bytes, while held in memory
 
     @property
     def is_bounce(self) -> bool:
@@ -98,13 +100,16 @@ class Entry:
         return [r for r in self.recipients if self.rcpt[r].status == PENDING]
 
     def envelope_json(self) -> dict[str, Any]:
-        return {"v": FORMAT_VERSION, "id": self.id, "sender": self.sender,
-                "recipients": self.recipients, "received": self.received,
-                "mail_options": self.mail_options, "client": self.client, "route": self.route}
+        env = {"v": FORMAT_VERSION, "id": self.id, "sender": self.sender,
+               "recipients": self.recipients, "received": self.received,
+               "mail_options": self.mail_options, "client": self.client, "route": self.route}
+        if self.bounce_for is not None:
+            env["bounce_for"] = {"id": self.bounce_for, "recipients": self.bounce_rcpts}
+        return env
 
     def state_json(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "next_attempt": self.next_attempt,
-                "last_error": self.last_error,
+        return {"attempts": self.attempts, "backoff": self.backoff,
+                "next_attempt": self.next_attempt, "last_error": self.last_error,
                 "rcpt": {r: {"status": s.status, "code": s.code, "text": s.text}
                          for r, s in self.rcpt.items()}}
 
@@ -310,11 +315,13 @@ class Spool:
     # -- writing -------------------------------------------------------------------------------
 
     def _new_entry(self, sender: str, recipients: Sequence[str], data: bytes,
-                   mail_options: Sequence[str], client: str, route: str | None) -> tuple[Entry,
-                                                                                       bytes]:
+                   mail_options: Sequence[str], client: str, route: str | None,
+                   bounce_for: tuple[str, Sequence[str]] | None = None) -> tuple[Entry, bytes]:
         entry = Entry(id=new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
                       received=time.time(), mail_options=list(mail_options), client=client,
                       route=route)
+        if bounce_for is not None:
+            entry.bounce_for, entry.bounce_rcpts = bounce_for[0], list(bounce_for[1])
         entry.rcpt = {r: RecipientState() for r in entry.recipients}
         header = json.dumps(entry.envelope_json(), ensure_ascii=True,
                             separators=(",", ":")).encode() + b"\n"
@@ -324,11 +331,12 @@ class Spool:
 
     async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str] = (), client: str = "",
-                     route: str | None = None) -> Entry:
+                     route: str | None = None,
+                     bounce_for: tuple[str, Sequence[str]] | None = None) -> Entry:
         """Store a message durably. When this returns, it survives kill -9 and power loss."""
-        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route)
+        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
+                                      bounce_for)
         await self._commit.submit(entry.id, blob)
-        entry.data = data  # the first attempt need not read it back; the scheduler may drop it
         return entry
 
     def accept_sync(self, sender: str, recipients: Sequence[str], data: bytes,
@@ -397,6 +405,10 @@ class Spool:
                           client=_str(env.get("client", "")),
                           route=None if env.get("route") is None else _str(env["route"]),
                           size=size, data_offset=len(header))
+            origin = env.get("bounce_for")
+            if origin is not None:
+                entry.bounce_for = _str(origin["id"])
+                entry.bounce_rcpts = [_str(r) for r in origin["recipients"]]
             if env.get("id") != queue_id or not entry.recipients or not header.endswith(b"\n"):
                 raise ValueError("envelope does not match its file")
             entry.rcpt = {r: RecipientState() for r in entry.recipients}
@@ -413,6 +425,7 @@ class Spool:
         entry.has_state = True
         state = json.loads(raw)
         entry.attempts = int(state.get("attempts", 0))
+        entry.backoff = int(state.get("backoff", entry.attempts))
         entry.next_attempt = float(state.get("next_attempt", 0))
         entry.last_error = _str(state.get("last_error", ""))
         for r, s in state.get("rcpt", {}).items():

@@ -16,13 +16,14 @@ from typing import Any
 
 from relayd import notify
 from relayd.config import Address, Config, ServerConfig, load_config
-from relayd.delivery import Upstream, make_upstream
-from relayd.errors import ConfigError
+from relayd.delivery import make_upstream
+from relayd.errors import ConfigError, QueueError
+from relayd.intake import Intake
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
 from relayd.metrics import Metrics
+from relayd.policy import SenderPolicy
+from relayd.qmgr import NullObserver, Observer, QueueManager, UpstreamFactory
 from relayd.queue import Entry, Spool
-from relayd.router import Router
-from relayd.scheduler import NullObserver, Observer, Scheduler, UpstreamFactory
 from relayd.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,11 @@ def bind_listeners(server: ServerConfig) -> Listeners:
 
 
 class Service:
-    """One running relay: listeners, spool and scheduler for one config.
+    """One running relay: listeners, intake, spool and queue manager for one config.
 
     With `report` set it is a listener worker (server.workers > 1): it accepts and stores mail
-    like any listener, then reports each queue id to the main process, which owns the
-    scheduler, the queue lock, recovery, control requests and metrics.
+    like any listener, then reports each queue id to the main process, which owns the queue
+    manager, the queue lock, recovery, control requests and metrics.
     """
 
     def __init__(self, config: Config, *, upstream_factory: UpstreamFactory = make_upstream,
@@ -64,15 +65,15 @@ class Service:
         self.config = config
         self.accept = accept  # False: the workers hold the SMTP sessions, this one delivers
         self.spool = Spool(config.queue.path)
-        self.router = Router(config.routes)
+        self.policy = SenderPolicy(config)
         self.observer: Any = observer or NullObserver()
-        self.make_upstream = upstream_factory
-        self.scheduler = Scheduler(config, self.spool, upstream_factory, self.observer)
+        self.qmgr = QueueManager(config, self.spool, upstream_factory, self.observer,
+                                 router=self.policy.router)
+        self.intake = Intake(self.spool, self._hand_on)
         self.listeners = listeners
         self.report = report
-        self._upstreams: dict[str, Upstream] = {}  # a worker's, for refuse_sender only
         self.handler = Handler(self)
-        self.guard = LoginGuard(self._failed_login)
+        self.guard = LoginGuard(self.failed_login)
         self.sessions: set[RelaySMTP] = set()
         self.servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -80,22 +81,12 @@ class Service:
         self.metrics_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    # -- what the listener calls ---------------------------------------------------------------
+    # -- what the listener and the workers call ------------------------------------------------
 
-    def upstream_for_sender(self, sender: str) -> Upstream | None:
-        route = self.router.lookup(sender)
-        if route is None:
-            return None
+    def _hand_on(self, entry: Entry, data: bytes) -> None:
+        """An accepted message, durable: to the queue manager, or to the main process."""
         if self.report is None:
-            return self.scheduler.upstream_for(route)
-        upstream = self._upstreams.get(route.name)
-        if upstream is None or upstream.route != route:
-            upstream = self._upstreams[route.name] = self.make_upstream(route, self.config)
-        return upstream
-
-    def submit(self, entry: Entry) -> None:
-        if self.report is None:
-            self.scheduler.submit(entry)
+            self.qmgr.submit(entry, data)
             return
         try:
             self.report(f"A {entry.id}")
@@ -104,12 +95,25 @@ class Service:
             log.error("%s: cannot tell the main process (%s); it is queued all the same",
                       entry.id, e)
 
+    def worker_accepted(self, queue_id: str) -> None:
+        """A listener worker stored `queue_id`: count it and queue it (main process)."""
+        if self.qmgr.has(queue_id):
+            return
+        try:
+            entry = self.spool.load(queue_id)
+        except QueueError as e:
+            log.error("a worker reported %s, which cannot be read: %s", queue_id, e)
+            return
+        route = self.qmgr.route_for(entry)
+        self.accepted(route.name if route else "-")
+        self.qmgr.submit(entry)
+
     def accepted(self, route: str) -> None:
         hook: Callable[[str], None] | None = getattr(self.observer, "accepted", None)
         if hook is not None:
             hook(route)
 
-    def _failed_login(self) -> None:
+    def failed_login(self) -> None:
         if self.report is not None:
             with contextlib.suppress(OSError):
                 self.report("L")
@@ -132,13 +136,12 @@ class Service:
         self.spool.lock()
         try:
             self.spool.clean_tmp()
-            recovered = 0
-            for entry in self.spool.recover():
-                self.scheduler.submit(entry)
-                recovered += 1
+            recovered = list(self.spool.recover())
             if recovered:
-                log.info("queue: recovered %d message(s) from %s", recovered, self.spool.path)
-            self._tasks.append(asyncio.create_task(self.scheduler.run(), name="scheduler"))
+                log.info("queue: recovered %d message(s) from %s", len(recovered),
+                         self.spool.path)
+            self.qmgr.recover(recovered)
+            self._tasks.append(asyncio.create_task(self.qmgr.run(), name="qmgr"))
             self._tasks.append(asyncio.create_task(self._report_queue(), name="queue-gauges"))
             if self.accept:
                 await self._listen()
@@ -188,10 +191,10 @@ class Service:
         set_queue = getattr(self.observer, "set_queue", None)
         set_expiry = getattr(self.observer, "set_token_expiry", None)
         while set_queue is not None:
-            set_queue(*self.scheduler.stats())
+            set_queue(*self.qmgr.stats())
             now = time.time()
-            for name, runner in list(self.scheduler.runners.items()):
-                for account, expires in runner.upstream.token_expiries().items():
+            for name, agent in list(self.qmgr.agents.items()):
+                for account, expires in agent.upstream.token_expiries().items():
                     if set_expiry is not None:
                         set_expiry(name, account, expires - now)
             await asyncio.sleep(QUEUE_GAUGE_INTERVAL_S)
@@ -205,8 +208,8 @@ class Service:
         config = dataclasses.replace(config, server=self.config.server,
                                      queue=self.config.queue)
         self.config = config
-        self.router = Router(config.routes)
-        self.scheduler.reload(config)
+        self.policy = SenderPolicy(config)
+        self.qmgr.reload(config, self.policy.router)
         log.info("reload: config applied, %d route(s)", len(config.routes))
 
     async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
@@ -223,7 +226,7 @@ class Service:
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
-        await self.scheduler.drain(max(0.0, deadline - loop.time()))
+        await self.qmgr.drain(max(0.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -231,9 +234,6 @@ class Service:
         stop_metrics = getattr(self.observer, "stop", None)
         if stop_metrics is not None:
             await stop_metrics()
-        for upstream in self._upstreams.values():
-            with contextlib.suppress(Exception):
-                await upstream.close()
         await asyncio.to_thread(self.spool.close)
         self.spool.unlock()
 

@@ -5,7 +5,7 @@ message is a dozen socket calls), not on the disk. The main process binds the li
 sockets and starts workers that share them: the kernel hands each new connection to whichever
 process accepts first. A worker stores each message durably like any listener, then reports
 its queue id on its stdout ("A ID", or "L" for a failed login) before answering 250. The main
-process owns the rest: scheduler, queue lock, recovery, control requests, metrics, systemd.
+process owns the rest: queue manager, queue lock, recovery, control requests, metrics, systemd.
 A worker that dies is started again; a worker whose main process is gone stops.
 """
 
@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from relayd.config import load_config
-from relayd.errors import ConfigError, QueueError
+from relayd.errors import ConfigError
 from relayd.service import SESSION_DRAIN_S, Listeners, Service
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,9 @@ class WorkerPool:
     def _event(self, index: int, line: str) -> None:
         kind, _, queue_id = line.partition(" ")
         if kind == "L":
-            self.service._failed_login()
+            self.service.failed_login()
         elif kind == "A" and queue_id:
-            if queue_id in self.service.scheduler.entries:
-                return
-            try:
-                entry = self.service.spool.load(queue_id)
-            except QueueError as e:
-                log.error("worker %d reported %s, which cannot be read: %s", index, queue_id, e)
-                return
-            route = self.service.router.lookup(entry.sender)
-            self.service.accepted(route.name if route else "-")
-            self.service.submit(entry)
+            self.service.worker_accepted(queue_id)
         else:
             log.warning("worker %d said something unexpected: %r", index, line[:100])
 

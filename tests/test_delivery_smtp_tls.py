@@ -24,7 +24,7 @@ from conftest import (
 from fakes.https import shared_ca
 
 from relayd.config import RateLimit
-from relayd.scheduler import RateLimiter
+from relayd.delivery.agent import RateLimiter
 
 USER, PASSWORD = "casemanager@business.com", "s3cret-upstream-pw"
 
@@ -98,9 +98,9 @@ async def test_wrong_password_defers_never_bounces(tmp_path: Path,
                                            password="wrong"))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 2 for e in svc.scheduler.entries.values()),
+        await wait_for(lambda: any(e.attempts >= 2 for e in svc.qmgr.messages.values()),
                        what="two deferred attempts")
-        [entry] = svc.scheduler.entries.values()
+        [entry] = [q.entry for q in svc.qmgr.messages.values()]
         assert "refused the credentials" in entry.last_error and "535" in entry.last_error
         assert len(svc.spool.ids()) == 1  # no bounce was queued
     assert starttls_upstream.messages == []
@@ -113,8 +113,8 @@ async def test_untrusted_certificate_defers(tmp_path: Path, starttls_upstream: U
                                            ca=False))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 1 for e in svc.scheduler.entries.values()))
-        [entry] = svc.scheduler.entries.values()
+        await wait_for(lambda: any(e.attempts >= 1 for e in svc.qmgr.messages.values()))
+        [entry] = [q.entry for q in svc.qmgr.messages.values()]
         assert "CERTIFICATE_VERIFY_FAILED" in entry.last_error or "certificate" in \
             entry.last_error.lower()
     assert starttls_upstream.messages == [] and starttls_upstream.handler.logins == []

@@ -18,6 +18,7 @@ from relayd.auth.oauth import login, status
 from relayd.config import Config
 from relayd.delivery import OutboundMessage, Status, Upstream, make_upstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
+from relayd.policy import SenderPolicy
 
 pytestmark = pytest.mark.usefixtures("machine_ca_env")
 
@@ -275,13 +276,15 @@ async def test_device_flow_refuses_until_signed_in_then_sends_as_the_user(
         tmp_path: Path, idp: HttpsServer, ews: HttpsServer, upstreams: Any) -> None:
     config = make_config(tmp_path, idp, ews, flow="device", save_to_sent=False)
     up = upstreams(config)
-    refusal = up.refuse_sender(ALICE)
+    policy = SenderPolicy(config)
+    route = config.routes["staff"]
+    refusal = policy.not_signed_in(route, ALICE)
     assert refusal is not None and refusal.startswith("550 5.7.1")
     assert "relayd auth login staff --user alice@contoso.com" in refusal
     idp.state.device_user = ALICE
     assert await asyncio.to_thread(login, config, "staff", ALICE, io.StringIO()) == 0
-    assert up.refuse_sender(ALICE) is None
-    assert up.refuse_sender("bob@contoso.com") is not None
+    assert policy.not_signed_in(route, ALICE) is None
+    assert policy.not_signed_in(route, "bob@contoso.com") is not None
     await deliver(up, mime(), ["bob@example.com", "carol@example.com"])
     [sent] = ews.state.sent
     assert sent.authorization == f"bearer:{ALICE}"

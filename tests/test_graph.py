@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_service, send, service_port, wait_for
 from fakes.graph import GraphState, header_recipients, start_graph
 from fakes.https import HttpsServer
 from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
@@ -21,6 +22,7 @@ from relayd.config import Config, parse_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
+from relayd.policy import SenderPolicy
 
 SIMPLE = (CORPUS / "01-plain-ascii.eml").read_bytes()
 
@@ -35,15 +37,26 @@ class Env:
     tmp_path: Path
     made: list[GraphUpstream] = field(default_factory=list)
 
-    def config(self, **route: Any) -> Config:
-        keys: dict[str, Any] = {
+    def route_keys(self, **route: Any) -> dict[str, Any]:
+        return {
             "senders": ["*@business.com"], "upstream": "graph", "endpoint": self.graph_url,
             "tenant_id": TENANT, "client_id": CLIENT_ID, "client_secret_env": "GRAPH_SECRET",
             "authority": self.idp_url, "ca_file": str(self.ca_file), "timeout": "10s", **route,
         }
+
+    def config(self, **route: Any) -> Config:
         return parse_config({"queue": {"path": str(self.tmp_path / "queue")},
                              "auth": {"path": str(self.tmp_path / "tokens")},
-                             "routes": {"m365": keys}})
+                             "routes": {"m365": self.route_keys(**route)}})
+
+    def service_config(self, **route: Any) -> Config:
+        """The same route in a whole relay: a listener on port 0, fast retries."""
+        return parse_config({
+            "server": {"listen": ["127.0.0.1:0"], "hostname": "relay.test"},
+            "queue": {"path": str(self.tmp_path / "queue"), "retry_min": "1s",
+                      "retry_max": "2s"},
+            "auth": {"path": str(self.tmp_path / "tokens")},
+            "routes": {"m365": self.route_keys(**route)}})
 
     def upstream(self, **route: Any) -> GraphUpstream:
         config = self.config(**route)
@@ -91,7 +104,8 @@ async def test_sendmail_posts_the_mime_and_bcc_reaches_envelope_only_recipients(
     results = await deliver(up, msg)
     assert {r: v.status for r, v in results.items()} == {
         "alice@example.net": Status.DELIVERED, "auditor@example.org": Status.DELIVERED}
-    assert all(v.code == 202 for v in results.values())
+    # Graph's HTTP 202 as the SMTP reply that means the same (relayd.reply)
+    assert all(v.reply.smtp_code == 250 and "HTTP 202" in v.reply.text for v in results.values())
     [sent] = env.graph.sent
     assert sent.via == "sendMail" and sent.mailbox == "casemanager@business.com"
     assert sorted(sent.recipients) == ["alice@example.net", "auditor@example.org"]
@@ -180,7 +194,9 @@ async def test_send_as_denied_is_permanent_with_graphs_words(env: Env) -> None:
     up = env.upstream(mailbox="shared@business.com")
     with pytest.raises(PermanentDeliveryError) as exc:
         await deliver(up, outbound())
-    assert exc.value.code == 403 and "ErrorSendAsDenied" in exc.value.text
+    # code is an SMTP code (issue 8); the HTTP status stays in Graph's words
+    assert exc.value.code == 550 and exc.value.reply.enhanced == "5.7.1"
+    assert "403 ErrorSendAsDenied" in exc.value.text
     await up.close()
 
 
@@ -189,7 +205,8 @@ async def test_unknown_mailbox_is_permanent(env: Env) -> None:
     up = env.upstream()
     with pytest.raises(PermanentDeliveryError) as exc:
         await deliver(up, outbound())
-    assert exc.value.code == 404 and "ErrorInvalidUser" in exc.value.text
+    assert exc.value.code == 550 and exc.value.reply.enhanced == "5.1.1"
+    assert "404 ErrorInvalidUser" in exc.value.text
     await up.close()
 
 
@@ -200,8 +217,8 @@ async def test_throttling_defers_with_retry_after(env: Env, status: int, code: s
     up = env.upstream()
     with pytest.raises(TransientDeliveryError) as exc:
         await deliver(up, outbound())
-    assert exc.value.code == status and exc.value.retry_after == 7
-    assert code in exc.value.text
+    assert exc.value.code == 451 and exc.value.retry_after == 7
+    assert f"{status} {code}" in exc.value.text
     assert not isinstance(exc.value, AuthenticationError)
     # The next attempt goes through.
     await deliver(up, outbound())
@@ -214,7 +231,8 @@ async def test_server_error_is_transient(env: Env) -> None:
     up = env.upstream()
     with pytest.raises(TransientDeliveryError) as exc:
         await deliver(up, outbound())
-    assert exc.value.code == 500 and exc.value.retry_after is None
+    assert exc.value.code == 451 and exc.value.retry_after is None
+    assert "500 InternalServerError" in exc.value.text
     await up.close()
 
 
@@ -238,7 +256,7 @@ async def test_token_refused_twice_defers_as_authentication_error(env: Env) -> N
     up = env.upstream()
     with pytest.raises(AuthenticationError) as exc:
         await deliver(up, outbound())
-    assert exc.value.code == 401
+    assert exc.value.code == 454 and "401" in exc.value.text
     assert env.graph.statuses("sendMail") == [401, 401]
     await up.close()
 
@@ -354,20 +372,65 @@ async def test_failed_draft_is_deleted(env: Env) -> None:
     with pytest.raises(TransientDeliveryError) as exc:
         await deliver(up, outbound(data, sender="scanner@business.com",
                                    recipients=("office@example.com",)))
-    assert exc.value.code == 503
+    assert exc.value.code == 451 and "503" in exc.value.text
     assert env.graph.sent == [] and env.graph.drafts == {}
     assert len(env.graph.deleted_drafts) == 1
     await up.close()
 
 
 async def test_delegated_route_refuses_senders_that_have_not_signed_in(env: Env) -> None:
-    up = env.upstream(flow="device")
-    refusal = up.refuse_sender("alice@business.com")
+    config = env.config(flow="device")
+    refusal = SenderPolicy(config).not_signed_in(config.routes["m365"], "alice@business.com")
     assert refusal is not None and refusal.startswith("550 5.7.1")
     assert "relayd auth login m365 --user alice@business.com" in refusal
-    assert env.upstream().refuse_sender("alice@business.com") is None  # app-only: anyone
+    app_only = env.config()
+    assert SenderPolicy(app_only).check("alice@business.com", None).refusal is None
 
 
 def test_header_recipients_helper_matches_graphs_view() -> None:
     data = (CORPUS / "03-rfc2047-subject.eml").read_bytes()
     assert header_recipients(data) == ["francois@example.fr", "yamada@example.jp"]
+
+
+# -- through the whole relay: what the bounce says, and replies that defer (relayd.reply) --------
+
+
+@pytest.mark.parametrize(("status", "code", "dsn_status"), [
+    (404, "ErrorInvalidUser", "5.1.1"),
+    (403, "ErrorSendAsDenied", "5.7.1"),
+])
+async def test_a_permanent_graph_failure_bounces_with_a_5xx_status(
+        env: Env, status: int, code: str, dsn_status: str) -> None:
+    """1. Graph refuses the message (404 or 403) 2. relayd bounces it through the same route
+    3. the bounce's Status is 5.x.x (never 4.0.0 beside "failed") and names Graph's error."""
+    env.graph.fail_next(status, code, "scripted refusal")
+    async with run_service(env.service_config()) as svc:
+        await send(service_port(svc), "casemanager@business.com", ["alice@example.net"], SIMPLE)
+        await wait_for(lambda: len(env.graph.sent) == 1 and not svc.qmgr.messages,
+                       what="the bounce sent")
+    [bounce] = env.graph.sent
+    assert bounce.recipients == ["casemanager@business.com"]
+    report = parse(bounce.mime)
+    [dsn] = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
+    block = dsn.get_payload()[1]
+    assert block["Action"] == "failed" and block["Status"] == dsn_status
+    diagnostic = str(block["Diagnostic-Code"]).strip()
+    assert diagnostic.startswith(f"x-graph; Graph sendMail: {status} {code}")
+
+
+@pytest.mark.parametrize(("status", "code", "at_least_s"), [
+    (403, "ErrorExceededMessageLimit", 3500),
+    (429, "MailboxConcurrency", 1),
+])
+async def test_graph_sending_limits_defer(env: Env, status: int, code: str,
+                                          at_least_s: float) -> None:
+    env.graph.fail_next(status, code, "scripted limit")
+    async with run_service(env.service_config()) as svc:
+        await send(service_port(svc), "casemanager@business.com", ["alice@example.net"], SIMPLE)
+        await wait_for(lambda: any(q.attempts and q.state == "deferred"
+                                   for q in svc.qmgr.messages.values()), what="deferred")
+        [queued] = svc.qmgr.messages.values()
+        assert queued.entry.next_attempt - svc.qmgr.clock() >= at_least_s * 0.9
+        if at_least_s < 10:
+            await wait_for(lambda: len(env.graph.sent) == 1, what="sent on the next try")
+    assert all(s.recipients == ["alice@example.net"] for s in env.graph.sent)  # no bounce

@@ -1,9 +1,10 @@
 """The delivery interface every upstream implements, and the factory that picks one per route.
 
-An `Upstream` is built once per route (and rebuilt on reload). The scheduler opens up to
-`max_connections` sessions from it; each session delivers one message at a time, so a session may
-keep a connection open between messages. `deliver` returns one `RecipientResult` per recipient,
-or raises `TransientDeliveryError` / `PermanentDeliveryError` when the whole attempt failed.
+An `Upstream` is built once per route (and rebuilt on reload). The route's delivery agent
+(`relayd.delivery.agent`) opens up to `max_connections` sessions from it; each session delivers
+one message at a time, so a session may keep a connection open between messages. `deliver`
+returns one `RecipientResult` per recipient, each with the upstream's `Reply`, or raises
+`TransientDeliveryError` / `PermanentDeliveryError` when the whole attempt failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from relayd.config import Config, RouteConfig
+from relayd.reply import Reply
 
 
 class Status(enum.Enum):
@@ -25,8 +27,11 @@ class Status(enum.Enum):
 @dataclass(frozen=True)
 class RecipientResult:
     status: Status
-    code: int | None = None
-    text: str = ""
+    reply: Reply
+
+    @classmethod
+    def smtp(cls, status: Status, code: int | None, text: str) -> RecipientResult:
+        return cls(status, Reply.smtp(code, text))
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,6 @@ class Upstream(abc.ABC):
     @abc.abstractmethod
     def session(self) -> Session:
         """A new session; cheap, connects lazily."""
-
-    def refuse_sender(self, sender: str) -> str | None:
-        """Why this route cannot send for `sender` right now (e.g. no signed-in token for a
-        delegated OAuth route), as an SMTP reply for MAIL FROM; None to accept. Must be fast."""
-        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (HTTP clients, thread pools, token providers)."""

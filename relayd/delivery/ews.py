@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import threading
@@ -18,7 +19,7 @@ from exchangelib.protocol import BaseProtocol  # type: ignore[import-untyped]
 from exchangelib.version import EXCHANGE_2013_SP1  # type: ignore[import-untyped]
 from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
-from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes, has_signed_in
+from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
 from relayd.delivery.mime import mailbox_for, restrict_to_envelope
@@ -122,14 +123,6 @@ class EwsUpstream(Upstream):
     def token_expiries(self) -> dict[str, float]:
         return self.provider.expiries() if self.provider is not None else {}
 
-    def refuse_sender(self, sender: str) -> str | None:
-        if not self.delegated or not sender:
-            return None
-        if has_signed_in(self.config, self.route, sender):
-            return None
-        return (f"550 5.7.1 {sender} has not signed in for route {self.route.name}; an "
-                f"administrator must run `relayd auth login {self.route.name} --user {sender}`")
-
     async def close(self) -> None:
         targets = list(self._targets.values())
         self._targets.clear()
@@ -199,9 +192,15 @@ class EwsUpstream(Upstream):
             raise self.translate(e, mailbox) from None
 
     def translate(self, e: Exception, mailbox: str) -> DeliveryError:
-        """exchangelib / requests / msal failures -> relayd's transient or permanent errors."""
+        """exchangelib / requests / msal failures -> relayd's transient or permanent errors,
+        whose reply says it came from EWS (the SMTP codes are the equivalents relayd chose)."""
         if isinstance(e, DeliveryError):
             return e
+        error = self._translate(e, mailbox)
+        error.reply = dataclasses.replace(error.reply, source="ews")
+        return error
+
+    def _translate(self, e: Exception, mailbox: str) -> DeliveryError:
         name = type(e).__name__
         text = str(e).strip() or name
         for cls, (code, enhanced) in _PERMANENT.items():
@@ -217,7 +216,7 @@ class EwsUpstream(Upstream):
         if isinstance(e, TokenExpiredError):
             return AuthenticationError(f"4.7.0 OAuth token for {mailbox} expired", 454)
         if isinstance(e, (ews_errors.TransportError, requests.RequestException, OSError)):
-            # The endpoint is unreachable: the scheduler holds the route's other mail a while.
+            # The endpoint is unreachable: the delivery agent holds the route's other mail a while.
             return UpstreamUnavailableError(f"4.4.1 cannot reach {self.endpoint}: {name}: "
                                             f"{text[:MAX_ERROR_TEXT]}", 451)
         if isinstance(e, ews_errors.ErrorTimeoutExpired):
@@ -255,5 +254,5 @@ class EwsSession(Session):
         await up.run(lambda: up.send_blocking(message))
         disposition = "sent and saved" if up.route.save_to_sent else "sent"
         return all_results(message.recipients,
-                           RecipientResult(Status.DELIVERED, 250,
+                           RecipientResult.smtp(Status.DELIVERED, 250,
                                            f"2.0.0 {disposition} via EWS {up.endpoint}"))

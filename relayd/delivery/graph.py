@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 
 from relayd.auth import TokenProvider, make_token_provider
-from relayd.auth.oauth import has_signed_in
 from relayd.config import Config, RouteConfig
 from relayd.delivery import (
     OutboundMessage,
@@ -36,7 +35,6 @@ from relayd.delivery.mime import (
     Head,
     add_bcc,
     address,
-    fixed_mailbox,
     mailbox_for,
     restrict_to_envelope,
 )
@@ -46,6 +44,7 @@ from relayd.errors import (
     TransientDeliveryError,
     UpstreamUnavailableError,
 )
+from relayd.reply import Reply
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,25 @@ READWRITE_PERMISSION = "Mail.ReadWrite"
 
 _PERMANENT_STATUSES = frozenset({400, 403, 404, 405, 406, 410, 411, 415, 422})
 _THROTTLE_STATUSES = frozenset({429, 503})
+# Graph's answer as the SMTP reply that says the same (relayd.reply): by Graph's error code
+# first, then by HTTP status. The bounce's Status: comes from here, never from the HTTP status.
+_SMTP_FOR_GRAPH_ERROR = {
+    "ErrorSendAsDenied": (550, "5.7.1"),
+    "ErrorAccessDenied": (550, "5.7.1"),
+    "Authorization_RequestDenied": (550, "5.7.1"),
+    "ErrorInvalidUser": (550, "5.1.1"),
+    "ErrorNonExistentMailbox": (550, "5.1.1"),
+    "MailboxNotEnabledForRESTAPI": (550, "5.1.1"),
+    "ResourceNotFound": (550, "5.1.1"),
+    "ErrorItemNotFound": (550, "5.1.1"),
+    "ErrorInvalidRecipients": (550, "5.1.3"),
+    "ErrorMessageSizeExceeded": (552, "5.3.4"),
+}
+_SMTP_FOR_STATUS = {
+    403: (550, "5.7.1"), 404: (550, "5.1.1"), 410: (550, "5.1.1"), 413: (552, "5.3.4"),
+    400: (554, "5.6.0"), 415: (554, "5.6.0"), 422: (554, "5.6.0"),
+    429: (451, "4.7.0"), 503: (451, "4.3.2"),
+}
 
 
 class _TooLarge(Exception):
@@ -201,6 +219,22 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _graph_error_code(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except (ValueError, json.JSONDecodeError):
+        return ""
+    err = body.get("error", {}) if isinstance(body, dict) else {}
+    return str(err.get("code") or "") if isinstance(err, dict) else ""
+
+
+def _smtp_equivalent(status: int, graph_code: str, permanent: bool) -> tuple[int, str]:
+    mapped = _SMTP_FOR_GRAPH_ERROR.get(graph_code) or _SMTP_FOR_STATUS.get(status)
+    if mapped is not None and (mapped[0] >= 500) == permanent:
+        return mapped
+    return (554, "5.0.0") if permanent else (451, "4.0.0")
+
+
 def _graph_error(response: httpx.Response) -> str:
     """Graph's own words: `ErrorSendAsDenied: ...`, or the start of whatever it answered."""
     try:
@@ -244,17 +278,6 @@ class GraphUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}
-
-    def refuse_sender(self, sender: str) -> str | None:
-        """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
-        rather than queue mail that can only defer until it expires."""
-        if self.route.flow != "device" or not sender:
-            return None
-        account = fixed_mailbox(self.route) or sender
-        if has_signed_in(self.config, self.route, account):
-            return None
-        return (f"550 5.7.1 {account} has not signed in for route {self.route.name}; an "
-                f"administrator must run `relayd auth login {self.route.name} --user {account}`")
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -323,21 +346,23 @@ class GraphUpstream(Upstream):
                     response = await self.client.request(method, url, content=content,
                                                          json=json_body, headers=send_headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                # Graph is unreachable: the scheduler holds the route's other mail for a while.
+                # Graph is unreachable: the delivery agent holds the route's other mail for a while.
                 raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
-                                               f"{type(e).__name__}: {e}", None) from None
+                                               f"{type(e).__name__}: {e}", source="graph"
+                                               ) from None
             except httpx.TimeoutException as e:
                 raise TransientDeliveryError(f"Graph did not answer in time ({type(e).__name__})",
-                                             None) from None
+                                             source="graph") from None
             except httpx.HTTPError as e:
                 raise TransientDeliveryError(f"cannot reach Graph at {self.endpoint}: {e}",
-                                             None) from None
+                                             source="graph") from None
             if response.status_code == 401 and bearer:
                 self.tokens.invalidate(mailbox)
                 if attempt == 1:
                     continue
-                raise AuthenticationError(f"Graph refused the token twice: "
-                                          f"{_graph_error(response)}", 401)
+                raise AuthenticationError(f"Graph refused the token twice: 401 "
+                                          f"{_graph_error(response)}", 454, enhanced="4.7.0",
+                                          source="graph")
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -349,11 +374,12 @@ class GraphUpstream(Upstream):
         reason = f"Graph {what}: {status} {_graph_error(response)}"
         if status == 413:
             raise _TooLarge(reason)
-        if status in _THROTTLE_STATUSES:
-            raise TransientDeliveryError(reason, status, _retry_after(response))
-        if status in _PERMANENT_STATUSES:
-            raise PermanentDeliveryError(reason, status)
-        raise TransientDeliveryError(reason, status, _retry_after(response))
+        permanent = status in _PERMANENT_STATUSES and status not in _THROTTLE_STATUSES
+        code, enhanced = _smtp_equivalent(status, _graph_error_code(response), permanent)
+        if permanent:
+            raise PermanentDeliveryError(reason, code, enhanced=enhanced, source="graph")
+        raise TransientDeliveryError(reason, code, _retry_after(response), enhanced=enhanced,
+                                     source="graph")
 
 
 class GraphSession(Session):
@@ -382,8 +408,8 @@ class GraphSession(Session):
             how = "draft + upload session"
         log.info("%s route=%s: accepted by Graph for mailbox %s (%s)", message.queue_id, route,
                  mailbox, how)
-        return all_results(message.recipients, RecipientResult(
-            Status.DELIVERED, 202, f"accepted by Graph {how} for {mailbox}"))
+        return all_results(message.recipients, RecipientResult(Status.DELIVERED, Reply(
+            250, "2.0.0", f"accepted by Graph {how} for {mailbox} (HTTP 202)", "graph")))
 
     async def _send_mime(self, mailbox: str, body: bytes) -> None:
         up = self.up
@@ -401,7 +427,7 @@ class GraphSession(Session):
             raise PermanentDeliveryError(
                 f"message too large for Graph: even without attachments it is {len(skeleton)} "
                 f"bytes, over the {MAX_MIME_REQUEST_BYTES * 3 // 4} Graph takes in one request",
-                552)
+                552, enhanced="5.3.4", source="graph")
         response = await up.request("POST", up.url(mailbox, "messages"), mailbox, content=body,
                                     content_type="text/plain")
         if response.status_code == 403:
@@ -410,15 +436,17 @@ class GraphSession(Session):
                 f"one request; sending it as a draft with an upload session was refused "
                 f"({_graph_error(response)}). Grant the app the {READWRITE_PERMISSION} "
                 f"permission (application, or delegated for device sign-in) for this mailbox "
-                f"to send large messages", 552)
+                f"to send large messages", 552, enhanced="5.3.4", source="graph")
         try:
             up.check(response, "create draft")
         except _TooLarge:
             raise PermanentDeliveryError(f"Graph refused the draft as too large: "
-                                         f"{_graph_error(response)}", 552) from None
+                                         f"{_graph_error(response)}", 552, enhanced="5.3.4",
+                                         source="graph") from None
         draft_id = str(response.json().get("id", ""))
         if not draft_id:
-            raise TransientDeliveryError("Graph created a draft but returned no id", 500)
+            raise TransientDeliveryError("Graph created a draft but returned no id",
+                                         source="graph")
         sent = False
         try:
             for att in attachments:
@@ -429,7 +457,7 @@ class GraphSession(Session):
             sent = True
         except _TooLarge as e:
             raise PermanentDeliveryError(f"Graph refused an attachment as too large: {e}",
-                                         552) from None
+                                         552, enhanced="5.3.4", source="graph") from None
         finally:
             if not sent:
                 # Leave no half-built draft behind in the user's mailbox.
@@ -459,7 +487,8 @@ class GraphSession(Session):
         up.check(response, "create upload session")
         upload_url = str(response.json().get("uploadUrl", ""))
         if not upload_url.startswith("https://"):
-            raise TransientDeliveryError("Graph upload session has no https uploadUrl", 500)
+            raise TransientDeliveryError("Graph upload session has no https uploadUrl",
+                                         source="graph")
         total = len(att.data)
         for start in range(0, total, UPLOAD_CHUNK_BYTES):
             chunk = att.data[start:start + UPLOAD_CHUNK_BYTES]

@@ -37,7 +37,7 @@ class OutboxSession(Session):
         except OSError as e:
             raise TransientDeliveryError(f"cannot write {target}: {e.strerror}") from e
         return all_results(message.recipients,
-                           RecipientResult(Status.DELIVERED, 250, f"written to {target}"))
+                           RecipientResult.smtp(Status.DELIVERED, 250, f"written to {target}"))
 
     def _write(self, target: Path, data: bytes) -> None:
         os.makedirs(self.path, mode=0o700, exist_ok=True)

@@ -29,10 +29,10 @@ MICROSOFT_APP_SCOPES = ("https://outlook.office365.com/.default",)
 def result_for(code: int, text: str) -> RecipientResult:
     """A reply code as an outcome: 2xx delivered, 4xx deferred, 5xx (and nonsense) failed."""
     if 200 <= code < 300:
-        return RecipientResult(Status.DELIVERED, code, text)
+        return RecipientResult.smtp(Status.DELIVERED, code, text)
     if 400 <= code < 500:
-        return RecipientResult(Status.DEFERRED, code, text)
-    return RecipientResult(Status.FAILED, code, text)
+        return RecipientResult.smtp(Status.DEFERRED, code, text)
+    return RecipientResult.smtp(Status.FAILED, code, text)
 
 
 def error_for(code: int, text: str) -> TransientDeliveryError | PermanentDeliveryError:
@@ -193,6 +193,10 @@ class SmtpSession(Session):
         options, encoding = self._mail_options(client, message)
         try:
             await client.mail(message.sender, options=options, encoding=encoding)
+        except UnicodeEncodeError:
+            # Raised before anything is sent: the connection is still in step.
+            raise PermanentDeliveryError(f"5.1.7 the sender address cannot be encoded for "
+                                         f"{self.route.host}", 553) from None
         except aiosmtplib.SMTPSenderRefused as e:
             await self._rset()
             if e.code == 421:
@@ -204,6 +208,12 @@ class SmtpSession(Session):
             try:
                 await client.rcpt(rcpt, encoding=encoding)
                 accepted.append(rcpt)
+            except UnicodeEncodeError:
+                # This recipient only; the rest go on.
+                why = ("5.1.3 the recipient address is not valid UTF-8" if encoding == "utf-8"
+                       else f"5.6.7 the recipient address is not ASCII and {self.route.host} "
+                       "does not support SMTPUTF8")
+                results[rcpt] = RecipientResult.smtp(Status.FAILED, 553, why)
             except aiosmtplib.SMTPRecipientRefused as e:
                 results[rcpt] = result_for(e.code, e.message)
         if not accepted:
@@ -222,8 +232,11 @@ class SmtpSession(Session):
                       message: OutboundMessage) -> tuple[list[str], str]:
         options: list[str] = []
         requested = {o.upper() for o in message.mail_options}
-        non_ascii = not all(a.isascii() for a in [message.sender, *message.recipients])
-        if "SMTPUTF8" in requested or non_ascii:
+        # A non-ASCII recipient alone does not need the whole message to fail where SMTPUTF8
+        # is missing: that recipient fails (553 5.6.7) and the others are delivered.
+        utf8_rcpts = not all(a.isascii() for a in message.recipients)
+        needs_utf8 = "SMTPUTF8" in requested or not message.sender.isascii()
+        if needs_utf8 or (utf8_rcpts and client.supports_extension("smtputf8")):
             if not client.supports_extension("smtputf8"):
                 raise PermanentDeliveryError(
                     f"{self.route.host} does not support SMTPUTF8, which this message's "

@@ -1,0 +1,225 @@
+"""A route's delivery agent: a job in, a report out.
+
+The agent owns what belongs to the route rather than to a message: its upstream and up to
+`max_connections` sessions (an idle one is kept a few seconds for the next message), the
+`rate_limit` token bucket, and the hold after the upstream was found unreachable (Postfix's
+dead-destination idea: the route's other messages are deferred for `retry_min` without a
+connection attempt each). It translates everything a session can raise into a `Report` with one
+result per recipient; it never raises for a delivery and never calls the queue manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from relayd.config import RateLimit, RouteConfig
+from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
+from relayd.errors import (
+    AuthenticationError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    UpstreamUnavailableError,
+)
+from relayd.reply import Reply
+
+log = logging.getLogger(__name__)
+
+IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route runs dry
+ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
+TIMED_OUT = Reply.local("delivery attempt timed out", "4.4.2")
+INTERNAL = Reply.local("internal error in relayd", "4.3.0")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One attempt of one message for the recipients still pending."""
+
+    queue_id: str
+    sender: str
+    recipients: Sequence[str]
+    data: bytes
+    mail_options: Sequence[str] = ()
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the agent returns for one job. `held_s` set means nothing was tried: the route is
+    held for that many more seconds. `retry_after` is the upstream's own back-off hint."""
+
+    results: Mapping[str, RecipientResult] = field(default_factory=dict)
+    retry_after: float | None = None
+    held_s: float | None = None
+    held_reply: Reply | None = None  # why the route is held
+    unreachable: bool = False  # this job found the upstream unreachable and started the hold
+
+
+class RateLimiter:
+    """Token bucket: `count` messages per `per_s` seconds, bursts up to `count`."""
+
+    def __init__(self, limit: RateLimit, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = limit.count / limit.per_s
+        self.capacity = float(limit.count)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.stamp = clock()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self.clock()
+                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class DeliveryAgent:
+    def __init__(self, route: RouteConfig, upstream: Upstream, hold_s: float) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.hold_s = hold_s
+        self.limiter = RateLimiter(route.rate_limit) if route.rate_limit else None
+        self.busy = 0  # jobs taken and not yet reported
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Report]]] = asyncio.Queue()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._idle = 0
+        self._retired = False
+        self._hold_until = 0.0  # monotonic
+        self._hold_reply: Reply | None = None
+
+    # -- what the queue manager asks -----------------------------------------------------------
+
+    def has_capacity(self) -> bool:
+        return not self._retired and self.busy < self.route.max_connections
+
+    def held_s(self) -> float | None:
+        """Seconds the route stays held, or None when it is not held."""
+        left = self._hold_until - time.monotonic()
+        return left if left > 0 else None
+
+    @property
+    def hold_reply(self) -> Reply | None:
+        return self._hold_reply if self.held_s() is not None else None
+
+    def release_hold(self) -> None:
+        """`relayd queue retry`: the admin says the upstream is back; connect at once."""
+        if self._hold_reply is not None:
+            log.info("route %s: hold released on request", self.route.name)
+        self._hold_until = 0.0
+        self._hold_reply = None
+
+    async def deliver(self, job: Job) -> Report:
+        """Run one job on one of the route's sessions; never raises for a delivery problem."""
+        future: asyncio.Future[Report] = asyncio.get_running_loop().create_future()
+        self.busy += 1
+        try:
+            self._jobs.put_nowait((job, future))
+            if len(self._workers) < self.route.max_connections and self._jobs.qsize() > self._idle:
+                task = asyncio.create_task(self._worker(), name=f"agent-{self.route.name}")
+                self._workers.add(task)
+                task.add_done_callback(self._workers.discard)
+            return await future
+        finally:
+            self.busy -= 1
+
+    async def close(self, timeout: float) -> None:
+        """Finish the jobs taken within `timeout`, then cancel; release the upstream."""
+        self._retired = True
+        if self._workers:
+            _, pending = await asyncio.wait(set(self._workers), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        while not self._jobs.empty():
+            _, future = self._jobs.get_nowait()
+            if not future.done():
+                future.cancel()
+        with contextlib.suppress(Exception):
+            await self.upstream.close()
+
+    # -- the sessions --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        session = self.upstream.session()
+        try:
+            while True:
+                self._idle += 1
+                try:
+                    job, future = await asyncio.wait_for(
+                        self._jobs.get(), 0 if self._retired else IDLE_SESSION_S)
+                except TimeoutError:
+                    return
+                finally:
+                    self._idle -= 1
+                if future.done():  # the manager gave up on it (shutdown)
+                    continue
+                try:
+                    report = await self._run(job, session)
+                except BaseException:
+                    if not future.done():
+                        future.cancel()
+                    raise
+                if not future.done():
+                    future.set_result(report)
+        finally:
+            with contextlib.suppress(Exception):
+                await session.close()
+
+    async def _run(self, job: Job, session: Session) -> Report:
+        held = self.held_s()
+        if held is not None:
+            return Report(held_s=held, held_reply=self._hold_reply)
+        if self.limiter is not None:
+            await self.limiter.acquire()
+        message = OutboundMessage(job.queue_id, job.sender, job.recipients, job.data,
+                                  job.mail_options)
+        try:
+            results = await asyncio.wait_for(session.deliver(message),
+                                             self.route.timeout_s + ATTEMPT_GRACE_S)
+        except UpstreamUnavailableError as e:
+            unreachable = False
+            if self.held_s() is None:
+                log.warning("route %s: upstream unreachable, holding its mail for %ds: %s",
+                            self.route.name, self.hold_s, e.reply)
+                self._hold_until = time.monotonic() + self.hold_s
+                self._hold_reply = e.reply
+                unreachable = True
+            return Report(_all(job.recipients, Status.DEFERRED, e), unreachable=unreachable)
+        except TransientDeliveryError as e:
+            level = logging.ERROR if isinstance(e, AuthenticationError) else logging.INFO
+            log.log(level, "%s: route %s: %s", job.queue_id, self.route.name, e.reply)
+            return Report(_all(job.recipients, Status.DEFERRED, e), retry_after=e.retry_after)
+        except PermanentDeliveryError as e:
+            return Report(_all(job.recipients, Status.FAILED, e))
+        except TimeoutError:
+            await _close_quietly(session)
+            return Report({r: RecipientResult(Status.DEFERRED, TIMED_OUT)
+                           for r in job.recipients})
+        except Exception:
+            log.exception("%s: route %s: unexpected error; deferring", job.queue_id,
+                          self.route.name)
+            await _close_quietly(session)
+            return Report({r: RecipientResult(Status.DEFERRED, INTERNAL)
+                           for r in job.recipients})
+        return Report(results)
+
+
+async def _close_quietly(session: Session) -> None:
+    with contextlib.suppress(Exception):
+        await session.close()
+
+
+def _all(recipients: Sequence[str], status: Status,
+         e: DeliveryError) -> dict[str, RecipientResult]:
+    return {r: RecipientResult(status, e.reply) for r in recipients}

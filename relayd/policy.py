@@ -1,0 +1,59 @@
+"""The sender policy: whether MAIL FROM is accepted, in any process, without an upstream client.
+
+It answers from the config and the token store alone: the route the sender maps to, whether the
+client's login may use that address, and, for a delegated OAuth route, whether that account has
+signed in (one stat of its token file). Listener workers use it as the main process does, so
+none of them builds an EWS or Graph client just to answer MAIL FROM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relayd.auth.oauth import has_signed_in
+from relayd.config import Config, RouteConfig, ServerUser
+from relayd.delivery.mime import fixed_mailbox
+from relayd.router import Router, matches_any
+
+REPLY_UNKNOWN_SENDER = ("550 5.7.1 Sender address not allowed: no route is configured for it "
+                        "(relayd is not an open relay)")
+REPLY_SENDER_NOT_YOURS = "550 5.7.1 Sender address not allowed for your login"
+
+
+@dataclass(frozen=True)
+class Decision:
+    route: RouteConfig | None  # the route the message will take, when accepted
+    refusal: str | None  # the SMTP reply when refused
+    why: str = ""  # for the log line of a refusal
+
+
+class SenderPolicy:
+    """Built once per config (and per process); immutable."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+
+    def check(self, sender: str, user: ServerUser | None) -> Decision:
+        route = self.router.lookup(sender)
+        if route is None:
+            return Decision(None, REPLY_UNKNOWN_SENDER, "no route")
+        if user is not None and not matches_any(user.senders, sender):
+            return Decision(None, REPLY_SENDER_NOT_YOURS, f"not in the senders of user {user.name}")
+        refusal = self.not_signed_in(route, sender)
+        if refusal:
+            return Decision(None, refusal, "not signed in")
+        return Decision(route, None)
+
+    def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:
+        """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
+        rather than queue mail that can only defer until it expires."""
+        if route.flow != "device" or route.upstream not in ("graph", "ews") or not sender:
+            return None
+        if route.upstream == "ews" and route.auth != "oauth":
+            return None
+        account = fixed_mailbox(route) or sender
+        if has_signed_in(self.config, route, account):
+            return None
+        return (f"550 5.7.1 {account} has not signed in for route {route.name}; an "
+                f"administrator must run `relayd auth login {route.name} --user {account}`")

@@ -1,0 +1,557 @@
+"""The queue manager: the one owner of every queued message's delivery state.
+
+Each message is due (waiting for its route's agent to have a free session), active (a job is
+with the agent), deferred (waiting for its next try, or for its route's hold to end) or gone.
+Nothing else changes that state: the listener hands accepted messages in with `submit`, the
+delivery agents return reports, `relayd queue retry|delete` arrive as control requests, and the
+decision after each attempt is `relayd.qmgr.outcome.decide`, a pure function.
+
+After a decision the manager carries it out in a fixed order, so that a crash at any point
+loses nothing: (1) store the bounce for new failures (durably; its envelope names the message
+and recipients it reports), (2) record the recipients' new state, (3) remove the message once
+nothing is pending, (4) hand the bounce on for delivery. A bounce that cannot be stored leaves
+the failure unrecorded and the message where it is, to be tried again after `retry_min`; a
+bounce that cannot be built at all moves the message to corrupt/ with the reason. Every removal
+is one log line naming the queue id and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relayd import crashpoint
+from relayd.bounce import Failure, build_bounce
+from relayd.config import Config, RouteConfig
+from relayd.delivery import RecipientResult, Status, Upstream
+from relayd.delivery.agent import DeliveryAgent, Job, Report
+from relayd.errors import QueueError
+from relayd.qmgr.outcome import Attempted, Outcome, Policy, decide
+from relayd.queue import DELIVERED, FAILED, Entry, RecipientState, Spool
+from relayd.reply import Reply
+from relayd.router import Router
+
+log = logging.getLogger(__name__)
+
+CONTROL_POLL_S = 0.5
+MEMORY_HOLD_BYTES = 64 * 1024 * 1024  # fresh messages kept in memory for their first attempt
+INLINE_READ_MAX_BYTES = 256 * 1024  # spool files up to this size are read on the event loop
+RETIRE_TIMEOUT_S = 300.0  # an agent replaced by a reload finishes its jobs within this
+
+DUE = "due"
+ACTIVE = "active"
+DEFERRED = "deferred"
+
+
+class Observer(Protocol):
+    """What the queue manager reports (metrics); every method must be cheap and never raise."""
+
+    def delivered(self, route: str) -> None: ...
+    def deferred(self, route: str) -> None: ...
+    def bounced(self, route: str) -> None: ...
+    def observe_latency(self, route: str, seconds: float) -> None: ...
+
+
+class NullObserver:
+    def delivered(self, route: str) -> None:
+        pass
+
+    def deferred(self, route: str) -> None:
+        pass
+
+    def bounced(self, route: str) -> None:
+        pass
+
+    def observe_latency(self, route: str, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class Queued:
+    """The manager's record of one message: the spool entry plus what lives only in memory."""
+
+    entry: Entry
+    state: str = DUE
+    data: bytes | None = field(default=None, repr=False)  # held for the first attempt
+    deleted: bool = False  # delete requested while active
+    unbounced: dict[str, Failure] = field(default_factory=dict)  # failed, bounce not stored
+    last_reply: dict[str, Reply] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def attempts(self) -> int:
+        return self.entry.attempts
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
+
+    def to_try(self) -> list[str]:
+        """Recipients still to deliver: pending, and not failed awaiting their bounce."""
+        return [r for r in self.entry.pending() if r not in self.unbounced]
+
+
+UpstreamFactory = Callable[[RouteConfig, Config], Upstream]
+
+
+class QueueManager:
+    def __init__(self, config: Config, spool: Spool, upstream_factory: UpstreamFactory,
+                 observer: Observer | None = None,
+                 clock: Callable[[], float] = time.time, router: Router | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.make_upstream = upstream_factory
+        self.observer: Observer = observer or NullObserver()
+        self.clock = clock
+        self.router = router or Router(config.routes)  # the sender policy's, in a service
+        self.messages: dict[str, Queued] = {}
+        self.agents: dict[str, DeliveryAgent] = {}
+        self._due: dict[str, collections.deque[str]] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._next: dict[str, float] = {}  # qid -> when its deferral ends (heap validity)
+        self._seq = itertools.count()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._held_bytes = 0
+
+    # -- policy --------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        q = self.config.queue
+        return Policy(q.retry_min_s, q.retry_max_s, q.max_age_s)
+
+    def route_for(self, entry: Entry) -> RouteConfig | None:
+        if entry.route is not None:
+            return self.config.routes.get(entry.route)
+        return self.router.lookup(entry.sender)
+
+    def agent_for(self, route: RouteConfig) -> DeliveryAgent:
+        agent = self.agents.get(route.name)
+        if agent is None or agent.route != route:
+            if agent is not None:
+                self._retire(agent)
+            agent = DeliveryAgent(route, self.make_upstream(route, self.config),
+                                  hold_s=self.config.queue.retry_min_s)
+            self.agents[route.name] = agent
+        return agent
+
+    def _retire(self, agent: DeliveryAgent) -> None:
+        self._spawn(agent.close(timeout=RETIRE_TIMEOUT_S), f"retire-{agent.route.name}")
+
+    def reload(self, config: Config, router: Router | None = None) -> None:
+        """New routes apply from the next attempt; jobs in flight finish on the old agents,
+        which are then closed."""
+        self.config = config
+        self.router = router or Router(config.routes)
+        for name, agent in list(self.agents.items()):
+            if config.routes.get(name) != agent.route:
+                del self.agents[name]
+                self._retire(agent)
+        for name in list(self._due):
+            self._pump(name)
+        self._wake.set()
+
+    # -- intake --------------------------------------------------------------------------------
+
+    def has(self, queue_id: str) -> bool:
+        return queue_id in self.messages
+
+    def submit(self, entry: Entry, data: bytes | None = None) -> None:
+        """A message just accepted (with its bytes) or recovered: deliver it when it is due."""
+        if entry.id in self.messages:
+            return
+        queued = Queued(entry)
+        if data is not None and self._held_bytes + len(data) <= MEMORY_HOLD_BYTES:
+            queued.data = data
+            self._held_bytes += len(data)
+        self.messages[entry.id] = queued
+        if entry.next_attempt <= self.clock():
+            self._make_due(queued)
+        else:
+            self._defer(queued, entry.next_attempt)
+
+    def recover(self, entries: list[Entry]) -> None:
+        """After a restart: bounces already stored tell which failures they report, even when
+        the crash came before those failures were recorded."""
+        by_id = {e.id: e for e in entries}
+        for bounce in entries:
+            original = by_id.get(bounce.bounce_for or "")
+            if original is None:
+                continue
+            for rcpt in bounce.bounce_rcpts:
+                state = original.rcpt.get(rcpt)
+                if state is not None and state.status not in (DELIVERED, FAILED):
+                    original.rcpt[rcpt] = RecipientState(FAILED, None,
+                                                         f"bounced in {bounce.id}")
+        for entry in entries:
+            if entry.pending():
+                self.submit(entry)
+            else:
+                self._remove(entry, "every recipient was finished before the restart")
+
+    def _release(self, queued: Queued) -> None:
+        if queued.data is not None:
+            self._held_bytes -= len(queued.data)
+            queued.data = None
+
+    def _defer(self, queued: Queued, when: float) -> None:
+        queued.state = DEFERRED
+        queued.entry.next_attempt = when
+        self._next[queued.id] = when
+        heapq.heappush(self._heap, (when, next(self._seq), queued.id))
+        self._wake.set()
+
+    def _make_due(self, queued: Queued) -> None:
+        route = self.route_for(queued.entry)
+        if route is None:
+            self._no_route(queued)
+            return
+        agent = self.agent_for(route)
+        held = agent.held_s()
+        if held is not None and not queued.unbounced:
+            # The route's upstream was unreachable moments ago: wait for the hold to end, with
+            # no attempt and no try counted.
+            if agent.hold_reply is not None:
+                queued.entry.last_error = f"route held: {agent.hold_reply}"
+            self._defer(queued, self.clock() + held)
+            return
+        queued.state = DUE
+        self._due.setdefault(route.name, collections.deque()).append(queued.id)
+        self._pump(route.name)
+
+    def _pump(self, route_name: str) -> None:
+        """Hand due messages to the route's agent while it has a free session."""
+        if self._stopping:
+            return
+        due = self._due.get(route_name)
+        route = self.config.routes.get(route_name)
+        if not due or route is None:
+            return
+        agent = self.agent_for(route)
+        while due and agent.has_capacity():
+            queued = self.messages.get(due.popleft())
+            if queued is None or queued.state != DUE:
+                continue
+            queued.state = ACTIVE
+            self._active += 1
+            self._idle.clear()
+            self._spawn(self._attempt(queued, agent), f"attempt-{queued.id}")
+        if not due:
+            del self._due[route_name]
+
+    def _no_route(self, queued: Queued) -> None:
+        """The config changed under a queued message: keep it and keep trying, never drop it."""
+        entry = queued.entry
+        why = (f"route {entry.route!r} no longer exists" if entry.route
+               else f"no route for sender <{entry.sender}> in the current config")
+        log.warning("%s: deferred: %s", entry.id, why)
+        reply = Reply.local(why, "4.3.5")
+        report = Report({r: RecipientResult(Status.DEFERRED, reply) for r in queued.to_try()})
+        queued.state = ACTIVE
+        self._active += 1
+        self._idle.clear()
+        self._spawn(self._settle(queued, None, report, time.monotonic()), f"settle-{entry.id}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- attempts ------------------------------------------------------------------------------
+
+    async def _read(self, entry: Entry) -> bytes:
+        """A message's bytes from the spool; small ones inline (a page-cache read costs less
+        than the thread hop), large ones on a thread so the loop never stalls on them."""
+        if entry.size <= INLINE_READ_MAX_BYTES:
+            return self.spool.read_data(entry)
+        return await asyncio.to_thread(self.spool.read_data, entry)
+
+    async def _attempt(self, queued: Queued, agent: DeliveryAgent) -> None:
+        entry = queued.entry
+        started = time.monotonic()
+        report = Report()
+        recipients = queued.to_try()
+        try:
+            if recipients and not queued.deleted:
+                data = queued.data
+                if data is None:
+                    try:
+                        data = await self._read(entry)
+                    except FileNotFoundError:
+                        self._forget(queued, "its file vanished from the spool (removed by "
+                                     "hand?)")
+                        return
+                job = Job(entry.id, entry.sender, recipients, data, entry.mail_options,
+                          entry.attempts + 1)
+                report = await agent.deliver(job)
+                self.observer.observe_latency(agent.route.name, time.monotonic() - started)
+                crashpoint.reached("reported")
+            await self._settle(queued, agent.route, report, started)
+        finally:
+            self._pump(agent.route.name)
+
+    async def _settle(self, queued: Queued, route: RouteConfig | None, report: Report,
+                      started: float) -> None:
+        """Decide, then carry the decision out. Always leaves the message deferred, removed or
+        quarantined, and never active."""
+        try:
+            await self._carry_out(queued, route, report)
+        except Exception:
+            # A bug, not a disk problem (those are handled where they happen): keep the message
+            # and try again later; on disk it is still the previous state, so nothing is lost.
+            log.exception("%s: cannot record the attempt's outcome; next try in %ds", queued.id,
+                          self.config.queue.retry_min_s)
+            if queued.id in self.messages:
+                self._defer(queued, self.clock() + self.config.queue.retry_min_s)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def _carry_out(self, queued: Queued, route: RouteConfig | None,
+                         report: Report) -> None:
+        entry = queued.entry
+        route_name = route.name if route else (entry.route or "-")
+        now = self.clock()
+        if queued.deleted:
+            self._forget(queued, "deleted by the admin")
+            return
+        recipients = queued.to_try()
+        outcome = decide(Attempted(recipients, entry.received, entry.backoff, entry.is_bounce,
+                                   queued.last_reply), report, now, self.policy)
+        self._apply(queued, route_name, outcome)
+        bounce: Entry | None = None
+        if queued.unbounced:
+            if entry.is_bounce:
+                # Never bounce a bounce: say it loudly instead.
+                log.error("%s: bounce to <%s> could not be delivered and is dropped: %s",
+                          entry.id, ", ".join(queued.unbounced),
+                          "; ".join(str(f.reply) for f in queued.unbounced.values()))
+                self._record_failed(queued)
+            else:
+                stored = await self._store_bounce(queued, route_name)
+                if stored is None:
+                    if queued.id in self.messages:  # kept for the bounce, not quarantined
+                        await self._save_state(entry)
+                    return
+                bounce = stored
+                crashpoint.reached("bounce-stored")
+        self._release(queued)
+        if not entry.pending():
+            crashpoint.reached("before-removal")
+            self._remove(entry, self._why_done(queued, outcome, bounce))
+            self.messages.pop(entry.id, None)
+        else:
+            assert outcome.next_attempt is not None
+            entry.next_attempt = outcome.next_attempt
+            await self._save_state(entry)
+            delay = max(0.0, outcome.next_attempt - now)
+            why = entry.last_error + "".join(f" ({h})" for h in dict.fromkeys(outcome.hints))
+            if outcome.tried:
+                log.info("%s: deferred for %d recipient(s) via %s, next try in %ds: %s",
+                         entry.id, len(entry.pending()), route_name, delay, why)
+                self.observer.deferred(route_name)
+            self._defer(queued, outcome.next_attempt)
+        if bounce is not None:
+            self.submit(bounce)
+
+    def _apply(self, queued: Queued, route_name: str, outcome: Outcome) -> None:
+        """The decision, in memory; failures wait in `unbounced` until their bounce is stored."""
+        entry = queued.entry
+        for rcpt, reply in outcome.delivered.items():
+            entry.rcpt[rcpt] = RecipientState(DELIVERED, reply.smtp_code, _words(reply))
+            log.info("%s: delivered to <%s> via %s: %s", entry.id, rcpt, route_name, reply)
+            self.observer.delivered(route_name)
+        for rcpt, failed in outcome.failed.items():
+            queued.unbounced[rcpt] = Failure(rcpt, failed.reply, failed.status)
+            what = "expired" if outcome.expired and failed.status == "4.4.7" else "failed"
+            log.info("%s: %s for <%s> via %s: %s", entry.id, what, rcpt, route_name,
+                     failed.reply)
+        for rcpt, reply in outcome.pending.items():
+            state = entry.rcpt[rcpt]
+            state.code, state.text = reply.smtp_code, _words(reply)
+            queued.last_reply[rcpt] = reply
+            entry.last_error = str(reply)
+        if outcome.tried and (outcome.delivered or outcome.failed or outcome.pending):
+            entry.attempts += 1
+        entry.backoff = outcome.backoff
+
+    def _record_failed(self, queued: Queued) -> None:
+        for rcpt, failure in queued.unbounced.items():
+            queued.entry.rcpt[rcpt] = RecipientState(FAILED, failure.reply.smtp_code,
+                                                     _words(failure.reply))
+        queued.unbounced.clear()
+
+    async def _store_bounce(self, queued: Queued, route_name: str) -> Entry | None:
+        """Build and store the bounce for the failures waiting for one. On success the failures
+        are recorded in memory and the stored bounce returned; otherwise the message is kept
+        (deferred) or, if no bounce can ever be built, quarantined; None then."""
+        entry = queued.entry
+        failures = list(queued.unbounced.values())
+        try:
+            original = queued.data if queued.data is not None else await self._read(entry)
+            data = build_bounce(original=original, sender=entry.sender, failures=failures,
+                                hostname=self.config.server.hostname, route=route_name,
+                                queue_id=entry.id, arrival=entry.received)
+        except OSError as e:
+            self._keep_for_bounce(queued, f"cannot read the message: {e}")
+            return None
+        except Exception as e:  # noqa: BLE001 - whatever the email package raises
+            why = f"cannot build a bounce for it: {type(e).__name__}: {e}"
+            log.error("%s: moved to %s: %s", entry.id, self.spool.corrupt_dir, why)
+            self._release(queued)
+            self.messages.pop(entry.id, None)
+            await asyncio.to_thread(self.spool.quarantine, entry.id, why)
+            return None
+        pinned = route_name if route_name in self.config.routes else None
+        try:
+            bounce = await self.spool.accept("", [entry.sender], data, client="relayd",
+                                             route=pinned,
+                                             bounce_for=(entry.id, list(queued.unbounced)))
+        except (QueueError, OSError) as e:
+            self._keep_for_bounce(queued, str(e))
+            return None
+        log.info("%s: bounce %s queued to <%s> for %d recipient(s)", entry.id, bounce.id,
+                 entry.sender, len(failures))
+        self.observer.bounced(route_name)
+        self._record_failed(queued)
+        return bounce
+
+    def _keep_for_bounce(self, queued: Queued, why: str) -> None:
+        retry = self.config.queue.retry_min_s
+        log.warning("%s: cannot store the bounce for %d failed recipient(s) (%s); the message "
+                    "stays in the queue and the bounce is tried again in %ds", queued.id,
+                    len(queued.unbounced), why, retry)
+        self._defer(queued, self.clock() + retry)
+
+    async def _save_state(self, entry: Entry) -> None:
+        try:
+            await asyncio.to_thread(self.spool.save_state, entry)
+        except OSError as e:
+            # The previous state stays on disk: after a crash this attempt's deliveries may be
+            # made again (at most twice), never lost. Failures are in their stored bounce.
+            log.warning("%s: cannot save the delivery state: %s", entry.id, e)
+
+    def _why_done(self, queued: Queued, outcome: Outcome, bounce: Entry | None) -> str:
+        entry = queued.entry
+        delivered = sum(1 for s in entry.rcpt.values() if s.status == DELIVERED)
+        failed = len(entry.rcpt) - delivered
+        if entry.is_bounce and failed:
+            return "the bounce could not be delivered and was dropped (a bounce is never bounced)"
+        parts = [f"{delivered} delivered"] if delivered else []
+        if failed:
+            what = "expired" if outcome.expired else "failed"
+            parts.append(f"{failed} {what}" + (f", bounce {bounce.id}" if bounce else ""))
+        return "done: " + ", ".join(parts)
+
+    def _remove(self, entry: Entry, why: str) -> None:
+        self.spool.remove(entry.id, has_state=entry.has_state)
+        log.info("%s: removed from the queue: %s", entry.id, why)
+
+    def _forget(self, queued: Queued, why: str) -> None:
+        self._release(queued)
+        self.messages.pop(queued.id, None)
+        self._remove(queued.entry, why)
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Wake deferred messages and serve control requests until stopped."""
+        last_control = 0.0
+        while not self._stopping:
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now:
+                when, _, qid = heapq.heappop(self._heap)
+                queued = self.messages.get(qid)
+                if queued is None or queued.state != DEFERRED or self._next.get(qid) != when:
+                    continue  # stale: rescheduled, removed or already going
+                del self._next[qid]
+                self._make_due(queued)
+            if time.monotonic() - last_control >= CONTROL_POLL_S:
+                last_control = time.monotonic()
+                await self._control()
+            timeout = CONTROL_POLL_S
+            if self._heap:
+                timeout = max(0.0, min(timeout, self._heap[0][0] - self.clock()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _control(self) -> None:
+        try:
+            requests = await asyncio.to_thread(self.spool.take_requests)
+        except OSError as e:
+            log.error("queue: cannot read control requests: %s", e)
+            return
+        for action, target in requests:
+            ids = list(self.messages) if target == "all" else [target]
+            if action == "retry" and target == "all":
+                for agent in self.agents.values():
+                    agent.release_hold()
+            for qid in ids:
+                queued = self.messages.get(qid)
+                if queued is None:
+                    continue
+                if action == "retry":
+                    self.retry(queued, release_route=target != "all")
+                elif action == "delete":
+                    self.delete(queued)
+
+    def retry(self, queued: Queued, *, release_route: bool = True) -> None:
+        """`relayd queue retry`: clear the backoff and the route's hold; try at once."""
+        log.info("%s: retry requested", queued.id)
+        queued.entry.backoff = 0
+        if release_route:
+            route = self.route_for(queued.entry)
+            if route is not None and route.name in self.agents:
+                self.agents[route.name].release_hold()
+        if queued.state == DEFERRED:
+            self._next.pop(queued.id, None)
+            self._make_due(queued)
+
+    def delete(self, queued: Queued) -> None:
+        if queued.state == ACTIVE:
+            queued.deleted = True  # removed when its attempt ends
+            return
+        self._forget(queued, "deleted by the admin")
+
+    def stats(self) -> tuple[int, float]:
+        """Queue depth and the age in seconds of the oldest message."""
+        if not self.messages:
+            return 0, 0.0
+        oldest = min(q.entry.received for q in self.messages.values())
+        return len(self.messages), max(0.0, self.clock() - oldest)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop handing out jobs; let attempts in flight finish within `timeout`, then cancel."""
+        self._stopping = True
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        await asyncio.gather(*(a.close(timeout=1) for a in self.agents.values()),
+                             return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+
+
+def _words(reply: Reply) -> str:
+    """A reply without its code, as the state file keeps it (the code is stored beside it)."""
+    return f"{reply.enhanced} {reply.text}" if reply.enhanced else reply.text
