@@ -235,6 +235,30 @@ def cmd_auth(args: argparse.Namespace) -> int:
     return int(oauth.status(config, sys.stdout))
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    """`relayd log`: the delivery journal's events, oldest first, filtered."""
+    import json
+    import time
+
+    from relayd import journal
+
+    config = _load(args)
+    try:
+        since = journal.parse_since(args.since, time.time()) if args.since else None
+    except ValueError as e:
+        print(f"relayd log: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    query = journal.Query(queue_id=args.id, message_id=args.message_id, sender=args.sender,
+                          recipient=args.to, route=args.route, since=since)
+    count = 0
+    for event in journal.read(config.journal.path, query):
+        print(json.dumps(event, ensure_ascii=False) if args.json else journal.format_event(event))
+        count += 1
+    if count == 0 and not args.json:
+        print(f"relayd log: no matching events in {config.journal.path}", file=sys.stderr)
+    return EXIT_OK if count else EXIT_FAILED
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relayd.auth.passwords import hash_password_cli
 
@@ -301,6 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--user", metavar="ADDR")
     action(asub, "status", "each token's account and expiry")
     sp.set_defaults(func=cmd_auth)
+
+    sp = add("log", "the delivery journal: every event of every message, with the upstream's "
+             "answer (reads [journal] path)")
+    sp.add_argument("--id", metavar="QID", help="a queue id (also finds its bounce)")
+    sp.add_argument("--message-id", metavar="MID")
+    sp.add_argument("--from", dest="sender", metavar="ADDR", help="the envelope sender")
+    sp.add_argument("--to", metavar="ADDR", help="any recipient, case-insensitive")
+    sp.add_argument("--since", metavar="DUR", help="2h, 3d or YYYY-MM-DD")
+    sp.add_argument("--route", metavar="NAME")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_log)
 
     sp = sub.add_parser("hash-password", help="print an scrypt hash for server.users")
     sp.set_defaults(func=cmd_hash_password)

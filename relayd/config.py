@@ -23,6 +23,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 35 * 1000 * 1000
 DEFAULT_MAX_CONNECTIONS = 2
 DEFAULT_TIMEOUT_S = 60.0
 MAX_WORKERS = 64
+DEFAULT_MAX_SESSIONS = 100  # SMTP sessions at once, per listener process (Postfix: 100)
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 20  # of which from one client address
+DEFAULT_SESSION_TIMEOUT_S = 300.0  # an idle or slow SMTP session is closed after this
 
 UPSTREAMS = ("smtp", "ews", "graph", "outbox")
 
@@ -108,6 +111,10 @@ class ServerConfig:
     tls_legacy: bool = False
     users: Mapping[str, ServerUser] = field(default_factory=lambda: MappingProxyType({}))
     workers: int = 1  # SMTP listener processes (the first one also schedules and delivers)
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
+    null_sender_route: str | None = None  # the route for MAIL FROM:<>; None: refused
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,13 @@ class QueueConfig:
     max_age_s: float = 5 * 86400
     retry_min_s: float = 60
     retry_max_s: float = 3600
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    path: Path = Path("/var/lib/relayd/journal")  # default: beside queue.path
+    keep_s: float = 90 * 86400
+    subjects: bool = True
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,7 @@ class Config:
     routes: Mapping[str, RouteConfig]
     source: str = ""
     warnings: tuple[str, ...] = ()  # valid, but not what the admin may expect
+    journal: JournalConfig = JournalConfig()
 
 
 def _warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
@@ -362,6 +377,15 @@ def _parse_rate(text: str) -> RateLimit:
     return RateLimit(int(m.group(1)), float(_RATE_UNITS[m.group(2)]))
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-case ASCII letters only, as Postfix folds addresses: str.lower() would also fold
+    non-ASCII (KELVIN SIGN U+212A becomes k), making a look-alike match another's route."""
+    return text.translate(_ASCII_LOWER)
+
+
 def _validate_pattern(pattern: str) -> str | None:
     """Return why a sender pattern is invalid, or None."""
     if pattern == "*":
@@ -410,6 +434,19 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     elif not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
         s.problem("workers", f'must be 1-{MAX_WORKERS} or "auto"')
         workers = 1
+    max_sessions = s.get("max_sessions", int, DEFAULT_MAX_SESSIONS)
+    if not 1 <= max_sessions <= 100_000:
+        s.problem("max_sessions", "must be 1-100000")
+        max_sessions = DEFAULT_MAX_SESSIONS
+    per_client = s.get("max_sessions_per_client", int, DEFAULT_MAX_SESSIONS_PER_CLIENT)
+    if not 1 <= per_client <= 100_000:
+        s.problem("max_sessions_per_client", "must be 1-100000")
+        per_client = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    timeout = s.convert("session_timeout", parse_duration, default=DEFAULT_SESSION_TIMEOUT_S)
+    if timeout <= 0:
+        s.problem("session_timeout", "must be more than 0s")
+        timeout = DEFAULT_SESSION_TIMEOUT_S
+    null_route = s.text("null_sender_route")  # checked against the routes in parse_config
     users: dict[str, ServerUser] = {}
     users_data = s.get("users", dict, {})
     for name, udata in users_data.items():
@@ -430,18 +467,21 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         if not senders:
             u.problem("senders", "required: the sender patterns this user may use")
         for pattern in senders:
-            why = _validate_pattern(pattern.lower())
+            why = _validate_pattern(ascii_lower(pattern))
             if why:
                 u.problem("senders", why)
         u.unknown()
         if phash is not None:
-            users[name] = ServerUser(name, Secret(phash), tuple(p.lower() for p in senders))
+            users[name] = ServerUser(name, Secret(phash),
+                                     tuple(ascii_lower(p) for p in senders))
     s.unknown()
     return ServerConfig(
         listen=tuple(listen), hostname=hostname, max_message_size=size,
         allowed_clients=tuple(clients), tls_cert=Path(tls_cert) if tls_cert else None,
         tls_key=Path(tls_key) if tls_key else None, listen_tls=tuple(listen_tls),
         tls_legacy=tls_legacy, users=MappingProxyType(users), workers=workers,
+        max_sessions=max_sessions, max_sessions_per_client=per_client,
+        session_timeout_s=timeout, null_sender_route=null_route,
     )
 
 
@@ -458,6 +498,19 @@ def _parse_queue(data: Mapping[str, Any], problems: list[str]) -> QueueConfig:
         s.problem("retry_max", "must not be less than retry_min")
     s.unknown()
     return QueueConfig(Path(path), max_age, rmin, rmax)
+
+
+def _parse_journal(data: Mapping[str, Any], queue: QueueConfig,
+                   problems: list[str]) -> JournalConfig:
+    s = _Section(data, "journal", problems)
+    d = JournalConfig()
+    path = s.text("path", str(queue.path.parent / "journal"))
+    keep = s.convert("keep", parse_duration, default=d.keep_s)
+    subjects = s.get("subjects", bool, d.subjects)
+    if keep < 86400:
+        s.problem("keep", "must be at least 1d")
+    s.unknown()
+    return JournalConfig(Path(path), keep, bool(subjects))
 
 
 def _parse_metrics(data: Mapping[str, Any], problems: list[str]) -> MetricsConfig:
@@ -523,7 +576,7 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
     if not senders:
         s.problem("senders", "required: a list of sender addresses or patterns")
     for pattern in senders:
-        why = _validate_pattern(pattern.lower())
+        why = _validate_pattern(ascii_lower(pattern))
         if why:
             s.problem("senders", why)
     upstream = s.text("upstream")
@@ -570,8 +623,8 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
             s.problem(key, "unknown key")
     if len(problems) > start:
         return None
-    return RouteConfig(name=name, senders=tuple(p.lower() for p in senders), upstream=upstream,
-                       **v)
+    return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
+                       upstream=upstream, **v)
 
 
 def _parse_smtp_route(s: _Section, v: dict[str, Any]) -> None:
@@ -692,6 +745,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     server = _parse_server(table("server"), problems)
     queue = _parse_queue(table("queue"), problems)
     metrics = _parse_metrics(table("metrics"), problems)
+    journal = _parse_journal(table("journal"), queue, problems)
     auth = _parse_auth(table("auth"), problems)
     routes: dict[str, RouteConfig] = {}
     for name, rdata in table("routes").items():
@@ -708,10 +762,14 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
             problems.append(f"{name}: unknown section")
     _check_listeners(server, problems)
     _check_patterns(routes, problems)
+    if server.null_sender_route is not None and server.null_sender_route not in routes \
+            and server.null_sender_route not in table("routes"):
+        problems.append(f"server.null_sender_route: no route named "
+                        f"{server.null_sender_route!r} (give the name of a [routes.NAME] table)")
     if problems:
         raise ConfigError(problems, source)
     return Config(server, queue, metrics, auth, MappingProxyType(routes), source,
-                  _warnings(routes))
+                  _warnings(routes), journal)
 
 
 def config_path(explicit: str | None) -> str:

@@ -8,28 +8,54 @@ to the main process, which loads it from the spool.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import logging
 from collections.abc import Callable, Sequence
 
 from relayd import crashpoint
+from relayd.journal import Journal
 from relayd.queue import Entry, Spool
 
 log = logging.getLogger(__name__)
 
 HandOn = Callable[[Entry, bytes], None]
+MAX_HEADER_SCAN_BYTES = 256 * 1024
+_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.default)
+
+
+def header_facts(data: bytes) -> tuple[str, str]:
+    """The Message-ID and the decoded Subject of a message ("" when absent or unreadable)."""
+    end = data.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN_BYTES)
+    head = data[: end + 2] if end >= 0 else data[:MAX_HEADER_SCAN_BYTES]
+    try:
+        msg = _HEADERS.parsebytes(head)
+        mid = " ".join(str(msg.get("Message-ID", "") or "").split())
+        subject = " ".join(str(msg.get("Subject", "") or "").split())
+    except Exception:  # noqa: BLE001 - a header the email package cannot read is just absent
+        return "", ""
+    return mid[:998], subject[:998]
 
 
 class Intake:
-    def __init__(self, spool: Spool, hand_on: HandOn) -> None:
+    def __init__(self, spool: Spool, hand_on: HandOn, journal: Journal | None = None) -> None:
         self.spool = spool
         self.hand_on = hand_on
+        self.journal = journal
 
     async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
-                     mail_options: Sequence[str], client: str, route: str) -> Entry:
+                     mail_options: Sequence[str], client: str, route: str, *,
+                     login: str = "", pinned_route: str | None = None) -> Entry:
         """Durable when this returns (QueueError or OSError when it cannot be)."""
-        entry = await self.spool.accept(sender, recipients, data, mail_options, client=client)
+        message_id, subject = header_facts(data)
+        entry = await self.spool.accept(sender, recipients, data, mail_options, client=client,
+                                        route=pinned_route, message_id=message_id, login=login)
         log.info("%s: queued from=<%s> to=%d size=%d client=%s route=%s", entry.id,
                  entry.sender, len(entry.recipients), entry.size, entry.client, route)
+        if self.journal is not None:
+            self.journal.record("accepted", entry.id, message_id=message_id, **{"from": sender},
+                                to=entry.recipients, route=route, client=client, login=login,
+                                size=entry.size, subject=subject)
         crashpoint.reached("accepted")
         self.hand_on(entry, data)
         return entry

@@ -53,6 +53,9 @@ class Metrics:
         self._token_expiry = Gauge("relayd_token_expiry_seconds",
                                    "Seconds until the route's OAuth access token expires",
                                    ["route", "account"], registry=r)
+        self._journal_dropped = Gauge("relayd_journal_dropped_events",
+                                      "Journal events that could not be written since start",
+                                      registry=r)
         self._server: asyncio.Server | None = None
         self._healthy: HealthCheck = lambda: True
         self._clients: set[asyncio.Task[None]] = set()
@@ -80,6 +83,9 @@ class Metrics:
     def set_queue(self, depth: int, oldest_age_s: float) -> None:
         self._queue_depth.set(depth)
         self._queue_oldest.set(max(0.0, oldest_age_s))
+
+    def set_journal(self, dropped: int) -> None:
+        self._journal_dropped.set(dropped)
 
     def set_token_expiry(self, route: str, account: str, seconds: float) -> None:
         self._token_expiry.labels(route=route, account=account).set(seconds)

@@ -81,6 +81,8 @@ class Entry:
     mail_options: list[str] = field(default_factory=list)
     client: str = ""
     route: str | None = None  # pinned route (bounces go back through the original's route)
+    message_id: str = ""  # the Message-ID header, for the journal and dedupe
+    login: str = ""  # the listener login it came with, if any
     bounce_for: str | None = None  # a bounce: the queue id of the message it reports
     bounce_rcpts: list[str] = field(default_factory=list)  # and the recipients it reports
     size: int = 0
@@ -105,6 +107,10 @@ class Entry:
                "mail_options": self.mail_options, "client": self.client, "route": self.route}
         if self.bounce_for is not None:
             env["bounce_for"] = {"id": self.bounce_for, "recipients": self.bounce_rcpts}
+        if self.message_id:
+            env["message_id"] = self.message_id
+        if self.login:
+            env["login"] = self.login
         return env
 
     def state_json(self) -> dict[str, Any]:
@@ -316,10 +322,11 @@ class Spool:
 
     def _new_entry(self, sender: str, recipients: Sequence[str], data: bytes,
                    mail_options: Sequence[str], client: str, route: str | None,
-                   bounce_for: tuple[str, Sequence[str]] | None = None) -> tuple[Entry, bytes]:
+                   bounce_for: tuple[str, Sequence[str]] | None = None, message_id: str = "",
+                   login: str = "") -> tuple[Entry, bytes]:
         entry = Entry(id=new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
                       received=time.time(), mail_options=list(mail_options), client=client,
-                      route=route)
+                      route=route, message_id=message_id, login=login)
         if bounce_for is not None:
             entry.bounce_for, entry.bounce_rcpts = bounce_for[0], list(bounce_for[1])
         entry.rcpt = {r: RecipientState() for r in entry.recipients}
@@ -332,10 +339,11 @@ class Spool:
     async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str] = (), client: str = "",
                      route: str | None = None,
-                     bounce_for: tuple[str, Sequence[str]] | None = None) -> Entry:
+                     bounce_for: tuple[str, Sequence[str]] | None = None,
+                     message_id: str = "", login: str = "") -> Entry:
         """Store a message durably. When this returns, it survives kill -9 and power loss."""
         entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
-                                      bounce_for)
+                                      bounce_for, message_id, login)
         await self._commit.submit(entry.id, blob)
         return entry
 
@@ -405,6 +413,8 @@ class Spool:
                           client=_str(env.get("client", "")),
                           route=None if env.get("route") is None else _str(env["route"]),
                           size=size, data_offset=len(header))
+            entry.message_id = _str(env.get("message_id", ""))
+            entry.login = _str(env.get("login", ""))
             origin = env.get("bounce_for")
             if origin is not None:
                 entry.bounce_for = _str(origin["id"])

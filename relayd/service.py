@@ -19,6 +19,7 @@ from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import make_upstream
 from relayd.errors import ConfigError, QueueError
 from relayd.intake import Intake
+from relayd.journal import Journal
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
 from relayd.metrics import Metrics
 from relayd.policy import SenderPolicy
@@ -67,9 +68,10 @@ class Service:
         self.spool = Spool(config.queue.path)
         self.policy = SenderPolicy(config)
         self.observer: Any = observer or NullObserver()
+        self.journal = Journal(config.journal)
         self.qmgr = QueueManager(config, self.spool, upstream_factory, self.observer,
-                                 router=self.policy.router)
-        self.intake = Intake(self.spool, self._hand_on)
+                                 router=self.policy.router, journal=self.journal)
+        self.intake = Intake(self.spool, self._hand_on, self.journal)
         self.listeners = listeners
         self.report = report
         self.handler = Handler(self)
@@ -123,7 +125,9 @@ class Service:
             hook()
 
     def healthy(self) -> bool:
-        """For /healthz: the spool takes writes."""
+        """For /healthz: the spool takes writes, and so does the journal."""
+        if not self.journal.healthy:
+            raise OSError(f"journal {self.config.journal.path} cannot be written")
         return self.spool.writable()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -190,8 +194,11 @@ class Service:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""
         set_queue = getattr(self.observer, "set_queue", None)
         set_expiry = getattr(self.observer, "set_token_expiry", None)
+        set_journal = getattr(self.observer, "set_journal", None)
         while set_queue is not None:
             set_queue(*self.qmgr.stats())
+            if set_journal is not None:
+                set_journal(self.journal.dropped)
             now = time.time()
             for name, agent in list(self.qmgr.agents.items()):
                 for account, expires in agent.upstream.token_expiries().items():
@@ -235,6 +242,7 @@ class Service:
         if stop_metrics is not None:
             await stop_metrics()
         await asyncio.to_thread(self.spool.close)
+        await asyncio.to_thread(self.journal.close)
         self.spool.unlock()
 
 

@@ -15,6 +15,8 @@ from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
 from mimeutil import assert_mime_equivalent, corpus, parse, without_headers
 
 from relayd.delivery.mime import header_recipients
+from relayd.intake import header_facts
+from relayd.journal import Query, read
 
 BCC_ONLY = "hidden@example.org"  # an envelope recipient no header names
 CORPUS_FILES = corpus()
@@ -74,6 +76,13 @@ async def test_smtp_arrival_is_byte_identical(tmp_path: Path, upstream: Upstream
     assert got.rcpt_tos == recipients
     if "SMTPUTF8" in options:
         assert "SMTPUTF8" in got.mail_options
+    # The journal recorded it, and finds it again by Message-ID.
+    recorded = list(read(tmp_path / "journal", Query()))
+    assert [e["event"] for e in recorded] == ["accepted", "delivered"]
+    mid = header_facts(as_transmitted(data))[0]
+    if mid:
+        assert [e["id"] for e in read(tmp_path / "journal", Query(message_id=mid))] == \
+            [recorded[0]["id"]] * 2
 
 
 @pytest.fixture

@@ -61,7 +61,8 @@ def dsn_fields(bounce: Received) -> dict[str, str]:
 
 def removals(caplog: pytest.LogCaptureFixture, qid: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.getMessage().startswith(f"{qid}: removed from the queue")]
+            if r.getMessage().startswith(f"{qid}: ") and "removed from the queue" in
+            r.getMessage()]
 
 
 # -- a spool on a small filesystem that can be filled --------------------------------------------

@@ -34,6 +34,7 @@ from relayd.config import Config, RouteConfig
 from relayd.delivery import RecipientResult, Status, Upstream
 from relayd.delivery.agent import DeliveryAgent, Job, Report
 from relayd.errors import QueueError
+from relayd.journal import Journal
 from relayd.qmgr.outcome import Attempted, Outcome, Policy, decide
 from relayd.queue import DELIVERED, FAILED, Entry, RecipientState, Spool
 from relayd.reply import Reply
@@ -108,13 +109,15 @@ UpstreamFactory = Callable[[RouteConfig, Config], Upstream]
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, upstream_factory: UpstreamFactory,
                  observer: Observer | None = None,
-                 clock: Callable[[], float] = time.time, router: Router | None = None) -> None:
+                 clock: Callable[[], float] = time.time, router: Router | None = None,
+                 journal: Journal | None = None) -> None:
         self.config = config
         self.spool = spool
         self.make_upstream = upstream_factory
         self.observer: Observer = observer or NullObserver()
         self.clock = clock
         self.router = router or Router(config.routes)  # the sender policy's, in a service
+        self.journal = journal
         self.messages: dict[str, Queued] = {}
         self.agents: dict[str, DeliveryAgent] = {}
         self._due: dict[str, collections.deque[str]] = {}
@@ -273,6 +276,28 @@ class QueueManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- the journal ---------------------------------------------------------------------------
+
+    def _record(self, event: str, queued: Queued, route: RouteConfig | None,
+                recipients: list[str], **fields: Any) -> None:
+        if self.journal is None:
+            return
+        entry = queued.entry
+        self.journal.record(event, entry.id, message_id=entry.message_id,
+                            **{"from": entry.sender}, to=recipients,
+                            route=route.name if route else entry.route,
+                            upstream=_upstream_name(route), bounce_for=entry.bounce_for,
+                            **fields)
+
+    def _record_grouped(self, event: str, queued: Queued, route: RouteConfig | None,
+                        replies: dict[str, Reply], **fields: Any) -> None:
+        """One event per distinct reply (recipients refused alike share one line)."""
+        groups: dict[str, list[str]] = {}
+        for rcpt, reply in replies.items():
+            groups.setdefault(str(reply), []).append(rcpt)
+        for said, rcpts in groups.items():
+            self._record(event, queued, route, rcpts, reply=said, **fields)
+
     # -- attempts ------------------------------------------------------------------------------
 
     async def _read(self, entry: Entry) -> bytes:
@@ -311,7 +336,7 @@ class QueueManager:
         """Decide, then carry the decision out. Always leaves the message deferred, removed or
         quarantined, and never active."""
         try:
-            await self._carry_out(queued, route, report)
+            await self._carry_out(queued, route, report, time.monotonic() - started)
         except Exception:
             # A bug, not a disk problem (those are handled where they happen): keep the message
             # and try again later; on disk it is still the previous state, so nothing is lost.
@@ -325,7 +350,7 @@ class QueueManager:
                 self._idle.set()
 
     async def _carry_out(self, queued: Queued, route: RouteConfig | None,
-                         report: Report) -> None:
+                         report: Report, latency_s: float) -> None:
         entry = queued.entry
         route_name = route.name if route else (entry.route or "-")
         now = self.clock()
@@ -336,6 +361,7 @@ class QueueManager:
         outcome = decide(Attempted(recipients, entry.received, entry.backoff, entry.is_bounce,
                                    queued.last_reply), report, now, self.policy)
         self._apply(queued, route_name, outcome)
+        self._journal_outcome(queued, route, outcome, round(latency_s, 3))
         bounce: Entry | None = None
         if queued.unbounced:
             if entry.is_bounce:
@@ -353,11 +379,22 @@ class QueueManager:
                 bounce = stored
                 crashpoint.reached("bounce-stored")
         self._release(queued)
+        delivered = _by_reply(outcome.delivered)
         if not entry.pending():
             crashpoint.reached("before-removal")
-            self._remove(entry, self._why_done(queued, outcome, bounce))
+            if len(delivered) == 1 and not outcome.failed and bounce is None and \
+                    len(outcome.delivered) == len(entry.rcpt):
+                # The common case in one line, not two: delivered to all, and so removed.
+                [(said, rcpts)] = delivered.items()
+                self.spool.remove(entry.id, has_state=entry.has_state)
+                log.info("%s: delivered to %s via %s: %s; removed from the queue", entry.id,
+                         rcpts, route_name, said)
+            else:
+                self._log_delivered(entry.id, route_name, delivered)
+                self._remove(entry, self._why_done(queued, outcome, bounce))
             self.messages.pop(entry.id, None)
         else:
+            self._log_delivered(entry.id, route_name, delivered)
             assert outcome.next_attempt is not None
             entry.next_attempt = outcome.next_attempt
             await self._save_state(entry)
@@ -376,7 +413,6 @@ class QueueManager:
         entry = queued.entry
         for rcpt, reply in outcome.delivered.items():
             entry.rcpt[rcpt] = RecipientState(DELIVERED, reply.smtp_code, _words(reply))
-            log.info("%s: delivered to <%s> via %s: %s", entry.id, rcpt, route_name, reply)
             self.observer.delivered(route_name)
         for rcpt, failed in outcome.failed.items():
             queued.unbounced[rcpt] = Failure(rcpt, failed.reply, failed.status)
@@ -391,6 +427,24 @@ class QueueManager:
         if outcome.tried and (outcome.delivered or outcome.failed or outcome.pending):
             entry.attempts += 1
         entry.backoff = outcome.backoff
+
+    @staticmethod
+    def _log_delivered(qid: str, route_name: str, delivered: dict[str, str]) -> None:
+        for said, rcpts in delivered.items():
+            log.info("%s: delivered to %s via %s: %s", qid, rcpts, route_name, said)
+
+    def _journal_outcome(self, queued: Queued, route: RouteConfig | None, outcome: Outcome,
+                         latency_s: float) -> None:
+        if self.journal is None or not outcome.tried:
+            return
+        attempt = queued.entry.attempts
+        self._record_grouped("delivered", queued, route, outcome.delivered, attempt=attempt,
+                             latency_s=latency_s)
+        failed = {r: f.reply for r, f in outcome.failed.items()}
+        self._record_grouped("expired" if outcome.expired else "failed", queued, route, failed,
+                             attempt=attempt, latency_s=latency_s)
+        self._record_grouped("deferred", queued, route, outcome.pending, attempt=attempt,
+                             latency_s=latency_s, next_try=outcome.next_attempt)
 
     def _record_failed(self, queued: Queued) -> None:
         for rcpt, failure in queued.unbounced.items():
@@ -429,6 +483,8 @@ class QueueManager:
             return None
         log.info("%s: bounce %s queued to <%s> for %d recipient(s)", entry.id, bounce.id,
                  entry.sender, len(failures))
+        self._record("bounced", queued, self.config.routes.get(route_name),
+                     list(queued.unbounced), bounce=bounce.id)
         self.observer.bounced(route_name)
         self._record_failed(queued)
         return bounce
@@ -465,6 +521,9 @@ class QueueManager:
         log.info("%s: removed from the queue: %s", entry.id, why)
 
     def _forget(self, queued: Queued, why: str) -> None:
+        if why == "deleted by the admin":
+            self._record("deleted", queued, self.route_for(queued.entry),
+                         queued.entry.pending())
         self._release(queued)
         self.messages.pop(queued.id, None)
         self._remove(queued.entry, why)
@@ -550,6 +609,24 @@ class QueueManager:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
+
+
+def _by_reply(replies: dict[str, Reply]) -> dict[str, str]:
+    """Reply text -> the recipients that got it, as `<a>, <b>` (one log line per reply)."""
+    groups: dict[str, list[str]] = {}
+    for rcpt, reply in replies.items():
+        groups.setdefault(str(reply), []).append(rcpt)
+    return {said: ", ".join(f"<{r}>" for r in rcpts) for said, rcpts in groups.items()}
+
+
+def _upstream_name(route: RouteConfig | None) -> str:
+    """What the route talks to, for the journal: `smtp:host:port`, `graph:URL`, ..."""
+    if route is None:
+        return ""
+    where = {"smtp": f"{route.host}:{route.port}", "graph": route.endpoint or "",
+             "ews": route.service_endpoint or route.server or "",
+             "outbox": str(route.path or "")}.get(route.upstream, "")
+    return f"{route.upstream}:{where}" if where else route.upstream
 
 
 def _words(reply: Reply) -> str:

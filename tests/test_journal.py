@@ -1,0 +1,164 @@
+"""The delivery journal and `relayd log`: what each event records, how it is found again, and
+that a journal that cannot be written never stops mail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    Upstream,
+    arelayd_cli,
+    free_port,
+    message,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
+
+from relayd.config import JournalConfig
+from relayd.journal import Journal, Query, day_of, prune, read
+from relayd.metrics import Metrics
+
+ALICE, BOB, NOBODY = "alice@business.com", "Bob@Example.com", "nobody@example.com"
+
+
+def events(path: Path, **query: Any) -> list[dict[str, Any]]:
+    return list(read(path, Query(**query)))
+
+
+async def test_each_event_of_a_message_is_recorded_and_found_again(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. a message to bob (250) and nobody (550) 2. a second one deferred once (451), then
+    delivered 3. a third deleted by the admin while deferred 4. each event is in the journal
+    with its reply, and `relayd log` finds them by queue id, Message-ID, sender, recipient."""
+    upstream.handler.rcpt_replies[NOBODY] = "550 5.1.1 no such user"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       queue='retry_min = "1s"\nretry_max = "1s"')
+    journal_dir = tmp_path / "journal"
+    first = message(subject="first")
+    async with run_service(cfg) as svc:
+        await send(service_port(svc), ALICE, [BOB, NOBODY], first)
+        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.messages,
+                       what="delivered and bounced")
+        upstream.handler.data_reply = "451 4.3.0 try later"
+        await send(service_port(svc), ALICE, ["carol@example.com"], message(subject="second"))
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()),
+                       what="deferred once")
+        upstream.handler.data_reply = None
+        await wait_for(lambda: not svc.qmgr.messages, what="delivered on the next try")
+        upstream.handler.data_reply = "451 4.3.0 try later"
+        await send(service_port(svc), ALICE, ["dave@example.com"], message(subject="third"))
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()),
+                       what="the third deferred")
+        [third_id] = list(svc.qmgr.messages)
+        done = await arelayd_cli("queue", "delete", third_id, "-c", str(cfg))
+        assert done.returncode == 0
+        await wait_for(lambda: not svc.qmgr.messages, what="deleted")
+    mid = first.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+    mine = events(journal_dir, message_id=mid)
+    kinds = [e["event"] for e in mine]
+    assert kinds[0] == "accepted" and {"delivered", "failed", "bounced"} <= set(kinds)
+    accepted = mine[0]
+    assert accepted["from"] == ALICE and accepted["to"] == [BOB, NOBODY]
+    assert accepted["subject"] == "first" and accepted["client"] == "127.0.0.1"
+    assert accepted["route"] == "staff" and accepted["size"] == len(first)
+    [delivered] = [e for e in mine if e["event"] == "delivered"]
+    assert delivered["to"] == [BOB] and delivered["reply"].startswith("250")
+    assert delivered["upstream"] == f"smtp:127.0.0.1:{upstream.port}"
+    assert delivered["attempt"] == 1 and delivered["latency_s"] >= 0
+    [failed] = [e for e in mine if e["event"] == "failed"]
+    assert failed["to"] == [NOBODY] and failed["reply"] == "550 5.1.1 no such user"
+    [bounced] = [e for e in mine if e["event"] == "bounced"]
+    qid = accepted["id"]
+    # the bounce's own events are found with the original's queue id
+    by_id = events(journal_dir, queue_id=qid)
+    assert any(e.get("bounce_for") == qid and e["event"] == "delivered" for e in by_id)
+    assert bounced["bounce"] in {e["id"] for e in by_id}
+    second = events(journal_dir, recipient="CAROL@example.com")
+    assert [e["event"] for e in second] == ["accepted", "deferred", "delivered"]
+    assert second[1]["reply"] == "451 4.3.0 try later" and second[1]["next_try"] > 0
+    third = events(journal_dir, queue_id=third_id)
+    assert [e["event"] for e in third][-1] == "deleted"
+
+    out = await arelayd_cli("log", "--message-id", mid.strip("<>"), "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(mine) and "accepted" in lines[0] and qid in lines[0]
+    assert any("550 5.1.1 no such user" in line for line in lines)
+    out = await arelayd_cli("log", "--to", "bob@EXAMPLE.com", "--json", "-c", str(cfg))
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {e["event"] for e in got} == {"accepted", "delivered"}
+    out = await arelayd_cli("log", "--from", ALICE.upper(), "--since", "1h", "-c", str(cfg))
+    assert out.returncode == 0 and len(out.stdout.splitlines()) >= 9
+    out = await arelayd_cli("log", "--id", "NOSUCHID00000000", "-c", str(cfg))
+    assert out.returncode == 1 and "no matching events" in out.stderr
+
+
+def test_a_torn_last_line_is_skipped_and_old_files_go(tmp_path: Path) -> None:
+    journal = Journal(JournalConfig(tmp_path, keep_s=2 * 86400))
+    journal.record("accepted", "Q1", message_id="<a@b>", to=["x@y"])
+    journal.record("delivered", "Q1", message_id="<a@b>", to=["x@y"], reply="250 ok")
+    journal.close()
+    [today] = list(tmp_path.iterdir())
+    assert today.name == f"{day_of(time.time())}.jsonl"
+    assert today.stat().st_mode & 0o777 == 0o640
+    with open(today, "ab") as f:
+        f.write(b'{"time": 1, "event": "deliv')  # a crash in the middle of a write
+    assert [e["event"] for e in events(tmp_path, message_id="a@b")] == ["accepted",
+                                                                       "delivered"]
+    old = tmp_path / "2020-01-01.jsonl"
+    old.write_text('{"time": 1577836800, "event": "accepted", "id": "OLD"}\n')
+    recent = tmp_path / f"{day_of(time.time() - 86400)}.jsonl"
+    recent.write_text("")
+    assert prune(tmp_path, 2 * 86400, time.time()) == [old]
+    assert recent.exists() and today.exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs (root ignores file modes, so the mount is what makes it read-only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_journal_that_cannot_be_written_does_not_stop_mail(
+        tmp_path: Path, upstream: Upstream, read_only_dir: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       extra=f'[journal]\npath = "{read_only_dir / "journal"}"\n'
+                             f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    async with run_service(cfg, observer=Metrics()) as svc:
+        await send(service_port(svc), ALICE, [BOB], message())
+        await wait_for(lambda: len(upstream.messages) == 1, what="delivered all the same")
+        await wait_for(lambda: not svc.journal.healthy, what="the journal found unwritable")
+
+        def healthz() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/healthz",
+                                            timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, body = await asyncio.to_thread(healthz)
+        assert status == 503 and "journal" in body
