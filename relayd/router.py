@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from relayd.config import RouteConfig
+from relayd.config import RouteConfig, ascii_lower
 
 
 @dataclass(frozen=True)
@@ -15,8 +15,9 @@ class Match:
 
 
 def normalize(address: str) -> str:
-    """Lower-case for matching. Local parts are case-sensitive in theory, never in practice."""
-    return address.strip().lower()
+    """ASCII lower-case for matching. Local parts are case-sensitive in theory, never in
+    practice; a non-ASCII address must match a pattern exactly (no Unicode case folding)."""
+    return ascii_lower(address.strip())
 
 
 def matches_any(patterns: tuple[str, ...], sender: str) -> bool:
