@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import warnings
 from pathlib import Path
 
 from relayd.config import ServerConfig
@@ -15,20 +16,31 @@ from relayd.queue import write_atomic
 log = logging.getLogger(__name__)
 
 SELF_SIGNED_DAYS = 3650
+# TLS 1.2: forward-secret AEAD suites only (TLS 1.3's are AEAD anyway and set apart).
+MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# tls_legacy adds TLS 1.0/1.1 for old printers and .NET Framework apps, with the ECDHE AES-CBC
+# suites they speak, after the AEAD ones so that TLS 1.2+ clients still get those. OpenSSL 3
+# allows TLS 1.0/1.1 only at security level 0; the list, not the level, keeps static-RSA and
+# other weak suites out. Rejected: "DEFAULT:@SECLEVEL=0", which offered static RSA to all.
+LEGACY_CIPHERS = MODERN_CIPHERS + ":ECDHE+AES+SHA1:@SECLEVEL=0"
 
 
 def server_context(server: ServerConfig, state_dir: Path) -> ssl.SSLContext:
-    """TLS 1.2+ (1.0+ with tls_legacy, for old printers and scanners)."""
+    """TLS 1.2+ with AEAD suites (1.0+ with tls_legacy, for old printers and scanners)."""
     cert, key = server.tls_cert, server.tls_key
     if cert is None or key is None:
         cert, key = ensure_self_signed(server.hostname, state_dir)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     if server.tls_legacy:
-        ctx.minimum_version = ssl.TLSVersion.TLSv1
-        # OpenSSL's default security level refuses TLS 1.0/1.1 even when allowed above.
-        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        with warnings.catch_warnings():
+            # Python deprecates TLS 1.0; allowing it is what tls_legacy is for.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.set_ciphers(LEGACY_CIPHERS)
     else:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(MODERN_CIPHERS)
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.load_cert_chain(cert, key)
     return ctx
 
