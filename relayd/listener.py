@@ -4,6 +4,7 @@ delivers; DATA is answered 250 only once the message is on stable storage."""
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
 import functools
 import inspect
 import ipaddress
@@ -16,11 +17,11 @@ from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as SmtpSession
 
 from relayd.auth.passwords import hash_password, verify_password
-from relayd.config import Config, ServerUser
+from relayd.config import Config, ServerConfig, ServerUser
 from relayd.intake import Intake
 from relayd.policy import SenderPolicy
 
@@ -30,8 +31,11 @@ log = logging.getLogger(__name__)
 REPLY_ACCESS_DENIED = "554 5.7.1 Access denied: your address is not allowed to use this relay"
 REPLY_SENDER_OK = "250 2.1.0 Sender ok"
 REPLY_RCPT_OK = "250 2.1.5 Recipient ok"
-REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted from clients"
-REPLY_BAD_ADDRESS = "553 5.1.3 Malformed address"
+REPLY_BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
+REPLY_BAD_RCPT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+REPLY_BAD_SENDER_UTF8 = "553 5.1.7 Sender address is not valid UTF-8"
+REPLY_BAD_RCPT_UTF8 = "553 5.1.3 Recipient address is not valid UTF-8"
+REPLY_NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send a non-ASCII address"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_TEMP_STORAGE = "451 4.3.0 Temporary problem storing the message; try again later"
 REPLY_INTERNAL = "451 4.3.0 Temporary internal problem; try again later"
@@ -40,8 +44,16 @@ REPLY_QUEUED = "250 2.0.0 Ok: queued as {id}"
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
 REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins; closing connection"
+REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections; try again later"
+REPLY_TOO_MANY_FROM_YOU = "421 4.7.0 Too many connections from your address; try again later"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded; closing connection"
 
-SESSION_TIMEOUT_S = 300
+# Postfix's and Exchange's AUTH LOGIN prompts; some printers (Xerox) hang up on aiosmtpd's
+# "User Name\0". RFC 4954 leaves the text free, so the ones every client has seen win.
+AUTH_LOGIN_USER_PROMPT = "Username:"
+AUTH_LOGIN_PASSWORD_PROMPT = "Password:"
+HELLO_PEEK_BYTES = 11  # TLS record header + ClientHello header up to its legacy_version
+LIMIT_LOG_INTERVAL_S = 60.0  # at most one line a minute about refused connections, per listener
 AUTH_FAIL_DELAY_S = 1.0  # after a failed login, doubling per further failure from that address
 AUTH_FAIL_DELAY_MAX_S = 8.0
 AUTH_FAILURES_PER_SESSION = 3
@@ -78,6 +90,33 @@ def normalize_line_endings(data: bytes) -> bytes:
     return _BARE_EOL_RE.sub(b"\r\n", data)
 
 
+class _Unparsable(str):
+    """What RelaySMTP._getaddr hands on for an address the email parser cannot read, so that
+    MAIL and RCPT each refuse it with their own reply (aiosmtpd would answer 553 5.1.3 for
+    both). A subclass, so no address a client sends can be mistaken for it."""
+
+
+UNPARSABLE = _Unparsable("<unparsable>")
+
+
+def address_refusal(address: str, smtputf8: bool, *, sender: bool) -> str | None:
+    """Why MAIL FROM or RCPT TO refuses `address`, as its reply; None when it is acceptable.
+    Invalid UTF-8 reaches here as lone surrogates (aiosmtpd decodes with surrogateescape);
+    it would fail every delivery attempt for days, so it is refused now."""
+    if isinstance(address, _Unparsable):
+        return REPLY_BAD_SENDER_SYNTAX if sender else REPLY_BAD_RCPT_SYNTAX
+    if not address.isascii():
+        try:
+            address.encode("utf-8")
+        except UnicodeEncodeError:
+            return REPLY_BAD_SENDER_UTF8 if sender else REPLY_BAD_RCPT_UTF8
+        if not smtputf8:
+            return REPLY_NEED_SMTPUTF8
+    if not valid_address(address):
+        return REPLY_BAD_SENDER_SYNTAX if sender else REPLY_BAD_RCPT_SYNTAX
+    return None
+
+
 class Relay(Protocol):
     """What the listener needs from the service around it."""
 
@@ -97,33 +136,40 @@ class Handler:
     async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        # aiosmtpd advertises "250-AUTH " even with no mechanism left; curl then gives up.
+        kept = [r for r in responses[:-1] if r.rstrip() != "250-AUTH"]
         # aiosmtpd reads commands one line at a time, so pipelined commands just queue up.
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return [*kept, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if address in ("", "<>"):
-            return REPLY_NULL_SENDER
-        if not valid_address(address):
-            return REPLY_BAD_ADDRESS
+        null = address == "<>"  # aiosmtpd's spelling of the null reverse-path
+        if not null:
+            refusal = address_refusal(address, envelope.smtp_utf8, sender=True)
+            if refusal is not None:
+                log.info("refused sender from %s: %s", _peer(session), refusal[4:])
+                return refusal
         user: ServerUser | None = getattr(session, "relayd_user", None)
         if self.relay.config.server.users and user is None and not _is_loopback(session):
             return REPLY_AUTH_REQUIRED
-        decision = self.relay.policy.check(address, user)
+        decision = self.relay.policy.check("" if null else address, user)
         if decision.route is None:
             level = logging.INFO if user is None else logging.WARNING
-            log.log(level, "refused sender <%s> from %s: %s", address, _peer(session),
-                    decision.why)
+            log.log(level, "refused sender <%s> from %s: %s", "" if null else address,
+                    _peer(session), decision.why)
             return decision.refusal or REPLY_INTERNAL
         envelope.relayd_route = decision.route.name  # type: ignore[attr-defined]
+        envelope.relayd_pin = decision.pin  # type: ignore[attr-defined]
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return REPLY_SENDER_OK
 
     async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not valid_address(address):
-            return REPLY_BAD_ADDRESS
+        refusal = address_refusal(address, envelope.smtp_utf8, sender=False)
+        if refusal is not None:
+            log.info("refused recipient from %s: %s", _peer(session), refusal[4:])
+            return refusal
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return REPLY_TOO_MANY_RCPTS
         envelope.rcpt_tos.append(address)
@@ -135,9 +181,14 @@ class Handler:
         data = normalize_line_endings(envelope.original_content)
         options = [o for o in envelope.mail_options if o.startswith(("BODY=", "SMTPUTF8"))]
         route_name: str = getattr(envelope, "relayd_route", "-")
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from
+        # The queue manager finds a message's route from its sender, unless the route is
+        # recorded with it (a null sender has nothing to look up).
+        pinned = route_name if getattr(envelope, "relayd_pin", False) else None
         try:
-            entry = await self.relay.intake.accept(envelope.mail_from, envelope.rcpt_tos, data,
-                                                   options, _peer(session), route_name)
+            entry = await self.relay.intake.accept(sender, envelope.rcpt_tos, data, options,
+                                                   _peer(session), route_name,
+                                                   pinned_route=pinned)
         except Exception as e:
             log.error("cannot store a message from %s: %s", _peer(session), e)
             return REPLY_TEMP_STORAGE
@@ -201,24 +252,127 @@ class LoginGuard:
         self.failures.pop(peer, None)
 
 
+class _RelaySession(SmtpSession):
+    """aiosmtpd's Session without the "login_data is deprecated" WARNING that its own AUTH
+    code triggers on every successful login (relayd never reads login_data)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class _HelloRecorder(sslproto.SSLProtocol):
+    """asyncio's TLS layer, keeping the first bytes the client sent, so that a failed
+    handshake can say what the client offered."""
+
+    hello = b""
+    _view: memoryview | None = None
+
+    def get_buffer(self, n: int) -> memoryview:
+        self._view = super().get_buffer(n)
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if len(self.hello) < HELLO_PEEK_BYTES and self._view is not None:
+            self.hello += bytes(self._view[:min(nbytes, HELLO_PEEK_BYTES - len(self.hello))])
+        super().buffer_updated(nbytes)
+
+
+_TLS_NAMES = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1", 0x0303: "TLS 1.2"}
+
+
+def offered_version(hello: bytes) -> int | None:
+    """The legacy_version of a TLS ClientHello (0x0301 for TLS 1.0), or None when the bytes
+    are not the start of one. TLS 1.3 clients say 0x0303 here too, which is fine: only
+    versions below 1.2 fail for their version."""
+    if len(hello) < HELLO_PEEK_BYTES or hello[0] != 0x16 or hello[5] != 0x01:
+        return None
+    return int.from_bytes(hello[9:11], "big")
+
+
+def describe_tls_failure(hello: bytes, error: BaseException | None,
+                         server: ServerConfig) -> str:
+    """One line on why a handshake failed, with the hint an admin needs."""
+    version = offered_version(hello)
+    if version is None:
+        if not hello:
+            return "the client closed the connection before its TLS hello"
+        return "the client did not start a TLS handshake after STARTTLS"
+    minimum = ssl.TLSVersion.TLSv1 if server.tls_legacy else ssl.TLSVersion.TLSv1_2
+    name = _TLS_NAMES.get(version, f"version 0x{version:04x}")
+    if version < minimum:
+        if server.tls_legacy:
+            return f"it offered {name} at most, below TLS 1.0 (server.tls_legacy = true)"
+        return (f"it offered {name} at most; relayd takes TLS 1.2 and later "
+                "(server.tls_legacy = true also allows TLS 1.0 and 1.1)")
+    reason = getattr(error, "reason", None) or type(error).__name__
+    return f"{name} offered: {reason}"
+
+
+class SessionLimits:
+    """server.max_sessions and server.max_sessions_per_client for one listener's sessions,
+    and a log of refusals that stays at one line a minute under a flood."""
+
+    def __init__(self, server: ServerConfig) -> None:
+        self.max_sessions = server.max_sessions
+        self.max_per_client = server.max_sessions_per_client
+        self._logged_at = -LIMIT_LOG_INTERVAL_S
+        self._unlogged = 0
+
+    def refusal(self, sessions: set[RelaySMTP], client: str) -> str | None:
+        """The 421 for one more session from `client`, or None when it may have one."""
+        if len(sessions) >= self.max_sessions:
+            return REPLY_TOO_MANY_SESSIONS
+        if len(sessions) >= self.max_per_client and sum(
+                1 for s in sessions if s.client == client) >= self.max_per_client:
+            return REPLY_TOO_MANY_FROM_YOU
+        return None
+
+    def refused(self, client: str, reply: str) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < LIMIT_LOG_INTERVAL_S:
+            return
+        key = ("server.max_sessions" if reply == REPLY_TOO_MANY_SESSIONS
+               else "server.max_sessions_per_client")
+        log.warning("refused %d connection(s) over %s (%d), the latest from %s",
+                    self._unlogged, key, self.max_sessions if key == "server.max_sessions"
+                    else self.max_per_client, client)
+        self._logged_at, self._unlogged = now, 0
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with a connection check, AUTH against [server.users] and bookkeeping
-    for a clean shutdown."""
+    """aiosmtpd's SMTP with a connection check, session limits, AUTH against [server.users]
+    and bookkeeping for a clean shutdown.
+
+    It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
+    _handle_client, _timeout_cb) and copies smtp_STARTTLS; pyproject pins aiosmtpd to 1.4.x
+    for that reason.
+    """
 
     line_length_limit = LINE_LENGTH_LIMIT
+    AuthLoginUsernameChallenge = AUTH_LOGIN_USER_PROMPT
+    AuthLoginPasswordChallenge = AUTH_LOGIN_PASSWORD_PROMPT
 
     def __init__(self, handler: Handler, *, allowed: Sequence[Any],
                  sessions: set[RelaySMTP], users: Mapping[str, ServerUser],
-                 guard: LoginGuard, implicit_tls: bool = False, **kwargs: Any) -> None:
-        super().__init__(handler, authenticator=_capture if users else None, **kwargs)
+                 guard: LoginGuard, limits: SessionLimits, server: ServerConfig,
+                 implicit_tls: bool = False, **kwargs: Any) -> None:
+        super().__init__(handler, authenticator=_capture, **kwargs)
         self._allowed = allowed
         self._sessions = sessions
         self._users = users
         self._guard = guard
+        self._limits = limits
+        self._server = server
         self._implicit_tls = implicit_tls
         self._failed_here = 0
-        if not users:
-            self._auth_methods.clear()  # nothing to log in to: do not advertise AUTH
+        self._refusal: str | None = None
+        self.client = ""
 
     # aiosmtpd finds its command and AUTH methods with dir() and inspect.getmembers() on every
     # new connection, which costs about a third of a short session. Only the smtp_ and auth_
@@ -232,9 +386,14 @@ class RelaySMTP(SMTP):
             RelaySMTP._dir_cache[type(self)] = names
         return names
 
+    def _create_session(self) -> SmtpSession:
+        return _RelaySession(self.loop)
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's own parsing (the email package's get_angle_addr / get_addr_spec), without
-        the typing-only class it defines on every call (most of the cost of MAIL and RCPT)."""
+        the typing-only class it defines on every call (most of the cost of MAIL and RCPT).
+        What the parser cannot read becomes UNPARSABLE for the handler to refuse: it raises
+        IndexError or AttributeError, not only HeaderParseError, on input such as `<`."""
         if not arg:
             return "", ""
         address: Any
@@ -243,20 +402,46 @@ class RelaySMTP(SMTP):
                 address, rest = get_angle_addr(arg)
             else:
                 address, rest = get_addr_spec(arg)
-        except HeaderParseError:
-            return None, None
-        addr: str = address.addr_spec
+            addr: str = address.addr_spec
+        except (HeaderParseError, IndexError, AttributeError, ValueError):
+            return UNPARSABLE, ""
         localpart = addr.rpartition("@")[0]
         if self.local_part_limit and len(localpart) > self.local_part_limit:
             return None, None
         return addr, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None  # called again after STARTTLS
         super().connection_made(transport)
-        self._sessions.add(self)
-        if self.session is not None:
-            # AUTH only over TLS, or from this machine (loopback never leaves it).
-            self._auth_require_tls = not (self._implicit_tls or _is_loopback(self.session))
+        if not first or self.session is None:
+            return
+        self.client = _peer(self.session)
+        loopback = _is_loopback(self.session)
+        self._refusal = self._limits.refusal(self._sessions, self.client)
+        if self._refusal is None:
+            self._sessions.add(self)  # counted only once admitted
+        # AUTH only over TLS, or from this machine (loopback never leaves it).
+        self._auth_require_tls = not (self._implicit_tls or loopback)
+        if not self._users and not loopback:
+            self._auth_methods = {}  # nothing to log in to
+
+    def _timeout_cb(self) -> None:
+        """Tell the client why before closing an idle or slow session (server.session_timeout),
+        as Postfix does."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            log.info("session from %s timed out", self.client)
+            transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Mechanism names are case-insensitive (RFC 4954); .NET's SmtpClient sends
+        `AUTH login`, which aiosmtpd's exact lookup refuses."""
+        if arg:
+            parts = arg.split(maxsplit=1)
+            arg = " ".join([parts[0].upper(), *parts[1:]])
+        await super().smtp_AUTH(arg)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._verify(await super().auth_PLAIN(_, args))
@@ -269,6 +454,12 @@ class RelaySMTP(SMTP):
             return result
         assert self.session is not None
         peer = _peer(self.session)
+        if not self._users and _is_loopback(self.session):
+            # Many apps always send the login typed into their settings. Without
+            # [server.users] loopback sends without one anyway, so taking it grants nothing.
+            log.info("login from %s accepted without checking: no [server.users], and "
+                     "loopback needs no login", peer)
+            return AuthResult(success=True, auth_data=None)
         login = result.auth_data.login.decode("utf-8", "replace")
         password = result.auth_data.password.decode("utf-8", "replace")
         user = self._users.get(login)
@@ -291,13 +482,46 @@ class RelaySMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
 
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd 1.4.6's, with a TLS layer that keeps the client's first bytes so that a
+        failed handshake is one WARNING line saying what the client offered."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        waiter = self.loop.create_future()
+        tls = _HelloRecorder(self.loop, self, self.tls_context, waiter, server_side=True)
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        assert isinstance(self._original_transport, asyncio.Transport)
+        self._original_transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("TLS handshake with %s failed: %s", self.client,
+                        describe_tls_failure(tls.hello, error, self._server))
+            raise TLSSetupException() from error
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            return ""  # already logged; aiosmtpd closes the connection and sends nothing
+        return await super().handle_exception(error)
+
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
         assert self.session is not None
-        peer = _peer(self.session)
+        peer = self.client
         try:
             ip = ipaddress.ip_address(peer.split("%")[0])
             allowed = any(ip in net for net in self._allowed)
@@ -306,6 +530,12 @@ class RelaySMTP(SMTP):
         if not allowed:
             log.warning("refused connection from %s: not in server.allowed_clients", peer)
             await self.push(REPLY_ACCESS_DENIED)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if self._refusal is not None:
+            self._limits.refused(peer, self._refusal)
+            await self.push(self._refusal)
             assert self.transport is not None
             self.transport.close()
             return
@@ -323,16 +553,17 @@ def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelayS
                           guard: LoginGuard, *, starttls: ssl.SSLContext | None = None,
                           implicit_tls: bool = False) -> Callable[[], RelaySMTP]:
     """Protocols for one listener: plain with STARTTLS offered, or implicit TLS (the TLS
-    layer is then the server's, and STARTTLS is not offered again)."""
+    layer is then the server's, and STARTTLS is not offered again). `sessions` is shared by
+    all listeners, so server.max_sessions counts them all."""
     server = config.server
+    limits = SessionLimits(server)
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
             handler, allowed=server.allowed_clients, sessions=sessions, users=server.users,
-            guard=guard, implicit_tls=implicit_tls, data_size_limit=server.max_message_size,
-            enable_SMTPUTF8=True, decode_data=False, hostname=server.hostname, ident="relayd",
-            tls_context=starttls, auth_require_tls=not implicit_tls, timeout=SESSION_TIMEOUT_S)
+            guard=guard, limits=limits, server=server, implicit_tls=implicit_tls,
+            data_size_limit=server.max_message_size, enable_SMTPUTF8=True, decode_data=False,
+            hostname=server.hostname, ident="relayd", tls_context=starttls,
+            auth_require_tls=not implicit_tls, timeout=server.session_timeout_s)
 
     return factory
-
-

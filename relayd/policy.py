@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relayd.auth.oauth import has_signed_in
+from relayd.auth.tokencache import TokenStore
 from relayd.config import Config, RouteConfig, ServerUser
 from relayd.delivery.mime import fixed_mailbox
 from relayd.router import Router, matches_any
@@ -18,6 +18,7 @@ from relayd.router import Router, matches_any
 REPLY_UNKNOWN_SENDER = ("550 5.7.1 Sender address not allowed: no route is configured for it "
                         "(relayd is not an open relay)")
 REPLY_SENDER_NOT_YOURS = "550 5.7.1 Sender address not allowed for your login"
+REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted from clients"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Decision:
     route: RouteConfig | None  # the route the message will take, when accepted
     refusal: str | None  # the SMTP reply when refused
     why: str = ""  # for the log line of a refusal
+    pin: bool = False  # record the route with the message: its sender does not find it
 
 
 class SenderPolicy:
@@ -35,6 +37,9 @@ class SenderPolicy:
         self.router = Router(config.routes)
 
     def check(self, sender: str, user: ServerUser | None) -> Decision:
+        """`sender` is "" for the null reverse-path (MAIL FROM:<>)."""
+        if not sender:
+            return self.null_sender()
         route = self.router.lookup(sender)
         if route is None:
             return Decision(None, REPLY_UNKNOWN_SENDER, "no route")
@@ -45,6 +50,16 @@ class SenderPolicy:
             return Decision(None, refusal, "not signed in")
         return Decision(route, None)
 
+    def null_sender(self) -> Decision:
+        """Null-sender mail (delivery status notifications a front MTA hands on) goes through
+        server.null_sender_route; without it, it is refused. It matches no sender pattern, so
+        a login's senders do not limit it, and its route is recorded with the message."""
+        name = self.config.server.null_sender_route
+        route = self.config.routes.get(name) if name else None
+        if route is None:
+            return Decision(None, REPLY_NULL_SENDER, "null sender and no server.null_sender_route")
+        return Decision(route, None, pin=True)
+
     def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:
         """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
         rather than queue mail that can only defer until it expires."""
@@ -53,7 +68,7 @@ class SenderPolicy:
         if route.upstream == "ews" and route.auth != "oauth":
             return None
         account = fixed_mailbox(route) or sender
-        if has_signed_in(self.config, route, account):
+        if TokenStore(self.config).exists(route.name, account.lower()):
             return None
         return (f"550 5.7.1 {account} has not signed in for route {route.name}; an "
                 f"administrator must run `relayd auth login {route.name} --user {account}`")

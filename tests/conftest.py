@@ -324,3 +324,32 @@ def ews(idp: Any) -> Iterator[Any]:
     server = start_ews(EwsState(idp=idp.state, require_impersonation=True))
     yield server
     server.stop()
+
+
+# -- raw SMTP ----------------------------------------------------------------------------------
+
+
+async def read_reply(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """One SMTP reply, its lines joined (b"" when the server closed the connection)."""
+    out = b""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        out += line
+        if not line or len(line) < 4 or line[3:4] != b"-":
+            return out
+
+
+async def smtp_exchange(port: int, lines: list[bytes], *, timeout: float = 10,
+                        local_host: str | None = None) -> list[bytes]:
+    """The banner, then each line's reply: the exact bytes a client sends, the exact replies."""
+    local = (local_host, 0) if local_host else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
+    try:
+        replies = [await read_reply(reader, timeout)]
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            replies.append(await read_reply(reader, timeout))
+    finally:
+        writer.close()
+    return replies

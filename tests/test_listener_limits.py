@@ -1,0 +1,160 @@
+"""Session limits: server.max_sessions, server.max_sessions_per_client (421 4.7.0 and close, as
+Postfix does) and server.session_timeout; the server keys they come from."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Upstream,
+    message,
+    read_reply,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
+
+from relayd.config import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_CLIENT,
+    DEFAULT_SESSION_TIMEOUT_S,
+    ConfigError,
+    ServerConfig,
+    load_config,
+)
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def connections() -> AsyncIterator[list[Conn]]:
+    """Open connections, all closed at the end."""
+    opened: list[Conn] = []
+    try:
+        yield opened
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+async def connect(port: int, opened: list[Conn], local_host: str = "127.0.0.1") -> bytes:
+    """Connect, return the greeting (or the 421 refusal)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=(local_host, 0))
+    opened.append((reader, writer))
+    return await read_reply(reader, timeout=10)
+
+
+def limits_config(tmp_path: Path, upstream: Upstream, server: str) -> Path:
+    return write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                        server=server)
+
+
+async def test_beyond_max_sessions_new_connections_get_421(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """1. max_sessions = 5 2. eight idle connections at once: five greeted, three get
+    421 4.7.0 and are closed 3. one idle session ends 4. a normal client is served."""
+    cfg = limits_config(tmp_path, upstream, "max_sessions = 5")
+    async with run_service(cfg) as svc, connections() as opened:
+        port = service_port(svc)
+        greetings = await asyncio.gather(*(connect(port, opened) for _ in range(8)))
+        assert sorted(g[:4] for g in greetings) == [b"220 "] * 5 + [b"421 "] * 3
+        assert all(g.startswith(b"421 4.7.0 Too many connections;") for g in greetings
+                   if g.startswith(b"421"))
+        # The refused ones are closed by relayd; the greeted ones stay open.
+        ends = await asyncio.gather(*(asyncio.wait_for(r.read(), 0.5) for r, _ in opened),
+                                    return_exceptions=True)
+        assert sum(1 for end in ends if end == b"") == 3
+        assert sum(1 for end in ends if isinstance(end, asyncio.TimeoutError)) == 5
+        assert len(svc.sessions) == 5
+        idle = next(w for (_, w), end in zip(opened, ends, strict=True) if end != b"")
+        idle.close()
+        await wait_for(lambda: len(svc.sessions) == 4, timeout=5, what="the session to end")
+        started = time.monotonic()
+        await send(port, "ok@business.com", ["x@example.com"], message())
+        assert time.monotonic() - started < 1.0
+        await wait_for(lambda: len(upstream.messages) == 1)
+    limit_lines = [r for r in caplog.records if "server.max_sessions" in r.getMessage()]
+    assert len(limit_lines) == 1 and limit_lines[0].levelno == logging.WARNING
+
+
+async def test_beyond_max_sessions_per_client_that_client_gets_421(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. three sessions per client, five in all 2. a fourth from 127.0.0.1: 421 3. two from
+    127.0.0.2 are greeted, a third gets 421 (five in all) 4. 127.0.0.1 can send again once
+    one of its sessions ends."""
+    cfg = limits_config(tmp_path, upstream, "max_sessions = 5\nmax_sessions_per_client = 3")
+    async with run_service(cfg) as svc, connections() as opened:
+        port = service_port(svc)
+        for _ in range(3):
+            assert (await connect(port, opened)).startswith(b"220 ")
+        assert (await connect(port, opened)).startswith(
+            b"421 4.7.0 Too many connections from your address")
+        for _ in range(2):
+            assert (await connect(port, opened, "127.0.0.2")).startswith(b"220 ")
+        assert (await connect(port, opened, "127.0.0.2")).startswith(
+            b"421 4.7.0 Too many connections;")
+        opened[0][1].close()
+        await wait_for(lambda: len(svc.sessions) == 4, timeout=5, what="the session to end")
+        await send(port, "ok@business.com", ["x@example.com"], message())
+        await wait_for(lambda: len(upstream.messages) == 1)
+
+
+async def test_idle_session_closed_after_session_timeout(tmp_path: Path,
+                                                         upstream: Upstream) -> None:
+    cfg = limits_config(tmp_path, upstream, 'session_timeout = "1s"')
+    async with run_service(cfg) as svc, connections() as opened:
+        port = service_port(svc)
+        started = time.monotonic()
+        assert (await connect(port, opened)).startswith(b"220 ")
+        reader, writer = opened[0]
+        writer.write(b"EHLO client\r\n")
+        await read_reply(reader)
+        assert (await read_reply(reader, timeout=5)).startswith(b"421 4.4.2 ")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.9 <= time.monotonic() - started < 4
+        await send(port, "ok@business.com", ["x@example.com"], message())
+        await wait_for(lambda: len(upstream.messages) == 1)
+
+
+def test_server_limit_keys_default_and_validate(tmp_path: Path, upstream: Upstream) -> None:
+    assert (ServerConfig().max_sessions, ServerConfig().max_sessions_per_client,
+            ServerConfig().session_timeout_s) == (DEFAULT_MAX_SESSIONS,
+                                                  DEFAULT_MAX_SESSIONS_PER_CLIENT,
+                                                  DEFAULT_SESSION_TIMEOUT_S)
+    assert (DEFAULT_MAX_SESSIONS, DEFAULT_MAX_SESSIONS_PER_CLIENT,
+            DEFAULT_SESSION_TIMEOUT_S) == (100, 20, 300)
+    server = load_config(limits_config(
+        tmp_path, upstream, 'max_sessions = 7\nmax_sessions_per_client = 2\n'
+        'session_timeout = "90s"\nnull_sender_route = "staff"')).server
+    assert (server.max_sessions, server.max_sessions_per_client, server.session_timeout_s,
+            server.null_sender_route) == (7, 2, 90.0, "staff")
+    with pytest.raises(ConfigError) as e:
+        load_config(limits_config(
+            tmp_path, upstream, 'max_sessions = 0\nmax_sessions_per_client = "x"\n'
+            'session_timeout = "soon"\nnull_sender_route = "nosuch"'))
+    problems = "\n".join(e.value.problems)
+    assert "server.max_sessions: must be 1-100000" in problems
+    assert "server.max_sessions_per_client: must be an integer" in problems
+    assert "server.session_timeout: must be a duration" in problems
+    assert "server.null_sender_route: no route named 'nosuch'" in problems
+
+
+def test_unit_gives_room_for_max_sessions() -> None:
+    """systemd's default soft limit is 1024 descriptors; the unit raises it well above what
+    max_sessions (one descriptor each) and the upstream connections need."""
+    from conftest import REPO
+
+    unit = (REPO / "systemd" / "relayd.service").read_text()
+    values = [line.split("=", 1)[1] for line in unit.splitlines()
+              if line.startswith("LimitNOFILE=")]
+    assert len(values) == 1 and int(values[0]) >= 8 * DEFAULT_MAX_SESSIONS
