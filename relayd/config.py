@@ -177,6 +177,7 @@ class RouteConfig:
     mailbox: str | None = None
     save_to_sent: bool = True
     from_rewrite: bool = False
+    dedupe: bool = False  # ews/graph (default true there): after a crash, look in Sent Items
     # outbox
     path: Path | None = None
 
@@ -199,6 +200,9 @@ def _warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
         if r.upstream == "graph" and not r.save_to_sent:
             out.append(f"routes.{r.name}.save_to_sent: Graph sendMail with a MIME body always "
                        "saves a copy in Sent Items; false has no effect")
+        if r.upstream == "ews" and r.dedupe and not r.save_to_sent:
+            out.append(f"routes.{r.name}.dedupe: with save_to_sent = false Exchange keeps no "
+                       "copy to look for after a crash, so this route delivers at least once")
     return tuple(out)
 
 
@@ -699,6 +703,7 @@ def _parse_ews_route(s: _Section, v: dict[str, Any]) -> None:
         v["password"] = _secret(s, "password", required=True, what="the account's password")
     else:
         _parse_oauth(s, v)
+    v["dedupe"] = bool(s.get("dedupe", bool, True))
 
 
 def _parse_graph_route(s: _Section, v: dict[str, Any]) -> None:
@@ -707,6 +712,7 @@ def _parse_graph_route(s: _Section, v: dict[str, Any]) -> None:
         s.problem("endpoint", "must be an https:// URL")
     _parse_mailbox_keys(s, v)
     _parse_oauth(s, v)
+    v["dedupe"] = bool(s.get("dedupe", bool, True))
 
 
 def _check_listeners(server: ServerConfig, problems: list[str]) -> None:

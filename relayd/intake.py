@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 
 from relayd import crashpoint
 from relayd.journal import Journal
-from relayd.queue import Entry, Spool
+from relayd.queue import Entry, Spool, new_id
 
 log = logging.getLogger(__name__)
 
 HandOn = Callable[[Entry, bytes], None]
+# route name -> the host name for a Message-ID to add when the message has none (routes with
+# dedupe look the message up by it after a crash), or None to leave the message as it is
+MessageIdHost = Callable[[str], str | None]
 MAX_HEADER_SCAN_BYTES = 256 * 1024
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.default)
 
@@ -38,18 +41,28 @@ def header_facts(data: bytes) -> tuple[str, str]:
 
 
 class Intake:
-    def __init__(self, spool: Spool, hand_on: HandOn, journal: Journal | None = None) -> None:
+    def __init__(self, spool: Spool, hand_on: HandOn, journal: Journal | None = None,
+                 message_id_host: MessageIdHost | None = None) -> None:
         self.spool = spool
         self.hand_on = hand_on
         self.journal = journal
+        self.message_id_host = message_id_host
 
     async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str], client: str, route: str, *,
                      login: str = "", pinned_route: str | None = None) -> Entry:
         """Durable when this returns (QueueError or OSError when it cannot be)."""
         message_id, subject = header_facts(data)
+        queue_id = None
+        host = self.message_id_host(route) if self.message_id_host and not message_id else None
+        if host:
+            # `<QUEUEID@hostname>`, so a dedupe lookup after a crash can find the message.
+            queue_id = new_id()
+            message_id = f"<{queue_id}@{host}>"
+            data = f"Message-ID: {message_id}\r\n".encode() + data
         entry = await self.spool.accept(sender, recipients, data, mail_options, client=client,
-                                        route=pinned_route, message_id=message_id, login=login)
+                                        route=pinned_route, message_id=message_id, login=login,
+                                        queue_id=queue_id)
         log.info("%s: queued from=<%s> to=%d size=%d client=%s route=%s", entry.id,
                  entry.sender, len(entry.recipients), entry.size, entry.client, route)
         if self.journal is not None:

@@ -89,6 +89,7 @@ class Entry:
     data_offset: int = 0
     attempts: int = 0
     backoff: int = 0  # failed tries since the last retry request
+    started: int = 0  # dedupe: the attempt that was sent and not yet reported (0: none)
     next_attempt: float = 0.0
     last_error: str = ""
     rcpt: dict[str, RecipientState] = field(default_factory=dict)
@@ -114,7 +115,7 @@ class Entry:
         return env
 
     def state_json(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "backoff": self.backoff,
+        return {"attempts": self.attempts, "backoff": self.backoff, "started": self.started,
                 "next_attempt": self.next_attempt, "last_error": self.last_error,
                 "rcpt": {r: {"status": s.status, "code": s.code, "text": s.text}
                          for r, s in self.rcpt.items()}}
@@ -323,8 +324,8 @@ class Spool:
     def _new_entry(self, sender: str, recipients: Sequence[str], data: bytes,
                    mail_options: Sequence[str], client: str, route: str | None,
                    bounce_for: tuple[str, Sequence[str]] | None = None, message_id: str = "",
-                   login: str = "") -> tuple[Entry, bytes]:
-        entry = Entry(id=new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
+                   login: str = "", queue_id: str | None = None) -> tuple[Entry, bytes]:
+        entry = Entry(id=queue_id or new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
                       received=time.time(), mail_options=list(mail_options), client=client,
                       route=route, message_id=message_id, login=login)
         if bounce_for is not None:
@@ -340,10 +341,11 @@ class Spool:
                      mail_options: Sequence[str] = (), client: str = "",
                      route: str | None = None,
                      bounce_for: tuple[str, Sequence[str]] | None = None,
-                     message_id: str = "", login: str = "") -> Entry:
+                     message_id: str = "", login: str = "",
+                     queue_id: str | None = None) -> Entry:
         """Store a message durably. When this returns, it survives kill -9 and power loss."""
         entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
-                                      bounce_for, message_id, login)
+                                      bounce_for, message_id, login, queue_id)
         await self._commit.submit(entry.id, blob)
         return entry
 
@@ -436,6 +438,7 @@ class Spool:
         state = json.loads(raw)
         entry.attempts = int(state.get("attempts", 0))
         entry.backoff = int(state.get("backoff", entry.attempts))
+        entry.started = int(state.get("started", 0))
         entry.next_attempt = float(state.get("next_attempt", 0))
         entry.last_error = _str(state.get("last_error", ""))
         for r, s in state.get("rcpt", {}).items():

@@ -71,7 +71,7 @@ class Service:
         self.journal = Journal(config.journal)
         self.qmgr = QueueManager(config, self.spool, upstream_factory, self.observer,
                                  router=self.policy.router, journal=self.journal)
-        self.intake = Intake(self.spool, self._hand_on, self.journal)
+        self.intake = Intake(self.spool, self._hand_on, self.journal, self._message_id_host)
         self.listeners = listeners
         self.report = report
         self.handler = Handler(self)
@@ -96,6 +96,12 @@ class Service:
             # The message is on disk; the main process finds it when it starts again.
             log.error("%s: cannot tell the main process (%s); it is queued all the same",
                       entry.id, e)
+
+    def _message_id_host(self, route_name: str) -> str | None:
+        route = self.config.routes.get(route_name)
+        if route is not None and route.dedupe and route.upstream in ("ews", "graph"):
+            return self.config.server.hostname
+        return None
 
     def worker_accepted(self, queue_id: str) -> None:
         """A listener worker stored `queue_id`: count it and queue it (main process)."""

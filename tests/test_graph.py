@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_service, send, service_port, wait_for
+from conftest import daemon, free_port, run_service, send, service_port, wait_for, write_config
 from fakes.graph import GraphState, header_recipients, start_graph
 from fakes.https import HttpsServer
 from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
@@ -434,3 +437,64 @@ async def test_graph_sending_limits_defer(env: Env, status: int, code: str,
         if at_least_s < 10:
             await wait_for(lambda: len(env.graph.sent) == 1, what="sent on the next try")
     assert all(s.recipients == ["alice@example.net"] for s in env.graph.sent)  # no bounce
+
+
+# -- dedupe: after a crash mid-send, Sent Items is asked before sending again --------------------
+
+
+def _graph_daemon_config(env: Env, port: int) -> Path:
+    keys = env.route_keys()
+    route = "[routes.m365]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
+    return write_config(env.tmp_path, route, listen=f"127.0.0.1:{port}",
+                        extra=f'[auth]\npath = "{env.tmp_path / "tokens"}"\n')
+
+
+@pytest.mark.parametrize(("recorded", "read_sent", "copies", "found"), [
+    (True, True, 1, True),     # Graph sent it, then relayd died: found, not sent again
+    (False, True, 1, False),   # relayd died before Graph sent it: not found, sent once
+    (True, False, 2, False),   # no permission to read Sent Items: sent again (at least once)
+])
+async def test_kill_9_mid_send_is_looked_up_in_sent_items(
+        env: Env, caplog: pytest.LogCaptureFixture, recorded: bool, read_sent: bool,
+        copies: int, found: bool) -> None:
+    """1. sendMail stalls (after or before Graph keeps the message) 2. kill -9 of relayd
+    3. restart: relayd asks Sent Items by Message-ID 4. the fake holds `copies` copies; the
+    journal says found-in-sent-items when it was found."""
+    port = free_port()
+    cfg = _graph_daemon_config(env, port)
+    log_file = env.tmp_path / "relayd.log"
+    env.graph.stall = threading.Event()
+    env.graph.record_then_stall = recorded
+    env.graph.read_sent = read_sent
+    data = SIMPLE.replace(b"\r\n\r\n", b"\r\nX-Case: 42\r\n\r\n", 1)
+    async with daemon(cfg, port, log_file) as proc:
+        assert await send(port, "casemanager@business.com", ["alice@example.net"], data) == {}
+        await wait_for(env.graph.send_entered.is_set, what="sendMail in flight")
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 10)
+    env.graph.stall.set()
+    env.graph.stall = None
+    assert len(env.graph.sent) == (1 if recorded else 0)
+    async with daemon(cfg, port, log_file):
+        await wait_for(lambda: not list((env.tmp_path / "queue" / "msg").iterdir()),
+                       timeout=30, what="the spool empty after the restart")
+        await asyncio.sleep(0.5)
+    assert len(env.graph.sent) == copies
+    events = [json.loads(line) for f in sorted((env.tmp_path / "journal").iterdir())
+              for line in f.read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert ("found-in-sent-items" in kinds) == found
+    assert kinds.count("accepted") == 1
+    text = log_file.read_text()
+    if not read_sent:
+        assert text.count("dedupe is off") == 1 and "Mail.ReadBasic" in text
+
+
+async def test_a_message_without_message_id_gets_one_on_a_dedupe_route(env: Env) -> None:
+    data = b"From: casemanager@business.com\r\nTo: alice@example.net\r\nSubject: x\r\n\r\nhi\r\n"
+    async with run_service(env.service_config()) as svc:
+        await send(service_port(svc), "casemanager@business.com", ["alice@example.net"], data)
+        await wait_for(lambda: len(env.graph.sent) == 1, what="sent")
+    mid = parse(env.graph.sent[0].mime)["Message-ID"]
+    assert mid is not None and mid.endswith("@relay.test>")

@@ -66,6 +66,12 @@ class Upstream(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release shared resources (HTTP clients, thread pools, token providers)."""
 
+    async def find_sent(self, message: OutboundMessage, since: float) -> bool | None:
+        """`dedupe`: whether the sending mailbox's Sent Items holds this message (by its
+        Message-ID, sent after `since`). None when this upstream cannot tell (no copy kept, no
+        permission to look): the message is then sent again, at least once."""
+        return None
+
     def token_expiries(self) -> dict[str, float]:
         """Account -> expiry (epoch seconds) of the OAuth tokens this route holds."""
         return {}

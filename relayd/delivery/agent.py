@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route runs dry
 ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
 TIMED_OUT = Reply.local("delivery attempt timed out", "4.4.2")
+FOUND_IN_SENT = "found in the mailbox's Sent Items after a restart; not sent again"
 INTERNAL = Reply.local("internal error in relayd", "4.3.0")
 
 
@@ -46,6 +47,7 @@ class Job:
     data: bytes
     mail_options: Sequence[str] = ()
     attempt: int = 1
+    check_sent_since: float | None = None  # dedupe: look in Sent Items first (after a crash)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Report:
     held_s: float | None = None
     held_reply: Reply | None = None  # why the route is held
     unreachable: bool = False  # this job found the upstream unreachable and started the hold
+    found_in_sent: bool = False  # dedupe: already in Sent Items, not sent again
 
 
 class RateLimiter:
@@ -184,6 +187,11 @@ class DeliveryAgent:
             await self.limiter.acquire()
         message = OutboundMessage(job.queue_id, job.sender, job.recipients, job.data,
                                   job.mail_options)
+        if job.check_sent_since is not None and await self._found_in_sent(message,
+                                                                          job.check_sent_since):
+            reply = Reply(250, "2.0.0", FOUND_IN_SENT, self.route.upstream)
+            return Report({r: RecipientResult(Status.DELIVERED, reply) for r in job.recipients},
+                          found_in_sent=True)
         try:
             results = await asyncio.wait_for(session.deliver(message),
                                              self.route.timeout_s + ATTEMPT_GRACE_S)
@@ -213,6 +221,21 @@ class DeliveryAgent:
             return Report({r: RecipientResult(Status.DEFERRED, INTERNAL)
                            for r in job.recipients})
         return Report(results)
+
+
+    async def _found_in_sent(self, message: OutboundMessage, since: float) -> bool:
+        """Whether an attempt interrupted by a crash already went out (dedupe)."""
+        try:
+            found = await asyncio.wait_for(self.upstream.find_sent(message, since),
+                                           self.route.timeout_s + ATTEMPT_GRACE_S)
+        except (DeliveryError, TimeoutError) as e:
+            log.warning("%s: route %s: cannot look in Sent Items (%s); sending it again",
+                        message.queue_id, self.route.name, e)
+            return False
+        log.info("%s: route %s: interrupted attempt %s in Sent Items", message.queue_id,
+                 self.route.name, "found" if found else "not found" if found is False
+                 else "cannot be looked up")
+        return bool(found)
 
 
 async def _close_quietly(session: Session) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import email.policy
 import email.utils
 import json
@@ -204,6 +205,23 @@ def _split_attachments(data: bytes) -> tuple[bytes, list[_Attachment]]:
 # ---------------------------------------------------------------------------------------------
 
 
+CLOCK_SKEW_S = 300.0  # a copy sent this long before `since` still counts (clocks differ)
+
+
+def message_id_of(data: bytes) -> str:
+    """The Message-ID header of a message, "" when it has none."""
+    end = data.find(b"\r\n\r\n")
+    head = BytesParser(policy=email.policy.default).parsebytes(
+        data[: end + 2] if end >= 0 else data, headersonly=True)
+    return " ".join(str(head.get("Message-ID", "") or "").split())
+
+
+def _iso_time(text: str) -> datetime.datetime | None:
+    if not text:
+        return None
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
@@ -268,6 +286,7 @@ class GraphUpstream(Upstream):
         self.tokens: TokenProvider = make_token_provider(route, config, scopes)
         self._client: httpx.AsyncClient | None = None
         self._slots: dict[str, _Slot] = {}
+        self.lookup_refused = False  # Graph said 403 to reading Sent Items: dedupe is off
         if not route.save_to_sent:
             # Graph has no switch for MIME sends: Exchange always keeps a copy in Sent Items.
             log.warning("route %s: save_to_sent = false cannot be honoured by Graph sendMail "
@@ -308,6 +327,39 @@ class GraphUpstream(Upstream):
                 result = closer()
                 if asyncio.iscoroutine(result):
                     await result
+
+    async def find_sent(self, message: OutboundMessage, since: float) -> bool | None:
+        """Look for the message in the mailbox's Sent Items by internetMessageId (needs
+        Mail.ReadBasic or Mail.Read). Without the permission: None, logged once per route."""
+        mid = message_id_of(message.data)
+        if not mid or self.lookup_refused:
+            return None
+        mailbox = mailbox_for(self.route, message)
+        quoted = mid.replace("'", "''")
+        url = (self.url(mailbox, "mailFolders", "sentitems", "messages") + "?" +
+               urllib.parse.urlencode({"$filter": f"internetMessageId eq '{quoted}'",
+                                       "$select": "id,sentDateTime,internetMessageId"},
+                                      quote_via=urllib.parse.quote))
+        response = await self.request("GET", url, mailbox)
+        if response.status_code in (401, 403):
+            self.lookup_refused = True
+            log.warning("route %s: dedupe is off: Graph refused to read Sent Items (%d %s); "
+                        "grant the app Mail.ReadBasic (or Mail.Read) so that a message "
+                        "interrupted by a crash is not sent twice", self.route.name,
+                        response.status_code, _graph_error(response))
+            return None
+        self.check(response, "look up Sent Items")
+        items = response.json().get("value", [])
+        for item in items if isinstance(items, list) else []:
+            sent = str(item.get("sentDateTime") or "")
+            try:
+                when = email.utils.parsedate_to_datetime(sent) if "," in sent else \
+                    _iso_time(sent)
+            except (TypeError, ValueError):
+                return True  # found; its date unreadable
+            if when is None or when.timestamp() >= since - CLOCK_SKEW_S:
+                return True
+        return False
 
     @contextlib.asynccontextmanager
     async def _slot(self, mailbox: str) -> AsyncIterator[None]:

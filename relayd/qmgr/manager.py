@@ -322,8 +322,17 @@ class QueueManager:
                         self._forget(queued, "its file vanished from the spool (removed by "
                                      "hand?)")
                         return
+                route = agent.route
+                check_since = None
+                if route.dedupe and route.upstream in ("ews", "graph"):
+                    if entry.started:
+                        # An attempt was under way when relayd stopped: did it go out?
+                        check_since = entry.received
+                    # Durably "started" before sending, so a crash mid-send is known after.
+                    entry.started = entry.attempts + 1
+                    await self._save_state(entry)
                 job = Job(entry.id, entry.sender, recipients, data, entry.mail_options,
-                          entry.attempts + 1)
+                          entry.attempts + 1, check_since)
                 report = await agent.deliver(job)
                 self.observer.observe_latency(agent.route.name, time.monotonic() - started)
                 crashpoint.reached("reported")
@@ -360,8 +369,10 @@ class QueueManager:
         recipients = queued.to_try()
         outcome = decide(Attempted(recipients, entry.received, entry.backoff, entry.is_bounce,
                                    queued.last_reply), report, now, self.policy)
+        entry.started = 0  # the attempt is reported; saved with the state below
         self._apply(queued, route_name, outcome)
-        self._journal_outcome(queued, route, outcome, round(latency_s, 3))
+        self._journal_outcome(queued, route, outcome, round(latency_s, 3),
+                              "found-in-sent-items" if report.found_in_sent else "delivered")
         bounce: Entry | None = None
         if queued.unbounced:
             if entry.is_bounce:
@@ -434,11 +445,11 @@ class QueueManager:
             log.info("%s: delivered to %s via %s: %s", qid, rcpts, route_name, said)
 
     def _journal_outcome(self, queued: Queued, route: RouteConfig | None, outcome: Outcome,
-                         latency_s: float) -> None:
+                         latency_s: float, delivered: str) -> None:
         if self.journal is None or not outcome.tried:
             return
         attempt = queued.entry.attempts
-        self._record_grouped("delivered", queued, route, outcome.delivered, attempt=attempt,
+        self._record_grouped(delivered, queued, route, outcome.delivered, attempt=attempt,
                              latency_s=latency_s)
         failed = {r: f.reply for r, f in outcome.failed.items()}
         self._record_grouped("expired" if outcome.expired else "failed", queued, route, failed,

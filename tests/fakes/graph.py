@@ -38,6 +38,11 @@ def header_recipients(mime: bytes) -> list[str]:
     return out
 
 
+def _message_id(mime: bytes) -> str:
+    msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+    return " ".join(str(msg.get("Message-ID", "") or "").split())
+
+
 def from_address(mime: bytes) -> str | None:
     msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
     header = msg.get("from")
@@ -56,6 +61,7 @@ class Sent:
     token: str
     via: str  # "sendMail" or "draft"
     attachments: list[dict[str, Any]] = field(default_factory=list)  # with "data": bytes
+    at: float = field(default_factory=time.time)  # when it was sent (Sent Items' sentDateTime)
 
 
 @dataclass
@@ -85,6 +91,12 @@ class GraphState:
     mailboxes: set[str] | None = None  # known mailboxes (lower case); None: any
     attachment_status: int | None = None  # answer attachment calls with this error
     delay_s: float = 0.0  # each sendMail takes this long (to observe concurrency)
+    read_sent: bool = True  # the app may read Sent Items (Mail.ReadBasic); otherwise 403
+    # sendMail stalls on this event (a kill -9 of relayd mid-request), after recording the
+    # message when `record_then_stall`, before it otherwise; `send_entered` says it is there.
+    stall: threading.Event | None = None
+    record_then_stall: bool = True
+    send_entered: threading.Event = field(default_factory=threading.Event)
     sent: list[Sent] = field(default_factory=list)
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # method, path, status
     tokens_seen: list[str] = field(default_factory=list)
@@ -179,6 +191,8 @@ class GraphHandler(Handler):
             self.add_attachment(rest[1], body)
         elif method == "POST" and len(rest) == 4 and rest[3] == "createUploadSession":
             self.create_upload(rest[1], body)
+        elif method == "GET" and rest == ["mailFolders", "sentitems", "messages"]:
+            self.find_sent(mailbox)
         elif method == "DELETE" and len(rest) == 2 and rest[0] == "messages":
             with st.lock:
                 found = st.drafts.pop(rest[1], None)
@@ -244,12 +258,44 @@ class GraphHandler(Handler):
         try:
             if st.delay_s:
                 time.sleep(st.delay_s)
+            stall = st.stall
+            if stall is not None and not st.record_then_stall:
+                st.send_entered.set()
+                stall.wait(30)
+                self.connection.close()  # relayd is gone; nothing is sent
+                return
             with st.lock:
                 st.sent.append(Sent(mailbox, mime, recipients, token, "sendMail"))
+            if stall is not None:
+                st.send_entered.set()
+                stall.wait(30)
+                self.connection.close()  # relayd is gone; the copy stays in Sent Items
+                return
         finally:
             with st.lock:
                 st.in_flight[key] -= 1
         self.answer(202)
+
+    def find_sent(self, mailbox: str) -> None:
+        """GET .../mailFolders/sentitems/messages?$filter=internetMessageId eq '<id>'"""
+        st = self.state
+        if not st.read_sent:
+            self.error(403, "ErrorAccessDenied", "Access is denied. Check credentials and try "
+                       "again.")
+            return
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        m = re.fullmatch(r"internetMessageId eq '(.*)'", query.get("$filter", [""])[0])
+        if not m:
+            self.error(400, "BadRequest", "unsupported $filter")
+            return
+        wanted = m.group(1).replace("''", "'")
+        with st.lock:
+            found = [s for s in st.sent if s.mailbox.lower() == mailbox.lower() and
+                     _message_id(s.mime) == wanted]
+        self.answer(200, {"value": [
+            {"id": f"AAMk{i}", "internetMessageId": wanted,
+             "sentDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.at))}
+            for i, s in enumerate(found)]})
 
     def create_draft(self, mailbox: str, body: bytes, token: str) -> None:
         st = self.state
