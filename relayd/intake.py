@@ -8,12 +8,11 @@ to the main process, which loads it from the spool.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import logging
 from collections.abc import Callable, Sequence
 
 from relayd import crashpoint
+from relayd.headers import header_facts
 from relayd.journal import Journal
 from relayd.queue import Entry, Spool, new_id
 
@@ -23,21 +22,6 @@ HandOn = Callable[[Entry, bytes], None]
 # route name -> the host name for a Message-ID to add when the message has none (routes with
 # dedupe look the message up by it after a crash), or None to leave the message as it is
 MessageIdHost = Callable[[str], str | None]
-MAX_HEADER_SCAN_BYTES = 256 * 1024
-_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.default)
-
-
-def header_facts(data: bytes) -> tuple[str, str]:
-    """The Message-ID and the decoded Subject of a message ("" when absent or unreadable)."""
-    end = data.find(b"\r\n\r\n", 0, MAX_HEADER_SCAN_BYTES)
-    head = data[: end + 2] if end >= 0 else data[:MAX_HEADER_SCAN_BYTES]
-    try:
-        msg = _HEADERS.parsebytes(head)
-        mid = " ".join(str(msg.get("Message-ID", "") or "").split())
-        subject = " ".join(str(msg.get("Subject", "") or "").split())
-    except Exception:  # noqa: BLE001 - a header the email package cannot read is just absent
-        return "", ""
-    return mid[:998], subject[:998]
 
 
 class Intake:

@@ -325,7 +325,8 @@ class Spool:
                    mail_options: Sequence[str], client: str, route: str | None,
                    bounce_for: tuple[str, Sequence[str]] | None = None, message_id: str = "",
                    login: str = "", queue_id: str | None = None) -> tuple[Entry, bytes]:
-        entry = Entry(id=queue_id or new_id(), sender=sender, recipients=list(dict.fromkeys(recipients)),
+        entry = Entry(id=queue_id or new_id(), sender=sender,
+                      recipients=list(dict.fromkeys(recipients)),
                       received=time.time(), mail_options=list(mail_options), client=client,
                       route=route, message_id=message_id, login=login)
         if bounce_for is not None:

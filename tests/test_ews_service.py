@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import daemon, free_port, message, run_service, send, wait_for, write_config
 from fakes.config import ALICE, ews_route_keys, staff_toml
 from fakes.ews import EWS_PATH
@@ -107,3 +110,44 @@ async def test_send_test_through_an_ews_route(tmp_path: Path, idp: HttpsServer,
     [sent] = ews.state.sent
     assert b"Subject: relayd test message" in sent.mime
     assert sent.impersonated == ALICE
+
+
+@pytest.mark.parametrize(("recorded", "denied", "copies", "found"), [
+    (True, False, 1, True),    # Exchange sent and saved it, then relayd died: not sent again
+    (False, False, 1, False),  # relayd died before Exchange sent it: sent once after restart
+    (True, True, 2, False),    # the account may not search Sent Items: sent again
+])
+async def test_kill_9_mid_create_item_is_looked_up_in_sent_items(
+        tmp_path: Path, idp: HttpsServer, ews: HttpsServer, recorded: bool, denied: bool,
+        copies: int, found: bool) -> None:
+    """1. CreateItem stalls (after or before Exchange keeps the message) 2. kill -9 of relayd
+    3. restart: FindItem in Sent Items by InternetMessageId 4. `copies` copies in the end."""
+    port = free_port()
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews), listen=f"127.0.0.1:{port}")
+    log_file = tmp_path / "relayd.log"
+    ews.state.block = threading.Event()
+    ews.state.record_then_block = recorded
+    if not recorded:
+        ews.state.faults = ["reset"]  # the held call ends without sending
+    ews.state.search_denied = denied
+    data = message(sender=ALICE, to="bob@example.com", subject="dedupe")
+    async with daemon(cfg, port, log_file) as proc:
+        assert await send(port, ALICE, ["bob@example.com"], data) == {}
+        await wait_for(ews.state.entered.is_set, what="CreateItem in flight")
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 10)
+    ews.state.block.set()
+    ews.state.block = None
+    await wait_for(lambda: not ews.state.faults, what="held call finished")
+    assert len(ews.state.sent) == (1 if recorded else 0)
+    async with daemon(cfg, port, log_file):
+        await wait_for(lambda: not list((tmp_path / "queue" / "msg").iterdir()), timeout=30,
+                       what="the spool empty after the restart")
+        await asyncio.sleep(0.5)
+    assert len(ews.state.sent) == copies
+    assert len(ews.state.searches) == 1  # looked up once, after the restart only
+    kinds = [json.loads(line)["event"] for f in sorted((tmp_path / "journal").iterdir())
+             for line in f.read_text().splitlines()]
+    assert ("found-in-sent-items" in kinds) == found
+    if denied:
+        assert log_file.read_text().count("dedupe is off") == 1

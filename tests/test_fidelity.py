@@ -15,7 +15,7 @@ from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
 from mimeutil import assert_mime_equivalent, corpus, parse, without_headers
 
 from relayd.delivery.mime import header_recipients
-from relayd.intake import header_facts
+from relayd.headers import header_facts
 from relayd.journal import Query, read
 
 BCC_ONLY = "hidden@example.org"  # an envelope recipient no header names

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from relayd.config import Config, RouteConfig
 from relayd.reply import Reply
 
+SENT_CLOCK_SKEW_S = 300.0  # find_sent: a copy sent this long before `since` still counts
+
 
 class Status(enum.Enum):
     DELIVERED = "delivered"

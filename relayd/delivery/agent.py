@@ -35,6 +35,7 @@ ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is aband
 TIMED_OUT = Reply.local("delivery attempt timed out", "4.4.2")
 FOUND_IN_SENT = "found in the mailbox's Sent Items after a restart; not sent again"
 INTERNAL = Reply.local("internal error in relayd", "4.3.0")
+STOPPED = Reply.local("the route's delivery agent stopped (reload or shutdown)", "4.3.0")
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,9 @@ class DeliveryAgent:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         while not self._jobs.empty():
-            _, future = self._jobs.get_nowait()
+            job, future = self._jobs.get_nowait()
             if not future.done():
-                future.cancel()
+                future.set_result(_deferred(job, STOPPED))
         with contextlib.suppress(Exception):
             await self.upstream.close()
 
@@ -169,9 +170,14 @@ class DeliveryAgent:
                     continue
                 try:
                     report = await self._run(job, session)
+                except Exception:
+                    log.exception("%s: route %s: unexpected error; deferring", job.queue_id,
+                                  self.route.name)
+                    await _close_quietly(session)
+                    report = _deferred(job, INTERNAL)
                 except BaseException:
                     if not future.done():
-                        future.cancel()
+                        future.set_result(_deferred(job, STOPPED))
                     raise
                 if not future.done():
                     future.set_result(report)
@@ -212,14 +218,7 @@ class DeliveryAgent:
             return Report(_all(job.recipients, Status.FAILED, e))
         except TimeoutError:
             await _close_quietly(session)
-            return Report({r: RecipientResult(Status.DEFERRED, TIMED_OUT)
-                           for r in job.recipients})
-        except Exception:
-            log.exception("%s: route %s: unexpected error; deferring", job.queue_id,
-                          self.route.name)
-            await _close_quietly(session)
-            return Report({r: RecipientResult(Status.DEFERRED, INTERNAL)
-                           for r in job.recipients})
+            return _deferred(job, TIMED_OUT)
         return Report(results)
 
 
@@ -241,6 +240,10 @@ class DeliveryAgent:
 async def _close_quietly(session: Session) -> None:
     with contextlib.suppress(Exception):
         await session.close()
+
+
+def _deferred(job: Job, reply: Reply) -> Report:
+    return Report({r: RecipientResult(Status.DEFERRED, reply) for r in job.recipients})
 
 
 def _all(recipients: Sequence[str], status: Status,

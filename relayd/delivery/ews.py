@@ -21,7 +21,15 @@ from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
 from relayd.config import Config, RouteConfig
-from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
+from relayd.delivery import (
+    SENT_CLOCK_SKEW_S,
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    Status,
+    Upstream,
+    all_results,
+)
 from relayd.delivery.mime import mailbox_for, restrict_to_envelope
 from relayd.errors import (
     AuthenticationError,
@@ -30,6 +38,7 @@ from relayd.errors import (
     TransientDeliveryError,
     UpstreamUnavailableError,
 )
+from relayd.headers import header_facts
 from relayd.http import EndpointPinnedAdapter
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,10 @@ EWS_PATH = "/EWS/Exchange.asmx"
 # Exchange 2013 SP1's schema is understood by every Exchange since, on-premises and Online;
 # naming a version means exchangelib never probes for one.
 EWS_VERSION = exchangelib.Version(build=EXCHANGE_2013_SP1)
+class _LookupRefused(Exception):
+    """The account may not search the mailbox's Sent Items."""
+
+
 MAX_ERROR_TEXT = 300  # characters of an unexpected error kept in a deferral reason
 _T = TypeVar("_T")
 
@@ -114,6 +127,7 @@ class EwsUpstream(Upstream):
             max_workers=route.max_connections, thread_name_prefix=f"ews-{route.name}")
         self._targets: dict[str, _Target] = {}
         self._lock = threading.Lock()
+        self.lookup_refused = False  # Exchange refused to search Sent Items: dedupe is off
         if route.ca_file is not None:
             EndpointPinnedAdapter.pin(self.endpoint, route.ca_file)
 
@@ -135,6 +149,38 @@ class EwsUpstream(Upstream):
 
         await asyncio.to_thread(shut)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def find_sent(self, message: OutboundMessage, since: float) -> bool | None:
+        """Look for the message in the mailbox's Sent Items (FindItem restricted on
+        message:InternetMessageId). None when Exchange keeps no copy (save_to_sent = false) or
+        refuses the lookup (logged once per route)."""
+        mid = header_facts(message.data)[0]
+        if not mid or not self.route.save_to_sent or self.lookup_refused:
+            return None
+        mailbox = mailbox_for(self.route, message)
+
+        def look() -> list[float | None]:
+            try:
+                items = self.target(mailbox).account.sent.filter(message_id=mid).only(
+                    "datetime_sent")
+                return [i.datetime_sent.timestamp() if i.datetime_sent else None
+                        for i in items[:10]]
+            except (ews_errors.ErrorAccessDenied, ews_errors.ErrorItemNotFound,
+                    ews_errors.ErrorFolderNotFound) as e:
+                self.lookup_refused = True
+                log.warning("route %s: dedupe is off: Exchange refused to search Sent Items "
+                            "of %s (%s); give the account read access to the mailbox so that "
+                            "a message interrupted by a crash is not sent twice",
+                            self.route.name, mailbox, type(e).__name__)
+                raise _LookupRefused from None
+            except Exception as e:  # noqa: BLE001 - every library error is translated here
+                raise self.translate(e, mailbox) from None
+
+        try:
+            sent = await self.run(look)
+        except _LookupRefused:
+            return None
+        return any(when is None or when >= since - SENT_CLOCK_SKEW_S for when in sent)
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)

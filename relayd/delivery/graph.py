@@ -25,6 +25,7 @@ import httpx
 from relayd.auth import TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import (
+    SENT_CLOCK_SKEW_S,
     OutboundMessage,
     RecipientResult,
     Session,
@@ -45,6 +46,7 @@ from relayd.errors import (
     TransientDeliveryError,
     UpstreamUnavailableError,
 )
+from relayd.headers import header_facts
 from relayd.reply import Reply
 
 log = logging.getLogger(__name__)
@@ -205,17 +207,6 @@ def _split_attachments(data: bytes) -> tuple[bytes, list[_Attachment]]:
 # ---------------------------------------------------------------------------------------------
 
 
-CLOCK_SKEW_S = 300.0  # a copy sent this long before `since` still counts (clocks differ)
-
-
-def message_id_of(data: bytes) -> str:
-    """The Message-ID header of a message, "" when it has none."""
-    end = data.find(b"\r\n\r\n")
-    head = BytesParser(policy=email.policy.default).parsebytes(
-        data[: end + 2] if end >= 0 else data, headersonly=True)
-    return " ".join(str(head.get("Message-ID", "") or "").split())
-
-
 def _iso_time(text: str) -> datetime.datetime | None:
     if not text:
         return None
@@ -331,7 +322,7 @@ class GraphUpstream(Upstream):
     async def find_sent(self, message: OutboundMessage, since: float) -> bool | None:
         """Look for the message in the mailbox's Sent Items by internetMessageId (needs
         Mail.ReadBasic or Mail.Read). Without the permission: None, logged once per route."""
-        mid = message_id_of(message.data)
+        mid = header_facts(message.data)[0]
         if not mid or self.lookup_refused:
             return None
         mailbox = mailbox_for(self.route, message)
@@ -357,7 +348,7 @@ class GraphUpstream(Upstream):
                     _iso_time(sent)
             except (TypeError, ValueError):
                 return True  # found; its date unreadable
-            if when is None or when.timestamp() >= since - CLOCK_SKEW_S:
+            if when is None or when.timestamp() >= since - SENT_CLOCK_SKEW_S:
                 return True
         return False
 

@@ -322,6 +322,13 @@ class QueueManager:
                         self._forget(queued, "its file vanished from the spool (removed by "
                                      "hand?)")
                         return
+                    except OSError as e:
+                        unreadable = Reply.local(f"cannot read the message from the spool: "
+                                                 f"{e.strerror or e}", "4.3.0")
+                        await self._settle(queued, agent.route, Report(
+                            {r: RecipientResult(Status.DEFERRED, unreadable)
+                             for r in recipients}), started)
+                        return
                 route = agent.route
                 check_since = None
                 if route.dedupe and route.upstream in ("ews", "graph"):

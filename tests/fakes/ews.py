@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from .https import Handler, HttpsServer, start_https_server
+from .https import Handler, HttpsServer, message_id, start_https_server
 from .idp import IdpState
 
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -30,6 +31,7 @@ class Sent:
     bcc: list[str]
     impersonated: str | None
     authorization: str  # "bearer:<user or app>", "basic:<user>", "ntlm:<user>"
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -48,6 +50,9 @@ class EwsState:
     unauthorized: int = 0
     block: threading.Event | None = None  # CreateItem waits for this before answering
     entered: threading.Event = field(default_factory=threading.Event)  # a CreateItem arrived
+    record_then_block: bool = False  # with block: keep the message, then never answer
+    search_denied: bool = False  # FindItem in Sent Items answers ErrorAccessDenied
+    searches: list[str] = field(default_factory=list)  # InternetMessageIds searched for
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -131,6 +136,8 @@ class EwsHandler(Handler):
             self.get_folder(op_el)
         elif op == "CreateItem" and op_el is not None:
             self.create_item(op_el, who, impersonated)
+        elif op == "FindItem" and op_el is not None:
+            self.find_item(op_el)
         else:
             self.soap(500, fault("ErrorInvalidRequest", f"{op} is not supported by this fake"))
 
@@ -203,10 +210,45 @@ class EwsHandler(Handler):
                                 f'<m:ResponseMessages>{"".join(messages)}</m:ResponseMessages>'
                                 f'</m:GetFolderResponse>'))
 
+    def find_item(self, op: ET.Element) -> None:
+        """FindItem restricted on message:InternetMessageId (relayd's dedupe lookup)."""
+        st = self.state
+        ns = {"t": T, "m": M}
+        field_uri = op.find(".//m:Restriction//t:FieldURI", ns)
+        constant = op.find(".//m:Restriction//t:Constant", ns)
+        if field_uri is None or field_uri.get("FieldURI") != "message:InternetMessageId" or \
+                constant is None:
+            self.soap(500, fault("ErrorInvalidRequest", "unsupported FindItem restriction"))
+            return
+        wanted = constant.get("Value", "")
+        with st.lock:
+            st.searches.append(wanted)
+            found = [x for x in st.sent if x.disposition == "SendAndSaveCopy" and
+                     message_id(x.mime) == wanted]
+        if st.search_denied:
+            self.soap(200, envelope(
+                f'<m:FindItemResponse xmlns:m="{M}" xmlns:t="{T}"><m:ResponseMessages>'
+                f'<m:FindItemResponseMessage ResponseClass="Error"><m:MessageText>Access is '
+                f'denied.</m:MessageText><m:ResponseCode>ErrorAccessDenied</m:ResponseCode>'
+                f'<m:DescriptiveLinkKey>0</m:DescriptiveLinkKey></m:FindItemResponseMessage>'
+                f'</m:ResponseMessages></m:FindItemResponse>'))
+            return
+        items = "".join(
+            f'<t:Message><t:ItemId Id="sent-{i}" ChangeKey="CQAAAA=="/>'
+            f'<t:DateTimeSent>{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(x.at))}'
+            f'</t:DateTimeSent></t:Message>' for i, x in enumerate(found))
+        self.soap(200, envelope(
+            f'<m:FindItemResponse xmlns:m="{M}" xmlns:t="{T}"><m:ResponseMessages>'
+            f'<m:FindItemResponseMessage ResponseClass="Success">'
+            f'<m:ResponseCode>NoError</m:ResponseCode>'
+            f'<m:RootFolder TotalItemsInView="{len(found)}" IncludesLastItemInRange="true">'
+            f'<t:Items>{items}</t:Items></m:RootFolder></m:FindItemResponseMessage>'
+            f'</m:ResponseMessages></m:FindItemResponse>'))
+
     def create_item(self, op: ET.Element, who: str, impersonated: str | None) -> None:
         st = self.state
         st.entered.set()
-        if st.block is not None:
+        if st.block is not None and not st.record_then_block:
             st.block.wait(30)
         with st.lock:
             action = st.faults.pop(0) if st.faults else None
@@ -228,6 +270,10 @@ class EwsHandler(Handler):
             authorization=who)
         with st.lock:
             st.sent.append(record)
+        if st.block is not None and st.record_then_block:
+            st.block.wait(30)
+            self.reset_connection()  # relayd is gone; the copy stays in Sent Items
+            return
         self.soap(200, envelope(
             f'<m:CreateItemResponse xmlns:m="{M}" xmlns:t="{T}"><m:ResponseMessages>'
             f'<m:CreateItemResponseMessage ResponseClass="Success">'

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from email.parser import BytesParser
 from typing import Any
 
-from fakes.https import Handler, HttpsServer, start_https_server
+from fakes.https import Handler, HttpsServer, message_id, start_https_server
 
 # Graph refuses MIME requests over about 4 MB with 413.
 MAX_REQUEST_BYTES = 4_000_000
@@ -36,11 +36,6 @@ def header_recipients(mime: bytes) -> list[str]:
         for header in msg.get_all(name, []):
             out.extend(_utf8(a.addr_spec) for a in header.addresses)
     return out
-
-
-def _message_id(mime: bytes) -> str:
-    msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
-    return " ".join(str(msg.get("Message-ID", "") or "").split())
 
 
 def from_address(mime: bytes) -> str | None:
@@ -291,7 +286,7 @@ class GraphHandler(Handler):
         wanted = m.group(1).replace("''", "'")
         with st.lock:
             found = [s for s in st.sent if s.mailbox.lower() == mailbox.lower() and
-                     _message_id(s.mime) == wanted]
+                     message_id(s.mime) == wanted]
         self.answer(200, {"value": [
             {"id": f"AAMk{i}", "internetMessageId": wanted,
              "sentDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.at))}

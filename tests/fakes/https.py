@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.policy
 import http.server
 import shutil
 import socket
@@ -10,6 +11,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +163,9 @@ def start_https_server(handler: type[http.server.BaseHTTPRequestHandler], state:
     thread.start()
     return HttpsServer(f"https://127.0.0.1:{port}", ca.ca_file, state, str(host), int(port),
                        server, thread)
+
+
+def message_id(mime: bytes) -> str:
+    """A message's Message-ID header, as the fakes' Sent Items index it."""
+    msg = BytesParser(policy=email.policy.default).parsebytes(mime, headersonly=True)
+    return " ".join(str(msg.get("Message-ID", "") or "").split())
