@@ -158,3 +158,59 @@ def test_unit_gives_room_for_max_sessions() -> None:
     values = [line.split("=", 1)[1] for line in unit.splitlines()
               if line.startswith("LimitNOFILE=")]
     assert len(values) == 1 and int(values[0]) >= 8 * DEFAULT_MAX_SESSIONS
+
+
+async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
+                                                             upstream: Upstream) -> None:
+    """The flood from the issue: 1. relayd serve under RLIMIT_NOFILE 1024 (systemd's default)
+    2. 1,100 idle connections from 127.0.0.2 3. twenty are greeted, the rest get 421 4.7.0
+    4. a normal client on 127.0.0.1 is served within a second 5. the log stays short."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, _port_open, free_port
+
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}")
+    log_path = tmp_path / "relayd.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=limit)
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+        assert proc.poll() is None, log_path.read_text()
+        gate = asyncio.Semaphore(200)  # connects in flight at once, within the listen backlog
+
+        async def idle(opened: list[Conn]) -> bytes:
+            async with gate:
+                return await connect(port, opened, "127.0.0.2")
+
+        async with connections() as opened:
+            greetings = await asyncio.wait_for(
+                asyncio.gather(*(idle(opened) for _ in range(1100))), 60)
+            assert sum(1 for g in greetings if g.startswith(b"220 ")) == 20
+            assert sum(1 for g in greetings if g.startswith(
+                b"421 4.7.0 Too many connections from your address")) == 1080
+            started = time.monotonic()
+            await send(port, "ok@business.com", ["x@example.com"], message())
+            assert time.monotonic() - started < 1.0
+            await wait_for(lambda: len(upstream.messages) == 1)
+        await asyncio.sleep(0.1)  # let this loop close the idle connections
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    lines = log_path.read_text().splitlines()
+    assert len(lines) < 100, lines[:20]
+    assert sum(1 for line in lines if "server.max_sessions_per_client" in line) == 1
+    assert not any("Traceback" in line or "out of system resource" in line for line in lines)
