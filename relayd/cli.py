@@ -76,11 +76,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{config.source}: ok, {len(config.routes)} route(s): "
           + ", ".join(f"{r.name} ({r.upstream})" for r in config.routes.values()))
+    if args.explain:
+        from relayd.explain import explain
+
+        print("\n".join(explain(config)))
     return EXIT_OK
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from relayd.router import Router
+    from relayd.router import Router, recipient_allowed
 
     config = _load(args)
     match = Router(config.routes).match(args.address)
@@ -92,7 +96,16 @@ def cmd_route(args: argparse.Namespace) -> int:
               "ews": r.service_endpoint or r.server or "", "graph": r.endpoint or ""}
     print(f"{args.address}: route {r.name} (upstream {r.upstream} {target[r.upstream]}) "
           f"matched by {match.pattern!r}")
-    return EXIT_OK
+    ok = True
+    for rcpt in args.to or []:
+        if recipient_allowed(r, rcpt):
+            print(f"  to {rcpt}: allowed" + (f" by routes.{r.name}.recipients"
+                                              if r.recipients else ""))
+        else:
+            ok = False
+            print(f"  to {rcpt}: refused at RCPT TO with 550 5.7.1 (not in "
+                  f"routes.{r.name}.recipients)")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
@@ -179,7 +192,16 @@ def cmd_queue(args: argparse.Namespace) -> int:
         except QueueError as e:
             print(str(e), file=sys.stderr)
             return EXIT_FAILED
-        print(json.dumps(entry.summary(), indent=2))
+        from relayd.router import Router
+
+        route = (config.routes.get(entry.route) if entry.route
+                 else Router(config.routes).lookup(entry.sender))
+        route_name = route.name if route else None
+        if args.json:
+            print(json.dumps({**entry.summary(), "route": route_name,
+                              "route_pinned": entry.route is not None}, indent=2))
+        else:
+            print(_show(entry, route_name))
         if args.body:
             sys.stdout.flush()
             sys.stdout.buffer.write(spool.read_data(entry))
@@ -195,6 +217,37 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(str(e), file=sys.stderr)
             return EXIT_FAILED
     return _queue_act(spool, args.queue_cmd, target)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def _show(entry: Any, route: str | None) -> str:
+    """`relayd queue show`: the envelope and state in words, local times."""
+    now = time.time()
+    lines = [
+        f"queue id:   {entry.id}",
+        f"received:   {_when(entry.received)} ({_age(now - entry.received)} ago) from "
+        f"{entry.client or '-'}" + (f", login {entry.login}" if entry.login else ""),
+        f"sender:     <{entry.sender}>" if entry.sender else "sender:     <> (a bounce)",
+        f"route:      {route or 'none in the current config (kept, retried)'}"
+        + (" (pinned)" if entry.route else ""),
+        f"size:       {entry.size} bytes",
+    ]
+    if entry.message_id:
+        lines.append(f"message-id: {entry.message_id}")
+    if entry.bounce_for:
+        lines.append(f"bounce for: {entry.bounce_for} ({', '.join(entry.bounce_rcpts)})")
+    nxt = "now" if entry.next_attempt <= now else \
+        f"{_when(entry.next_attempt)} (in {_age(entry.next_attempt - now)})"
+    lines.append(f"tries:      {entry.attempts}, next {nxt}")
+    lines.append("recipients:")
+    for rcpt in entry.recipients:
+        state = entry.rcpt[rcpt]
+        said = f"{state.code} {state.text}".strip() if state.code is not None else state.text
+        lines.append(f"  <{rcpt}>  {state.status}" + (f": {said}" if said else ""))
+    return "\n".join(lines)
 
 
 def _queue_act(spool: Any, action: str, target: str) -> int:
@@ -268,14 +321,31 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------
 
 
+# What each command reads from the config (its --help says so; README has every key).
+READS = {
+    "serve": "all of them: [server] (listen, listen_tls, hostname, max_message_size, "
+             "allowed_clients, tls_*, users, workers, max_sessions*, session_timeout, "
+             "null_sender_route), [queue], [journal], [metrics], [auth], [routes.*]",
+    "check": "all of them; --explain prints [routes.*] and [server.users] in plain words",
+    "route": "[routes.*] senders and recipients",
+    "send-test": "[server] hostname, [auth], the sender's [routes.*] route",
+    "queue": "[queue] path",
+    "auth": "[auth] path and key_file, the [routes.*] route named",
+    "log": "[journal] path",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relayd", description="Local SMTP relay for legacy apps "
-                                "that delivers through modern-auth upstreams.")
+                                "that delivers through modern-auth upstreams.",
+                                epilog="Every command takes -c FILE; `relayd COMMAND --help` "
+                                "lists the config keys it reads.")
     p.add_argument("--version", action="version", version=f"relayd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            epilog=f"config keys read: {READS[name]}" if name in READS else None)
         sp.add_argument("-c", "--config", metavar="FILE",
                         help="config file (default: $RELAYD_CONFIG, then /etc/relayd/relayd.toml)")
         return sp
@@ -286,10 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-format", default="text", choices=["text", "json"])
     sp.set_defaults(func=cmd_serve)
 
-    add("check", "validate the config").set_defaults(func=cmd_check)
+    sp = add("check", "validate the config")
+    sp.add_argument("--explain", action="store_true",
+                    help="then say, for each route in plain words, who may send through it, to "
+                    "whom, with which account, and what the upstream is asked to do")
+    sp.set_defaults(func=cmd_check)
 
-    sp = add("route", "print the route an envelope sender maps to")
+    sp = add("route", "print the route an envelope sender maps to (routes.*.senders); with "
+             "--to, whether its routes.*.recipients allow that recipient")
     sp.add_argument("address")
+    sp.add_argument("--to", action="append", metavar="RCPT")
     sp.set_defaults(func=cmd_route)
 
     sp = add("send-test", "deliver a test message through the sender's route, now")
@@ -311,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = action(qsub, "show", "envelope, state and (--body) content of one message")
     q.add_argument("id")
     q.add_argument("--body", action="store_true")
+    q.add_argument("--json", action="store_true", help="the envelope and state as JSON")
     q = action(qsub, "retry", "try a message (or --all) again now")
     q.add_argument("id", nargs="?")
     q.add_argument("--all", action="store_true")

@@ -7,7 +7,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -150,6 +150,7 @@ class RouteConfig:
     name: str
     senders: tuple[str, ...]
     upstream: str
+    recipients: tuple[str, ...] = ()  # RCPT outside these is refused; () allows any
     rate_limit: RateLimit | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     timeout_s: float = DEFAULT_TIMEOUT_S
@@ -534,15 +535,16 @@ def _parse_auth(data: Mapping[str, Any], problems: list[str]) -> AuthConfig:
 
 
 # Keys each upstream takes, beyond the ones every route has.
-_COMMON_KEYS = ("senders", "upstream", "rate_limit", "max_connections", "timeout", "ca_file")
+_COMMON_KEYS = ("senders", "recipients", "upstream", "rate_limit", "max_connections",
+                "timeout", "ca_file")
 _OAUTH_KEYS = ("tenant_id", "client_id", "client_secret_file", "client_secret_env",
                "certificate_file", "thumbprint", "flow", "authority")
 _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
     "smtp": ("host", "port", "tls", "auth", "username", "password_file", "password_env",
              "provider", "refresh_token_file", "refresh_token_env", "mailbox", *_OAUTH_KEYS),
     "ews": ("auth", "server", "service_endpoint", "username", "password_file", "password_env",
-            "mailbox", "save_to_sent", "from_rewrite", *_OAUTH_KEYS),
-    "graph": ("endpoint", "mailbox", "save_to_sent", "from_rewrite", *_OAUTH_KEYS),
+            "mailbox", "save_to_sent", "from_rewrite", "dedupe", *_OAUTH_KEYS),
+    "graph": ("endpoint", "mailbox", "save_to_sent", "from_rewrite", "dedupe", *_OAUTH_KEYS),
     "outbox": ("path",),
 }
 
@@ -583,6 +585,14 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
         why = _validate_pattern(ascii_lower(pattern))
         if why:
             s.problem("senders", why)
+    recipients = s.string_list("recipients")
+    if s.has("recipients") and not recipients:
+        s.problem("recipients", "must list at least one address or pattern (omit it to allow "
+                  "any recipient)")
+    for pattern in recipients:
+        why = _validate_pattern(ascii_lower(pattern))
+        if why:
+            s.problem("recipients", why)
     upstream = s.text("upstream")
     if upstream is None:
         s.problem("upstream", f"required: one of {', '.join(UPSTREAMS)}")
@@ -628,6 +638,7 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
     if len(problems) > start:
         return None
     return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
+                       recipients=tuple(ascii_lower(p) for p in recipients),
                        upstream=upstream, **v)
 
 
@@ -728,15 +739,17 @@ def _check_listeners(server: ServerConfig, problems: list[str]) -> None:
                             "so clients must authenticate")
 
 
-def _check_patterns(routes: Mapping[str, RouteConfig], problems: list[str]) -> None:
+def _check_patterns(claimed: Mapping[str, Sequence[str]], problems: list[str]) -> None:
+    """Two routes claiming one sender pattern, whether or not either has other problems
+    (every problem at once, always)."""
     owner: dict[str, str] = {}
-    for route in routes.values():
-        for pattern in route.senders:
-            if pattern in owner and owner[pattern] != route.name:
-                problems.append(f"routes.{route.name}.senders: {pattern!r} is already claimed by "
+    for name, patterns in claimed.items():
+        for pattern in patterns:
+            if pattern in owner and owner[pattern] != name:
+                problems.append(f"routes.{name}.senders: {pattern!r} is already claimed by "
                                 f"routes.{owner[pattern]}")
             else:
-                owner[pattern] = route.name
+                owner[pattern] = name
 
 
 def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
@@ -754,10 +767,14 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     journal = _parse_journal(table("journal"), queue, problems)
     auth = _parse_auth(table("auth"), problems)
     routes: dict[str, RouteConfig] = {}
+    claimed: dict[str, list[str]] = {}
     for name, rdata in table("routes").items():
         if not isinstance(rdata, dict):
             problems.append(f"routes.{name}: must be a table")
             continue
+        senders = rdata.get("senders")
+        if isinstance(senders, list):
+            claimed[name] = [ascii_lower(p) for p in senders if isinstance(p, str)]
         route = _parse_route(name, rdata, problems)
         if route is not None:
             routes[name] = route
@@ -767,7 +784,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         if name not in top.used:
             problems.append(f"{name}: unknown section")
     _check_listeners(server, problems)
-    _check_patterns(routes, problems)
+    _check_patterns(claimed, problems)
     if server.null_sender_route is not None and server.null_sender_route not in routes \
             and server.null_sender_route not in table("routes"):
         problems.append(f"server.null_sender_route: no route named "

@@ -24,6 +24,7 @@ from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, ServerConfig, ServerUser
 from relayd.intake import Intake
 from relayd.policy import SenderPolicy
+from relayd.router import recipient_allowed
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 REPLY_ACCESS_DENIED = "554 5.7.1 Access denied: your address is not allowed to use this relay"
 REPLY_SENDER_OK = "250 2.1.0 Sender ok"
 REPLY_RCPT_OK = "250 2.1.5 Recipient ok"
+REPLY_RCPT_NOT_ALLOWED = ("550 5.7.1 Recipient not allowed through route {route} "
+                          "(routes.{route}.recipients)")
 REPLY_BAD_SENDER_SYNTAX = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RCPT_SYNTAX = "501 5.1.3 Bad recipient address syntax"
 REPLY_BAD_SENDER_UTF8 = "553 5.1.7 Sender address is not valid UTF-8"
@@ -172,6 +175,11 @@ class Handler:
             return refusal
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return REPLY_TOO_MANY_RCPTS
+        route = self.relay.config.routes.get(getattr(envelope, "relayd_route", ""))
+        if route is not None and not recipient_allowed(route, address):
+            log.info("refused recipient <%s> from %s: not in routes.%s.recipients", address,
+                     _peer(session), route.name)
+            return REPLY_RCPT_NOT_ALLOWED.format(route=route.name)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return REPLY_RCPT_OK
@@ -186,9 +194,11 @@ class Handler:
         # recorded with it (a null sender has nothing to look up).
         pinned = route_name if getattr(envelope, "relayd_pin", False) else None
         try:
+            user: ServerUser | None = getattr(session, "relayd_user", None)
             entry = await self.relay.intake.accept(sender, envelope.rcpt_tos, data, options,
                                                    _peer(session), route_name,
-                                                   pinned_route=pinned)
+                                                   pinned_route=pinned,
+                                                   login=user.name if user else "")
         except Exception as e:
             log.error("cannot store a message from %s: %s", _peer(session), e)
             return REPLY_TEMP_STORAGE

@@ -352,8 +352,9 @@ class Spool:
 
     def accept_sync(self, sender: str, recipients: Sequence[str], data: bytes,
                     mail_options: Sequence[str] = (), client: str = "",
-                    route: str | None = None) -> Entry:
-        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route)
+                    route: str | None = None, message_id: str = "") -> Entry:
+        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
+                                      message_id=message_id)
         write_atomic(self.msg_dir / entry.id, blob, self.tmp_dir)
         return entry
 

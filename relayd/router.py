@@ -61,3 +61,8 @@ class Router:
     def lookup(self, sender: str) -> RouteConfig | None:
         m = self.match(sender)
         return m.route if m else None
+
+
+def recipient_allowed(route: RouteConfig, recipient: str) -> bool:
+    """Whether `route.recipients` lets `recipient` through (an empty list allows anyone)."""
+    return not route.recipients or matches_any(route.recipients, recipient)

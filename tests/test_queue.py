@@ -115,3 +115,24 @@ def test_queue_commands_without_a_daemon(tmp_path: Path) -> None:
     assert spool.ids() == []
     bad = relayd_cli("queue", "delete", "../../etc/passwd", "-c", str(cfg))
     assert bad.returncode == 1 and "not a queue id" in bad.stderr
+
+
+def test_queue_show_is_readable_and_json_on_request(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 2525))
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    entry = spool.accept_sync("alice@business.com", ["bob@example.com"], message(),
+                              client="10.0.0.7", message_id="<m1@test>")
+    shown = relayd_cli("queue", "show", entry.id, "-c", str(cfg))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"queue id:   {entry.id}"
+    assert "route:      staff" in lines
+    assert "sender:     <alice@business.com>" in lines
+    assert "message-id: <m1@test>" in lines
+    assert "  <bob@example.com>  pending" in lines
+    assert lines[1].startswith("received:   ") and "from 10.0.0.7" in lines[1]
+    assert "{" not in shown.stdout and "null" not in shown.stdout
+    raw = json.loads(relayd_cli("queue", "show", entry.id, "--json", "-c", str(cfg)).stdout)
+    assert raw["route"] == "staff" and raw["route_pinned"] is False
+    assert raw["sender"] == "alice@business.com" and raw["id"] == entry.id

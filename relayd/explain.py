@@ -1,0 +1,139 @@
+"""`relayd check --explain`: each route in plain words, the page an admin shows an auditor.
+
+For each route: who may send through it (its sender patterns, and which listener logins may
+use them), to whom (its recipient patterns, or anyone), with which account, and what the
+upstream is asked to do (send as or on behalf, save to Sent Items, dedupe). It reads only the
+config: nothing is contacted, no secret is shown (a secret is named by where it comes from).
+"""
+
+from __future__ import annotations
+
+from relayd.config import Config, RouteConfig
+from relayd.delivery.mime import fixed_mailbox
+from relayd.router import matches_any
+
+
+def _patterns(patterns: tuple[str, ...]) -> str:
+    words = []
+    for p in patterns:
+        if p == "*":
+            words.append("any address")
+        elif p.startswith("*@"):
+            words.append(f"any address @{p[2:]}")
+        else:
+            words.append(p)
+    return ", ".join(words)
+
+
+def _where(route: RouteConfig) -> str:
+    if route.upstream == "smtp":
+        tls = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
+        return f"SMTP to {route.host}:{route.port} ({tls.get(route.tls or '', route.tls)})"
+    if route.upstream == "ews":
+        return f"Exchange Web Services at {route.service_endpoint or route.server}"
+    if route.upstream == "graph":
+        return f"Microsoft Graph sendMail at {route.endpoint}"
+    return f"no delivery: each message is written as an .eml file under {route.path}"
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one address matches both sender patterns `a` and `b`."""
+    if "*" in (a, b) or a == b:
+        return True
+    if a.startswith("*@") and b.startswith("*@"):
+        return False
+    if a.startswith("*@"):
+        a, b = b, a
+    return b.startswith("*@") and matches_any((b,), a)
+
+
+def _who(config: Config, route: RouteConfig) -> str:
+    logins = [u.name for u in config.server.users.values()
+              if any(_overlap(up, rp) for up in u.senders for rp in route.senders)]
+    who = f"who may send: {_patterns(route.senders)}"
+    if config.server.users:
+        who += f"; listener logins that may use these addresses: {', '.join(logins) or 'none'}"
+    else:
+        who += "; from the allowed client addresses without a login"
+    return who
+
+
+def _oauth(route: RouteConfig) -> str:
+    if route.provider == "google":
+        how = ("a Google service account (domain-wide delegation)" if route.refresh_token is None
+               else "a Google refresh token one user consented to")
+        return f"OAuth: {how}, client {route.client_id}"
+    if route.flow == "device":
+        return (f"OAuth delegated: each user's own token from `relayd auth login {route.name} "
+                f"--user ADDRESS` (app {route.client_id}, tenant {route.tenant_id}); a user "
+                "sends only as the account that signed in")
+    cred = "a certificate" if route.certificate_file else "a client secret"
+    return (f"OAuth app-only: app {route.client_id} in tenant {route.tenant_id} with {cred} "
+            "(application permission; scope it to these mailboxes)")
+
+
+def _account(route: RouteConfig) -> str:
+    mailbox = fixed_mailbox(route)
+    if route.upstream == "outbox":
+        return "as which account: none"
+    if route.upstream == "smtp":
+        if route.auth == "password":
+            return f"as which account: {route.username} with a password (basic SMTP AUTH)"
+        if route.auth == "xoauth2":
+            who = mailbox or route.username or "each sender's own address"
+            return f"as which account: {who}, {_oauth(route)}"
+        return "as which account: none (no SMTP AUTH)"
+    if route.auth in ("basic", "ntlm"):
+        how = f"{route.username} with a password ({route.auth.upper()})"
+    else:
+        how = _oauth(route)
+    box = f"the mailbox {mailbox}" if mailbox else "each sender's own mailbox"
+    return f"as which account: {how}; sending from {box}"
+
+
+def _asked(route: RouteConfig) -> str:
+    mailbox = fixed_mailbox(route)
+    if route.upstream == "outbox":
+        return "the upstream is asked to: nothing (dry run)"
+    parts = []
+    if route.from_rewrite:
+        parts.append("rewrite From to the route's mailbox and put the sender in Reply-To")
+    elif route.upstream == "smtp":
+        account = route.username or mailbox
+        if account and "*" not in "".join(route.senders) and route.senders == (account,):
+            parts.append("send as its own account")
+        else:
+            parts.append(f"relay each sender's From unchanged (the provider must let "
+                         f"{account or 'the account'} send as them: Send As or Send on Behalf)")
+    elif mailbox:
+        parts.append(f"send from {mailbox} with each sender's From unchanged (needs Send As or "
+                     f"Send on Behalf on {mailbox})")
+    else:
+        parts.append("send from each sender's own mailbox as that sender")
+    if route.upstream in ("ews", "graph"):
+        saved = route.save_to_sent or route.upstream == "graph"
+        parts.append("save a copy in Sent Items" if saved else "keep no copy in Sent Items")
+        if route.dedupe and saved:
+            parts.append("after a crash mid-send, look in Sent Items before sending again "
+                         "(dedupe)")
+        elif route.dedupe:
+            parts.append("dedupe cannot look without a Sent Items copy: at least once")
+    if route.rate_limit:
+        parts.append(f"at most {route.rate_limit.count} messages per "
+                     f"{route.rate_limit.per_s:g} s")
+    return "the upstream is asked to: " + "; ".join(parts)
+
+
+def explain(config: Config) -> list[str]:
+    lines = []
+    for route in config.routes.values():
+        lines.append(f"route {route.name}: {_where(route)}")
+        lines.append(f"  {_who(config, route)}")
+        to = _patterns(route.recipients) if route.recipients else "anyone"
+        lines.append(f"  to whom: {to}")
+        lines.append(f"  {_account(route)}")
+        lines.append(f"  {_asked(route)}")
+    if config.server.null_sender_route:
+        lines.append(f"null-sender mail (bounces from a front MTA) goes through route "
+                     f"{config.server.null_sender_route}")
+    return lines
