@@ -133,6 +133,8 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         upstream = make_upstream(route, config)
+        if hasattr(upstream, "trace"):
+            upstream.trace = lambda step: print(f"   {step}")
         session = upstream.session()
         try:
             print(f"3. delivering through {route.upstream} ...")

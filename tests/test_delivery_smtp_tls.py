@@ -13,6 +13,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 from conftest import (
     Upstream,
+    arelayd_cli,
     message,
     run_service,
     send,
@@ -151,3 +152,21 @@ async def test_rate_limiter_token_bucket() -> None:
     await asyncio.wait_for(limiter.acquire(), 1)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(limiter.acquire(), 0.2)
+
+
+async def test_send_test_prints_connect_starttls_and_auth(tmp_path: Path,
+                                                          starttls_upstream: Upstream) -> None:
+    """`relayd send-test` shows each step it takes: connect, STARTTLS, EHLO, AUTH, delivery."""
+    cfg = write_config(tmp_path, tls_route(tmp_path, starttls_upstream.port, "starttls"))
+    out = await arelayd_cli("send-test", "-c", str(cfg), "--from", "alice@business.com",
+                            "--to", "bob@example.com")
+    assert out.returncode == 0, out.stdout + out.stderr
+    steps = out.stdout.splitlines()
+    assert f"   connected to 127.0.0.1:{starttls_upstream.port}: 220 " in "\n".join(steps)
+    tls = next(s for s in steps if s.startswith("   STARTTLS: "))
+    assert "TLSv1." in tls and "certificate verified" in tls
+    assert any(s.startswith("   EHLO: ") and "auth" in s for s in steps)
+    assert f"   AUTH as {USER}: 235 " in "\n".join(steps)
+    assert PASSWORD not in out.stdout
+    assert "<bob@example.com>: delivered: 250" in out.stdout
+    assert starttls_upstream.handler.logins == [USER]

@@ -151,3 +151,27 @@ async def test_kill_9_mid_create_item_is_looked_up_in_sent_items(
     assert ("found-in-sent-items" in kinds) == found
     if denied:
         assert log_file.read_text().count("dedupe is off") == 1
+
+
+async def test_utf8_header_addresses_match_their_envelope_recipients(
+        tmp_path: Path, idp: HttpsServer, ews: HttpsServer) -> None:
+    """A UTF-8 To address that is also an envelope recipient stays in To (not removed, not
+    added as Bcc); an RFC 2047 display name and another case of the domain match too."""
+    cfg = write_config(tmp_path, ews_route(tmp_path, idp, ews))
+    data = (f"From: {ALICE}\r\nTo: danglüe@email.com\r\n"
+            "Cc: =?utf-8?q?J=C3=B6rg?= <jorg@Example.COM>\r\nSubject: x\r\n"
+            "Message-ID: <utf8@test>\r\n\r\nhi\r\n").encode()
+
+    def go(port: int) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail(ALICE, ["danglüe@email.com", "jorg@example.com"], data,
+                            mail_options=["SMTPUTF8"])
+
+    async with run_service(cfg) as service:
+        await asyncio.to_thread(go, service.addresses[0][1])
+        await wait_for(lambda: len(ews.state.sent) == 1, what="EWS CreateItem")
+    [sent] = ews.state.sent
+    assert sent.mime.endswith(data)
+    assert sent.bcc == []

@@ -498,3 +498,30 @@ async def test_a_message_without_message_id_gets_one_on_a_dedupe_route(env: Env)
         await wait_for(lambda: len(env.graph.sent) == 1, what="sent")
     mid = parse(env.graph.sent[0].mime)["Message-ID"]
     assert mid is not None and mid.endswith("@relay.test>")
+
+
+async def test_utf8_header_addresses_match_their_envelope_recipients(env: Env) -> None:
+    """An SMTPUTF8 message whose To names a UTF-8 address that is also an envelope recipient,
+    and a Cc whose display name is RFC 2047 with the domain in other case: both stay in their
+    fields and nobody is added as Bcc."""
+    data = ("From: casemanager@business.com\r\nTo: danglüe@email.com\r\n"
+            "Cc: =?utf-8?q?J=C3=B6rg?= <jorg@Example.COM>\r\nSubject: x\r\n"
+            "Message-ID: <utf8@test>\r\n\r\nhi\r\n").encode()
+
+    def go(port: int) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("casemanager@business.com", ["danglüe@email.com",
+                                                          "jorg@example.com"], data,
+                            mail_options=["SMTPUTF8"])
+
+    async with run_service(env.service_config()) as svc:
+        await asyncio.to_thread(go, service_port(svc))
+        await wait_for(lambda: len(env.graph.sent) == 1, what="sent")
+    [sent] = env.graph.sent
+    head = parse(sent.mime)
+    assert head["To"] == "danglüe@email.com"
+    assert "jorg@Example.COM" in str(head["Cc"])
+    assert head["Bcc"] is None
+    assert sorted(sent.recipients) == ["danglüe@email.com", "jorg@Example.COM"]

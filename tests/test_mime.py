@@ -172,3 +172,14 @@ def test_a_null_sender_with_several_recipients_has_no_mailbox() -> None:
     with pytest.raises(PermanentDeliveryError) as e:
         mailbox_for(route("sender"), outbound("", "a@business.com", "b@business.com"))
     assert e.value.code == 550
+
+
+def test_header_addresses_match_the_envelope_whatever_their_encoding() -> None:
+    """Raw UTF-8, Unicode case, decomposed letters (NFD) and an IDNA domain each match."""
+    from relayd.delivery.mime import restrict_to_envelope
+
+    data = ("From: a@business.com\r\nTo: DANGLÜE@Email.com, user@münchen.de\r\n"
+            "Cc: =?utf-8?q?J=C3=B6rg?= <jo\u0308rg@example.com>\r\n\r\nx\r\n").encode()
+    r = restrict_to_envelope(data, ["danglüe@email.com", "user@xn--mnchen-3ya.de",
+                                    "jörg@example.com"])
+    assert r.removed == [] and r.unnamed == [] and r.data == data

@@ -24,6 +24,7 @@ attempt reaches; the addresses removed were already served or never asked for.
 from __future__ import annotations
 
 import email.policy
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address, Group
@@ -118,7 +119,17 @@ def address(addr_spec: str, display_name: str = "") -> Address:
 
 
 def _norm(addr: str) -> str:
-    return addr.strip().lower()
+    """An address as compared with the envelope: Unicode NFC, case folded, the domain in its
+    IDNA (xn--) form, so `danglüe@Email.com`, an RFC 2047-decoded field and
+    `user@xn--mnchen-3ya.de` / `user@münchen.de` each match their envelope address."""
+    local, at, domain = unicodedata.normalize("NFC", addr.strip()).rpartition("@")
+    if not at:
+        return domain.lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass
+    return f"{local.lower()}@{domain.lower()}"
 
 
 def header_recipients(data: bytes) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 
 import aiosmtplib
 
@@ -57,6 +58,8 @@ class SmtpUpstream(Upstream):
             else:
                 scopes = MICROSOFT_APP_SCOPES
             self.tokens = make_token_provider(route, config, scopes)
+        # `relayd send-test` sets this to print each step (connect, TLS, EHLO, AUTH).
+        self.trace: Callable[[str], None] | None = None
 
     def session(self) -> Session:
         return SmtpSession(self)
@@ -100,8 +103,14 @@ class SmtpSession(Session):
             hostname=route.host, port=route.port, timeout=route.timeout_s,
             use_tls=route.tls == "implicit", start_tls=route.tls == "starttls",
             tls_context=self.up.tls_context, local_hostname=self.up.config.server.hostname)
+        trace = self.up.trace
         try:
-            await client.connect()
+            banner = await client.connect()
+            if trace is not None:
+                trace(f"connected to {route.host}:{route.port}: {banner.code} {banner.message}")
+                if route.tls != "none":
+                    trace(f"{'STARTTLS' if route.tls == 'starttls' else 'implicit TLS'}: "
+                          f"{_tls_info(client)}")
         except aiosmtplib.SMTPConnectResponseError as e:
             raise UpstreamUnavailableError(
                 f"{route.host}:{route.port} refused the connection: {e.message}", e.code) from e
@@ -115,11 +124,17 @@ class SmtpSession(Session):
                     await client.ehlo()
                 except aiosmtplib.SMTPHeloError:
                     await client.helo()
+            if trace is not None:
+                trace("EHLO: " + " ".join(sorted(client.esmtp_extensions)))
             if route.auth == "password":
                 assert route.password is not None
-                await client.login(account, route.password.reveal())
+                said = await client.login(account, route.password.reveal())
+                if trace is not None:
+                    trace(f"AUTH as {account}: {said.code} {said.message}")
             elif route.auth == "xoauth2":
                 await self._xoauth2(client, account)
+                if trace is not None:
+                    trace(f"AUTH XOAUTH2 as {account}: accepted")
         except BaseException:
             client.close()
             raise
@@ -256,6 +271,19 @@ class SmtpSession(Session):
             await client.rset()
         except (aiosmtplib.SMTPException, OSError):
             await self.close()
+
+
+def _tls_info(client: aiosmtplib.SMTP) -> str:
+    transport = client.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return "not negotiated"
+    cipher = ssl_object.cipher()
+    peer = ssl_object.getpeercert() or {}
+    subject = dict(x[0] for x in peer.get("subject", ()))
+    name = subject.get("commonName", "")
+    return (f"{ssl_object.version()}, {cipher[0] if cipher else '?'}, certificate verified"
+            + (f" for {name}" if name else ""))
 
 
 def _why(e: BaseException) -> str:
