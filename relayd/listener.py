@@ -528,6 +528,12 @@ class RelaySMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         super().connection_lost(error)
+        # A client's reset leaves its error on the stream's "closed" future, which nobody
+        # awaits; asyncio would log "Future exception was never retrieved" with a traceback
+        # when it is collected (aiosmtpd's __del__ that should prevent it may run too late).
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
 
     async def _handle_client(self) -> None:
         assert self.session is not None
