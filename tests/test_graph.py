@@ -498,6 +498,12 @@ async def test_a_message_without_message_id_gets_one_on_a_dedupe_route(env: Env)
         await wait_for(lambda: len(env.graph.sent) == 1, what="sent")
     mid = parse(env.graph.sent[0].mime)["Message-ID"]
     assert mid is not None and mid.endswith("@relay.test>")
+    # The journal has the added Message-ID and Graph's answer with its request-id.
+    events = [json.loads(line) for f in (env.tmp_path / "journal").iterdir()
+              for line in f.read_text().splitlines()]
+    [delivered] = [e for e in events if e["event"] == "delivered"]
+    assert delivered["message_id"] == mid
+    assert "HTTP 202, request-id " in delivered["reply"]
 
 
 async def test_utf8_header_addresses_match_their_envelope_recipients(env: Env) -> None:

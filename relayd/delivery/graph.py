@@ -444,23 +444,26 @@ class GraphSession(Session):
         try:
             if len(body) > MAX_MIME_REQUEST_BYTES:
                 raise _TooLarge(f"{len(body)} bytes of base64")
-            await self._send_mime(mailbox, body)
+            request_id = await self._send_mime(mailbox, body)
             how = "sendMail"
         except _TooLarge:
-            await self._send_draft(mailbox, prepared.mime, message.queue_id)
+            request_id = await self._send_draft(mailbox, prepared.mime, message.queue_id)
             how = "draft + upload session"
         log.info("%s route=%s: accepted by Graph for mailbox %s (%s)", message.queue_id, route,
                  mailbox, how)
+        rid = f", request-id {request_id}" if request_id else ""
         return all_results(message.recipients, RecipientResult(Status.DELIVERED, Reply(
-            250, "2.0.0", f"accepted by Graph {how} for {mailbox} (HTTP 202)", "graph")))
+            250, "2.0.0", f"accepted by Graph {how} for {mailbox} (HTTP 202{rid})", "graph")))
 
-    async def _send_mime(self, mailbox: str, body: bytes) -> None:
+    async def _send_mime(self, mailbox: str, body: bytes) -> str:
+        """Returns Graph's request-id for the journal."""
         up = self.up
         response = await up.request("POST", up.url(mailbox, "sendMail"), mailbox,
                                     content=body, content_type="text/plain")
         up.check(response, "sendMail")
+        return str(response.headers.get("request-id", ""))
 
-    async def _send_draft(self, mailbox: str, mime: bytes, queue_id: str) -> None:
+    async def _send_draft(self, mailbox: str, mime: bytes, queue_id: str) -> str:
         """Large mail: a draft from the MIME without attachments, then the attachments, then
         send. Needs Mail.ReadWrite; without it the message bounces saying so."""
         up = self.up
@@ -498,6 +501,7 @@ class GraphSession(Session):
                                         mailbox, content=b"")
             up.check(response, "send draft")
             sent = True
+            return str(response.headers.get("request-id", ""))
         except _TooLarge as e:
             raise PermanentDeliveryError(f"Graph refused an attachment as too large: {e}",
                                          552, enhanced="5.3.4", source="graph") from None
