@@ -352,3 +352,23 @@ async def test_msmtp_with_login(tmp_path: Path, upstream: Upstream, password_has
     got = upstream.messages[0]
     assert (got.mail_from, got.rcpt_tos) == ("cron@business.com", ["x@example.com"])
     assert b"Subject: via msmtp" in got.data
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_curl_smtps_with_login_on_the_implicit_tls_port(
+        tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
+    cfg = users_config(tmp_path, upstream, password_hash, server='listen_tls = ["127.0.0.1:0"]')
+    body = tmp_path / "mail.txt"
+    body.write_bytes(message(sender="scanner@business.com", subject="via smtps"))
+    async with run_service(cfg) as svc:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "20", "--insecure",  # relayd's self-signed certificate
+            f"smtps://127.0.0.1:{svc.tls_addresses[0][1]}", "--user", f"casemanager:{PASSWORD}",
+            "--mail-from", "scanner@business.com", "--mail-rcpt", "x@example.com",
+            "-T", str(body), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        await wait_for(lambda: len(upstream.messages) == 1)
+    got = upstream.messages[0]
+    assert (got.mail_from, got.rcpt_tos) == ("scanner@business.com", ["x@example.com"])
+    assert b"Subject: via smtps" in got.data
