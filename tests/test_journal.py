@@ -162,3 +162,21 @@ async def test_a_journal_that_cannot_be_written_does_not_stop_mail(
 
         status, body = await asyncio.to_thread(healthz)
         assert status == 503 and "journal" in body
+
+
+async def test_expiry_is_recorded_with_the_last_reply(tmp_path: Path, upstream: Upstream) -> None:
+    """1. the upstream defers every try 2. max_age passes 3. the journal says expired, with
+    the last reply, and bounced."""
+    upstream.handler.rcpt_replies["late@example.com"] = "451 4.2.0 mailbox busy"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       queue='max_age = "2s"\nretry_min = "1s"\nretry_max = "1s"')
+    async with run_service(cfg) as svc:
+        await send(service_port(svc), ALICE, ["late@example.com"], message())
+        await wait_for(lambda: not svc.qmgr.messages and len(upstream.messages) == 1,
+                       what="expired and bounced")
+    got = events(tmp_path / "journal", recipient="late@example.com")
+    kinds = [e["event"] for e in got]
+    assert kinds[0] == "accepted" and "deferred" in kinds and kinds[-2:] == ["expired",
+                                                                              "bounced"]
+    assert "last error: 451 4.2.0 mailbox busy" in got[-2]["reply"]
+    assert upstream.messages[0].mail_from == ""  # the bounce
