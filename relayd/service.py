@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relayd import notify
+from relayd import sdnotify
 from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import make_upstream
 from relayd.errors import ConfigError, QueueError
@@ -284,11 +284,11 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
             log.warning("%s again: exiting now", signame)
             os._exit(1)
         log.info("%s: draining and stopping", signame)
-        notify.stopping("draining")
+        sdnotify.stopping("draining")
         stop.set()
 
     def on_reload() -> None:
-        notify.reloading()
+        sdnotify.reloading()
         try:
             new = load_config(path)
         except ConfigError as e:
@@ -297,14 +297,14 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
             service.reload(new)
             if pool is not None:
                 pool.reload()
-        notify.ready()
+        sdnotify.ready()
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     log.info("relayd started with %s", path)
-    notify.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
-    watchdog = asyncio.create_task(notify.watchdog_loop(), name="watchdog")
+    sdnotify.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
     if ready is not None:
         ready(service)
     try:

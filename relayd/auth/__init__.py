@@ -21,6 +21,21 @@ class AccessToken:
         return f"AccessToken('***', renew_at={self.renew_at:.0f})"
 
 
+@dataclass(frozen=True)
+class TokenHealth:
+    """What an admin must know about one route's credential for one account: shown by
+    `relayd auth status` and the status page, and what [notify] warns about."""
+
+    route: str
+    account: str  # the user or mailbox; "" for an app-only credential
+    expires_at: float | None = None  # the current access token's expiry (epoch seconds)
+    last_refreshed: float | None = None  # when a token was last obtained (epoch seconds)
+    needs_signin: bool = False  # the user must sign in again (invalid_grant, revoked, lapsed)
+    problem: str = ""  # why, in the provider's words (e.g. AADSTS70043 ...)
+    fix: str = ""  # the command or URL that fixes it
+    credential_expires_at: float | None = None  # client certificate / client_secret_expires
+
+
 class TokenProvider(Protocol):
     """Gives OAuth access tokens for one route.
 

@@ -60,8 +60,38 @@ class Report:
     retry_after: float | None = None
     held_s: float | None = None
     held_reply: Reply | None = None  # why the route is held
-    unreachable: bool = False  # this job found the upstream unreachable and started the hold
+    unreachable: bool = False  # the upstream could not be reached (this job or the hold)
+    problem: str = ""  # "authentication" when the route's credentials were refused
     found_in_sent: bool = False  # dedupe: already in Sent Items, not sent again
+
+
+@dataclass
+class RouteStats:
+    """What the status page and [notify] read of a route (epoch seconds)."""
+
+    last_success: float | None = None  # a recipient delivered
+    last_failure: float | None = None  # an attempt that delivered nothing
+    last_failure_reply: str = ""
+    failing_since: float | None = None  # first of the current run of auth/unreachable failures
+    failing_kind: str = ""  # "authentication" or "unreachable"
+
+    def record(self, report: Report) -> None:
+        now = time.time()
+        statuses = {r.status for r in report.results.values()}
+        if Status.DELIVERED in statuses:
+            self.last_success = now
+            self.failing_since, self.failing_kind = None, ""
+            return
+        if report.held_s is not None or not report.results:
+            return
+        self.last_failure = now
+        self.last_failure_reply = str(next(iter(report.results.values())).reply)
+        kind = "unreachable" if report.unreachable else report.problem
+        if kind:
+            if self.failing_since is None or self.failing_kind != kind:
+                self.failing_since, self.failing_kind = now, kind
+        elif Status.FAILED in statuses:
+            pass  # a message refused for good says nothing about the route
 
 
 class RateLimiter:
@@ -100,6 +130,7 @@ class DeliveryAgent:
         self._retired = False
         self._hold_until = 0.0  # monotonic
         self._hold_reply: Reply | None = None
+        self.stats = RouteStats()
 
     # -- what the queue manager asks -----------------------------------------------------------
 
@@ -179,6 +210,7 @@ class DeliveryAgent:
                     if not future.done():
                         future.set_result(_deferred(job, STOPPED))
                     raise
+                self.stats.record(report)
                 if not future.done():
                     future.set_result(report)
         finally:
@@ -202,18 +234,18 @@ class DeliveryAgent:
             results = await asyncio.wait_for(session.deliver(message),
                                              self.route.timeout_s + ATTEMPT_GRACE_S)
         except UpstreamUnavailableError as e:
-            unreachable = False
             if self.held_s() is None:
                 log.warning("route %s: upstream unreachable, holding its mail for %ds: %s",
                             self.route.name, self.hold_s, e.reply)
                 self._hold_until = time.monotonic() + self.hold_s
                 self._hold_reply = e.reply
-                unreachable = True
-            return Report(_all(job.recipients, Status.DEFERRED, e), unreachable=unreachable)
+            return Report(_all(job.recipients, Status.DEFERRED, e), unreachable=True)
         except TransientDeliveryError as e:
-            level = logging.ERROR if isinstance(e, AuthenticationError) else logging.INFO
-            log.log(level, "%s: route %s: %s", job.queue_id, self.route.name, e.reply)
-            return Report(_all(job.recipients, Status.DEFERRED, e), retry_after=e.retry_after)
+            auth = isinstance(e, AuthenticationError)
+            log.log(logging.ERROR if auth else logging.INFO, "%s: route %s: %s", job.queue_id,
+                    self.route.name, e.reply)
+            return Report(_all(job.recipients, Status.DEFERRED, e), retry_after=e.retry_after,
+                          problem="authentication" if auth else "")
         except PermanentDeliveryError as e:
             return Report(_all(job.recipients, Status.FAILED, e))
         except TimeoutError:

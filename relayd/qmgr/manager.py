@@ -608,6 +608,21 @@ class QueueManager:
             return
         self._forget(queued, "deleted by the admin")
 
+    def route_counts(self) -> dict[str, tuple[int, int, float | None]]:
+        """Route name -> (messages queued, of which deferred, when the oldest deferred one was
+        received), for the status page and [notify]. "-" holds messages without a route."""
+        out: dict[str, tuple[int, int, float | None]] = {}
+        for queued in self.messages.values():
+            route = self.route_for(queued.entry)
+            name = route.name if route else "-"
+            total, deferred, oldest = out.get(name, (0, 0, None))
+            if queued.state == DEFERRED and queued.entry.attempts:
+                deferred += 1
+                received = queued.entry.received
+                oldest = received if oldest is None else min(oldest, received)
+            out[name] = (total + 1, deferred, oldest)
+        return out
+
     def stats(self) -> tuple[int, float]:
         """Queue depth and the age in seconds of the oldest message."""
         if not self.messages:

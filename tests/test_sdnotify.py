@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd import notify
+from relayd import sdnotify as notify
 
 
 def _recv(sock: socket.socket) -> str:
