@@ -292,7 +292,8 @@ class _HelloRecorder(sslproto.SSLProtocol):
         super().buffer_updated(nbytes)
 
 
-_TLS_NAMES = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1", 0x0303: "TLS 1.2"}
+# ClientHello legacy_version -> name; TLS 1.3 clients also say 0x0303 there.
+_TLS_NAMES = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1", 0x0303: "TLS 1.2/1.3"}
 
 
 def offered_version(hello: bytes) -> int | None:
@@ -310,7 +311,7 @@ def describe_tls_failure(hello: bytes, error: BaseException | None,
     version = offered_version(hello)
     if version is None:
         if not hello:
-            return "the client closed the connection before its TLS hello"
+            return "no TLS hello from the client (it closed the connection or timed out)"
         return "the client did not start a TLS handshake after STARTTLS"
     minimum = ssl.TLSVersion.TLSv1 if server.tls_legacy else ssl.TLSVersion.TLSv1_2
     name = _TLS_NAMES.get(version, f"version 0x{version:04x}")
@@ -319,8 +320,9 @@ def describe_tls_failure(hello: bytes, error: BaseException | None,
             return f"it offered {name} at most, below TLS 1.0 (server.tls_legacy = true)"
         return (f"it offered {name} at most; relayd takes TLS 1.2 and later "
                 "(server.tls_legacy = true also allows TLS 1.0 and 1.1)")
-    reason = getattr(error, "reason", None) or type(error).__name__
-    return f"{name} offered: {reason}"
+    # OpenSSL's reason code (NO_SHARED_CIPHER), never the exception's text with its internals.
+    reason = str(getattr(error, "reason", None) or type(error).__name__)
+    return f"it offered {name}: {reason.replace('_', ' ').lower()}"
 
 
 class SessionLimits:

@@ -331,7 +331,7 @@ async def test_tls12_clients_get_forward_secret_aead_suites(
             await asyncio.sleep(0.2)
             collect_failed_handshakes()
             line = next(r for r in caplog.records if "TLS handshake" in r.getMessage())
-            assert "TLS 1.2 offered" in line.getMessage()
+            assert "offered TLS 1.2/1.3: no shared cipher" in line.getMessage()
     no_tracebacks(caplog)
 
 
@@ -372,3 +372,24 @@ async def test_curl_smtps_with_login_on_the_implicit_tls_port(
     got = upstream.messages[0]
     assert (got.mail_from, got.rcpt_tos) == ("scanner@business.com", ["x@example.com"])
     assert b"Subject: via smtps" in got.data
+
+
+def test_describe_tls_failure_names_what_the_client_offered() -> None:
+    from relayd.config import ServerConfig
+    from relayd.listener import describe_tls_failure, offered_version
+
+    def hello(version: int) -> bytes:  # record header, then the ClientHello's first bytes
+        return bytes([0x16, 0x03, 0x01, 0x00, 0x80, 0x01, 0x00, 0x00, 0x7C]) + \
+            version.to_bytes(2, "big")
+
+    strict, legacy = ServerConfig(), ServerConfig(tls_legacy=True)
+    assert offered_version(hello(0x0301)) == 0x0301
+    assert offered_version(b"EHLO x\r\n") is None and offered_version(hello(0x0301)[:8]) is None
+    error = ssl.SSLError(1, "[SSL: UNSUPPORTED_PROTOCOL] unsupported protocol")
+    text = describe_tls_failure(hello(0x0301), error, strict)
+    assert "TLS 1.0" in text and "server.tls_legacy = true" in text
+    assert "SSL 3.0" in describe_tls_failure(hello(0x0300), error, legacy)
+    assert "server.tls_legacy" in describe_tls_failure(hello(0x0300), error, legacy)
+    assert describe_tls_failure(b"MAIL FROM:<a@b>\r\n", error, strict) == (
+        "the client did not start a TLS handshake after STARTTLS")
+    assert "no TLS hello" in describe_tls_failure(b"", ConnectionAbortedError(), strict)
