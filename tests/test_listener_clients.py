@@ -393,3 +393,23 @@ def test_describe_tls_failure_names_what_the_client_offered() -> None:
     assert describe_tls_failure(b"MAIL FROM:<a@b>\r\n", error, strict) == (
         "the client did not start a TLS handshake after STARTTLS")
     assert "no TLS hello" in describe_tls_failure(b"", ConnectionAbortedError(), strict)
+
+
+async def test_ehlo_never_carries_an_auth_line_without_mechanisms(tmp_path: Path,
+                                                                   upstream: Upstream) -> None:
+    """aiosmtpd writes "250-AUTH " whenever AUTH is allowed, mechanisms or not."""
+    from aiosmtpd.smtp import Envelope, Session
+
+    from relayd.listener import Handler
+
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    async with run_service(cfg) as svc:
+        handler = Handler(svc)
+        session = Session(asyncio.get_running_loop())
+        out = await handler.handle_EHLO(None, session, Envelope(), "client",  # type: ignore[arg-type]
+                                        ["250-relay.test", "250-AUTH ", "250 HELP"])
+        assert out == ["250-relay.test", "250-PIPELINING", "250-ENHANCEDSTATUSCODES",
+                       "250 HELP"]
+        out = await handler.handle_EHLO(None, session, Envelope(), "client",  # type: ignore[arg-type]
+                                        ["250-relay.test", "250-AUTH LOGIN PLAIN", "250 HELP"])
+        assert "250-AUTH LOGIN PLAIN" in out
