@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
@@ -175,6 +176,7 @@ class RouteConfig:
     thumbprint: str | None = None
     refresh_token: Secret | None = None
     flow: str | None = None
+    client_secret_expires: datetime.date | None = None  # so relayd can warn before it lapses
     mailbox: str | None = None
     save_to_sent: bool = True
     from_rewrite: bool = False
@@ -538,7 +540,7 @@ def _parse_auth(data: Mapping[str, Any], problems: list[str]) -> AuthConfig:
 _COMMON_KEYS = ("senders", "recipients", "upstream", "rate_limit", "max_connections",
                 "timeout", "ca_file")
 _OAUTH_KEYS = ("tenant_id", "client_id", "client_secret_file", "client_secret_env",
-               "certificate_file", "thumbprint", "flow", "authority")
+               "certificate_file", "thumbprint", "flow", "authority", "client_secret_expires")
 _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
     "smtp": ("host", "port", "tls", "auth", "username", "password_file", "password_env",
              "provider", "refresh_token_file", "refresh_token_env", "mailbox", *_OAUTH_KEYS),
@@ -573,6 +575,23 @@ def _parse_oauth(s: _Section, values: dict[str, Any], *, provider: str = "micros
     needs_secret = values["flow"] == "app" and cert is None and provider == "microsoft"
     values["client_secret"] = _secret(s, "client_secret", required=needs_secret,
                                       what="the app's client secret")
+    values["client_secret_expires"] = s.convert("client_secret_expires", _parse_date,
+                                                (str, datetime.date))
+
+
+def _parse_date(value: str | datetime.date) -> datetime.date:
+    """A calendar date: a TOML date (2027-06-30) or the same as a string."""
+    problem = 'must be a date "YYYY-MM-DD"'
+    if isinstance(value, datetime.datetime):
+        raise ValueError(problem + ", not a date and time")
+    if isinstance(value, datetime.date):
+        return value
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError(problem)
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(problem) from None
 
 
 def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> RouteConfig | None:
