@@ -110,8 +110,10 @@ class QueueManager:
     def __init__(self, config: Config, spool: Spool, upstream_factory: UpstreamFactory,
                  observer: Observer | None = None,
                  clock: Callable[[], float] = time.time, router: Router | None = None,
-                 journal: Journal | None = None) -> None:
+                 journal: Journal | None = None,
+                 on_bounce: Callable[[Entry, Entry], None] | None = None) -> None:
         self.config = config
+        self.on_bounce = on_bounce  # (original, bounce) once a bounce is stored: [notify]
         self.spool = spool
         self.make_upstream = upstream_factory
         self.observer: Observer = observer or NullObserver()
@@ -505,6 +507,11 @@ class QueueManager:
                      list(queued.unbounced), bounce=bounce.id)
         self.observer.bounced(route_name)
         self._record_failed(queued)
+        if self.on_bounce is not None:
+            try:
+                self.on_bounce(entry, bounce)
+            except Exception:  # noqa: BLE001 - a hook must never undo a stored bounce
+                log.exception("%s: the on_bounce hook failed", entry.id)
         return bounce
 
     def _keep_for_bounce(self, queued: Queued, why: str) -> None:
