@@ -134,8 +134,28 @@ class JournalConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """[notify]: mail to the admin when something needs a person (relayd.notify)."""
+
+    to: tuple[str, ...]
+    sender: str  # matches a route; the notices go out through it
+    deferred_after_s: float = 3600.0  # a message deferred longer than this is reported
+    expiry_warning_s: float = 30 * 86400.0  # a client secret or certificate expiring within
+    repeat_s: float = 86400.0  # at most one notice per condition per this
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: Address | None = None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The status page and self-service sign-in; off when `listen` is None."""
+
+    listen: Address | None = None
+    admins: tuple[str, ...] = ()  # [server.users] names that may see the status page
+    loopback: bool = True  # listen is a loopback address: plain HTTP, no login
 
 
 @dataclass(frozen=True)
@@ -195,6 +215,8 @@ class Config:
     source: str = ""
     warnings: tuple[str, ...] = ()  # valid, but not what the admin may expect
     journal: JournalConfig = JournalConfig()
+    notify: NotifyConfig | None = None  # None: no [notify] section, nobody is mailed
+    web: WebConfig = WebConfig()
 
 
 def _warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
@@ -520,6 +542,80 @@ def _parse_journal(data: Mapping[str, Any], queue: QueueConfig,
     return JournalConfig(Path(path), keep, bool(subjects))
 
 
+def _parse_web(data: Mapping[str, Any], server: ServerConfig,
+               problems: list[str]) -> WebConfig:
+    s = _Section(data, "web", problems)
+    listen = s.convert("listen", lambda t: parse_address(t, allow_zero=True))
+    admins = s.string_list("admins")
+    s.unknown()
+    for name in admins:
+        if name not in server.users:
+            s.problem("admins", f"{name!r} is not a [server.users] name")
+    loopback = True
+    if listen is not None:
+        try:
+            loopback = listen.host == "localhost" or ipaddress.ip_address(listen.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and server.tls_cert is None:
+            s.problem("listen", f"{listen} is not a loopback address: the page is served over "
+                      "HTTPS with server.tls_cert and server.tls_key, which are not set")
+        if not loopback and not admins:
+            s.problem("admins", f"required when listen ({listen}) is not a loopback address: "
+                      "the [server.users] names that may see the status page")
+    return WebConfig(listen, admins, loopback)
+
+
+def _parse_notify(data: Mapping[str, Any], problems: list[str]) -> NotifyConfig | None:
+    s = _Section(data, "notify", problems)
+    to = s.string_list("to")
+    if not to:
+        s.problem("to", "required: a list of the addresses notices go to")
+    for address in to:
+        if not _is_address(address):
+            s.problem("to", f"{address!r} is not an email address")
+    sender = s.text("sender")
+    if sender is None:
+        s.problem("sender", "required: the From address of notices (it must match a route)")
+    elif not _is_address(sender):
+        s.problem("sender", f"{sender!r} is not an email address")
+    d = NotifyConfig((), "")
+    durations = {}
+    for key, default in (("deferred_after", d.deferred_after_s),
+                         ("expiry_warning", d.expiry_warning_s), ("repeat", d.repeat_s)):
+        durations[key] = s.convert(key, parse_duration, default=default)
+        if durations[key] <= 0:
+            s.problem(key, "must be more than 0s")
+    s.unknown()
+    if sender is None:
+        return None
+    # Returned even with problems, so that the sender's route is checked too (all at once).
+    return NotifyConfig(tuple(to), sender, durations["deferred_after"],
+                        durations["expiry_warning"], durations["repeat"])
+
+
+def _is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return bool(at and local and domain) and "*" not in text and \
+        not any(c.isspace() or c in "<>,\0" for c in text)
+
+
+def _check_notify(notify: NotifyConfig, routes: Mapping[str, RouteConfig],
+                  problems: list[str]) -> None:
+    """The notices go out through the sender's route, to `to`: both must be allowed there."""
+    from relayd.router import Router, recipient_allowed
+
+    route = Router(routes).lookup(notify.sender)
+    if route is None:
+        problems.append(f"notify.sender: {notify.sender!r} matches no route's senders; notices "
+                        "go out through the sender's route")
+        return
+    for address in notify.to:
+        if not recipient_allowed(route, address):
+            problems.append(f"notify.to: {address!r} is not allowed by routes.{route.name}"
+                            ".recipients, the route of notify.sender")
+
+
 def _parse_metrics(data: Mapping[str, Any], problems: list[str]) -> MetricsConfig:
     s = _Section(data, "metrics", problems)
     listen = s.convert("listen", lambda t: parse_address(t, allow_zero=True))
@@ -784,7 +880,9 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     queue = _parse_queue(table("queue"), problems)
     metrics = _parse_metrics(table("metrics"), problems)
     journal = _parse_journal(table("journal"), queue, problems)
+    web = _parse_web(table("web"), server, problems)
     auth = _parse_auth(table("auth"), problems)
+    notify = _parse_notify(table("notify"), problems) if "notify" in data else None
     routes: dict[str, RouteConfig] = {}
     claimed: dict[str, list[str]] = {}
     for name, rdata in table("routes").items():
@@ -808,10 +906,12 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
             and server.null_sender_route not in table("routes"):
         problems.append(f"server.null_sender_route: no route named "
                         f"{server.null_sender_route!r} (give the name of a [routes.NAME] table)")
+    if notify is not None and not any(p.startswith("routes.") for p in problems):
+        _check_notify(notify, routes, problems)
     if problems:
         raise ConfigError(problems, source)
     return Config(server, queue, metrics, auth, MappingProxyType(routes), source,
-                  _warnings(routes), journal)
+                  _warnings(routes), journal, web=web, notify=notify)
 
 
 def config_path(explicit: str | None) -> str:

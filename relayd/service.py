@@ -81,6 +81,8 @@ class Service:
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
+        self.web: Any = None  # relayd.web.server.WebServer when [web] listen is set
+        self.web_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- what the listener and the workers call ------------------------------------------------
@@ -195,6 +197,33 @@ class Service:
         if listen is not None and start is not None:
             self.metrics_port = await start(listen, self.healthy)
             log.info("metrics on http://%s/metrics", Address(listen.host, self.metrics_port))
+        if self.config.web.listen is not None:
+            from relayd.web.server import WebServer
+
+            self.web = WebServer(self.config, self.web_snapshot)
+            self.web_port = await self.web.start()
+
+    async def web_snapshot(self) -> Any:
+        """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
+        from relayd.qmgr.manager import upstream_name
+        from relayd.web.pages import RouteRow, Snapshot, TokenRow
+
+        counts = self.qmgr.route_counts()
+        routes: list[RouteRow] = []
+        tokens: list[TokenRow] = []
+        for route in self.config.routes.values():
+            agent = self.qmgr.agent_for(route)
+            st = agent.stats
+            queued, deferred, _ = counts.get(route.name, (0, 0, None))
+            routes.append(RouteRow(route.name, upstream_name(route), st.last_success,
+                                   st.last_failure, st.last_failure_reply, st.failing_since,
+                                   st.failing_kind, queued, deferred))
+            tokens.extend(TokenRow(**dataclasses.asdict(h))
+                          for h in agent.upstream.token_health())
+        oldest = [o for _, _, o in counts.values() if o is not None]
+        signin = [r.name for r in self.config.routes.values() if r.flow == "device"]
+        return Snapshot(self.config.server.hostname, time.time(), routes, tokens,
+                        min(oldest) if oldest else None, len(self.qmgr.messages), signin)
 
     async def _report_queue(self) -> None:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""
@@ -247,6 +276,8 @@ class Service:
         stop_metrics = getattr(self.observer, "stop", None)
         if stop_metrics is not None:
             await stop_metrics()
+        if self.web is not None:
+            await self.web.stop()
         await asyncio.to_thread(self.spool.close)
         await asyncio.to_thread(self.journal.close)
         self.spool.unlock()

@@ -288,7 +288,7 @@ class QueueManager:
         self.journal.record(event, entry.id, message_id=entry.message_id,
                             **{"from": entry.sender}, to=recipients,
                             route=route.name if route else entry.route,
-                            upstream=_upstream_name(route), bounce_for=entry.bounce_for,
+                            upstream=upstream_name(route), bounce_for=entry.bounce_for,
                             **fields)
 
     def _record_grouped(self, event: str, queued: Queued, route: RouteConfig | None,
@@ -659,7 +659,7 @@ def _by_reply(replies: dict[str, Reply]) -> dict[str, str]:
     return {said: ", ".join(f"<{r}>" for r in rcpts) for said, rcpts in groups.items()}
 
 
-def _upstream_name(route: RouteConfig | None) -> str:
+def upstream_name(route: RouteConfig | None) -> str:
     """What the route talks to, for the journal: `smtp:host:port`, `graph:URL`, ..."""
     if route is None:
         return ""

@@ -1,0 +1,1 @@
+"""The status page and self-service sign-in ([web])."""

@@ -1,0 +1,144 @@
+"""The HTML of the status and sign-in pages: plain server-rendered pages, no JavaScript.
+
+Every value that comes from outside (addresses, replies, route names) goes through
+`html.escape`. No secret or token is ever part of a snapshot, so none can reach a page.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;"
+         "padding:.3em .6em;text-align:left;vertical-align:top}th{background:#eee}"
+         ".bad{color:#a00;font-weight:bold}.ok{color:#070}a.button{display:inline-block;"
+         "padding:.5em 1em;border:1px solid #0067b8;color:#0067b8;text-decoration:none;"
+         "margin:.3em 0}")
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    name: str
+    upstream: str  # e.g. "graph:https://graph.microsoft.com"
+    last_success: float | None
+    last_failure: float | None
+    last_failure_reply: str
+    failing_since: float | None
+    failing_kind: str
+    queued: int
+    deferred: int
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    route: str
+    account: str
+    expires_at: float | None
+    last_refreshed: float | None
+    needs_signin: bool
+    problem: str
+    fix: str
+    credential_expires_at: float | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    hostname: str
+    now: float
+    routes: Sequence[RouteRow] = field(default_factory=tuple)
+    tokens: Sequence[TokenRow] = field(default_factory=tuple)
+    oldest_deferred: float | None = None  # when the oldest deferred message was received
+    queued: int = 0
+    signin_routes: Sequence[str] = field(default_factory=tuple)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _when(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "never"
+    ago = now - ts
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    if ago >= 0:
+        return f"{stamp} ({_span(ago)} ago)"
+    return f"{stamp} (in {_span(-ago)})"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def page(title: str, body: str) -> bytes:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title><style>{STYLE}</style></head>"
+            f"<body>{body}</body></html>").encode()
+
+
+def status_page(s: Snapshot) -> bytes:
+    parts = [f"<h1>relayd on {_e(s.hostname)}</h1>",
+             f"<p>{s.queued} message(s) in the queue; oldest deferred: "
+             f"{_e(_when(s.oldest_deferred, s.now)) if s.oldest_deferred else 'none'}.</p>",
+             "<h2>Routes</h2><table><tr><th>route</th><th>upstream</th><th>last success</th>"
+             "<th>last failure</th><th>queued</th><th>deferred</th></tr>"]
+    for r in s.routes:
+        failure = _e(_when(r.last_failure, s.now))
+        if r.last_failure is not None and r.last_failure_reply:
+            failure += f"<br>{_e(r.last_failure_reply)}"
+        if r.failing_since is not None:
+            failure += (f'<br><span class="bad">{_e(r.failing_kind)} failing since '
+                        f"{_e(_when(r.failing_since, s.now))}</span>")
+        parts.append(f"<tr><td>{_e(r.name)}</td><td>{_e(r.upstream)}</td>"
+                     f"<td>{_e(_when(r.last_success, s.now))}</td><td>{failure}</td>"
+                     f"<td>{r.queued}</td><td>{r.deferred}</td></tr>")
+    parts.append("</table><h2>Tokens and credentials</h2>")
+    if not s.tokens:
+        parts.append("<p>No OAuth credentials in use.</p>")
+    else:
+        parts.append("<table><tr><th>route</th><th>account</th><th>token expires</th>"
+                     "<th>last refreshed</th><th>credential expires</th><th>state</th></tr>")
+        for t in s.tokens:
+            if t.needs_signin:
+                state = (f'<span class="bad">needs sign-in</span>: {_e(t.problem)}'
+                         f"<br>{_e(t.fix)}")
+            elif t.problem:
+                state = f'<span class="bad">{_e(t.problem)}</span>'
+            else:
+                state = '<span class="ok">ok</span>'
+            cred = _e(_when(t.credential_expires_at, s.now)) if t.credential_expires_at \
+                else "-"
+            parts.append(f"<tr><td>{_e(t.route)}</td><td>{_e(t.account or '(app)')}</td>"
+                         f"<td>{_e(_when(t.expires_at, s.now))}</td>"
+                         f"<td>{_e(_when(t.last_refreshed, s.now))}</td><td>{cred}</td>"
+                         f"<td>{state}</td></tr>")
+        parts.append("</table>")
+    if s.signin_routes:
+        parts.append('<p><a href="/signin">Sign-in page for users of delegated routes</a></p>')
+    return page(f"relayd on {s.hostname}", "".join(parts))
+
+
+def signin_page(hostname: str, choices: Sequence[tuple[str, str]], note: str = "") -> bytes:
+    """`choices`: (label, URL) per provider."""
+    body = [f"<h1>Sign in to send mail through relayd on {_e(hostname)}</h1>",
+            "<p>Sign in with the account whose address you send from. relayd then sends your "
+            "mail as that account; it never sees your password.</p>"]
+    if note:
+        body.append(f"<p>{_e(note)}</p>")
+    for label, url in choices:
+        body.append(f'<p><a class="button" href="{_e(url)}">{_e(label)}</a></p>')
+    if not choices:
+        body.append("<p>No route here uses delegated sign-in.</p>")
+    return page("Sign in", "".join(body))
+
+
+def message_page(title: str, text: str, ok: bool) -> bytes:
+    cls = "ok" if ok else "bad"
+    return page(title, f'<h1>{_e(title)}</h1><p class="{cls}">{_e(text)}</p>'
+                       '<p><a href="/signin">Back to the sign-in page</a></p>')

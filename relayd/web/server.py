@@ -1,0 +1,324 @@
+"""The `[web]` page: `/` the admin's status page, `/signin` users' self-service sign-in.
+
+Rules:
+- Off unless `[web] listen` is set. On a loopback address it is plain HTTP and the status page
+  needs no login (only people on this machine reach it). Elsewhere it is HTTPS with
+  `server.tls_cert` and the status page asks for a login (HTTP Basic, over TLS only) of one of
+  `[web] admins` (`[server.users]` names, checked against their scrypt hashes).
+- `/signin`: a button per delegated identity (a Microsoft app registration used by routes with
+  `flow = "device"`). The user signs in at the provider (authorization code flow with PKCE; on
+  loopback as a public client with redirect `http://localhost:PORT/signin/callback`, elsewhere
+  as a Web app with the route's client secret and `https://HOST:PORT/signin/callback`); relayd
+  stores the token for the delegated route that covers the signed-in address, exactly as
+  `relayd auth login` does, and says which address can now send. An account no delegated route
+  covers is refused and nothing is stored.
+- The pages are rendered by relayd.web.pages from a snapshot taken on the event loop; no secret
+  or token is ever in a snapshot, a page or a log line.
+- It runs in a thread of its own (http.server from the standard library): a slow or hostile
+  browser never blocks the event loop, and the identity provider's token exchange (blocking,
+  through msal) happens there too.
+Rejected alternative: a web framework. Three pages and one redirect do not need one, and
+another dependency would have to be kept up to date on every admin's machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.server
+import logging
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from relayd.auth.passwords import verify_password
+from relayd.config import Config, RouteConfig
+from relayd.router import Router
+from relayd.web.pages import Snapshot, message_page, signin_page, status_page
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TIMEOUT_S = 5.0
+SIGNIN_FLOW_TTL_S = 900.0  # a sign-in started and not finished is forgotten after this
+MAX_PENDING_SIGNINS = 200
+FAILED_LOGIN_DELAY_S = 1.0
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass
+class _Pending:
+    group: str
+    flow: dict[str, Any]
+    started: float
+
+
+class SignIns:
+    """Delegated sign-in through the web page: the identities on offer and flows under way."""
+
+    def __init__(self, config: Config, redirect_uri: str) -> None:
+        self.config = config
+        self.redirect_uri = redirect_uri
+        self.router = Router(config.routes)
+        self.groups: dict[str, RouteConfig] = {}  # one route per app registration + scopes
+        for route in config.routes.values():
+            if _delegated_microsoft(route):
+                self.groups.setdefault(_group(route), route)
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+
+    def choices(self) -> list[tuple[str, str]]:
+        many = len(self.groups) > 1
+        return [("Sign in with Microsoft" + (f" ({route.name})" if many else ""),
+                 f"/signin/start?{urllib.parse.urlencode({'id': key})}")
+                for key, route in self.groups.items()]
+
+    def _app(self, route: RouteConfig) -> Any:
+        import msal  # type: ignore[import-untyped]
+
+        from relayd.auth.oauth import authority_url
+        from relayd.http import route_session
+
+        authority, custom = authority_url(route)
+        kwargs: dict[str, Any] = {"authority": authority, "http_client": route_session(route),
+                                  "instance_discovery": False if custom else None}
+        if self.redirect_uri.startswith("https://") and route.client_secret is not None:
+            return msal.ConfidentialClientApplication(
+                route.client_id, client_credential=route.client_secret.reveal(), **kwargs)
+        return msal.PublicClientApplication(route.client_id, **kwargs)
+
+    def start(self, key: str) -> str:
+        """The provider's authorize URL for a new sign-in."""
+        from relayd.auth.oauth import delegated_scopes
+
+        route = self.groups.get(key)
+        if route is None:
+            raise LookupError("no such sign-in")
+        app = self._app(route)
+        flow = app.initiate_auth_code_flow(delegated_scopes(route),
+                                           redirect_uri=self.redirect_uri,
+                                           prompt="select_account")
+        now = time.monotonic()
+        with self._lock:
+            for state in [s for s, p in self._pending.items()
+                          if now - p.started > SIGNIN_FLOW_TTL_S]:
+                del self._pending[state]
+            if len(self._pending) >= MAX_PENDING_SIGNINS:
+                raise LookupError("too many sign-ins under way; try again in a few minutes")
+            self._pending[str(flow["state"])] = _Pending(key, flow, now)
+        return str(flow["auth_uri"])
+
+    def finish(self, params: dict[str, str]) -> tuple[bool, str]:
+        """Complete a sign-in from the redirect's query; (ok, what to tell the user)."""
+        import msal
+
+        from relayd.auth.oauth import delegated_scopes
+
+        with self._lock:
+            pending = self._pending.pop(params.get("state", ""), None)
+        if pending is None:
+            return False, "This sign-in is unknown or has expired. Start again."
+        if "error" in params:
+            return False, (f"The sign-in was not completed: {params.get('error')}: "
+                           f"{params.get('error_description', '')}")
+        route = self.groups[pending.group]
+        cache = msal.SerializableTokenCache()
+        app = self._app(route)
+        app.token_cache = cache
+        try:
+            result = app.acquire_token_by_auth_code_flow(pending.flow, params,
+                                                         scopes=delegated_scopes(route))
+        except ValueError:
+            return False, "The sign-in answer did not match the sign-in it belongs to."
+        if "access_token" not in result:
+            return False, f"The sign-in failed: {result.get('error')}"
+        claims = result.get("id_token_claims") or {}
+        account = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
+        covering = self.router.lookup(account) if account else None
+        if covering is None or not _delegated_microsoft(covering) or \
+                _group(covering) != pending.group:
+            log.warning("web sign-in: %s signed in, but no delegated route covers that address; "
+                        "nothing stored", account or "an unnamed account")
+            return False, (f"{account or 'This account'} signed in, but no route of this relay "
+                           "sends for that address with delegated sign-in. Nothing was stored; "
+                           "ask your administrator.")
+        try:
+            _store(self.config, covering, account, cache.serialize(),
+                   float(result.get("expires_in") or 0))
+        except OSError as e:
+            log.error("web sign-in: cannot store the token for %s: %s", account, e.strerror)
+            return False, "relayd could not store the sign-in; tell your administrator."
+        log.info("web sign-in: %s signed in for route %s", account, covering.name)
+        return True, f"{account} can now send mail through relayd (route {covering.name})."
+
+
+def _store(config: Config, route: RouteConfig, account: str, cache: str,
+           expires_in: float) -> None:
+    """Where `relayd auth login` stores a delegated sign-in; the daemon re-reads it."""
+    from relayd.auth.tokencache import TokenStore
+
+    store = TokenStore(config)
+    store.fernet(create=True)
+    with store.locked():
+        store.save(route.name, account, cache)
+    store.write_state(route.name, account, last_error=None, expires_at=time.time() + expires_in)
+
+
+def _delegated_microsoft(route: RouteConfig) -> bool:
+    from relayd.auth.oauth import is_microsoft_oauth
+
+    return route.flow == "device" and is_microsoft_oauth(route)
+
+
+def _group(route: RouteConfig) -> str:
+    from relayd.auth.oauth import authority_url, delegated_scopes
+
+    ident = f"{route.client_id}|{authority_url(route)[0]}|{' '.join(delegated_scopes(route))}"
+    return base64.urlsafe_b64encode(ident.encode()).decode().rstrip("=")[:32]
+
+
+class WebServer:
+    def __init__(self, config: Config,
+                 snapshot: Callable[[], Coroutine[Any, Any, Snapshot]]) -> None:
+        self.config = config
+        self.take_snapshot = snapshot
+        self.port: int | None = None
+        self._httpd: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.signins: SignIns | None = None
+
+    async def start(self) -> int:
+        web = self.config.web
+        assert web.listen is not None
+        self._loop = asyncio.get_running_loop()
+        httpd = await asyncio.to_thread(_make_server, self, web.listen.host, web.listen.port)
+        if not web.loopback:
+            server = self.config.server
+            assert server.tls_cert is not None and server.tls_key is not None
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(server.tls_cert, server.tls_key)
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        self._httpd = httpd
+        self.port = int(httpd.server_address[1])
+        scheme = "http" if web.loopback else "https"
+        host = "localhost" if web.loopback else self.config.server.hostname
+        self.signins = SignIns(self.config, f"{scheme}://{host}:{self.port}/signin/callback")
+        self._thread = threading.Thread(target=httpd.serve_forever, name="web", daemon=True)
+        self._thread.start()
+        log.info("web page on %s://%s:%d/", scheme, web.listen.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            await asyncio.to_thread(httpd.shutdown)
+            httpd.server_close()
+
+    def snapshot(self) -> Snapshot:
+        """From a request thread: the daemon's state, taken on the event loop."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self.take_snapshot(), self._loop).result(
+            SNAPSHOT_TIMEOUT_S)
+
+    def admin(self, authorization: str | None) -> bool:
+        """Whether a request may see the status page."""
+        web = self.config.web
+        if web.loopback:
+            return True
+        if not authorization or not authorization.startswith("Basic "):
+            return False
+        try:
+            login, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        user = self.config.server.users.get(login)
+        if user is None or login not in web.admins:
+            time.sleep(FAILED_LOGIN_DELAY_S)
+            return False
+        if verify_password(password, user.password_hash.reveal()):
+            return True
+        log.warning("web: failed login for %r", login[:64])
+        time.sleep(FAILED_LOGIN_DELAY_S)
+        return False
+
+
+def _make_server(web: WebServer, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    class Handler(_Handler):
+        server_app = web
+
+    httpd = http.server.ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    return httpd
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server_app: WebServer
+    protocol_version = "HTTP/1.0"
+    server_version = "relayd"
+    sys_version = ""
+    timeout = 30
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        log.debug("web: %s %s", self.address_string(), format % args)
+
+    def send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in {**SECURITY_HEADERS, **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        app = self.server_app
+        url = urllib.parse.urlsplit(self.path)
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+        hostname = app.config.server.hostname
+        try:
+            if url.path == "/":
+                if not app.admin(self.headers.get("Authorization")):
+                    self.send(401, message_page("Login required", "Log in as an administrator "
+                                                "of this relay.", False),
+                              {"WWW-Authenticate": 'Basic realm="relayd", charset="UTF-8"'})
+                    return
+                self.send(200, status_page(app.snapshot()))
+            elif url.path == "/signin":
+                assert app.signins is not None
+                self.send(200, signin_page(hostname, app.signins.choices()))
+            elif url.path == "/signin/start":
+                assert app.signins is not None
+                try:
+                    target = app.signins.start(params.get("id", ""))
+                except LookupError as e:
+                    self.send(400, message_page("Cannot sign in", str(e), False))
+                    return
+                self.send(302, b"", {"Location": target})
+            elif url.path == "/signin/callback":
+                assert app.signins is not None
+                ok, text = app.signins.finish(params)
+                self.send(200 if ok else 400, message_page(
+                    "Signed in" if ok else "Not signed in", text, ok))
+            else:
+                self.send(404, message_page("Not found", "Try / or /signin.", False))
+        except (TimeoutError, RuntimeError, OSError) as e:
+            log.warning("web: %s %s failed: %s", self.command, url.path, e)
+            with contextlib.suppress(OSError):
+                self.send(503, message_page("Unavailable", "relayd is busy or stopping; try "
+                                            "again.", False))

@@ -1,0 +1,126 @@
+"""The [web] status page, read by headless Chromium as a person would, and its login over HTTPS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import shutil
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Upstream,
+    message,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
+from fakes.https import shared_ca
+
+from relayd.auth.passwords import hash_password
+from relayd.config import ConfigError, WebConfig, load_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic"]
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                                    "(.ci/run installs Debian's chromium)")
+
+
+async def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return await asyncio.to_thread(
+        subprocess.run, [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chrome'}",
+                         *args, url], capture_output=True, text=True, timeout=60)
+
+
+@needs_chromium
+async def test_status_page_shows_routes_and_a_failing_route(tmp_path: Path,
+                                                            upstream: Upstream) -> None:
+    """1. a route that delivers, then its upstream goes away 2. the status page, opened in
+    headless Chromium, shows the route, its last success, the failure and its reply, the queued
+    message 3. a screenshot is a real picture."""
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       extra='[web]\nlisten = "127.0.0.1:0"\n',
+                       queue='retry_min = "1h"\nretry_max = "2h"')
+    async with run_service(cfg) as svc:
+        await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
+        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.messages)
+        await upstream.stop()
+        await send(service_port(svc), "alice@business.com", ["carol@example.com"], message())
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()))
+        url = f"http://127.0.0.1:{svc.web_port}/"
+        dom = await chromium(tmp_path, url, "--dump-dom")
+        shot = tmp_path / "status.png"
+        await chromium(tmp_path, url, f"--screenshot={shot}", "--window-size=1200,800")
+    page = dom.stdout
+    assert "relayd on relay.test" in page and "<td>staff</td>" in page
+    assert f"smtp:127.0.0.1:{upstream.port}" in page
+    assert "unreachable failing since" in page and "cannot connect" in page
+    assert "1 message(s) in the queue" in page
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+
+
+def test_off_loopback_needs_https_and_admins(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 2525),
+                       extra='[web]\nlisten = "0.0.0.0:8025"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert any(p.startswith("web.listen: 0.0.0.0:8025 is not a loopback address: the page is "
+                            "served over HTTPS") for p in e.value.problems)
+    assert any(p.startswith("web.admins: required when listen") for p in e.value.problems)
+
+
+async def test_off_loopback_the_status_page_needs_an_admin_login_over_https(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """The page as served off loopback (HTTPS with server.tls_cert, admins log in), bound to
+    127.0.0.1 here: no login or a non-admin gets 401, an admin sees the page."""
+    ca = shared_ca()
+    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
+    ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
+    ca.server_cert.private_key_pem.write_to_path(str(key))
+    users = (f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+             f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
+             'senders = ["*@business.com"]\n'
+             f'[server.users.scanner]\npassword_hash = "{hash_password("scan-pw")}"\n'
+             'senders = ["scanner@business.com"]\n')
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       server=users, extra='[web]\nlisten = "127.0.0.1:0"\nadmins = ["it"]\n')
+    config = load_config(cfg)
+    config = dataclasses.replace(config, web=WebConfig(config.web.listen, ("it",),
+                                                       loopback=False))
+    async with run_service(config) as svc:
+        def get(login: str | None) -> tuple[int, str]:
+            request = urllib.request.Request(f"https://127.0.0.1:{svc.web_port}/")
+            if login:
+                request.add_header("Authorization",
+                                   "Basic " + base64.b64encode(login.encode()).decode())
+            try:
+                with urllib.request.urlopen(request, timeout=10,
+                                            context=ca.client_context()) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert (await asyncio.to_thread(get, None))[0] == 401
+        assert (await asyncio.to_thread(get, "scanner:scan-pw"))[0] == 401
+        assert (await asyncio.to_thread(get, "it:wrong"))[0] == 401
+        status, body = await asyncio.to_thread(get, "it:admin-pw")
+        assert status == 200 and "<td>staff</td>" in body
+        assert "admin-pw" not in body
+
+        def plain() -> None:
+            with urllib.request.urlopen(f"http://127.0.0.1:{svc.web_port}/", timeout=5):
+                pass
+
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            await asyncio.to_thread(plain)  # no plain HTTP off loopback
