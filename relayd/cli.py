@@ -282,11 +282,12 @@ def _queue_act(spool: Any, action: str, target: str) -> int:
 
 
 def cmd_auth(args: argparse.Namespace) -> int:
-    from relayd.auth import oauth
+    from relayd.auth import login, oauth
 
     config = _load(args)
     if args.auth_cmd == "login":
-        return int(oauth.login(config, args.route, args.user, sys.stdout))
+        return int(login.login(config, args.route, args.user, args.mode, args.port, sys.stdout,
+                               sys.stdin))
     return int(oauth.status(config, sys.stdout))
 
 
@@ -399,10 +400,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("auth", "OAuth sign-in for delegated routes")
     asub = sp.add_subparsers(dest="auth_cmd", required=True, metavar="ACTION")
-    a = action(asub, "login", "device-code sign-in for a delegated OAuth route")
+    a = action(asub, "login", "delegated sign-in for a route (flow = \"device\", or Google "
+               "without refresh_token_file); the token is stored where the daemon reads it")
     a.add_argument("route")
-    a.add_argument("--user", metavar="ADDR")
-    action(asub, "status", "each token's account and expiry")
+    a.add_argument("--user", metavar="ADDR", help="the account that signs in (required "
+                   "except with --device)")
+    how = a.add_mutually_exclusive_group()
+    how.add_argument("--browser", dest="mode", action="store_const", const="browser",
+                     help="(default) authorization code with PKCE: print the sign-in URL, open a "
+                     "browser where there is one, wait for the redirect to http://localhost:PORT")
+    how.add_argument("--paste", dest="mode", action="store_const", const="paste",
+                     help="print the URL; sign in on any machine and paste back the address the "
+                     "browser ended on")
+    how.add_argument("--device", dest="mode", action="store_const", const="device",
+                     help="device code (blocked by default in many Microsoft tenants)")
+    a.add_argument("--port", type=int, default=0, metavar="N",
+                   help="--browser: the loopback port for the redirect (default: a free one)")
+    a.set_defaults(mode="browser")
+    action(asub, "status", "each token's account, expiry, last refresh, whether it needs a new "
+           "sign-in (and the command), and the app credential's expiry")
     sp.set_defaults(func=cmd_auth)
 
     sp = add("log", "the delivery journal: every event of every message, with the upstream's "

@@ -25,6 +25,7 @@ from relayd.http import route_session
 log = logging.getLogger(__name__)
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GMAIL_SCOPE = "https://mail.google.com/"  # what XOAUTH2 to smtp.gmail.com needs
 # Renew this long before a token's end, so a token never expires between AUTH and DATA.
 RENEW_BEFORE_S = 300
 # Hand out no token with less than this left (a very short-lived token is still used once).

@@ -1,8 +1,11 @@
-"""A fake Microsoft identity platform for msal: discovery, token and device-code endpoints."""
+"""A fake Microsoft identity platform for msal: discovery, token and device-code endpoints, and
+an authorize endpoint with a login form for the authorization code flow with PKCE."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import json
 import secrets
 import threading
@@ -23,6 +26,31 @@ CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 CLIENT_SECRET = "app-secret-value"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+LOGIN_TITLE = "Sign in to your account"
+
+
+def pkce_challenge(verifier: str) -> str:
+    """RFC 7636 S256: base64url(sha256(verifier)) without padding."""
+    return _b64url(hashlib.sha256(verifier.encode()).digest())
+
+
+def is_loopback_redirect(uri: str) -> bool:
+    """Entra takes http://localhost (any port, any path) for "Mobile and desktop applications"."""
+    parts = urllib.parse.urlsplit(uri)
+    return parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1")
+
+
+@dataclass
+class AuthCode:
+    """What an authorization code was issued for; the token request must match it."""
+
+    client_id: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str
+    code_challenge_method: str
+    nonce: str
+    user: str
 
 
 def _b64url(data: bytes) -> str:
@@ -55,6 +83,12 @@ class IdpState:
     revoked: set[str] = field(default_factory=set)
     # device code -> [approved user or None, requested scope]
     device_codes: dict[str, list[str | None]] = field(default_factory=dict)
+    # authorization code flow: user -> password (None: any password is accepted); redirect
+    # URIs registered as "Web" (https, exact match; loopback ones are always allowed); codes.
+    passwords: dict[str, str] | None = None
+    web_redirect_uris: set[str] = field(default_factory=set)
+    auth_codes: dict[str, AuthCode] = field(default_factory=dict)
+    logins: list[str] = field(default_factory=list)  # users who submitted the login form
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
 
@@ -99,6 +133,11 @@ class IdpHandler(Handler):
                 "id_token_signing_alg_values_supported": ["RS256"],
             })
             return
+        if self.path.split("?")[0] == f"/{st.tenant}/oauth2/v2.0/authorize":
+            query = {k: v[0] for k, v in
+                     urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
+            self.authorize_form(query)
+            return
         self.json(404, {"error": "not_found"})
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
@@ -108,6 +147,8 @@ class IdpHandler(Handler):
             with st.lock:
                 st.requests.append(("devicecode", form))
             self.device_code(form)
+        elif self.path == f"/{st.tenant}/oauth2/v2.0/authorize":
+            self.authorize_submit(form)
         elif self.path == f"/{st.tenant}/oauth2/v2.0/token":
             with st.lock:
                 st.requests.append((form.get("grant_type", ""), form))
@@ -121,6 +162,95 @@ class IdpHandler(Handler):
 
     def json(self, status: int, body: dict[str, Any]) -> None:
         self.reply(status, json.dumps(body), "application/json")
+
+    # -- authorization code flow: the login page -------------------------------------------------
+
+    AUTH_PARAMS = ("client_id", "response_type", "redirect_uri", "scope", "state",
+                   "code_challenge", "code_challenge_method", "nonce", "login_hint")
+
+    def authorize_problem(self, query: dict[str, str]) -> str | None:
+        st = self.state
+        if query.get("client_id") != st.client_id:
+            return "AADSTS700016: Application with identifier was not found in the directory."
+        redirect = query.get("redirect_uri", "")
+        if not (is_loopback_redirect(redirect) or redirect in st.web_redirect_uris):
+            return ("AADSTS50011: The redirect URI specified in the request does not match the "
+                    "redirect URIs configured for the application.")
+        if query.get("response_type") != "code":
+            return "AADSTS900144: The request body must contain the parameter response_type=code."
+        if not query.get("code_challenge") or query.get("code_challenge_method") != "S256":
+            return "AADSTS9002325: Proof Key for Code Exchange is required."
+        return None
+
+    def page(self, status: int, body: str) -> None:
+        self.reply(status, f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                   f"{LOGIN_TITLE}</title></head><body style='font-family:sans-serif;"
+                   f"background:#f2f2f2'><div style='background:#fff;width:440px;margin:60px "
+                   f"auto;padding:44px'>{body}</div></body></html>", "text/html; charset=utf-8")
+
+    def authorize_form(self, query: dict[str, str], error: str = "") -> None:
+        problem = self.authorize_problem(query)
+        if problem:
+            self.page(400, f"<h1>Sorry, but we're having trouble signing you in.</h1>"
+                      f"<p id='error'>{html.escape(problem)}</p>")
+            return
+        hidden = "".join(f"<input type='hidden' name='{k}' value='{html.escape(query[k])}'>"
+                         for k in self.AUTH_PARAMS if k in query)
+        user = html.escape(query.get("login_hint", ""))
+        self.page(200 if not error else 401, f"""
+<h1>Sign in</h1>
+<form method="post" action="/{self.state.tenant}/oauth2/v2.0/authorize">
+{hidden}
+<p><label>Email <input type="email" name="username" id="username" value="{user}"></label></p>
+<p><label>Password <input type="password" name="password" id="password"></label></p>
+{f"<p id='error' style='color:#e00'>{html.escape(error)}</p>" if error else ""}
+<p><button type="submit" id="submit">Sign in</button></p>
+</form>""")
+
+    def authorize_submit(self, form: dict[str, str]) -> None:
+        st = self.state
+        query = {k: form[k] for k in self.AUTH_PARAMS if k in form}
+        if self.authorize_problem(query):
+            self.authorize_form(query)
+            return
+        user = form.get("username", "").strip()
+        password = form.get("password", "")
+        if not user or (st.passwords is not None and st.passwords.get(user) != password):
+            self.authorize_form(query, "Your account or password is incorrect.")
+            return
+        code = "code-" + secrets.token_urlsafe(24)
+        with st.lock:
+            st.logins.append(user)
+            st.auth_codes[code] = AuthCode(query["client_id"], query["redirect_uri"],
+                                           query.get("scope", ""), query["code_challenge"],
+                                           query["code_challenge_method"],
+                                           query.get("nonce", ""), user)
+        back = {"code": code, "state": query.get("state", ""), "session_state": "s1"}
+        sep = "&" if "?" in query["redirect_uri"] else "?"
+        self.reply(302, "", headers={
+            "Location": query["redirect_uri"] + sep + urllib.parse.urlencode(back)})
+
+    def authorization_code(self, form: dict[str, str]) -> None:
+        """The token request for a code: one use, same client and redirect_uri, PKCE S256."""
+        st = self.state
+        with st.lock:
+            issued = st.auth_codes.pop(form.get("code", ""), None)
+        if issued is None:
+            self.error("invalid_grant", "AADSTS70008: The provided authorization code or "
+                       "refresh token has expired or was already used.")
+            return
+        if form.get("client_id") != issued.client_id:
+            self.error("invalid_grant", "AADSTS70000: the code was issued to another client.")
+            return
+        if form.get("redirect_uri") != issued.redirect_uri:
+            self.error("invalid_grant", "AADSTS50011: The redirect URI does not match the one "
+                       "the authorization code was issued for.")
+            return
+        if pkce_challenge(form.get("code_verifier", "")) != issued.code_challenge:
+            self.error("invalid_grant", "AADSTS501481: The Code_Verifier does not match the "
+                       "code_challenge supplied in the authorization request.")
+            return
+        self.issue("user", issued.user, form.get("scope") or issued.scope, nonce=issued.nonce)
 
     def error(self, error: str, description: str, status: int = 400) -> None:
         self.json(status, {"error": error, "error_description": description,
@@ -197,6 +327,8 @@ class IdpHandler(Handler):
                            "to it being revoked, a fresh auth token is needed.")
                 return
             self.issue("user", user, scope)
+        elif grant == "authorization_code":
+            self.authorization_code(form)
         elif grant == DEVICE_GRANT:
             code = form.get("device_code", "")
             with st.lock:
@@ -220,7 +352,7 @@ class IdpHandler(Handler):
         else:
             self.error("unsupported_grant_type", f"grant {grant!r} is not supported")
 
-    def issue(self, kind: str, user: str | None, scope: str) -> None:
+    def issue(self, kind: str, user: str | None, scope: str, nonce: str = "") -> None:
         st = self.state
         now = time.time()
         access = "at-" + secrets.token_urlsafe(24)
@@ -245,6 +377,8 @@ class IdpHandler(Handler):
                       "nbf": int(now), "exp": int(now) + 3600, "oid": oid, "sub": oid,
                       "tid": st.tenant, "preferred_username": user, "name": user,
                       "ver": "2.0"}
+            if nonce:
+                claims["nonce"] = nonce
             body["id_token"] = ".".join([_b64url(b'{"alg":"none","typ":"JWT"}'),
                                          _b64url(json.dumps(claims).encode()), ""])
         self.json(200, body)
