@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -48,10 +49,17 @@ DELIVERED = "delivered"
 FAILED = "failed"
 
 
+_ID_TAIL_SPACE = 36 ** 5
+_id_tail = itertools.count(secrets.randbelow(_ID_TAIL_SPACE))  # random start per process
+
+
 def new_id() -> str:
-    """Sortable by arrival (microseconds, base 36) plus randomness; safe as a file name."""
+    """Sortable by arrival (microseconds, base 36), then 5 characters that differ between
+    messages of one microsecond: a counter from a random start per process (listener workers
+    are separate processes), not a random read per message, which costs a system call."""
     micros = int(time.time() * 1_000_000)
-    return _base36(micros).rjust(11, "0") + _base36(secrets.randbits(25)).rjust(5, "0")
+    tail = next(_id_tail) % _ID_TAIL_SPACE
+    return _base36(micros).rjust(11, "0") + _base36(tail).rjust(5, "0")
 
 
 def _base36(n: int) -> str:
