@@ -22,6 +22,7 @@ from relayd.intake import Intake
 from relayd.journal import Journal
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
 from relayd.metrics import Metrics
+from relayd.notify import Notifier
 from relayd.policy import SenderPolicy
 from relayd.qmgr import NullObserver, Observer, QueueManager, UpstreamFactory
 from relayd.queue import Entry, Spool
@@ -72,6 +73,12 @@ class Service:
         self.qmgr = QueueManager(config, self.spool, upstream_factory, self.observer,
                                  router=self.policy.router, journal=self.journal)
         self.intake = Intake(self.spool, self._hand_on, self.journal, self._message_id_host)
+        # [notify] runs where the queue manager does: the main process, not a listener worker.
+        self.notifier: Notifier | None = None
+        self._notify_task: asyncio.Task[None] | None = None
+        if report is None:
+            self.notifier = Notifier(config, self.qmgr, self.intake)
+            self.qmgr.on_bounce = self.notifier.on_bounce
         self.listeners = listeners
         self.report = report
         self.handler = Handler(self)
@@ -155,6 +162,8 @@ class Service:
             self.qmgr.recover(recovered)
             self._tasks.append(asyncio.create_task(self.qmgr.run(), name="qmgr"))
             self._tasks.append(asyncio.create_task(self._report_queue(), name="queue-gauges"))
+            if self.notifier is not None:
+                self._notify_task = asyncio.create_task(self.notifier.run(), name="notify")
             if self.accept:
                 await self._listen()
             await self._start_metrics()
@@ -252,12 +261,20 @@ class Service:
         self.config = config
         self.policy = SenderPolicy(config)
         self.qmgr.reload(config, self.policy.router)
+        if self.notifier is not None:
+            self.notifier.reload(config)
         log.info("reload: config applied, %d route(s)", len(config.routes))
 
     async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop accepting, let sessions and deliveries in flight finish, then cancel."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if self._notify_task is not None:
+            # First, so no notice is queued into a spool that is closing (a pending one is in
+            # the notify state file and goes out after the restart).
+            self._notify_task.cancel()
+            await asyncio.gather(self._notify_task, return_exceptions=True)
+            self._notify_task = None
         for server in self.servers:
             server.close()
         sessions_deadline = loop.time() + min(SESSION_DRAIN_S, timeout / 2)

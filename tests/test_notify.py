@@ -1,0 +1,259 @@
+"""[notify]: a real relayd mails the admin through the route of notify.sender when something
+needs a person, once per condition per repeat, across restarts, and never about its own notices."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import re
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Received,
+    Upstream,
+    dead_port,
+    message,
+    run_service,
+    send,
+    service_port,
+    smtp_route,
+    wait_for,
+    write_config,
+)
+
+from relayd import notify
+from relayd.auth import TokenHealth
+from relayd.notify import NOTICE_HEADER, duration
+
+ALICE, BOB, NOBODY = "alice@business.com", "bob@example.com", "nobody@example.com"
+ADMIN, SENDER = "it@business.com", "relayd@business.com"
+UNKNOWN_USER = "550 5.1.1 <nobody@example.com>: no such user"
+SUBJECT = "relayd on relay.test: "
+
+
+@pytest.fixture(autouse=True)
+def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "NOTIFY_CHECK_S", 0.1)
+
+
+def config(tmp_path: Path, staff_port: int, admin_port: int, notify_extra: str = "",
+           routes: str = "") -> Path:
+    """Route staff (*@business.com) and route system (notify.sender) to the admin's upstream."""
+    return write_config(
+        tmp_path, smtp_route("staff", '["*@business.com"]', staff_port)
+        + smtp_route("system", f'["{SENDER}"]', admin_port) + routes,
+        extra=f'[notify]\nto = ["{ADMIN}"]\nsender = "{SENDER}"\n{notify_extra}')
+
+
+def notices(up: Upstream) -> list[EmailMessage]:
+    out = []
+    for m in up.messages:
+        if m.mail_from == SENDER:
+            assert m.rcpt_tos == [ADMIN]
+            msg = email.message_from_bytes(m.data, policy=email.policy.default)
+            assert isinstance(msg, EmailMessage)
+            out.append(msg)
+    return out
+
+
+def body(msg: EmailMessage) -> str:
+    part = msg.get_body(("plain",))
+    assert part is not None
+    text = part.get_content()
+    assert isinstance(text, str)
+    return text
+
+
+def bounces(up: Upstream) -> list[Received]:
+    return [m for m in up.messages if m.mail_from == ""]
+
+
+async def test_unreachable_route_one_notice_and_none_after_restart(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. route staff's upstream refuses connections 2. a message waits on it 3. past the
+    threshold exactly one notice reaches the admin through route system 4. restart within
+    repeat: the route fails again past the threshold, and no second notice."""
+    monkeypatch.setattr(notify, "ROUTE_FAILING_AFTER_S", 1.0)
+    port = dead_port()
+    cfg = config(tmp_path, port, upstream.port)
+    async with run_service(cfg) as service:
+        assert await send(service_port(service), ALICE, [BOB], message()) == {}
+        await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
+        [notice] = notices(upstream)
+        assert notice["Subject"] == SUBJECT + "route staff cannot reach its upstream"
+        assert notice["From"] == SENDER and notice["To"] == ADMIN
+        assert notice[NOTICE_HEADER] == "route:staff:unreachable"
+        text = body(notice)
+        assert f"127.0.0.1:{port}" in text
+        assert "relayd queue retry --all" in text and "relayd queue list" in text
+        assert "Since: " in text and "1 message(s) are waiting" in text
+        await asyncio.sleep(1.0)  # ten more checks
+        assert len(notices(upstream)) == 1
+    state = json.loads((tmp_path / "notify-state.json").read_text())
+    assert "route:staff:unreachable" in state["sent"]
+
+    async with run_service(cfg) as service:
+
+        def failing_long() -> bool:
+            agent = service.qmgr.agents.get("staff")
+            since = agent.stats.failing_since if agent else None
+            return since is not None and time.time() - since > 1.5
+
+        await wait_for(failing_long, what="route staff failing past the threshold again")
+        await asyncio.sleep(0.5)
+        assert len(notices(upstream)) == 1
+
+
+async def test_bounces_are_reported_and_summarised_once_per_repeat(
+        tmp_path: Path, upstream: Upstream, upstream2: Upstream) -> None:
+    """1. staff's upstream refuses a recipient 2. the bounce goes to the sender, a notice to
+    the admin (queue id, sender, recipient, reply) 3. two more bounces within repeat: no notice
+    4. after repeat one notice counts both."""
+    upstream.handler.rcpt_replies[NOBODY] = UNKNOWN_USER
+    cfg = config(tmp_path, upstream.port, upstream2.port, 'repeat = "4s"')
+    async with run_service(cfg) as service:
+        assert await send(service_port(service), ALICE, [NOBODY], message(to=NOBODY)) == {}
+        await wait_for(lambda: len(notices(upstream2)) == 1, what="the bounce notice")
+        first = time.monotonic()
+        [bounce] = bounces(upstream)
+        assert bounce.rcpt_tos == [ALICE]
+        match = re.search(rb"queue id (\w+)", bounce.data)
+        assert match is not None
+        qid = match.group(1).decode()
+        [notice] = notices(upstream2)
+        assert notice["Subject"] == SUBJECT + "1 bounce(s) sent on route staff"
+        text = body(notice)
+        assert f"- {qid} from <{ALICE}>" in text
+        assert f"<{NOBODY}>: 550 5.1.1" in text and "relayd log --id" in text
+
+        for i in range(2):
+            await send(service_port(service), ALICE, [NOBODY], message(to=NOBODY,
+                                                                       subject=f"again {i}"))
+        await wait_for(lambda: len(bounces(upstream)) == 3, what="two more bounces")
+        await asyncio.sleep(0.3)
+        if time.monotonic() - first < 3.5:
+            assert len(notices(upstream2)) == 1  # within repeat: remembered, not sent
+        await wait_for(lambda: len(notices(upstream2)) == 2, what="the summary after repeat")
+        summary = notices(upstream2)[1]
+        assert summary["Subject"] == SUBJECT + "2 bounce(s) sent on route staff"
+        assert body(summary).count(f"<{NOBODY}>: 550 5.1.1") == 2
+
+
+async def test_a_notice_that_bounces_is_not_reported(tmp_path: Path, upstream: Upstream,
+                                                      upstream2: Upstream) -> None:
+    """1. a bounce on staff 2. its notice is refused by the admin's upstream (550) 3. the
+    notice's bounce goes to notify.sender 4. no notice about that, then or later."""
+    upstream.handler.rcpt_replies[NOBODY] = UNKNOWN_USER
+    upstream2.handler.rcpt_replies[ADMIN] = "550 5.1.1 <it@business.com>: no such user"
+    cfg = config(tmp_path, upstream.port, upstream2.port, 'repeat = "1s"')
+    async with run_service(cfg) as service:
+        assert await send(service_port(service), ALICE, [NOBODY], message(to=NOBODY)) == {}
+        await wait_for(lambda: len(bounces(upstream2)) == 1, what="the notice's bounce")
+        [notice_bounce] = bounces(upstream2)
+        assert notice_bounce.rcpt_tos == [SENDER]
+        assert NOTICE_HEADER.encode() in notice_bounce.data  # the original's headers
+        await asyncio.sleep(2.5)  # past repeat, many checks
+        assert service.notifier is not None
+        assert set(service.notifier.state.sent) <= {"bounce:staff"}
+        assert not service.notifier.state.bounces
+        assert len(bounces(upstream2)) == 1 and not notices(upstream2)
+        await wait_for(lambda: not service.qmgr.messages, what="an empty queue")
+
+
+async def test_message_deferred_longer_than_deferred_after(tmp_path: Path,
+                                                           upstream: Upstream) -> None:
+    """1. staff's upstream down 2. a message waits longer than deferred_after = 2s 3. one
+    notice names it and the commands to look at it."""
+    cfg = config(tmp_path, dead_port(), upstream.port, 'deferred_after = "2s"')
+    async with run_service(cfg) as service:
+        assert await send(service_port(service), ALICE, [BOB], message()) == {}
+        [qid] = list(service.qmgr.messages)
+        await wait_for(lambda: len(notices(upstream)) == 1, what="the deferred notice")
+        [notice] = notices(upstream)
+        assert notice["Subject"] == (SUBJECT + "1 message(s) deferred for more than 2s on "
+                                     "route staff")
+        text = body(notice)
+        assert f"{qid} from <{ALICE}>" in text
+        assert "relayd queue list" in text and f"relayd queue show {qid}" in text
+        await asyncio.sleep(1.0)
+        assert len(notices(upstream)) == 1
+
+
+def oauth_routes(cert: Path) -> str:
+    return f"""
+[routes.app]
+senders = ["app@business.com"]
+upstream = "graph"
+tenant_id = "tenant"
+client_id = "app-client"
+client_secret_env = "NOTIFY_TEST_SECRET"
+client_secret_expires = "2099-01-01"
+
+[routes.certapp]
+senders = ["cert@business.com"]
+upstream = "graph"
+tenant_id = "tenant"
+client_id = "cert-client"
+certificate_file = "{cert}"
+thumbprint = "00"
+
+[routes.people]
+senders = ["*@people.business.com"]
+upstream = "graph"
+tenant_id = "tenant"
+client_id = "people-client"
+flow = "device"
+"""
+
+
+async def test_token_health_sign_in_secret_and_certificate(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker given TokenHealth values: a user who must sign in again, a client secret
+    expiring in 5 days, a certificate expiring in 10: one notice each, none again in repeat."""
+    monkeypatch.setenv("NOTIFY_TEST_SECRET", "s3cret")
+    cert = tmp_path / "app.pem"
+    cert.write_text("not read by this test\n")
+    cfg = config(tmp_path, upstream.port, upstream.port, routes=oauth_routes(cert))
+    now = time.time()
+    health = [
+        TokenHealth("people", "carol@people.business.com", needs_signin=True,
+                    problem="AADSTS70043: The refresh token has expired",
+                    fix="relayd auth login people --user carol@people.business.com"),
+        TokenHealth("app", "", credential_expires_at=now + 5 * 86400),
+        TokenHealth("certapp", "", credential_expires_at=now + 10 * 86400),
+        TokenHealth("app", "", expires_at=now + 3600),  # healthy: nothing to say
+    ]
+    async with run_service(cfg) as service:
+        assert service.notifier is not None
+        sent = await service.notifier.check(health)
+        assert sorted(sent) == ["expiry:app:", "expiry:certapp:",
+                                "signin:people:carol@people.business.com"]
+        await wait_for(lambda: len(notices(upstream)) == 3, what="three notices")
+        assert await service.notifier.check(health) == []
+        by_key = {n[NOTICE_HEADER]: n for n in notices(upstream)}
+        signin = by_key["signin:people:carol@people.business.com"]
+        assert signin["Subject"] == (SUBJECT + "carol@people.business.com must sign in again "
+                                     "(route people)")
+        assert "relayd auth login people --user carol@people.business.com" in body(signin)
+        assert "AADSTS70043" in body(signin)
+        secret = by_key["expiry:app:"]
+        assert secret["Subject"] == SUBJECT + "the client secret of route app expires in 5 days"
+        assert 'routes.app.client_secret_expires = "YYYY-MM-DD"' in body(secret)
+        certificate = by_key["expiry:certapp:"]
+        assert certificate["Subject"] == (SUBJECT + "the client certificate of route certapp "
+                                          "expires in 10 days")
+        assert "routes.certapp.certificate_file" in body(certificate)
+        await asyncio.sleep(0.5)
+        assert len(notices(upstream)) == 3
+
+
+def test_duration_words() -> None:
+    assert duration(2) == "2s"
+    assert duration(15 * 60) == "15m"
+    assert duration(3725) == "1h 2m"
+    assert duration(5 * 86400 - 3) == "5 days"
