@@ -257,3 +257,64 @@ def test_duration_words() -> None:
     assert duration(15 * 60) == "15m"
     assert duration(3725) == "1h 2m"
     assert duration(5 * 86400 - 3) == "5 days"
+
+
+def test_authentication_failure_says_how_to_sign_in() -> None:
+    from relayd.delivery.agent import RouteStats
+    from relayd.notify import route_conditions
+
+    now = time.time()
+    stats = {"people": RouteStats(failing_since=now - 1000, failing_kind="authentication",
+                                  last_failure_reply="535 5.7.3 Authentication unsuccessful"),
+             "fresh": RouteStats(failing_since=now - 60, failing_kind="unreachable")}
+    [cond] = route_conditions(stats, {}, {"people": (3, 3, now - 1000)}, now, 900)
+    assert cond.key == "route:people:authentication"
+    assert cond.subject == "route people is failing authentication"
+    assert "relayd auth login people --user ADDRESS" in cond.body
+    assert "535 5.7.3 Authentication unsuccessful" in cond.body
+    assert "3 message(s) are waiting" in cond.body
+
+
+BASE = {"queue": {"path": "/tmp/relayd-notify-test"},
+        "routes": {"system": {"senders": [SENDER], "upstream": "smtp", "host": "127.0.0.1",
+                              "port": 25, "tls": "none", "recipients": ["*@business.com"]}}}
+
+
+def test_config_defaults() -> None:
+    from relayd.config import parse_config
+
+    cfg = parse_config({**BASE, "notify": {"to": [ADMIN], "sender": SENDER}})
+    assert cfg.notify is not None
+    assert (cfg.notify.to, cfg.notify.sender) == ((ADMIN,), SENDER)
+    assert (cfg.notify.deferred_after_s, cfg.notify.expiry_warning_s,
+            cfg.notify.repeat_s) == (3600, 30 * 86400, 86400)
+    assert parse_config(BASE).notify is None
+    cfg = parse_config({**BASE, "notify": {"to": [ADMIN], "sender": SENDER, "repeat": "2h",
+                                           "deferred_after": "2s", "expiry_warning": "7d"}})
+    assert cfg.notify is not None
+    assert (cfg.notify.deferred_after_s, cfg.notify.expiry_warning_s,
+            cfg.notify.repeat_s) == (2, 7 * 86400, 7200)
+
+
+def test_config_every_problem_with_its_key() -> None:
+    from relayd.config import parse_config
+    from relayd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "notify": {"to": ["not an address"], "sender": "who@nowhere.com",
+                                         "repeat": "0s", "deferred_after": "soon", "cc": []}})
+    assert e.value.problems == [
+        "notify.to: 'not an address' is not an email address",
+        "notify.deferred_after: must be a duration such as 30s, 5m, 1h or 5d",
+        "notify.repeat: must be more than 0s",
+        "notify.cc: unknown key",
+        "notify.sender: 'who@nowhere.com' matches no route's senders; notices go out through "
+        "the sender's route",
+    ]
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "notify": {"to": ["it@elsewhere.com"], "sender": SENDER}})
+    assert e.value.problems == ["notify.to: 'it@elsewhere.com' is not allowed by "
+                                "routes.system.recipients, the route of notify.sender"]
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "notify": {}})
+    assert [p.split(":")[0] for p in e.value.problems] == ["notify.to", "notify.sender"]
