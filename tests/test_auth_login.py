@@ -4,6 +4,7 @@ the signed-in user goes out through Graph with that user's token."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -57,16 +58,25 @@ class Env:
         return load_config(self.config_file())
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+@contextlib.contextmanager
+def login_env(tmp_path: Path) -> Iterator[Env]:
+    """The fake identity provider and Graph, and a delegated Graph route using them."""
     idp_server: HttpsServer = start_idp()
     idp: IdpState = idp_server.state
     graph_state = GraphState(token_ok=lambda token: idp.check_bearer(token) is not None)
     graph_server = start_graph(graph_state)
-    yield Env(idp, graph_state, idp_server.base_url, graph_server.base_url,
-              graph_server.ca_file, tmp_path)
-    graph_server.stop()
-    idp_server.stop()
+    try:
+        yield Env(idp, graph_state, idp_server.base_url, graph_server.base_url,
+                  graph_server.ca_file, tmp_path)
+    finally:
+        graph_server.stop()
+        idp_server.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    with login_env(tmp_path) as e:
+        yield e
 
 
 # -- driving the CLI -----------------------------------------------------------------------------

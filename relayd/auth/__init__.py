@@ -52,6 +52,17 @@ class TokenProvider(Protocol):
     def expiries(self) -> dict[str, float]:
         """When each account's current token expires (epoch seconds), for the metrics."""
 
+    def health(self) -> list[TokenHealth]:
+        """Each credential this provider holds (app or signed-in user) and what needs a
+        person; cheap (memory and the token store's small files, no network)."""
+
+    async def refresh_idle(self, now: float | None = None) -> None:
+        """Refresh delegated tokens idle for relayd.auth.health.REFRESH_IDLE_S (jittered), so
+        no refresh token lapses unused; failures are recorded for health(), never raised."""
+
+    def close(self) -> None:
+        """Release the provider's HTTP session."""
+
 
 def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> TokenProvider:
     """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""

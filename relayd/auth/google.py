@@ -17,7 +17,9 @@ import requests
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
-from relayd.auth import AccessToken
+from relayd.auth import AccessToken, TokenHealth
+from relayd.auth import health as token_health
+from relayd.auth.tokencache import TokenStore
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
@@ -31,6 +33,7 @@ RENEW_BEFORE_S = 300
 # Hand out no token with less than this left (a very short-lived token is still used once).
 MIN_TOKEN_USE_S = 30
 REFRESH_ACCOUNT = "refresh-token"  # the one cache key of a refresh-token route
+IDLE_RETRY_S = 3600.0  # an idle refresh that failed for a passing reason is tried again after
 
 
 def _first_line(error: BaseException) -> str:
@@ -56,6 +59,8 @@ class GoogleTokenProvider:
     mode 0600) and `client_id` the service account's client ID (the one authorised in the Admin
     console); each account (sender or mailbox) gets its own token with that account as subject.
     `authority`, when set, is the token endpoint URL (default Google's). Tokens live in memory.
+    With flow = "device" and no refresh token: each user's refresh token from `relayd auth
+    login` (installed-app flow with PKCE), read from the encrypted token store.
     """
 
     def __init__(self, route: RouteConfig, config: Config, scopes: Sequence[str]) -> None:
@@ -63,7 +68,16 @@ class GoogleTokenProvider:
         self.config = config
         self.scopes = list(scopes)
         self.token_uri = route.authority or GOOGLE_TOKEN_URI
-        self.mode = "refresh_token" if route.refresh_token is not None else "service_account"
+        if route.refresh_token is not None:
+            self.mode = "refresh_token"
+        elif route.flow == "device":
+            self.mode = "delegated"
+        else:
+            self.mode = "service_account"
+        self.store = TokenStore(config)
+        self._problems: dict[str, str] = {}  # account -> why its last fetch failed
+        self._refreshed_at: dict[str, float] = {}
+        self._idle_tried: dict[str, float] = {}
         # The route's timeout replaces the 120 s google-auth asks for (relayd.http).
         self._session = route_session(route)
         self._request = google.auth.transport.requests.Request(self._session)
@@ -100,9 +114,92 @@ class GoogleTokenProvider:
             held = self._tokens.get(key)
             if held is not None and time.time() < held.renew_at:
                 return held.token
-            token = self._fetch(account)
+            try:
+                token = self._fetch(account)
+            except AuthenticationError as e:
+                self._problems[key] = str(e)
+                if self.mode == "delegated":
+                    self.store.update_state(self.route.name, key, last_error=str(e),
+                                            failed_at=time.time())
+                raise
             self._tokens[key] = token
+            now = time.time()
+            self._refreshed_at[key] = now
+            self._problems.pop(key, None)
+            if self.mode == "delegated":
+                self.store.update_state(self.route.name, key, last_error=None,
+                                        expires_at=token.expires_at, refreshed_at=now)
             return token.token
+
+    # -- token health ----------------------------------------------------------------------------
+
+    def health(self) -> list[TokenHealth]:
+        """Each account this route holds a credential for; no network."""
+        name = self.route.name
+        cred = token_health.credential_expiry(self.route)
+        if self.mode == "delegated":
+            out = []
+            for path in self.store.files(name):
+                try:
+                    stored = self.store.load_file(path)
+                except AuthenticationError as e:
+                    out.append(TokenHealth(route=name, account=path.name, needs_signin=True,
+                                           problem=str(e), credential_expires_at=cred,
+                                           fix=token_health.fix_command(name, "ADDR")))
+                    continue
+                if stored is None:
+                    continue
+                acct = stored.account
+                state = self.store.read_state(name, acct)
+                problem = str(state.get("last_error") or "")
+                signin = token_health.needs_signin(problem)
+                held = self._tokens.get(acct)
+                out.append(TokenHealth(
+                    route=name, account=acct,
+                    expires_at=held.expires_at if held else state.get("expires_at"),
+                    last_refreshed=state.get("refreshed_at") or state.get("signed_in_at")
+                    or stored.stamp.mtime_ns / 1e9,
+                    needs_signin=signin, problem=problem, credential_expires_at=cred,
+                    fix=token_health.fix_command(name, acct) if signin else ""))
+            return out
+        # No lock: a fetch in progress holds it, and plain dict reads are safe.
+        tokens, problems = dict(self._tokens), dict(self._problems)
+        keys = sorted(set(tokens) | set(problems))
+        if self.mode == "refresh_token" and not keys:
+            keys = [REFRESH_ACCOUNT]
+        return [TokenHealth(
+            route=name, account="" if key == REFRESH_ACCOUNT else key,
+            expires_at=tokens[key].expires_at if key in tokens else None,
+            last_refreshed=self._refreshed_at.get(key),
+            # refresh_token_file was made by hand: a new one is made the same way, or by
+            # switching the route to flow = "device" and `relayd auth login`.
+            needs_signin=token_health.needs_signin(problems.get(key)),
+            problem=problems.get(key, ""), credential_expires_at=cred,
+            fix=(f"replace routes.{name}.refresh_token_file (a new consent), or use "
+                 f'flow = "device" and relayd auth login {name} --user ADDR'
+                 if token_health.needs_signin(problems.get(key)) else ""))
+            for key in keys]
+
+    async def refresh_idle(self, now: float | None = None) -> None:
+        """Refresh each signed-in user's token idle for health.REFRESH_IDLE_S (jittered), so
+        it never lapses unused (delegated routes; a service account needs nothing)."""
+        if self.mode != "delegated":
+            return
+        now = time.time() if now is None else now
+        for h in await asyncio.to_thread(self.health):
+            if h.needs_signin or h.last_refreshed is None:
+                continue
+            if not token_health.refresh_due(h.account, h.last_refreshed, now):
+                continue
+            if now - self._idle_tried.get(h.account, 0.0) < IDLE_RETRY_S:
+                continue
+            self._idle_tried[h.account] = now
+            self.invalidate(h.account)
+            try:
+                await asyncio.to_thread(self.acquire, h.account)
+            except AuthenticationError:
+                continue  # recorded: health() and `auth status` show it
+            log.info("route %s: refreshed the idle token of %s", self.route.name, h.account)
 
     def _fetch(self, account: str) -> AccessToken:
         route = self.route
@@ -111,8 +208,11 @@ class GoogleTokenProvider:
             creds.refresh(self._request)  # type: ignore[no-untyped-call]
         except google.auth.exceptions.RefreshError as e:
             # e.g. "invalid_grant: Token has been expired or revoked." - the server's words only.
-            raise AuthenticationError(f"route {route.name}: Google refused the token request "
-                                      f"for {account}: {_first_line(e)}") from None
+            text = (f"route {route.name}: Google refused the token request for {account}: "
+                    f"{_first_line(e)}")
+            if self.mode == "delegated" and token_health.needs_signin(text):
+                text += f"; run `{token_health.fix_command(route.name, account.lower())}`"
+            raise AuthenticationError(text) from None
         except (google.auth.exceptions.GoogleAuthError, requests.RequestException,
                 OSError) as e:
             raise AuthenticationError(f"route {route.name}: Google token endpoint "
@@ -129,6 +229,8 @@ class GoogleTokenProvider:
     def _credentials(self, account: str) -> user_credentials.Credentials | \
             service_account.Credentials:
         route = self.route
+        if self.mode == "delegated":
+            return self._delegated_credentials(account)
         if self.mode == "refresh_token":
             assert route.refresh_token is not None
             if route.client_secret is None:
@@ -142,6 +244,26 @@ class GoogleTokenProvider:
         creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
             info, scopes=self.scopes, subject=account)
         return creds  # type: ignore[no-any-return]
+
+    def _delegated_credentials(self, account: str) -> user_credentials.Credentials:
+        route = self.route
+        key = account.lower()
+        hint = f"; run `{token_health.fix_command(route.name, key)}`"
+        stored = self.store.load(route.name, key)
+        if stored is None:
+            raise AuthenticationError(f"route {route.name}: {key} has not signed in" + hint)
+        try:
+            refresh_token = str(json.loads(stored.cache)["refresh_token"])
+        except (ValueError, KeyError, TypeError):
+            raise AuthenticationError(f"route {route.name}: the stored sign-in of {key} holds "
+                                      "no Google refresh token" + hint) from None
+        if route.client_secret is None:
+            raise AuthenticationError(f"route {route.name}: Google sign-ins need "
+                                      "client_secret_file (the OAuth client's secret)")
+        return user_credentials.Credentials(  # type: ignore[no-untyped-call]
+            token=None, refresh_token=refresh_token, token_uri=self.token_uri,
+            client_id=route.client_id, client_secret=route.client_secret.reveal(),
+            scopes=self.scopes)
 
     def _service_account_info(self) -> dict[str, Any]:
         route = self.route

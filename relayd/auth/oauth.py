@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import msal  # type: ignore[import-untyped]
 import requests
 
-from relayd.auth import AccessToken
+from relayd.auth import AccessToken, TokenHealth
+from relayd.auth import health as token_health
 from relayd.auth.tokencache import Stamp, TokenStore
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
@@ -34,6 +35,7 @@ MSAL_EXPIRY_MARGIN_S = 300
 # Use a short-lived token (under msal's margin) this long before renewing it.
 MIN_TOKEN_USE_S = 30
 APP_ACCOUNT = "app"  # status file name for a route's client-credentials token
+IDLE_RETRY_S = 3600.0  # an idle refresh that failed for a passing reason is tried again after
 _KEY_RE = re.compile(
     r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----.+?-----END (?:RSA |EC |ENCRYPTED )?"
     r"PRIVATE KEY-----", re.DOTALL)
@@ -119,6 +121,10 @@ class MsalTokenProvider:
         self._last: dict[str, str] = {}  # account -> token last handed out
         self._expires: dict[str, float] = {}  # account -> when that token expires
         self._failing: set[str] = set()
+        self._refreshed: set[str] = set()  # accounts whose last token came from the IdP
+        self._idle_tried: dict[str, float] = {}  # account -> last background refresh attempt
+        # token file -> (its stamp, account, latest access-token expiry, refresh token held)
+        self._summaries: dict[str, tuple[Stamp, str, float | None, bool]] = {}
         self.store = TokenStore(config)
 
     @property
@@ -156,10 +162,14 @@ class MsalTokenProvider:
                    f"{type(e).__name__}: {_first_line(e)}")
             self._failed(key, msg)
             raise AuthenticationError(msg) from None
-        if key in self._failing or self._last.get(key) != tok.token:
+        refreshed = key in self._refreshed
+        self._refreshed.discard(key)
+        if refreshed or key in self._failing or self._last.get(key) != tok.token:
             self._failing.discard(key)
-            self.store.write_state(self.route.name, key, last_error=None,
-                                   expires_at=tok.expires_at)
+            fields: dict[str, Any] = {"last_error": None, "expires_at": tok.expires_at}
+            if refreshed:
+                fields["refreshed_at"] = time.time()
+            self.store.update_state(self.route.name, key, **fields)
         self._last[key] = tok.token
         self._expires[key] = tok.expires_at
         return tok
@@ -178,10 +188,13 @@ class MsalTokenProvider:
             log.warning("route %s: OAuth token for %s unavailable: %s", self.route.name,
                         key, message)
         self._failing.add(key)
-        self.store.write_state(self.route.name, key, last_error=message)
+        self.store.update_state(self.route.name, key, last_error=message,
+                                failed_at=time.time())
 
     def _result(self, result: Mapping[str, Any] | None, key: str) -> AccessToken:
         if result and "access_token" in result:
+            if result.get("token_source") == "identity_provider":
+                self._refreshed.add(key)
             now = time.time()
             expires_at = now + float(result.get("expires_in") or 0)
             # A token shorter-lived than msal's margin is still used for a while (up to its
@@ -198,9 +211,90 @@ class MsalTokenProvider:
         error = str(result.get("error") or "error")
         text = f"route {self.route.name}: token refused: {error}: " \
                f"{_first_line(result.get('error_description'))}"
-        if self.delegated and error in ("invalid_grant", "interaction_required"):
+        if self.delegated and (error in ("invalid_grant", "interaction_required")
+                               or token_health.needs_signin(text)):
             text += "; " + _login_hint(self.route.name, key)
         raise AuthenticationError(text)
+
+    # -- token health ----------------------------------------------------------------------------
+
+    def health(self) -> list[TokenHealth]:
+        """Each credential of this route (the app's, or each signed-in user's), from memory and
+        the token store's files; no network."""
+        name = self.route.name
+        cred = token_health.credential_expiry(self.route)
+        if not self.delegated:
+            state = self.store.read_state(name, APP_ACCOUNT)
+            problem = str(state.get("last_error") or "")
+            return [TokenHealth(
+                route=name, account="", expires_at=self._expires.get(APP_ACCOUNT)
+                or state.get("expires_at"), last_refreshed=state.get("refreshed_at"),
+                problem=problem, credential_expires_at=cred,
+                fix=(f"check the client secret or certificate of routes.{name} against the app "
+                     "registration" if problem else ""))]
+        out = []
+        for path in self.store.files(name):
+            try:
+                summary = self._summary(path)
+            except AuthenticationError as e:
+                out.append(TokenHealth(route=name, account=path.name, needs_signin=True,
+                                       problem=str(e), credential_expires_at=cred,
+                                       fix=token_health.fix_command(name, "ADDR")))
+                continue
+            if summary is None:
+                continue
+            stamp, account, expiry, has_refresh = summary
+            state = self.store.read_state(name, account)
+            problem = str(state.get("last_error") or "")
+            if not problem and not has_refresh:
+                problem = "no refresh token stored"
+            signin = not has_refresh or token_health.needs_signin(problem)
+            out.append(TokenHealth(
+                route=name, account=account, expires_at=self._expires.get(account, expiry),
+                last_refreshed=state.get("refreshed_at") or state.get("signed_in_at")
+                or stamp.mtime_ns / 1e9,
+                needs_signin=signin, problem=problem, credential_expires_at=cred,
+                fix=token_health.fix_command(name, account) if signin else ""))
+        return out
+
+    def _summary(self, path: Any) -> tuple[Stamp, str, float | None, bool] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = Stamp(st.st_ino, st.st_mtime_ns, st.st_size)
+        held = self._summaries.get(str(path))
+        if held is not None and held[0] == stamp:
+            return held
+        stored = self.store.load_file(path)
+        if stored is None:
+            return None
+        expiry, has_refresh = _cache_summary(stored.cache)
+        summary = (stored.stamp, stored.account, expiry, has_refresh)
+        self._summaries[str(path)] = summary
+        return summary
+
+    async def refresh_idle(self, now: float | None = None) -> None:
+        """Refresh each signed-in user's token not refreshed for health.REFRESH_IDLE_S (jittered
+        per account), so its refresh token never lapses unused. One that needs a new sign-in is
+        left alone; one that failed for a passing reason is tried again after IDLE_RETRY_S."""
+        if not self.delegated:
+            return  # app-only tokens are fetched on use with the app's own credential
+        now = time.time() if now is None else now
+        for h in await asyncio.to_thread(self.health):
+            if h.needs_signin or h.last_refreshed is None:
+                continue
+            if not token_health.refresh_due(h.account, h.last_refreshed, now):
+                continue
+            if now - self._idle_tried.get(h.account, 0.0) < IDLE_RETRY_S:
+                continue
+            self._idle_tried[h.account] = now
+            self.invalidate(h.account)
+            try:
+                await asyncio.to_thread(self.acquire, h.account)
+            except AuthenticationError:
+                continue  # recorded by acquire(): health() and `auth status` show it
+            log.info("route %s: refreshed the idle token of %s", self.route.name, h.account)
 
     # -- client credentials ----------------------------------------------------------------------
 
@@ -366,8 +460,9 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     try:
         with store.locked():
             store.save(route.name, signed_in, cache.serialize())
-        store.write_state(route.name, signed_in, last_error=None,
-                          expires_at=time.time() + float(result.get("expires_in") or 0))
+        now = time.time()
+        store.write_state(route.name, signed_in, last_error=None, refreshed_at=now,
+                          signed_in_at=now, expires_at=now + float(result.get("expires_in") or 0))
     except OSError as e:
         out.write(f"relayd: cannot store the token cache in {store.root}: {e.strerror}\n")
         return 1
@@ -392,49 +487,69 @@ def _cache_summary(cache_json: str) -> tuple[float | None, bool]:
     return (max(expiries) if expiries else None), bool(doc.get("RefreshToken"))
 
 
-def status(config: Config, out: TextIO) -> int:
-    """`relayd auth status`: each token's route, account, expiry and last error; never a token.
+def _token_providers(config: Config) -> list[Any]:
+    """A token provider per OAuth route, built only to read its health (no network)."""
+    from relayd.auth import make_token_provider
+    from relayd.auth.login import is_delegated
 
-    Exit 0 when every token is usable as far as relayd knows, 1 when one has a problem."""
-    store = TokenStore(config)
+    out = []
+    for route in config.routes.values():
+        if is_microsoft_oauth(route):
+            scopes = delegated_scopes(route) if route.flow == "device" else app_scopes(route)
+        elif route.provider == "google" and route.auth == "xoauth2" and route.client_id:
+            scopes = []
+        else:
+            continue
+        out.append((route, is_delegated(route), make_token_provider(route, config, scopes)))
+    return out
+
+
+def status(config: Config, out: TextIO) -> int:
+    """`relayd auth status`: each route's and user's token: account, expiry, last refresh,
+    whether it needs a new sign-in (and the command for it), the app credential's expiry;
+    never a token. Exit 0 when every token is usable as far as relayd knows, 1 otherwise."""
     problems = 0
-    routes = [r for r in config.routes.values() if is_microsoft_oauth(r)]
-    if not routes:
+    providers = _token_providers(config)
+    if not providers:
         out.write("no OAuth routes configured\n")
         return 0
-    for route in routes:
-        if route.flow != "device":
-            state = store.read_state(route.name, APP_ACCOUNT)
-            line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
-            if state.get("expires_at"):
-                line += f"; last token valid until {_when(state['expires_at'])}"
-            if state.get("last_error"):
+    now = time.time()
+    for route, delegated, provider in providers:
+        try:
+            healths = provider.health()
+        finally:
+            provider.close()
+        cred = token_health.credential_expiry(route)
+        if cred is not None:
+            left = (cred - now) / 86400
+            out.write(f"{route.name}: app credential (client "
+                      f"{'certificate' if route.certificate_file else 'secret'}) expires "
+                      f"{_when(cred)}" + (" - EXPIRED" if left < 0 else f" (in {left:.0f} days)")
+                      + "\n")
+            if left < 0:
                 problems += 1
-                line += f"; last error ({_when(state.get('at'))}): {state['last_error']}"
-            out.write(line + "\n")
-            continue
-        files = store.files(route.name)
-        if not files:
+        if delegated and not healths:
             out.write(f"{route.name}: nobody signed in (relayd auth login {route.name} "
                       "--user ADDR)\n")
             continue
-        for path in files:
-            try:
-                stored = store.load_file(path)
-            except AuthenticationError as e:
+        for h in healths:
+            if not delegated and route.provider != "google":
+                line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
+                if h.expires_at:
+                    line += f"; last token valid until {_when(h.expires_at)}"
+            else:
+                line = (f"{route.name}: {h.account or 'refresh_token_file'}: access token valid "
+                        f"until {_when(h.expires_at)}")
+                if delegated:
+                    line += "; refresh token " + ("missing" if "no refresh token" in h.problem
+                                                  else "stored")
+            if h.last_refreshed:
+                line += f"; last refreshed {_when(h.last_refreshed)}"
+            if h.needs_signin:
                 problems += 1
-                out.write(f"{route.name}: {path.name}: {e}\n")
-                continue
-            if stored is None:
-                continue
-            expiry, has_refresh = _cache_summary(stored.cache)
-            state = store.read_state(route.name, stored.account)
-            line = (f"{route.name}: {stored.account}: access token valid until {_when(expiry)}; "
-                    f"refresh token {'stored' if has_refresh else 'missing'}")
-            if state.get("last_error"):
+                line += f"; NEEDS SIGN-IN: {h.problem}; run: {h.fix}"
+            elif h.problem:
                 problems += 1
-                line += f"; last error ({_when(state.get('at'))}): {state['last_error']}"
-            elif not has_refresh:
-                problems += 1
+                line += f"; last error: {h.problem}"
             out.write(line + "\n")
     return 1 if problems else 0

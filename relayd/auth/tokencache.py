@@ -196,6 +196,15 @@ class TokenStore:
         except OSError:
             pass  # status is informative; failing to record it must not fail a delivery
 
+    def update_state(self, route: str, account: str, **fields: Any) -> None:
+        """write_state keeping the fields not given (last refresh, sign-in time)."""
+        doc = self.read_state(route, account)
+        doc.pop("at", None)
+        doc.pop("route", None)
+        doc.pop("account", None)
+        doc.update(fields)
+        self.write_state(route, account, **doc)
+
     def read_state(self, route: str, account: str) -> dict[str, Any]:
         try:
             doc = json.loads(self.state_path(route, account).read_text(encoding="utf-8"))

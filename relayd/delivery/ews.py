@@ -19,6 +19,7 @@ from exchangelib.protocol import BaseProtocol  # type: ignore[import-untyped]
 from exchangelib.version import EXCHANGE_2013_SP1  # type: ignore[import-untyped]
 from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
+from relayd.auth import TokenHealth
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
 from relayd.config import Config, RouteConfig
 from relayd.delivery import (
@@ -136,6 +137,14 @@ class EwsUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.provider.expiries() if self.provider is not None else {}
+
+    def token_health(self) -> list[TokenHealth]:
+        return self.provider.health() if self.provider is not None else []
+
+    async def keep_fresh(self) -> None:
+        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
+        if self.provider is not None:
+            await self.provider.refresh_idle()
 
     async def close(self) -> None:
         targets = list(self._targets.values())

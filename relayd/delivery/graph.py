@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from relayd.auth import TokenProvider, make_token_provider
+from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import (
     SENT_CLOCK_SKEW_S,
@@ -288,6 +288,14 @@ class GraphUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}
+
+    def token_health(self) -> list[TokenHealth]:
+        return self.tokens.health() if self.tokens is not None else []
+
+    async def keep_fresh(self) -> None:
+        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
+        if self.tokens is not None:
+            await self.tokens.refresh_idle()
 
     @property
     def client(self) -> httpx.AsyncClient:

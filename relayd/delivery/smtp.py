@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import aiosmtplib
 
-from relayd.auth import TokenProvider, make_token_provider
+from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
 from relayd.errors import (
@@ -66,6 +66,14 @@ class SmtpUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}
+
+    def token_health(self) -> list[TokenHealth]:
+        return self.tokens.health() if self.tokens is not None else []
+
+    async def keep_fresh(self) -> None:
+        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
+        if self.tokens is not None:
+            await self.tokens.refresh_idle()
 
     def account_for(self, message: OutboundMessage) -> str:
         """Who the connection authenticates as: the username, a fixed mailbox, or the sender
