@@ -7,7 +7,7 @@ condition is not reported twice within `notify.repeat`:
 - `route:NAME:KIND`: a route failing authentication, or unable to reach its upstream, for more
   than `ROUTE_FAILING_AFTER_S` (the delivery agent's RouteStats.failing_since);
 - `signin:ROUTE:ACCOUNT`: a user who must sign in again (TokenHealth.needs_signin, with its fix);
-- `expiry:ROUTE:ACCOUNT`: a client secret (`client_secret_expires`) or certificate that expires
+- `expiry:ROUTE`: a client secret (`client_secret_expires`) or certificate that expires
   within `notify.expiry_warning` (TokenHealth.credential_expires_at);
 - `deferred:ROUTE`: a message deferred for longer than `notify.deferred_after`;
 - `bounce:ROUTE`: bounces sent; each is remembered (queue id, sender, recipients, replies) and
@@ -214,7 +214,7 @@ def token_conditions(health: Sequence[TokenHealth], routes: Mapping[str, RouteCo
                 what, since, [f"Why: {h.problem}"] if h.problem else [], todo))
         expires = h.credential_expires_at
         if expires is not None and expires - now <= expiry_warning_s:
-            key = f"expiry:{h.route}:{h.account}"
+            key = f"expiry:{h.route}"  # the app's credential: one notice, not one per user
             route = routes.get(h.route)
             cert = route is not None and route.certificate_file is not None
             thing = "client certificate" if cert else "client secret"
@@ -222,8 +222,7 @@ def token_conditions(health: Sequence[TokenHealth], routes: Mapping[str, RouteCo
             subject = (f"the {thing} of route {h.route} expires in {duration(left)}" if left > 0
                        else f"the {thing} of route {h.route} has expired")
             what = (f'The app registration\'s {thing} that route "{h.route}" signs in with '
-                    + ("expires" if left > 0 else "expired") + f" on {when(expires, now)}."
-                    + (f" ({who})" if h.account else ""))
+                    + ("expires" if left > 0 else "expired") + f" on {when(expires, now)}.")
             if cert:
                 todo = ["Make a new certificate, upload its public part to the app registration "
                         "(Certificates & secrets), then point the route at it and reload:",
@@ -321,10 +320,12 @@ class Notifier:
         self.config = config
 
     def _agents_token_health(self) -> list[TokenHealth]:
-        """Every route's, idle ones too (as the status page does: their agent is built, which
-        connects to nothing until there is mail)."""
+        """Every OAuth route's, idle ones too (as the status page does: their agent is built,
+        which connects to nothing until there is mail)."""
         out: list[TokenHealth] = []
         for route in list(self.config.routes.values()):
+            if route.client_id is None:
+                continue  # no OAuth: nothing to report (Upstream.token_health is [])
             try:
                 out.extend(self.qmgr.agent_for(route).upstream.token_health())
             except Exception:  # noqa: BLE001 - one route's bug must not stop the others

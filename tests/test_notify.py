@@ -42,12 +42,12 @@ def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def config(tmp_path: Path, staff_port: int, admin_port: int, notify_extra: str = "",
-           routes: str = "") -> Path:
+           routes: str = "", extra: str = "") -> Path:
     """Route staff (*@business.com) and route system (notify.sender) to the admin's upstream."""
     return write_config(
         tmp_path, smtp_route("staff", '["*@business.com"]', staff_port)
         + smtp_route("system", f'["{SENDER}"]', admin_port) + routes,
-        extra=f'[notify]\nto = ["{ADMIN}"]\nsender = "{SENDER}"\n{notify_extra}')
+        extra=f'{extra}\n[notify]\nto = ["{ADMIN}"]\nsender = "{SENDER}"\n{notify_extra}')
 
 
 def notices(up: Upstream) -> list[EmailMessage]:
@@ -231,7 +231,7 @@ async def test_token_health_sign_in_secret_and_certificate(
     async with run_service(cfg) as service:
         assert service.notifier is not None
         sent = await service.notifier.check(health)
-        assert sorted(sent) == ["expiry:app:", "expiry:certapp:",
+        assert sorted(sent) == ["expiry:app", "expiry:certapp",
                                 "signin:people:carol@people.business.com"]
         await wait_for(lambda: len(notices(upstream)) == 3, what="three notices")
         assert await service.notifier.check(health) == []
@@ -241,10 +241,10 @@ async def test_token_health_sign_in_secret_and_certificate(
                                      "(route people)")
         assert "relayd auth login people --user carol@people.business.com" in body(signin)
         assert "AADSTS70043" in body(signin)
-        secret = by_key["expiry:app:"]
+        secret = by_key["expiry:app"]
         assert secret["Subject"] == SUBJECT + "the client secret of route app expires in 5 days"
         assert 'routes.app.client_secret_expires = "YYYY-MM-DD"' in body(secret)
-        certificate = by_key["expiry:certapp:"]
+        certificate = by_key["expiry:certapp"]
         assert certificate["Subject"] == (SUBJECT + "the client certificate of route certapp "
                                           "expires in 10 days")
         assert "routes.certapp.certificate_file" in body(certificate)
@@ -318,3 +318,63 @@ def test_config_every_problem_with_its_key() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({**BASE, "notify": {}})
     assert [p.split(":")[0] for p in e.value.problems] == ["notify.to", "notify.sender"]
+
+
+def test_one_expiry_notice_per_app_not_per_user() -> None:
+    from relayd.notify import token_conditions
+
+    now = time.time()
+    health = [TokenHealth("people", f"u{i}@business.com", credential_expires_at=now + 86400)
+              for i in range(3)]
+    [cond] = token_conditions(health, {}, now, 30 * 86400)
+    assert cond.key == "expiry:people"
+    assert cond.subject == "the client secret of route people expires in 1d"
+
+
+def certificate_expiring(path: Path, days: float) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relayd app")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=days)).sign(key, hashes.SHA256()))
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+async def test_token_health_end_to_end(tmp_path: Path, upstream: Upstream,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the routes' own token health (relayd.auth.health): a client_secret_expires in 5
+    days and a certificate that expires in 10, on idle Graph routes: one notice each, from the
+    notifier's own loop."""
+    pytest.importorskip("relayd.auth.health")
+    import datetime as dt
+
+    monkeypatch.setenv("NOTIFY_TEST_SECRET", "s3cret")
+    cert = tmp_path / "app.pem"
+    certificate_expiring(cert, 10.2)
+    day = (dt.datetime.now(dt.UTC) + dt.timedelta(days=5.5)).date().isoformat()
+    routes = oauth_routes(cert).replace('client_secret_expires = "2099-01-01"',
+                                        f'client_secret_expires = "{day}"')
+    cfg = config(tmp_path, upstream.port, upstream.port, routes=routes,
+                 extra=f'[auth]\npath = "{tmp_path / "tokens"}"\n')
+    async with run_service(cfg):
+        await wait_for(lambda: len(notices(upstream)) == 2, what="two expiry notices")
+        by_key = {n[NOTICE_HEADER]: n for n in notices(upstream)}
+        assert set(by_key) == {"expiry:app", "expiry:certapp"}
+        assert by_key["expiry:app"]["Subject"].startswith(
+            SUBJECT + "the client secret of route app expires in ")
+        assert by_key["expiry:certapp"]["Subject"] == (
+            SUBJECT + "the client certificate of route certapp expires in 10 days")
+        await asyncio.sleep(0.5)
+        assert len(notices(upstream)) == 2
