@@ -85,9 +85,9 @@ def env(tmp_path: Path) -> Iterator[Env]:
 class Login:
     """`relayd auth login` in a subprocess: its sign-in URL, then its exit and output."""
 
-    def __init__(self, cfg: Path, user: str, mode: str) -> None:
+    def __init__(self, cfg: Path, user: str, mode: str, route: str = "m365") -> None:
         self.proc = subprocess.Popen(
-            [*RELAYD, "auth", "login", "-c", str(cfg), "m365", "--user", user, f"--{mode}"],
+            [*RELAYD, "auth", "login", "-c", str(cfg), route, "--user", user, f"--{mode}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             cwd=REPO, env={k: v for k, v in os.environ.items()
                            if k not in ("DISPLAY", "WAYLAND_DISPLAY")})

@@ -1,7 +1,12 @@
-"""A fake Google OAuth token endpoint: refresh-token grants and service-account JWT grants."""
+"""A fake Google OAuth token endpoint: refresh-token grants and service-account JWT grants, and
+the installed-app flow: an authorization endpoint (`auth`, beside `token`) with a login form and
+the authorization_code grant with PKCE (S256)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import json
 import secrets
 import threading
@@ -31,6 +36,19 @@ class Issued:
 
 
 @dataclass
+class Code:
+    client_id: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str
+    user: str
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
 class GoogleState:
     client_id: str = CLIENT_ID
     client_secret: str = CLIENT_SECRET
@@ -42,12 +60,22 @@ class GoogleState:
     fail_status: int | None = None
     requests: list[dict[str, str]] = field(default_factory=list)
     access_tokens: dict[str, Issued] = field(default_factory=dict)
+    codes: dict[str, Code] = field(default_factory=dict)
+    logins: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
 
     @property
     def token_uri(self) -> str:
         return f"{self.base_url}/token"
+
+    @property
+    def auth_uri(self) -> str:
+        return f"{self.base_url}/auth"
+
+    def revoke_user(self, user: str) -> None:
+        with self.lock:
+            self.revoked.update(rt for rt, u in self.refresh_tokens.items() if u == user)
 
     def add_user(self, user: str) -> str:
         """A refresh token for `user`, as an installed-app consent would give."""
@@ -86,9 +114,99 @@ class GoogleHandler(Handler):
     def json(self, status: int, body: dict[str, Any]) -> None:
         self.reply(status, json.dumps(body), "application/json")
 
+    AUTH_PARAMS = ("client_id", "redirect_uri", "response_type", "scope", "state",
+                   "code_challenge", "code_challenge_method", "access_type", "prompt",
+                   "login_hint")
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.path != "/auth":
+            self.json(404, {"error": "not_found"})
+            return
+        self.login_form({k: v[0] for k, v in urllib.parse.parse_qs(parts.query).items()})
+
+    def auth_problem(self, query: dict[str, str]) -> str | None:
+        redirect = urllib.parse.urlsplit(query.get("redirect_uri", ""))
+        if query.get("client_id") != self.state.client_id:
+            return "Error 401: invalid_client. The OAuth client was not found."
+        if redirect.scheme != "http" or redirect.hostname not in ("localhost", "127.0.0.1"):
+            return "Error 400: redirect_uri_mismatch"
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return "Error 400: invalid_request. PKCE required."
+        return None
+
+    def login_form(self, query: dict[str, str], error: str = "") -> None:
+        problem = self.auth_problem(query)
+        if problem:
+            self.reply(400, f"<html><body><p id='error'>{html.escape(problem)}</p></body></html>",
+                       "text/html")
+            return
+        hidden = "".join(f"<input type='hidden' name='{k}' value='{html.escape(query[k])}'>"
+                         for k in self.AUTH_PARAMS if k in query)
+        self.reply(200, f"""<!doctype html><html><head><title>Sign in - Google Accounts</title>
+</head><body><h1>Sign in</h1><form method="post" action="/auth">{hidden}
+<p><label>Email <input type="email" name="username" id="username"
+ value="{html.escape(query.get("login_hint", ""))}"></label></p>
+<p><label>Password <input type="password" name="password" id="password"></label></p>
+{f"<p id='error'>{html.escape(error)}</p>" if error else ""}
+<p><button type="submit" id="submit">Next</button></p></form></body></html>""",
+                   "text/html; charset=utf-8")
+
+    def login_submit(self, form: dict[str, str]) -> None:
+        st = self.state
+        query = {k: form[k] for k in self.AUTH_PARAMS if k in form}
+        user = form.get("username", "").strip()
+        if self.auth_problem(query) or not user:
+            self.login_form(query, "Enter an email")
+            return
+        code = "4/" + secrets.token_urlsafe(24)
+        with st.lock:
+            st.logins.append(user)
+            st.codes[code] = Code(query["client_id"], query["redirect_uri"],
+                                  query.get("scope", ""), query["code_challenge"], user)
+        back = urllib.parse.urlencode({"state": query.get("state", ""), "code": code,
+                                       "scope": query.get("scope", "")})
+        self.reply(302, "", headers={"Location": f"{query['redirect_uri']}?{back}"})
+
+    def authorization_code(self, form: dict[str, str]) -> None:
+        st = self.state
+        if form.get("client_id") != st.client_id or form.get("client_secret") != st.client_secret:
+            self.json(401, {"error": "invalid_client", "error_description": "Unauthorized"})
+            return
+        with st.lock:
+            code = st.codes.pop(form.get("code", ""), None)
+        if code is None:
+            self.json(400, {"error": "invalid_grant", "error_description": "Malformed auth code."})
+            return
+        if form.get("redirect_uri") != code.redirect_uri:
+            self.json(400, {"error": "redirect_uri_mismatch", "error_description": "Bad Request"})
+            return
+        verifier = form.get("code_verifier", "")
+        if _b64url(hashlib.sha256(verifier.encode()).digest()) != code.code_challenge:
+            self.json(400, {"error": "invalid_grant", "error_description":
+                            "Invalid code verifier."})
+            return
+        rt = self.state.add_user(code.user)
+        scope = " ".join(s for s in code.scope.split() if s not in ("openid", "email"))
+        access = "ya29." + secrets.token_urlsafe(24)
+        now = time.time()
+        with st.lock:
+            st.access_tokens[access] = Issued(code.user, scope, now + st.token_lifetime_s)
+        claims = {"iss": "https://accounts.google.com", "aud": st.client_id, "sub": "1" * 21,
+                  "email": code.user, "email_verified": True, "iat": int(now),
+                  "exp": int(now) + 3600}
+        id_token = ".".join([_b64url(b'{"alg":"RS256","typ":"JWT"}'),
+                             _b64url(json.dumps(claims).encode()), _b64url(b"sig")])
+        self.json(200, {"access_token": access, "expires_in": st.token_lifetime_s,
+                        "refresh_token": rt, "scope": code.scope, "token_type": "Bearer",
+                        "id_token": id_token})
+
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         st = self.state
         form = {k: v[0] for k, v in urllib.parse.parse_qs(self.read_body().decode()).items()}
+        if self.path == "/auth":
+            self.login_submit(form)
+            return
         if self.path != "/token":
             self.json(404, {"error": "not_found"})
             return
@@ -102,6 +220,8 @@ class GoogleHandler(Handler):
             self.refresh(form)
         elif grant == JWT_GRANT:
             self.jwt_grant(form)
+        elif grant == "authorization_code":
+            self.authorization_code(form)
         else:
             self.json(400, {"error": "unsupported_grant_type"})
 
