@@ -28,6 +28,7 @@ from conftest import (
 
 from relayd import notify
 from relayd.auth import TokenHealth
+from relayd.config import load_config
 from relayd.notify import NOTICE_HEADER, duration
 
 ALICE, BOB, NOBODY = "alice@business.com", "bob@example.com", "nobody@example.com"
@@ -378,3 +379,47 @@ async def test_token_health_end_to_end(tmp_path: Path, upstream: Upstream,
             SUBJECT + "the client certificate of route certapp expires in 10 days")
         await asyncio.sleep(0.5)
         assert len(notices(upstream)) == 2
+
+
+async def test_revoked_refresh_token_one_notice_none_after_restart(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. alice signs in to the delegated Graph route 2. her refresh token is revoked 3. her
+    message is deferred 4. exactly one notice (sign in again, with the command) reaches the
+    admin through route system 5. restart within repeat: still deferred, no second notice."""
+    pytest.importorskip("relayd.auth.health")
+    import io
+
+    from test_auth_login import login_env
+
+    from relayd.auth.oauth import login
+
+    with login_env(tmp_path) as env:
+        auth = (f'[auth]\npath = "{tmp_path / "tokens"}"\n'
+                f'key_file = "{tmp_path / "token.key"}"\n')
+        cfg = write_config(tmp_path, env.route_toml() + smtp_route(
+            "system", f'["{SENDER}"]', upstream.port),
+            extra=f'{auth}\n[notify]\nto = ["{ADMIN}"]\nsender = "{SENDER}"\n')
+        env.idp.device_user = ALICE
+        out = io.StringIO()
+        assert await asyncio.to_thread(login, load_config(cfg), "m365", ALICE, out) == 0
+        env.idp.revoke_user(ALICE)
+        with env.idp.lock:
+            env.idp.access_tokens.clear()
+        key = f"signin:m365:{ALICE}"
+        msg = f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: x\r\n\r\nx\r\n".encode()
+        for restart in (False, True):
+            async with run_service(cfg) as service:
+                if not restart:
+                    assert await send(service_port(service), ALICE, ["bob@example.net"],
+                                      msg) == {}
+                await wait_for(lambda: any(q.attempts and q.state == "deferred"
+                                           for q in service.qmgr.messages.values()),
+                               what="alice's message deferred")
+                if not restart:
+                    await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
+                await asyncio.sleep(1.0)  # ten checks
+                assert [n[NOTICE_HEADER] for n in notices(upstream)] == [key]
+        [notice] = notices(upstream)
+        assert notice["Subject"] == SUBJECT + f"{ALICE} must sign in again (route m365)"
+        assert f"relayd auth login m365 --user {ALICE}" in body(notice)
+        assert env.graph.sent == []  # neither the message nor a bounce
