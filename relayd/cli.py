@@ -63,11 +63,19 @@ def _print_problems(e: ConfigError, out: TextIO) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relayd.errors import RelayError
     from relayd.service import serve
 
     setup_logging(args.log_level, args.log_format)
     log_options = ["--log-level", args.log_level, "--log-format", args.log_format]
-    return asyncio.run(serve(config_path(args.config), log_options=log_options))
+    try:
+        return asyncio.run(serve(config_path(args.config), log_options=log_options))
+    except (RelayError, OSError) as e:
+        if isinstance(e, (ConfigError, QueueError)):
+            raise  # main() prints these with their own exit codes
+        # One line, not a traceback: a port in use, a metrics address that cannot be bound.
+        logging.getLogger("relayd").error("relayd: %s", e)
+        return EXIT_FAILED
 
 
 def cmd_check(args: argparse.Namespace) -> int:

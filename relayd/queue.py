@@ -243,7 +243,16 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True) -> None:
     """Write, fsync, rename into place (and fsync the directory unless the caller batches it)."""
     tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        if tmp_dir.exists():
+            raise
+        # Someone removed tmp/ while relayd runs: make it again rather than refuse every
+        # message from now on.
+        tmp_dir.mkdir(mode=0o700, exist_ok=True)
+        log.warning("queue: %s was missing and has been made again", tmp_dir)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         view = memoryview(data)
         while view:

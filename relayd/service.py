@@ -17,7 +17,7 @@ from typing import Any
 from relayd import sdnotify
 from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import make_upstream
-from relayd.errors import ConfigError, QueueError
+from relayd.errors import ConfigError, QueueError, RelayError
 from relayd.intake import Intake
 from relayd.journal import Journal
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
@@ -47,10 +47,40 @@ class Listeners:
 def bind_listeners(server: ServerConfig) -> Listeners:
     def bind(addr: Address) -> socket.socket:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-        return socket.create_server((addr.host, addr.port), family=family,
-                                    backlog=LISTEN_BACKLOG)
+        try:
+            return socket.create_server((addr.host, addr.port), family=family,
+                                        backlog=LISTEN_BACKLOG)
+        except OSError as e:
+            raise ListenError(f"cannot listen on {addr}: {e.strerror or e}") from None
 
     return Listeners([bind(a) for a in server.listen], [bind(a) for a in server.listen_tls])
+
+
+ACCEPT_ERROR_LOG_INTERVAL_S = 60.0
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio logs `socket.accept() out of system resource` (EMFILE) with a traceback on every
+    try, in a tight loop; it already pauses accepting a moment each time. Say it once a minute
+    at most, in one line naming the limit to raise, and leave every other error as it was."""
+    last = [0.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            now = time.monotonic()
+            if now - last[0] >= ACCEPT_ERROR_LOG_INTERVAL_S:
+                last[0] = now
+                log.warning("cannot accept connections: %s (raise LimitNOFILE, or lower "
+                            "server.max_sessions); new connections wait meanwhile",
+                            context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+class ListenError(RelayError):
+    """A listening address cannot be bound (in use, not on this machine, no permission)."""
 
 
 class Service:
@@ -204,8 +234,7 @@ class Service:
         listen = self.config.metrics.listen
         start = getattr(self.observer, "start", None)
         if listen is not None and start is not None:
-            self.metrics_port = await start(listen, self.healthy)
-            log.info("metrics on http://%s/metrics", Address(listen.host, self.metrics_port))
+            self.metrics_port = await start(listen, self.healthy)  # it logs where it listens
         if self.config.web.listen is not None:
             from relayd.web.server import WebServer
 
@@ -323,6 +352,7 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
             log.info("listening on %s (%d workers)", Address(host, port), pool.count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
     signals_seen = 0
 
     def on_stop(signame: str) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from relayd.config import load_config
 from relayd.errors import ConfigError
-from relayd.service import SESSION_DRAIN_S, Listeners, Service
+from relayd.service import SESSION_DRAIN_S, Listeners, Service, quiet_accept_errors
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ async def _run_worker(path: str, listeners: Listeners, index: int, parent: int) 
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
 
     def on_reload() -> None:
         try:

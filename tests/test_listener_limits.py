@@ -214,3 +214,57 @@ async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
     assert len(lines) < 100, lines[:20]
     assert sum(1 for line in lines if "server.max_sessions_per_client" in line) == 1
     assert not any("Traceback" in line or "out of system resource" in line for line in lines)
+
+
+async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. relayd serve under RLIMIT_NOFILE 64, with session limits set above it 2. 120 idle
+    connections: accept() fails with EMFILE 3. the log says so in one line, without a
+    traceback (asyncio's own would repeat every moment) 4. the connections go away: a normal
+    client is served."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, _port_open, free_port
+
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}",
+                       server="max_sessions = 1000\nmax_sessions_per_client = 1000\n")
+    log_path = tmp_path / "relayd.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=limit)
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+        assert proc.poll() is None, log_path.read_text()
+        for _ in range(120):
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+            writers.append(writer)
+        await asyncio.sleep(2.5)  # asyncio retries accept() every 1 s meanwhile
+        for writer in writers:
+            writer.close()
+        writers.clear()
+        await asyncio.sleep(0.5)
+        await asyncio.wait_for(send(port, "ok@business.com", ["x@example.com"], message()), 20)
+        await wait_for(lambda: len(upstream.messages) == 1)
+        assert proc.poll() is None
+    finally:
+        for writer in writers:
+            writer.close()
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    text = log_path.read_text()
+    assert text.count("cannot accept connections") == 1, text[-2000:]
+    assert "Traceback" not in text and "out of system resource" not in text

@@ -136,3 +136,15 @@ def test_queue_show_is_readable_and_json_on_request(tmp_path: Path) -> None:
     raw = json.loads(relayd_cli("queue", "show", entry.id, "--json", "-c", str(cfg)).stdout)
     assert raw["route"] == "staff" and raw["route_pinned"] is False
     assert raw["sender"] == "alice@business.com" and raw["id"] == entry.id
+
+
+async def test_a_removed_tmp_directory_is_made_again(tmp_path: Path, upstream: Upstream) -> None:
+    """1. relayd runs 2. someone removes queue/tmp/ 3. the next message is still accepted
+    (not 451 until someone runs mkdir) and delivered."""
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    async with run_service(cfg) as svc:
+        (tmp_path / "queue" / "tmp").rmdir()
+        assert await send(service_port(svc), "a@business.com", ["x@example.com"],
+                          message()) == {}
+        await wait_for(lambda: len(upstream.messages) == 1)
+    assert (tmp_path / "queue" / "tmp").is_dir()

@@ -5,11 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import Upstream, daemon, free_port, message, send, smtp_route, wait_for, write_config
+from conftest import (
+    REPO,
+    Upstream,
+    daemon,
+    free_port,
+    message,
+    send,
+    smtp_route,
+    wait_for,
+    write_config,
+)
 
 
 async def test_kill_9_loses_no_accepted_message(tmp_path: Path, upstream: Upstream) -> None:
@@ -158,3 +171,17 @@ async def test_json_logs_carry_state_changes_and_never_a_secret(tmp_path: Path,
                            capture_output=True, text=True, cwd=REPO, timeout=60)
     assert check.returncode == 0
     assert "Sup3r-Secret" not in check.stdout + check.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path, smtp_route("staff", '["*"]', 2525),
+                           listen=f"127.0.0.1:{port}")
+        out = subprocess.run([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 3

@@ -124,7 +124,8 @@ class DeliveryAgent:
         self.hold_s = hold_s
         self.limiter = RateLimiter(route.rate_limit) if route.rate_limit else None
         self.busy = 0  # jobs taken and not yet reported
-        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Report]]] = asyncio.Queue()
+        # None tells a worker to stop (close): it comes after the jobs already queued.
+        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Report]] | None] = asyncio.Queue()
         self._workers: set[asyncio.Task[None]] = set()
         self._idle = 0
         self._retired = False
@@ -170,6 +171,8 @@ class DeliveryAgent:
     async def close(self, timeout: float) -> None:
         """Finish the jobs taken within `timeout`, then cancel; release the upstream."""
         self._retired = True
+        for _ in self._workers:
+            self._jobs.put_nowait(None)  # idle workers stop now, not after IDLE_SESSION_S
         if self._workers:
             _, pending = await asyncio.wait(set(self._workers), timeout=timeout)
             for task in pending:
@@ -177,9 +180,9 @@ class DeliveryAgent:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         while not self._jobs.empty():
-            job, future = self._jobs.get_nowait()
-            if not future.done():
-                future.set_result(_deferred(job, STOPPED))
+            item = self._jobs.get_nowait()
+            if item is not None and not item[1].done():
+                item[1].set_result(_deferred(item[0], STOPPED))
         with contextlib.suppress(Exception):
             await self.upstream.close()
 
@@ -191,12 +194,15 @@ class DeliveryAgent:
             while True:
                 self._idle += 1
                 try:
-                    job, future = await asyncio.wait_for(
+                    item = await asyncio.wait_for(
                         self._jobs.get(), 0 if self._retired else IDLE_SESSION_S)
                 except TimeoutError:
                     return
                 finally:
                     self._idle -= 1
+                if item is None:
+                    return
+                job, future = item
                 if future.done():  # the manager gave up on it (shutdown)
                     continue
                 try:
