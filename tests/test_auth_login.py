@@ -224,8 +224,9 @@ async def test_pasting_something_else_is_refused(env: Env) -> None:
 # -- --browser, completed by headless Chromium ---------------------------------------------------
 
 
-@pytest.fixture
-def chromium(tmp_path: Path) -> Iterator[Any]:
+@contextlib.contextmanager
+def headless_chromium(tmp_path: Path) -> Iterator[Any]:
+    """A selenium driver of Debian's chromium, headless, as root (FIELD-NOTES' flags)."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
     webdriver = pytest.importorskip("selenium.webdriver")
@@ -243,8 +244,16 @@ def chromium(tmp_path: Path) -> Iterator[Any]:
     driver = webdriver.Chrome(options=options,
                               service=Service(executable_path=shutil.which("chromedriver")))
     driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    with headless_chromium(tmp_path) as driver:
+        yield driver
 
 
 async def test_browser_sign_in_by_headless_chromium(env: Env, chromium: Any,

@@ -15,7 +15,7 @@ import pytest
 from conftest import Upstream, write_config
 from fakes.google import CLIENT_ID, CLIENT_SECRET, GMAIL_SCOPE, GoogleState, start_google
 from fakes.https import HttpsServer, shared_ca
-from test_auth_login import Login, sign_in_by_hand
+from test_auth_login import Login, headless_chromium, sign_in_by_hand
 from test_xoauth2 import XOAuthHandler
 
 from relayd.auth import health
@@ -120,6 +120,24 @@ async def test_google_sign_in_then_delivery_as_that_user(genv: GEnv,
         assert h.needs_signin and h.fix == FIX and "invalid_grant" in h.problem
     finally:
         await up.close()
+
+
+async def test_google_browser_sign_in_by_headless_chromium(genv: GEnv, tmp_path: Path) -> None:
+    """1. auth login --browser (default) 2. Chromium opens the URL, fills Google's fake form
+    3. the loopback redirect reaches relayd: exit 0 4. alice's next message authenticates
+    with her token."""
+    with headless_chromium(tmp_path) as chromium:
+        from selenium.webdriver.common.by import By
+
+        login = Login(genv.config_file(), ALICE, "browser", route="gmail")
+        chromium.get(login.url())
+        chromium.find_element(By.ID, "password").send_keys("pw")
+        chromium.find_element(By.ID, "submit").click()
+        rc, out = login.finish()
+        assert rc == 0, out
+    assert genv.google.logins == [ALICE]
+    assert await deliver(genv.config(), ALICE) is Status.DELIVERED
+    assert genv.handler.auths == [(ALICE, True)]
 
 
 async def test_google_sign_in_as_another_account_stores_nothing(genv: GEnv) -> None:

@@ -70,6 +70,9 @@ class _Flow:
     def finish(self, query: dict[str, str]) -> Outcome:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release the HTTP session."""
+
 
 def _first_line(text: object) -> str:
     lines = str(text or "").strip().splitlines()
@@ -309,7 +312,7 @@ def parse_pasted(text: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(query).items()}
 
 
-def _make_flow(config: Config, route: RouteConfig, user: str, redirect_uri: str) -> Any:
+def _make_flow(config: Config, route: RouteConfig, user: str, redirect_uri: str) -> _Flow:
     if route.provider == "google":
         from relayd.auth.google import GMAIL_SCOPE
 
@@ -388,7 +391,8 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
-def _wait_for_redirect(server: _CallbackServer, flow: Any, user: str, out: TextIO) -> Outcome:
+def _wait_for_redirect(server: _CallbackServer, flow: _Flow, user: str,
+                       out: TextIO) -> Outcome:
     server.finish = flow.finish
     out.write(f"Sign in as {user} in a browser on this machine, at this address:\n")
     out.write(flow.auth_uri + "\n")
@@ -409,7 +413,7 @@ def _wait_for_redirect(server: _CallbackServer, flow: Any, user: str, out: TextI
     return server.outcome
 
 
-def _paste(flow: Any, user: str, out: TextIO, inp: TextIO) -> Outcome:
+def _paste(flow: _Flow, user: str, out: TextIO, inp: TextIO) -> Outcome:
     out.write(f"Sign in as {user} in a browser on any machine, at this address:\n")
     out.write(flow.auth_uri + "\n")
     out.write("The browser then ends on an address starting http://localhost that does not "
@@ -420,5 +424,4 @@ def _paste(flow: Any, user: str, out: TextIO, inp: TextIO) -> Outcome:
     if not ({"code", "error"} & query.keys()):
         return Outcome(False, "that is not the address the sign-in ended on (it has no code=); "
                        "nothing stored")
-    outcome: Outcome = flow.finish(query)
-    return outcome
+    return flow.finish(query)
