@@ -4,6 +4,7 @@ idle refresh and a revoked consent."""
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from test_auth_login import Login, headless_chromium, sign_in_by_hand
 from test_xoauth2 import XOAuthHandler
 
 from relayd.auth import health
+from relayd.auth.oauth import status
 from relayd.config import Config, load_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 
@@ -118,6 +120,10 @@ async def test_google_sign_in_then_delivery_as_that_user(genv: GEnv,
         [h] = up2.token_health()
         await up2.close()
         assert h.needs_signin and h.fix == FIX and "invalid_grant" in h.problem
+        out = io.StringIO()
+        assert status(config, out) == 1
+        assert f"gmail: {ALICE}" in out.getvalue() and "NEEDS SIGN-IN" in out.getvalue()
+        assert FIX in out.getvalue()
     finally:
         await up.close()
 
