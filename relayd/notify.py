@@ -388,6 +388,10 @@ class Notifier:
             await asyncio.to_thread(self._load)
         now = self.clock()
         conditions = self.conditions(now, self.token_health() if health is None else health)
+        # The bounces each bounce notice lists: those arriving while it is stored wait for
+        # the next one.
+        reported = {route: (len(b), self.state.bounces_dropped.get(route, 0))
+                    for route, b in self.state.bounces.items()}
         sent = []
         for cond in conditions:
             last = self.state.sent.get(cond.key)
@@ -399,8 +403,13 @@ class Notifier:
                 sent.append(cond.key)
                 if cond.key.startswith("bounce:"):
                     route = cond.key.partition(":")[2]
-                    self.state.bounces.pop(route, None)
-                    self.state.bounces_dropped.pop(route, None)
+                    listed, dropped = reported.get(route, (0, 0))
+                    del self.state.bounces.setdefault(route, [])[:listed]
+                    left = self.state.bounces_dropped.pop(route, 0) - dropped
+                    if left > 0:
+                        self.state.bounces_dropped[route] = left
+                    if not self.state.bounces[route]:
+                        del self.state.bounces[route]
         self._prune(now)
         if self._dirty:
             await asyncio.to_thread(self._save)

@@ -9,6 +9,7 @@ import email.policy
 import json
 import re
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -29,7 +30,11 @@ from conftest import (
 from relayd import notify
 from relayd.auth import TokenHealth
 from relayd.config import load_config
-from relayd.notify import NOTICE_HEADER, duration
+from relayd.delivery import make_upstream
+from relayd.errors import QueueError
+from relayd.notify import NOTICE_HEADER, Notifier, duration
+from relayd.qmgr import QueueManager
+from relayd.queue import FAILED, Entry, RecipientState, Spool
 
 ALICE, BOB, NOBODY = "alice@business.com", "bob@example.com", "nobody@example.com"
 ADMIN, SENDER = "it@business.com", "relayd@business.com"
@@ -423,3 +428,87 @@ async def test_revoked_refresh_token_one_notice_none_after_restart(
         assert notice["Subject"] == SUBJECT + f"{ALICE} must sign in again (route m365)"
         assert f"relayd auth login m365 --user {ALICE}" in body(notice)
         assert env.graph.sent == []  # neither the message nor a bounce
+
+
+class FakeIntake:
+    """Stands in for the intake in the checker's unit tests: records what it is given, or fails
+    as a full disk would, and can run something while a notice is being stored."""
+
+    def __init__(self) -> None:
+        self.notices: list[tuple[str, list[str], bytes]] = []
+        self.fail = 0
+        self.during: list[Callable[[], None]] = []
+
+    async def accept(self, sender: str, recipients: list[str], data: bytes,
+                     mail_options: list[str], client: str, route: str) -> Entry:
+        assert client == notify.NOTICE_CLIENT and route == "system"
+        while self.during:
+            self.during.pop()()
+        if self.fail:
+            self.fail -= 1
+            raise QueueError("no space left on device")
+        self.notices.append((sender, recipients, data))
+        return Entry(id=f"N{len(self.notices)}", sender=sender, recipients=recipients,
+                     received=time.time(), client=client)
+
+
+def checker(tmp_path: Path, clock: list[float], health: list[TokenHealth],
+            intake: FakeIntake) -> Notifier:
+    cfg = load_config(config(tmp_path, 25, 25, 'repeat = "1h"'))
+    qmgr = QueueManager(cfg, Spool(cfg.queue.path), make_upstream)
+    return Notifier(cfg, qmgr, intake,  # type: ignore[arg-type]
+                    clock=lambda: clock[0], token_health=lambda: health)
+
+
+async def test_once_per_repeat_clears_and_comes_back_and_survives_restarts(
+        tmp_path: Path) -> None:
+    """Fake clock: reported once; cleared and back within repeat: nothing; after repeat:
+    again. A new checker on the same state file remembers; a notice that cannot be stored is
+    tried at the next check."""
+    clock = [1_000_000.0]
+    needs = [TokenHealth("staff", ALICE, needs_signin=True, problem="invalid_grant")]
+    health: list[TokenHealth] = list(needs)
+    intake = FakeIntake()
+    n = checker(tmp_path, clock, health, intake)
+    assert await n.check() == [f"signin:staff:{ALICE}"]
+    clock[0] += 600
+    assert await n.check() == []
+    health.clear()  # signed in again
+    clock[0] += 600
+    assert await n.check() == []
+    health.extend(needs)  # and lapsed again, within repeat
+    clock[0] += 600
+    assert await n.check() == []
+    again = checker(tmp_path, clock, health, intake)  # a restart
+    assert await again.check() == []
+    clock[0] += 1800
+    intake.fail = 1
+    assert await again.check() == []  # could not be stored: logged, not recorded
+    assert await again.check() == [f"signin:staff:{ALICE}"]
+    assert len(intake.notices) == 2
+
+
+async def test_bounces_arriving_while_a_notice_is_stored_wait_for_the_next(
+        tmp_path: Path) -> None:
+    clock = [1_000_000.0]
+    intake = FakeIntake()
+    n = checker(tmp_path, clock, [], intake)
+
+    def bounced(i: int) -> None:
+        original = Entry(id=f"Q{i}", sender=ALICE, recipients=[NOBODY], received=clock[0],
+                         rcpt={NOBODY: RecipientState(FAILED, 550, "5.1.1 no such user")})
+        bounce = Entry(id=f"B{i}", sender="", recipients=[ALICE], received=clock[0],
+                       bounce_for=original.id, bounce_rcpts=[NOBODY])
+        n.on_bounce(original, bounce)
+
+    bounced(1)
+    intake.during.append(lambda: bounced(2))
+    assert await n.check() == ["bounce:staff"]
+    assert b"- Q1 from <alice@business.com> (bounce B1):" in intake.notices[0][2]
+    assert b"Q2" not in intake.notices[0][2]
+    assert [b["id"] for b in n.state.bounces["staff"]] == ["Q2"]
+    clock[0] += 3600
+    assert await n.check() == ["bounce:staff"]
+    assert b"1 bounce(s) sent on route staff" in intake.notices[1][2]
+    assert b"<nobody@example.com>: 550 5.1.1 no such user" in intake.notices[1][2]
+    assert not n.state.bounces
