@@ -512,3 +512,13 @@ async def test_bounces_arriving_while_a_notice_is_stored_wait_for_the_next(
     assert b"1 bounce(s) sent on route staff" in intake.notices[1][2]
     assert b"<nobody@example.com>: 550 5.1.1 no such user" in intake.notices[1][2]
     assert not n.state.bounces
+
+
+def test_listener_workers_do_not_notify(tmp_path: Path) -> None:
+    """The checker runs where the queue manager does: the main process, not its workers."""
+    from relayd.service import Service
+
+    cfg = load_config(config(tmp_path, 25, 25))
+    main = Service(cfg)
+    assert main.notifier is not None and main.qmgr.on_bounce == main.notifier.on_bounce
+    assert Service(cfg, report=lambda line: None).notifier is None
