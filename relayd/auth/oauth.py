@@ -532,6 +532,10 @@ def status(config: Config, out: TextIO) -> int:
             out.write(f"{route.name}: nobody signed in (relayd auth login {route.name} "
                       "--user ADDR)\n")
             continue
+        if not healths:
+            out.write(f"{route.name}: service account (domain-wide delegation); tokens kept in "
+                      "daemon memory\n")
+            continue
         for h in healths:
             if not delegated and route.provider != "google":
                 line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
