@@ -48,6 +48,7 @@ from relayd.auth import TokenHealth
 from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import RouteStats
 from relayd.errors import QueueError
+from relayd.qmgr.manager import DEFERRED
 from relayd.queue import Entry, write_atomic
 
 if TYPE_CHECKING:
@@ -434,8 +435,6 @@ class Notifier:
     def _deferred(self, now: float, after_s: float) -> dict[str, DeferredRoute]:
         """Messages deferred longer than `after_s`, per route; notices and the bounces of
         notices are left out (they must not report themselves)."""
-        from relayd.qmgr.manager import DEFERRED
-
         out: dict[str, DeferredRoute] = {}
         for queued in list(self.qmgr.messages.values()):
             entry = queued.entry
