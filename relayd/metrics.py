@@ -10,6 +10,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from relayd.auth import TokenHealth
 from relayd.config import Address
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class Metrics:
         self._token_expiry = Gauge("relayd_token_expiry_seconds",
                                    "Seconds until the route's OAuth access token expires",
                                    ["route", "account"], registry=r)
+        self._needs_signin = Gauge("relayd_token_needs_signin",
+                                   "1 when the account must sign in again (relayd auth status)",
+                                   ["route", "account"], registry=r)
+        self._credential_expiry = Gauge("relayd_credential_expiry_seconds",
+                                        "Seconds until the route's client secret or "
+                                        "certificate expires", ["route"], registry=r)
         self._journal_dropped = Gauge("relayd_journal_dropped_events",
                                       "Journal events that could not be written since start",
                                       registry=r)
@@ -83,6 +90,13 @@ class Metrics:
     def set_queue(self, depth: int, oldest_age_s: float) -> None:
         self._queue_depth.set(depth)
         self._queue_oldest.set(max(0.0, oldest_age_s))
+
+    def set_token_health(self, health: TokenHealth, now: float) -> None:
+        self._needs_signin.labels(route=health.route, account=health.account).set(
+            1 if health.needs_signin else 0)
+        if health.credential_expires_at is not None:
+            self._credential_expiry.labels(route=health.route).set(
+                health.credential_expires_at - now)
 
     def set_journal(self, dropped: int) -> None:
         self._journal_dropped.set(dropped)

@@ -63,9 +63,14 @@ class SenderPolicy:
     def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:
         """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
         rather than queue mail that can only defer until it expires."""
-        if route.flow != "device" or route.upstream not in ("graph", "ews") or not sender:
+        if route.flow != "device" or not sender:
             return None
         if route.upstream == "ews" and route.auth != "oauth":
+            return None
+        if route.upstream == "smtp" and (route.auth != "xoauth2" or
+                                         route.refresh_token is not None):
+            return None  # a password route, or one Google refresh token from a file
+        if route.upstream == "outbox":
             return None
         account = fixed_mailbox(route) or sender
         if TokenStore(self.config).exists(route.name, account.lower()):

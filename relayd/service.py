@@ -34,6 +34,8 @@ SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM waits for sessions and deliveries 
 SESSION_DRAIN_S = 10.0  # of which SMTP sessions get at most this much
 LISTEN_BACKLOG = 512
 QUEUE_GAUGE_INTERVAL_S = 5.0
+KEEP_FRESH_FIRST_S = 60.0  # after start, before the first background token refresh round
+KEEP_FRESH_INTERVAL_S = 600.0  # between rounds; each token is refreshed at most weekly
 
 
 @dataclass
@@ -192,6 +194,7 @@ class Service:
             self.qmgr.recover(recovered)
             self._tasks.append(asyncio.create_task(self.qmgr.run(), name="qmgr"))
             self._tasks.append(asyncio.create_task(self._report_queue(), name="queue-gauges"))
+            self._tasks.append(asyncio.create_task(self._keep_tokens_fresh(), name="tokens"))
             if self.notifier is not None:
                 self._notify_task = asyncio.create_task(self.notifier.run(), name="notify")
             if self.accept:
@@ -273,11 +276,29 @@ class Service:
             if set_journal is not None:
                 set_journal(self.journal.dropped)
             now = time.time()
+            set_health = getattr(self.observer, "set_token_health", None)
             for name, agent in list(self.qmgr.agents.items()):
                 for account, expires in agent.upstream.token_expiries().items():
                     if set_expiry is not None:
                         set_expiry(name, account, expires - now)
+                if set_health is not None:
+                    for health in agent.upstream.token_health():
+                        set_health(health, now)
             await asyncio.sleep(QUEUE_GAUGE_INTERVAL_S)
+
+    async def _keep_tokens_fresh(self) -> None:
+        """Refresh idle delegated tokens well before they lapse (relayd.auth.health): a user
+        who sends once a quarter must not find their sign-in expired."""
+        await asyncio.sleep(KEEP_FRESH_FIRST_S)
+        while True:
+            for route in list(self.config.routes.values()):
+                if route.client_id is None and route.provider != "google":
+                    continue
+                try:
+                    await self.qmgr.agent_for(route).upstream.keep_fresh()
+                except Exception as e:  # noqa: BLE001 - the next round tries again
+                    log.warning("route %s: background token refresh failed: %s", route.name, e)
+            await asyncio.sleep(KEEP_FRESH_INTERVAL_S)
 
     def reload(self, config: Config) -> None:
         """Apply a new config: routes change for the next attempt; sessions and the queue are

@@ -157,3 +157,14 @@ async def test_start_twice_refused(served: tuple[Metrics, int, Health]) -> None:
     check: Callable[[], bool] = lambda: True  # noqa: E731
     with pytest.raises(RuntimeError):
         await metrics.start(Address("127.0.0.1", 0), check)
+
+
+def test_token_health_is_in_the_metrics() -> None:
+    from relayd.auth import TokenHealth
+
+    m = Metrics()
+    m.set_token_health(TokenHealth("m365", "alice@business.com", needs_signin=True,
+                                   credential_expires_at=1_000_000 + 5 * 86400), 1_000_000)
+    text = m.render().decode()
+    assert 'relayd_token_needs_signin{account="alice@business.com",route="m365"} 1.0' in text
+    assert 'relayd_credential_expiry_seconds{route="m365"} 432000.0' in text

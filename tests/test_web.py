@@ -11,6 +11,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -124,3 +125,54 @@ async def test_off_loopback_the_status_page_needs_an_admin_login_over_https(
 
         with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
             await asyncio.to_thread(plain)  # no plain HTTP off loopback
+
+
+# -- /signin, completed by a person in headless Chromium -----------------------------------------
+
+
+def _signin_config(env: Any) -> Path:
+    auth = (f'[auth]\npath = "{env.tmp_path / "tokens"}"\n'
+            f'key_file = "{env.tmp_path / "token.key"}"\n[web]\nlisten = "127.0.0.1:0"\n')
+    return write_config(env.tmp_path, env.route_toml(), extra=auth)
+
+
+@pytest.mark.parametrize(("who", "stored"), [("alice@business.com", True),
+                                             ("bob@other.example", False)])
+async def test_signin_page_stores_the_token_for_the_route_that_covers_the_user(
+        tmp_path: Path, who: str, stored: bool) -> None:
+    """1. a user opens /signin and picks "Sign in with Microsoft" 2. signs in on the identity
+    provider's form 3. is sent back to relayd, which stores the token for the delegated route
+    covering that address and says so 4. that user's next message goes out with that token;
+    an account no route covers is refused, nothing stored."""
+    from test_auth_login import assert_next_message_uses_token_of, headless_chromium, login_env
+
+    from relayd.auth.oauth import has_signed_in
+
+    with login_env(tmp_path) as env, headless_chromium(tmp_path) as driver:
+        from selenium.webdriver.common.by import By
+
+        cfg = _signin_config(env)
+        async with run_service(cfg) as svc:
+            await asyncio.to_thread(driver.get, f"http://127.0.0.1:{svc.web_port}/signin")
+            assert "Sign in to send mail through relayd" in driver.page_source
+            shot = tmp_path / "signin.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+            await asyncio.to_thread(driver.find_element(By.LINK_TEXT,
+                                                        "Sign in with Microsoft").click)
+            await wait_for(lambda: "password" in driver.page_source, what="the login form")
+            driver.find_element(By.ID, "username").clear()
+            driver.find_element(By.ID, "username").send_keys(who)
+            driver.find_element(By.ID, "password").send_keys("pw")
+            await asyncio.to_thread(driver.find_element(By.ID, "submit").click)
+            await wait_for(lambda: "/signin/callback" in driver.current_url
+                           and "</h1>" in driver.page_source, what="relayd's answer")
+            text = driver.find_element(By.TAG_NAME, "body").text
+        config = load_config(cfg)
+        route = config.routes["m365"]
+        if stored:
+            assert "Signed in" in text and f"{who} can now send mail" in text
+            assert has_signed_in(config, route, who)
+            await assert_next_message_uses_token_of(env, who)
+        else:
+            assert "Not signed in" in text and "no route of this relay sends" in text
+            assert not list(tmp_path.glob("tokens/*.token"))

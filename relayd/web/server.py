@@ -8,7 +8,8 @@ Rules:
 - `/signin`: a button per delegated identity (a Microsoft app registration used by routes with
   `flow = "device"`). The user signs in at the provider (authorization code flow with PKCE; on
   loopback as a public client with redirect `http://localhost:PORT/signin/callback`, elsewhere
-  as a Web app with the route's client secret and `https://HOST:PORT/signin/callback`); relayd
+  as a Web app with the route's client secret and `https://HOST:PORT/signin/callback`; the
+  provider posts its answer there, `response_mode=form_post`, so the code is in no URL); relayd
   stores the token for the delegated route that covers the signed-in address, exactly as
   `relayd auth login` does, and says which address can now send. An account no delegated route
   covers is refused and nothing is stored.
@@ -47,6 +48,7 @@ SNAPSHOT_TIMEOUT_S = 5.0
 SIGNIN_FLOW_TTL_S = 900.0  # a sign-in started and not finished is forgotten after this
 MAX_PENDING_SIGNINS = 200
 FAILED_LOGIN_DELAY_S = 1.0
+MAX_FORM_BYTES = 64 * 1024
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
     "X-Frame-Options": "DENY",
@@ -105,9 +107,10 @@ class SignIns:
         if route is None:
             raise LookupError("no such sign-in")
         app = self._app(route)
+        # form_post: the code comes back in a POST body, never in a URL a browser keeps.
         flow = app.initiate_auth_code_flow(delegated_scopes(route),
                                            redirect_uri=self.redirect_uri,
-                                           prompt="select_account")
+                                           prompt="select_account", response_mode="form_post")
         now = time.monotonic()
         with self._lock:
             for state in [s for s, p in self._pending.items()
@@ -122,7 +125,10 @@ class SignIns:
         """Complete a sign-in from the redirect's query; (ok, what to tell the user)."""
         import msal
 
+        from relayd.auth.login import Outcome, store_signin
         from relayd.auth.oauth import delegated_scopes
+        from relayd.auth.tokencache import TokenStore
+        from relayd.errors import AuthenticationError
 
         with self._lock:
             pending = self._pending.pop(params.get("state", ""), None)
@@ -153,25 +159,16 @@ class SignIns:
                            "sends for that address with delegated sign-in. Nothing was stored; "
                            "ask your administrator.")
         try:
-            _store(self.config, covering, account, cache.serialize(),
-                   float(result.get("expires_in") or 0))
-        except OSError as e:
-            log.error("web sign-in: cannot store the token for %s: %s", account, e.strerror)
+            TokenStore(self.config).fernet(create=True)  # the cache key, made on first use
+            stored = store_signin(self.config, covering, account, cache.serialize(),
+                                  time.time() + float(result.get("expires_in") or 0))
+        except (AuthenticationError, OSError) as e:
+            stored = Outcome(False, str(e))
+        if not stored.ok:
+            log.error("web sign-in: %s", stored.message)
             return False, "relayd could not store the sign-in; tell your administrator."
         log.info("web sign-in: %s signed in for route %s", account, covering.name)
         return True, f"{account} can now send mail through relayd (route {covering.name})."
-
-
-def _store(config: Config, route: RouteConfig, account: str, cache: str,
-           expires_in: float) -> None:
-    """Where `relayd auth login` stores a delegated sign-in; the daemon re-reads it."""
-    from relayd.auth.tokencache import TokenStore
-
-    store = TokenStore(config)
-    store.fernet(create=True)
-    with store.locked():
-        store.save(route.name, account, cache)
-    store.write_state(route.name, account, last_error=None, expires_at=time.time() + expires_in)
 
 
 def _delegated_microsoft(route: RouteConfig) -> bool:
@@ -286,6 +283,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
         self.do_GET()
 
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        """The identity provider's answer to a sign-in (response_mode=form_post)."""
+        app = self.server_app
+        if urllib.parse.urlsplit(self.path).path != "/signin/callback" or app.signins is None:
+            self.send(404, message_page("Not found", "Try / or /signin.", False))
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if not 0 < length <= MAX_FORM_BYTES:
+            self.send(400, message_page("Not signed in", "The sign-in answer was empty or too "
+                                        "large.", False))
+            return
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(body).items()}
+        try:
+            ok, text = app.signins.finish(params)
+        except Exception as e:  # noqa: BLE001 - one line, and the person is told
+            log.error("web sign-in failed: %s: %s", type(e).__name__, e)
+            ok, text = False, "relayd could not complete the sign-in; tell your administrator."
+        self.send(200 if ok else 400, message_page("Signed in" if ok else "Not signed in",
+                                                   text, ok))
+
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         app = self.server_app
         url = urllib.parse.urlsplit(self.path)
@@ -310,11 +328,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.send(400, message_page("Cannot sign in", str(e), False))
                     return
                 self.send(302, b"", {"Location": target})
-            elif url.path == "/signin/callback":
-                assert app.signins is not None
-                ok, text = app.signins.finish(params)
-                self.send(200 if ok else 400, message_page(
-                    "Signed in" if ok else "Not signed in", text, ok))
             else:
                 self.send(404, message_page("Not found", "Try / or /signin.", False))
         except (TimeoutError, RuntimeError, OSError) as e:

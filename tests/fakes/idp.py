@@ -166,7 +166,8 @@ class IdpHandler(Handler):
     # -- authorization code flow: the login page -------------------------------------------------
 
     AUTH_PARAMS = ("client_id", "response_type", "redirect_uri", "scope", "state",
-                   "code_challenge", "code_challenge_method", "nonce", "login_hint")
+                   "code_challenge", "code_challenge_method", "nonce", "login_hint",
+                   "response_mode")
 
     def authorize_problem(self, query: dict[str, str]) -> str | None:
         st = self.state
@@ -226,6 +227,15 @@ class IdpHandler(Handler):
                                            query["code_challenge_method"],
                                            query.get("nonce", ""), user)
         back = {"code": code, "state": query.get("state", ""), "session_state": "s1"}
+        if query.get("response_mode") == "form_post":
+            # As Entra does: a page that posts the answer to the redirect URI by itself.
+            fields = "".join(f"<input type='hidden' name='{k}' value='{html.escape(v)}'>"
+                             for k, v in back.items())
+            self.reply(200, f"<!doctype html><html><body onload='document.forms[0].submit()'>"
+                       f"<form method='post' action='{html.escape(query['redirect_uri'])}'>"
+                       f"{fields}<noscript><button type='submit'>Continue</button></noscript>"
+                       f"</form></body></html>", "text/html; charset=utf-8")
+            return
         sep = "&" if "?" in query["redirect_uri"] else "?"
         self.reply(302, "", headers={
             "Location": query["redirect_uri"] + sep + urllib.parse.urlencode(back)})
