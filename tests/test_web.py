@@ -176,3 +176,49 @@ async def test_signin_page_stores_the_token_for_the_route_that_covers_the_user(
         else:
             assert "Not signed in" in text and "no route of this relay sends" in text
             assert not list(tmp_path.glob("tokens/*.token"))
+
+
+async def test_signin_page_with_google(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. a user opens /signin, picks "Sign in with Google" and gives the address 2. signs in
+    at the fake Google 3. relayd stores the refresh token for the Google route covering that
+    address 4. the next message from that user goes out with XOAUTH2 as that user."""
+    from fakes.google import CLIENT_SECRET, start_google
+    from test_auth_login import headless_chromium
+    from test_google_login import GEnv, deliver
+    from test_xoauth2 import XOAuthHandler
+
+    from relayd.delivery import Status
+
+    monkeypatch.setenv("G_SECRET", CLIENT_SECRET)
+    server = start_google()
+    up = Upstream(tls_context=shared_ca().server_context(), require_starttls=True,
+                  auth_require_tls=True)
+    handler = XOAuthHandler()
+    up.handler = handler
+    await up.start()
+    env = GEnv(server.state, handler, up, tmp_path)
+    handler.check = env.token_ok
+    try:
+        cfg = env.config_file()
+        cfg.write_text(cfg.read_text() + '\n[web]\nlisten = "127.0.0.1:0"\n')
+        with headless_chromium(tmp_path) as driver:
+            from selenium.webdriver.common.by import By
+
+            async with run_service(cfg) as svc:
+                await asyncio.to_thread(driver.get, f"http://127.0.0.1:{svc.web_port}/signin")
+                await asyncio.to_thread(driver.find_element(By.LINK_TEXT,
+                                                            "Sign in with Google").click)
+                driver.find_element(By.ID, "address").send_keys("alice@business.com")
+                await asyncio.to_thread(driver.find_element(By.ID, "continue").click)
+                await wait_for(lambda: "password" in driver.page_source, what="Google's form")
+                driver.find_element(By.ID, "password").send_keys("pw")
+                await asyncio.to_thread(driver.find_element(By.ID, "submit").click)
+                await wait_for(lambda: "/signin/callback" in driver.current_url
+                               and "</h1>" in driver.page_source, what="relayd's answer")
+                text = driver.find_element(By.TAG_NAME, "body").text
+        assert "alice@business.com can now send mail" in text, text
+        assert await deliver(env.config(), "alice@business.com") is Status.DELIVERED
+        assert handler.auths == [("alice@business.com", True)]
+    finally:
+        await up.stop()
+        server.stop()

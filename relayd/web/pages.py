@@ -138,6 +138,16 @@ def signin_page(hostname: str, choices: Sequence[tuple[str, str]], note: str = "
     return page("Sign in", "".join(body))
 
 
+def address_page(hostname: str) -> bytes:
+    """Google's sign-in wants the address up front: a one-field form, no script."""
+    return page("Sign in with Google", f"<h1>Sign in with Google to send through relayd on "
+                f"{_e(hostname)}</h1>"
+                '<form method="get" action="/signin/google/start"><p><label>Your address '
+                '<input type="email" name="address" id="address" required></label></p>'
+                '<p><button type="submit" id="continue">Continue to Google</button></p>'
+                "</form>")
+
+
 def message_page(title: str, text: str, ok: bool) -> bytes:
     cls = "ok" if ok else "bad"
     return page(title, f'<h1>{_e(title)}</h1><p class="{cls}">{_e(text)}</p>'

@@ -40,7 +40,7 @@ from typing import Any
 from relayd.auth.passwords import verify_password
 from relayd.config import Config, RouteConfig
 from relayd.router import Router
-from relayd.web.pages import Snapshot, message_page, signin_page, status_page
+from relayd.web.pages import Snapshot, address_page, message_page, signin_page, status_page
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ SECURITY_HEADERS = {
 @dataclass
 class _Pending:
     group: str
-    flow: dict[str, Any]
+    flow: Any  # msal's flow dict (Microsoft), or a relayd.auth.login.GoogleFlow
     started: float
 
 
@@ -81,9 +81,46 @@ class SignIns:
 
     def choices(self) -> list[tuple[str, str]]:
         many = len(self.groups) > 1
-        return [("Sign in with Microsoft" + (f" ({route.name})" if many else ""),
-                 f"/signin/start?{urllib.parse.urlencode({'id': key})}")
-                for key, route in self.groups.items()]
+        out = [("Sign in with Microsoft" + (f" ({route.name})" if many else ""),
+                f"/signin/start?{urllib.parse.urlencode({'id': key})}")
+               for key, route in self.groups.items()]
+        if self.google_routes():
+            out.append(("Sign in with Google", "/signin/google"))
+        return out
+
+    def google_routes(self) -> list[RouteConfig]:
+        from relayd.auth.login import is_delegated
+
+        return [r for r in self.config.routes.values()
+                if r.provider == "google" and is_delegated(r)]
+
+    def start_google(self, address: str) -> str:
+        """Google's authorize URL for `address`, which a delegated Google route must cover:
+        Google's installed-app flow wants the user up front (login_hint), and relayd checks
+        that the account that signs in is that address."""
+        from relayd.auth.google import GMAIL_SCOPE
+        from relayd.auth.login import GoogleFlow, is_delegated
+
+        address = address.strip().lower()
+        route = self.router.lookup(address) if "@" in address else None
+        if route is None or route.provider != "google" or not is_delegated(route):
+            raise LookupError(f"no route of this relay sends for {address!r} with Google "
+                              "sign-in; ask your administrator")
+        flow = GoogleFlow(self.config, route, address, self.redirect_uri, [GMAIL_SCOPE])
+        self._remember(flow.state, _Pending("google", flow, time.monotonic()))
+        return flow.auth_uri
+
+    def _remember(self, state: str, pending: _Pending) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, p in self._pending.items()
+                        if now - p.started > SIGNIN_FLOW_TTL_S]:
+                gone = self._pending.pop(old)
+                if gone.group == "google":
+                    gone.flow.close()
+            if len(self._pending) >= MAX_PENDING_SIGNINS:
+                raise LookupError("too many sign-ins under way; try again in a few minutes")
+            self._pending[state] = pending
 
     def _app(self, route: RouteConfig) -> Any:
         import msal  # type: ignore[import-untyped]
@@ -111,14 +148,7 @@ class SignIns:
         flow = app.initiate_auth_code_flow(delegated_scopes(route),
                                            redirect_uri=self.redirect_uri,
                                            prompt="select_account", response_mode="form_post")
-        now = time.monotonic()
-        with self._lock:
-            for state in [s for s, p in self._pending.items()
-                          if now - p.started > SIGNIN_FLOW_TTL_S]:
-                del self._pending[state]
-            if len(self._pending) >= MAX_PENDING_SIGNINS:
-                raise LookupError("too many sign-ins under way; try again in a few minutes")
-            self._pending[str(flow["state"])] = _Pending(key, flow, now)
+        self._remember(str(flow["state"]), _Pending(key, flow, time.monotonic()))
         return str(flow["auth_uri"])
 
     def finish(self, params: dict[str, str]) -> tuple[bool, str]:
@@ -137,6 +167,23 @@ class SignIns:
         if "error" in params:
             return False, (f"The sign-in was not completed: {params.get('error')}: "
                            f"{params.get('error_description', '')}")
+        try:
+            TokenStore(self.config).fernet(create=True)  # the cache key, made on first use
+        except (AuthenticationError, OSError) as e:
+            log.error("web sign-in: %s", e)
+            return False, "relayd could not store the sign-in; tell your administrator."
+        if pending.group == "google":
+            try:
+                done = pending.flow.finish(params)
+            finally:
+                pending.flow.close()
+            if not done.ok:
+                log.warning("web sign-in (Google) for %s: %s", pending.flow.user, done.message)
+                return False, f"Not signed in: {done.message}."
+            log.info("web sign-in: %s signed in for route %s", pending.flow.user,
+                     pending.flow.route.name)
+            return True, (f"{pending.flow.user} can now send mail through relayd "
+                          f"(route {pending.flow.route.name}).")
         route = self.groups[pending.group]
         cache = msal.SerializableTokenCache()
         app = self._app(route)
@@ -159,7 +206,6 @@ class SignIns:
                            "sends for that address with delegated sign-in. Nothing was stored; "
                            "ask your administrator.")
         try:
-            TokenStore(self.config).fernet(create=True)  # the cache key, made on first use
             stored = store_signin(self.config, covering, account, cache.serialize(),
                                   time.time() + float(result.get("expires_in") or 0))
         except (AuthenticationError, OSError) as e:
@@ -320,6 +366,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif url.path == "/signin":
                 assert app.signins is not None
                 self.send(200, signin_page(hostname, app.signins.choices()))
+            elif url.path == "/signin/google":
+                self.send(200, address_page(hostname))
+            elif url.path == "/signin/google/start":
+                assert app.signins is not None
+                try:
+                    target = app.signins.start_google(params.get("address", ""))
+                except LookupError as e:
+                    self.send(400, message_page("Cannot sign in", str(e), False))
+                    return
+                self.send(302, b"", {"Location": target})
+            elif url.path == "/signin/callback":
+                # Google answers with a GET; Microsoft posts (do_POST).
+                assert app.signins is not None
+                ok, text = app.signins.finish(params)
+                self.send(200 if ok else 400, message_page(
+                    "Signed in" if ok else "Not signed in", text, ok))
             elif url.path == "/signin/start":
                 assert app.signins is not None
                 try:
@@ -330,8 +392,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send(302, b"", {"Location": target})
             else:
                 self.send(404, message_page("Not found", "Try / or /signin.", False))
-        except (TimeoutError, RuntimeError, OSError) as e:
-            log.warning("web: %s %s failed: %s", self.command, url.path, e)
+        except Exception as e:  # noqa: BLE001 - one line and a page, never a traceback
+            log.warning("web: %s %s failed: %s: %s", self.command, url.path,
+                        type(e).__name__, e)
             with contextlib.suppress(OSError):
                 self.send(503, message_page("Unavailable", "relayd is busy or stopping; try "
                                             "again.", False))
