@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relayd.auth.tokencache import TokenStore
 from relayd.config import Config, RouteConfig, ServerUser
 from relayd.delivery.mime import fixed_mailbox
 from relayd.router import Router, matches_any
@@ -72,6 +71,10 @@ class SenderPolicy:
             return None  # a password route, or one Google refresh token from a file
         if route.upstream == "outbox":
             return None
+        # Imported here: the token store pulls in cryptography, which a relay without
+        # delegated routes (or a listener worker) need not load.
+        from relayd.auth.tokencache import TokenStore
+
         account = fixed_mailbox(route) or sender
         if TokenStore(self.config).exists(route.name, account.lower()):
             return None
