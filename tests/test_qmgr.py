@@ -139,6 +139,9 @@ async def test_a_bounce_that_cannot_be_stored_keeps_the_message(
     assert len(deliveries_to(upstream, BOB)) == 1
     [line] = removals(caplog, qid)
     assert "1 delivered, 1 failed" in line
+    # bob's delivery was logged once, when it happened, though the bounce waited for space
+    assert sum(r.getMessage().startswith(f"{qid}: delivered to <{BOB}>")
+               for r in caplog.records) == 1
 
 
 async def test_a_bounce_that_cannot_be_built_moves_the_message_to_corrupt(

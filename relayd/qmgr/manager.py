@@ -393,6 +393,7 @@ class QueueManager:
             else:
                 stored = await self._store_bounce(queued, route_name)
                 if stored is None:
+                    self._log_delivered(entry.id, route_name, _by_reply(outcome.delivered))
                     if queued.id in self.messages:  # kept for the bounce, not quarantined
                         await self._save_state(entry)
                     return
