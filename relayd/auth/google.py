@@ -33,7 +33,6 @@ RENEW_BEFORE_S = 300
 # Hand out no token with less than this left (a very short-lived token is still used once).
 MIN_TOKEN_USE_S = 30
 REFRESH_ACCOUNT = "refresh-token"  # the one cache key of a refresh-token route
-IDLE_RETRY_S = 3600.0  # an idle refresh that failed for a passing reason is tried again after
 
 
 def _first_line(error: BaseException) -> str:
@@ -181,25 +180,11 @@ class GoogleTokenProvider:
             for key in keys]
 
     async def refresh_idle(self, now: float | None = None) -> None:
-        """Refresh each signed-in user's token idle for health.REFRESH_IDLE_S (jittered), so
-        it never lapses unused (delegated routes; a service account needs nothing)."""
+        """Keep idle delegated tokens alive (relayd.auth.health.refresh_idle); a service
+        account needs nothing."""
         if self.mode != "delegated":
             return
-        now = time.time() if now is None else now
-        for h in await asyncio.to_thread(self.health):
-            if h.needs_signin or h.last_refreshed is None:
-                continue
-            if not token_health.refresh_due(h.account, h.last_refreshed, now):
-                continue
-            if now - self._idle_tried.get(h.account, 0.0) < IDLE_RETRY_S:
-                continue
-            self._idle_tried[h.account] = now
-            self.invalidate(h.account)
-            try:
-                await asyncio.to_thread(self.acquire, h.account)
-            except AuthenticationError:
-                continue  # recorded: health() and `auth status` show it
-            log.info("route %s: refreshed the idle token of %s", self.route.name, h.account)
+        await token_health.refresh_idle(self, self.route.name, self._idle_tried, now)
 
     def _fetch(self, account: str) -> AccessToken:
         route = self.route

@@ -13,16 +13,26 @@ multiplies sign-in log entries) and refreshing only on use (the lapse is found w
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
+import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
+from relayd.auth import TokenHealth
 from relayd.config import RouteConfig
+from relayd.errors import AuthenticationError
+
+log = logging.getLogger(__name__)
 
 REFRESH_IDLE_S = 7 * 86400.0  # refresh a delegated token idle this long (at most weekly)
 REFRESH_JITTER = 0.15  # ... plus up to this fraction of REFRESH_IDLE_S, fixed per account
+IDLE_RETRY_S = 3600.0  # a failed idle refresh (a passing reason) is tried again after this
 # In a refusal's text: the refresh token is gone or the user must interact (MFA, consent).
 NEEDS_SIGNIN_MARKERS = ("invalid_grant", "interaction_required", "AADSTS700082",
                         "AADSTS50173", "AADSTS70043", "AADSTS50076", "has not signed in",
@@ -45,6 +55,37 @@ def refresh_due(account: str, last_refreshed: float, now: float,
     base = REFRESH_IDLE_S if idle_s is None else idle_s
     frac = int.from_bytes(hashlib.sha256(account.lower().encode()).digest()[:4], "big") / 2**32
     return now - last_refreshed >= base * (1 + REFRESH_JITTER * frac)
+
+
+class Refreshable(Protocol):
+    """What an idle refresh needs of a delegated token provider (MSAL, Google)."""
+
+    def health(self) -> Sequence[TokenHealth]: ...
+    def invalidate(self, account: str) -> None: ...
+    def acquire(self, account: str) -> object: ...
+
+
+async def refresh_idle(provider: Refreshable, route: str, tried: dict[str, float],
+                       now: float | None = None) -> None:
+    """Refresh each signed-in account whose token is idle past REFRESH_IDLE_S (jittered), so
+    its refresh token never lapses unused. One that needs a new sign-in is left alone; one that
+    failed for a passing reason is tried again after IDLE_RETRY_S (`tried`: account -> last
+    attempt, kept by the provider)."""
+    now = time.time() if now is None else now
+    for h in await asyncio.to_thread(provider.health):
+        if h.needs_signin or h.last_refreshed is None:
+            continue
+        if not refresh_due(h.account, h.last_refreshed, now):
+            continue
+        if now - tried.get(h.account, 0.0) < IDLE_RETRY_S:
+            continue
+        tried[h.account] = now
+        provider.invalidate(h.account)
+        try:
+            await asyncio.to_thread(provider.acquire, h.account)
+        except AuthenticationError:
+            continue  # recorded by acquire(): health() and `auth status` show it
+        log.info("route %s: refreshed the idle token of %s", route, h.account)
 
 
 def certificate_expiry(path: Path) -> float | None:

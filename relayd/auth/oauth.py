@@ -35,7 +35,6 @@ MSAL_EXPIRY_MARGIN_S = 300
 # Use a short-lived token (under msal's margin) this long before renewing it.
 MIN_TOKEN_USE_S = 30
 APP_ACCOUNT = "app"  # status file name for a route's client-credentials token
-IDLE_RETRY_S = 3600.0  # an idle refresh that failed for a passing reason is tried again after
 _KEY_RE = re.compile(
     r"-----BEGIN (?:RSA |EC |ENCRYPTED )?PRIVATE KEY-----.+?-----END (?:RSA |EC |ENCRYPTED )?"
     r"PRIVATE KEY-----", re.DOTALL)
@@ -275,26 +274,11 @@ class MsalTokenProvider:
         return summary
 
     async def refresh_idle(self, now: float | None = None) -> None:
-        """Refresh each signed-in user's token not refreshed for health.REFRESH_IDLE_S (jittered
-        per account), so its refresh token never lapses unused. One that needs a new sign-in is
-        left alone; one that failed for a passing reason is tried again after IDLE_RETRY_S."""
+        """Keep idle delegated tokens alive (relayd.auth.health.refresh_idle); app-only
+        tokens are fetched on use."""
         if not self.delegated:
-            return  # app-only tokens are fetched on use with the app's own credential
-        now = time.time() if now is None else now
-        for h in await asyncio.to_thread(self.health):
-            if h.needs_signin or h.last_refreshed is None:
-                continue
-            if not token_health.refresh_due(h.account, h.last_refreshed, now):
-                continue
-            if now - self._idle_tried.get(h.account, 0.0) < IDLE_RETRY_S:
-                continue
-            self._idle_tried[h.account] = now
-            self.invalidate(h.account)
-            try:
-                await asyncio.to_thread(self.acquire, h.account)
-            except AuthenticationError:
-                continue  # recorded by acquire(): health() and `auth status` show it
-            log.info("route %s: refreshed the idle token of %s", self.route.name, h.account)
+            return
+        await token_health.refresh_idle(self, self.route.name, self._idle_tried, now)
 
     # -- client credentials ----------------------------------------------------------------------
 
