@@ -335,15 +335,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if urllib.parse.urlsplit(self.path).path != "/signin/callback" or app.signins is None:
             self.send(404, message_page("Not found", "Try / or /signin.", False))
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        length_text = self.headers.get("Content-Length") or "0"
+        length = int(length_text) if length_text.isdigit() else 0
         if not 0 < length <= MAX_FORM_BYTES:
             self.send(400, message_page("Not signed in", "The sign-in answer was empty or too "
                                         "large.", False))
             return
         body = self.rfile.read(length).decode("utf-8", "replace")
-        params = {k: v[0] for k, v in urllib.parse.parse_qs(body).items()}
+        self.signin_answer({k: v[0] for k, v in urllib.parse.parse_qs(body).items()})
+
+    def to_provider(self, start: Callable[[str], str], arg: str) -> None:
+        """Send the browser to the identity provider, or say why not."""
         try:
-            ok, text = app.signins.finish(params)
+            target = start(arg)
+        except LookupError as e:
+            self.send(400, message_page("Cannot sign in", str(e), False))
+            return
+        self.send(302, b"", {"Location": target})
+
+    def signin_answer(self, params: dict[str, str]) -> None:
+        """The provider's answer (query or form): finish the sign-in and tell the person."""
+        signins = self.server_app.signins
+        assert signins is not None
+        try:
+            ok, text = signins.finish(params)
         except Exception as e:  # noqa: BLE001 - one line, and the person is told
             log.error("web sign-in failed: %s: %s", type(e).__name__, e)
             ok, text = False, "relayd could not complete the sign-in; tell your administrator."
@@ -370,26 +385,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send(200, address_page(hostname))
             elif url.path == "/signin/google/start":
                 assert app.signins is not None
-                try:
-                    target = app.signins.start_google(params.get("address", ""))
-                except LookupError as e:
-                    self.send(400, message_page("Cannot sign in", str(e), False))
-                    return
-                self.send(302, b"", {"Location": target})
-            elif url.path == "/signin/callback":
-                # Google answers with a GET; Microsoft posts (do_POST).
-                assert app.signins is not None
-                ok, text = app.signins.finish(params)
-                self.send(200 if ok else 400, message_page(
-                    "Signed in" if ok else "Not signed in", text, ok))
+                self.to_provider(app.signins.start_google, params.get("address", ""))
             elif url.path == "/signin/start":
                 assert app.signins is not None
-                try:
-                    target = app.signins.start(params.get("id", ""))
-                except LookupError as e:
-                    self.send(400, message_page("Cannot sign in", str(e), False))
-                    return
-                self.send(302, b"", {"Location": target})
+                self.to_provider(app.signins.start, params.get("id", ""))
+            elif url.path == "/signin/callback":
+                self.signin_answer(params)  # Google answers with a GET; Microsoft posts
             else:
                 self.send(404, message_page("Not found", "Try / or /signin.", False))
         except Exception as e:  # noqa: BLE001 - one line and a page, never a traceback
