@@ -100,9 +100,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"{args.address}: no route (refused at MAIL FROM with 550 5.7.1)")
         return EXIT_FAILED
     r = match.route
-    target = {"smtp": f"{r.host}:{r.port}", "outbox": str(r.path),
-              "ews": r.service_endpoint or r.server or "", "graph": r.endpoint or ""}
-    print(f"{args.address}: route {r.name} (upstream {r.upstream} {target[r.upstream]}) "
+    print(f"{args.address}: route {r.name} (upstream {r.upstream} {r.target}) "
           f"matched by {match.pattern!r}")
     ok = True
     for rcpt in args.to or []:

@@ -204,6 +204,22 @@ class RouteConfig:
     # outbox
     path: Path | None = None
 
+    @property
+    def target(self) -> str:
+        """What the route talks to: host:port, the EWS or Graph endpoint, the outbox folder."""
+        if self.upstream == "smtp":
+            return f"{self.host}:{self.port}"
+        if self.upstream == "ews":
+            return self.service_endpoint or self.server or ""
+        if self.upstream == "graph":
+            return self.endpoint or ""
+        return str(self.path or "")
+
+    @property
+    def upstream_name(self) -> str:
+        """`smtp:host:port`, `graph:URL`, ... (the journal, the status page)."""
+        return f"{self.upstream}:{self.target}"
+
 
 @dataclass(frozen=True)
 class Config:

@@ -28,12 +28,12 @@ def _patterns(patterns: tuple[str, ...]) -> str:
 def _where(route: RouteConfig) -> str:
     if route.upstream == "smtp":
         tls = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
-        return f"SMTP to {route.host}:{route.port} ({tls.get(route.tls or '', route.tls)})"
+        return f"SMTP to {route.target} ({tls.get(route.tls or '', route.tls)})"
     if route.upstream == "ews":
-        return f"Exchange Web Services at {route.service_endpoint or route.server}"
+        return f"Exchange Web Services at {route.target}"
     if route.upstream == "graph":
-        return f"Microsoft Graph sendMail at {route.endpoint}"
-    return f"no delivery: each message is written as an .eml file under {route.path}"
+        return f"Microsoft Graph sendMail at {route.target}"
+    return f"no delivery: each message is written as an .eml file under {route.target}"
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -145,13 +145,9 @@ def when(t: float, now: float) -> str:
 def _upstream_words(route: RouteConfig | None) -> str:
     if route is None:
         return "its upstream"
-    if route.upstream == "smtp":
-        return f"its SMTP upstream {route.host}:{route.port}"
-    if route.upstream == "graph":
-        return f"Microsoft Graph ({route.endpoint})"
-    if route.upstream == "ews":
-        return f"Exchange Web Services ({route.service_endpoint or route.server})"
-    return f"its {route.upstream} upstream"
+    kind = {"smtp": "its SMTP upstream", "graph": "Microsoft Graph",
+            "ews": "Exchange Web Services"}.get(route.upstream, f"its {route.upstream} upstream")
+    return f"{kind} ({route.target})"
 
 
 # -- the conditions (pure: what is known now -> what needs a person) ---------------------------

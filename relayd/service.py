@@ -246,7 +246,6 @@ class Service:
 
     async def web_snapshot(self) -> Any:
         """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
-        from relayd.qmgr.manager import upstream_name
         from relayd.web.pages import RouteRow, Snapshot, TokenRow
 
         counts = self.qmgr.route_counts()
@@ -256,7 +255,7 @@ class Service:
             agent = self.qmgr.agent_for(route)
             st = agent.stats
             queued, deferred, _ = counts.get(route.name, (0, 0, None))
-            routes.append(RouteRow(route.name, upstream_name(route), st.last_success,
+            routes.append(RouteRow(route.name, route.upstream_name, st.last_success,
                                    st.last_failure, st.last_failure_reply, st.failing_since,
                                    st.failing_kind, queued, deferred))
             tokens.extend(TokenRow(**dataclasses.asdict(h))

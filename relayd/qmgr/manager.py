@@ -288,7 +288,8 @@ class QueueManager:
         self.journal.record(event, entry.id, message_id=entry.message_id,
                             **{"from": entry.sender}, to=recipients,
                             route=route.name if route else entry.route,
-                            upstream=upstream_name(route), bounce_for=entry.bounce_for,
+                            upstream=route.upstream_name if route else "",
+                            bounce_for=entry.bounce_for,
                             **fields)
 
     def _record_grouped(self, event: str, queued: Queued, route: RouteConfig | None,
@@ -658,16 +659,6 @@ def _by_reply(replies: dict[str, Reply]) -> dict[str, str]:
     for rcpt, reply in replies.items():
         groups.setdefault(str(reply), []).append(rcpt)
     return {said: ", ".join(f"<{r}>" for r in rcpts) for said, rcpts in groups.items()}
-
-
-def upstream_name(route: RouteConfig | None) -> str:
-    """What the route talks to, for the journal: `smtp:host:port`, `graph:URL`, ..."""
-    if route is None:
-        return ""
-    where = {"smtp": f"{route.host}:{route.port}", "graph": route.endpoint or "",
-             "ews": route.service_endpoint or route.server or "",
-             "outbox": str(route.path or "")}.get(route.upstream, "")
-    return f"{route.upstream}:{where}" if where else route.upstream
 
 
 def _words(reply: Reply) -> str:
