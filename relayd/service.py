@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from relayd import sdnotify
+from relayd.auth import TokenHealth
 from relayd.config import Address, Config, ServerConfig, load_config
-from relayd.delivery import make_upstream
+from relayd.delivery import Upstream, make_upstream
 from relayd.errors import ConfigError, QueueError, RelayError
 from relayd.intake import Intake
 from relayd.journal import Journal
@@ -34,6 +35,7 @@ SHUTDOWN_TIMEOUT_S = 30.0  # how long SIGTERM waits for sessions and deliveries 
 SESSION_DRAIN_S = 10.0  # of which SMTP sessions get at most this much
 LISTEN_BACKLOG = 512
 QUEUE_GAUGE_INTERVAL_S = 5.0
+TOKEN_HEALTH_GAUGE_S = 60.0  # token health metrics are read this often (token store I/O)
 KEEP_FRESH_FIRST_S = 60.0  # after start, before the first background token refresh round
 KEEP_FRESH_INTERVAL_S = 600.0  # between rounds; each token is refreshed at most weekly
 
@@ -79,6 +81,10 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+def _token_health(upstreams: Sequence[Upstream]) -> list[TokenHealth]:
+    return [h for u in upstreams for h in u.token_health()]
 
 
 class ListenError(RelayError):
@@ -270,19 +276,24 @@ class Service:
         set_queue = getattr(self.observer, "set_queue", None)
         set_expiry = getattr(self.observer, "set_token_expiry", None)
         set_journal = getattr(self.observer, "set_journal", None)
+        health_read = 0.0
         while set_queue is not None:
             set_queue(*self.qmgr.stats())
             if set_journal is not None:
                 set_journal(self.journal.dropped)
             now = time.time()
-            set_health = getattr(self.observer, "set_token_health", None)
             for name, agent in list(self.qmgr.agents.items()):
                 for account, expires in agent.upstream.token_expiries().items():
                     if set_expiry is not None:
                         set_expiry(name, account, expires - now)
-                if set_health is not None:
-                    for health in agent.upstream.token_health():
-                        set_health(health, now)
+            set_health = getattr(self.observer, "set_token_health", None)
+            if set_health is not None and now - health_read >= TOKEN_HEALTH_GAUGE_S:
+                # Token health reads (and decrypts) the token store: on a thread, and not
+                # every few seconds.
+                health_read = now
+                upstreams = [a.upstream for a in list(self.qmgr.agents.values())]
+                for health in await asyncio.to_thread(_token_health, upstreams):
+                    set_health(health, now)
             await asyncio.sleep(QUEUE_GAUGE_INTERVAL_S)
 
     async def _keep_tokens_fresh(self) -> None:
