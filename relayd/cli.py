@@ -224,7 +224,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         except QueueError as e:
             print(str(e), file=sys.stderr)
             return EXIT_FAILED
-    return _queue_act(spool, args.queue_cmd, target)
+    return _queue_act(spool, args.queue_cmd, target, config)
 
 
 def _when(ts: float) -> str:
@@ -258,8 +258,9 @@ def _show(entry: Any, route: str | None) -> str:
     return "\n".join(lines)
 
 
-def _queue_act(spool: Any, action: str, target: str) -> int:
-    """Ask the running daemon, or act on the files when no daemon holds the queue."""
+def _queue_act(spool: Any, action: str, target: str, config: Config) -> int:
+    """Ask the running daemon, or act on the files when no daemon holds the queue (a removal
+    is then one line here and a `deleted` journal record, as the daemon would make)."""
     if spool.daemon_running():
         path = spool.request(action, target)
         deadline = time.monotonic() + CONTROL_WAIT_S
@@ -271,18 +272,31 @@ def _queue_act(spool: Any, action: str, target: str) -> int:
             return EXIT_FAILED
         print(f"{action} {target}: done by the running daemon")
         return EXIT_OK
+    from relayd.journal import Journal
+    from relayd.queue import ID_RE
+
     ids = spool.ids() if target == "all" else [target]
+    journal = Journal(config.journal)
     for qid in ids:
-        if action == "delete":
-            spool.remove(qid)
-        else:
-            try:
-                entry = spool.load(qid)
-            except QueueError as e:
+        try:
+            entry = spool.load(qid)
+        except QueueError as e:
+            if action != "delete" or not ID_RE.match(qid):
                 print(str(e), file=sys.stderr)
                 continue
-            entry.next_attempt = 0.0
+            entry = None  # unreadable: removed all the same, as asked
+        if action == "delete":
+            spool.remove(qid)
+            print(f"{qid}: removed from the queue: deleted by the admin")
+            if entry is not None:
+                journal.record("deleted", qid, message_id=entry.message_id,
+                               **{"from": entry.sender}, to=entry.pending(),
+                               route=entry.route)
+        else:
+            assert entry is not None
+            entry.next_attempt, entry.backoff = 0.0, 0  # as the daemon's retry does
             spool.save_state(entry)
+    journal.close()
     print(f"{action} {target}: done ({len(ids)} message(s)); the daemon is not running")
     return EXIT_OK
 

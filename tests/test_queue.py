@@ -19,6 +19,7 @@ from conftest import (
     write_config,
 )
 
+from relayd.journal import Query, read
 from relayd.queue import Spool
 
 
@@ -111,8 +112,12 @@ def test_queue_commands_without_a_daemon(tmp_path: Path) -> None:
     spool.save_state(entry)
     assert relayd_cli("queue", "retry", entry.id, "-c", str(cfg)).returncode == 0
     assert spool.load(entry.id).next_attempt == 0
-    assert relayd_cli("queue", "delete", entry.id, "-c", str(cfg)).returncode == 0
+    deleted = relayd_cli("queue", "delete", entry.id, "-c", str(cfg))
+    assert deleted.returncode == 0
+    assert f"{entry.id}: removed from the queue: deleted by the admin" in deleted.stdout
     assert spool.ids() == []
+    [record] = list(read(tmp_path / "journal", Query(queue_id=entry.id)))
+    assert record["event"] == "deleted" and record["to"] == ["x@example.com"]
     bad = relayd_cli("queue", "delete", "../../etc/passwd", "-c", str(cfg))
     assert bad.returncode == 1 and "not a queue id" in bad.stderr
 
