@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from conftest import Upstream, arelayd_cli, dead_port, relayd_cli, smtp_route, write_config
+import pytest
+from conftest import Upstream, arelayd_cli, dead_port, message, relayd_cli, smtp_route, write_config
+
+from relayd import cli
+from relayd.queue import Spool
 
 
 async def test_send_test_delivers_through_the_senders_route(tmp_path: Path,
@@ -58,3 +63,43 @@ def test_usage_errors_exit_2() -> None:
     assert relayd_cli("frobnicate").returncode == 2
     assert relayd_cli("route").returncode == 2
     assert relayd_cli("send-test", "--from", "a@b.c").returncode == 2
+
+
+def test_queue_list_json_keeps_the_layout_of_one_json_dump(tmp_path: Path) -> None:
+    """The list is written entry by entry; the bytes are those of json.dumps(list, indent=2)."""
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', dead_port()))
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    for count in (0, 1, 3):
+        while len(spool.ids()) < count:
+            spool.accept_sync("a@business.com", ["x@example.com", "y@example.com"],
+                              message(body="line\r\n\"quoted\"\r\n"))
+        listed = relayd_cli("queue", "list", "--json", "-c", str(cfg))
+        assert listed.returncode == 0, listed.stderr
+        entries = json.loads(listed.stdout)
+        assert [e["id"] for e in entries] == spool.ids()
+        assert listed.stdout == json.dumps(entries, indent=2) + "\n"
+    text = relayd_cli("queue", "list", "-c", str(cfg))
+    assert text.stdout.splitlines()[-1] == "3 message(s) in the queue"
+    assert all(line.endswith("<a@business.com> -> x@example.com, y@example.com  "
+                             "[tries 0, next now]") for line in text.stdout.splitlines()[:3])
+
+
+def test_queue_list_skips_a_message_that_leaves_while_it_lists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """1. two messages queued 2. the listing sees three names, one of them delivered (gone)
+    before it is read 3. two lines, no "unreadable"; a corrupt entry is still reported."""
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', dead_port()))
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    for _ in range(2):
+        spool.accept_sync("a@business.com", ["x@example.com"], message())
+    (spool.msg_dir / "0BBBBBBBBBBBBBBB").write_bytes(b"\x00\xff garbage")
+    listed = spool.ids()
+    monkeypatch.setattr(Spool, "ids", lambda self: sorted([*listed, "0AAAAAAAAAAAAAAA"]))
+    assert cli.main(["queue", "list", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == "2 message(s) in the queue"
+    assert "0AAAAAAAAAAAAAAA" not in out + err
+    assert "0BBBBBBBBBBBBBBB: unreadable" in err
