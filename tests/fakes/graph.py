@@ -101,6 +101,12 @@ class GraphState:
     uploads: dict[str, Upload] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
     max_in_flight: dict[str, int] = field(default_factory=dict)
+    # Graph's limit of concurrent requests per app and mailbox (4): a sendMail beyond it is
+    # answered 429 (`throttled` counts them per mailbox). None: no limit, only recorded.
+    max_concurrent_per_mailbox: int | None = None
+    throttled: dict[str, int] = field(default_factory=dict)
+    in_flight_all: int = 0  # sendMail in flight over all mailboxes, and its peak
+    max_in_flight_all: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
 
@@ -135,6 +141,20 @@ class GraphHandler(Handler):
     def error(self, status: int, code: str, message: str) -> None:
         self.answer(status, {"error": {"code": code, "message": message,
                                        "innerError": {"request-id": secrets.token_hex(8)}}})
+
+    def read_body(self) -> bytes:
+        """Content-Length or chunked (Node clients stream a body as chunks, as Graph allows)."""
+        if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return super().read_body()
+        out = bytearray()
+        while True:
+            size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return bytes(out)
+            out += self.rfile.read(size)
+            self.rfile.readline(1024)  # the CRLF after each chunk
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -250,8 +270,21 @@ class GraphHandler(Handler):
             return
         key = mailbox.lower()
         with st.lock:
-            st.in_flight[key] = st.in_flight.get(key, 0) + 1
-            st.max_in_flight[key] = max(st.max_in_flight.get(key, 0), st.in_flight[key])
+            limit = st.max_concurrent_per_mailbox
+            over = limit is not None and st.in_flight.get(key, 0) >= limit
+            if over:
+                st.throttled[key] = st.throttled.get(key, 0) + 1
+            else:
+                st.in_flight[key] = st.in_flight.get(key, 0) + 1
+                st.max_in_flight[key] = max(st.max_in_flight.get(key, 0), st.in_flight[key])
+                st.in_flight_all += 1
+                st.max_in_flight_all = max(st.max_in_flight_all, st.in_flight_all)
+        if over:
+            self.answer(429, {"error": {
+                "code": "ApplicationThrottled",
+                "message": "Application is over its MailboxConcurrency limit."}},
+                {"Retry-After": "1"})
+            return
         try:
             if st.delay_s:
                 time.sleep(st.delay_s)
@@ -271,6 +304,7 @@ class GraphHandler(Handler):
         finally:
             with st.lock:
                 st.in_flight[key] -= 1
+                st.in_flight_all -= 1
         self.answer(202)
 
     def find_sent(self, mailbox: str) -> None:
