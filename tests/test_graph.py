@@ -531,3 +531,101 @@ async def test_utf8_header_addresses_match_their_envelope_recipients(env: Env) -
     assert "jorg@Example.COM" in str(head["Cc"])
     assert head["Bcc"] is None
     assert sorted(sent.recipients) == ["danglüe@email.com", "jorg@Example.COM"]
+
+
+# -- concurrency per mailbox, tokens from memory, connections ------------------------------------
+
+
+def _numbered(sender: str, i: int) -> bytes:
+    return (f"From: {sender}\r\nTo: alice@example.net\r\nSubject: n{i}\r\n"
+            f"Message-ID: <{sender.split('@')[0]}.{i}@test>\r\n\r\nhi\r\n").encode()
+
+
+async def test_one_mailbox_gets_four_requests_and_other_mailboxes_run_beside_it(
+        env: Env) -> None:
+    """1. Graph answers after 200 ms and refuses (429) a fifth concurrent sendMail per mailbox,
+    as it does 2. a route with 16 sessions takes 12 messages from casemanager@ and 4 each from
+    two other senders over SMTP 3. every message arrives once, no 429: casemanager@ had 4 in
+    flight, never more, and the other mailboxes were sent meanwhile (more than 4 in flight
+    over the route)."""
+    env.graph.delay_s = 0.2
+    env.graph.max_concurrent_per_mailbox = 4
+    senders = ["casemanager@business.com"] * 12 + ["reports@business.com"] * 4 + \
+        ["billing@business.com"] * 4
+    async with run_service(env.service_config(max_connections=16)) as svc:
+        port = service_port(svc)
+        await asyncio.gather(*(send(port, s, ["alice@example.net"], _numbered(s, i))
+                               for i, s in enumerate(senders)))
+        await wait_for(lambda: len(env.graph.sent) == len(senders), timeout=30,
+                       what="every message at the fake")
+        await asyncio.sleep(0.3)
+    ids = [parse(s.mime)["Message-ID"] for s in env.graph.sent]
+    assert len(ids) == len(set(ids)) == 20
+    by_mailbox = {m: sum(1 for s in env.graph.sent if s.mailbox == m) for m in set(senders)}
+    assert by_mailbox == {"casemanager@business.com": 12, "reports@business.com": 4,
+                          "billing@business.com": 4}
+    assert env.graph.throttled == {}
+    assert env.graph.max_in_flight["casemanager@business.com"] == 4
+    assert max(env.graph.max_in_flight.values()) == 4
+    assert env.graph.max_in_flight_all > 4
+
+
+async def test_many_mailboxes_scale_with_their_number(env: Env) -> None:
+    """Eight mailboxes of four messages each, 200 ms per sendMail, 32 sessions: all 32 in
+    flight at once, so the whole takes about one Graph round trip, not eight."""
+    env.graph.delay_s = 0.2
+    env.graph.max_concurrent_per_mailbox = 4
+    up = env.upstream(max_connections=32)
+    msgs = [outbound(data=_numbered(f"user{k}@business.com", i),
+                     sender=f"user{k}@business.com", qid=f"Q{k}.{i}")
+            for k in range(8) for i in range(4)]
+    await deliver(up, outbound(qid="warm"))  # the token and a first connection
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(deliver(up, m) for m in msgs))
+    took = asyncio.get_running_loop().time() - started
+    assert len(env.graph.sent) == 33 and env.graph.throttled == {}
+    assert env.graph.max_in_flight_all == 32
+    assert took < 0.2 * 4, took  # one mailbox's limit would need 8 round trips (1.6 s)
+    await up.close()
+
+
+async def test_token_is_fetched_once_and_served_from_memory(env: Env) -> None:
+    up = env.upstream(max_connections=10)
+    await asyncio.gather(*(deliver(up, outbound(qid=f"Q{i}")) for i in range(10)))
+    for i in range(5):
+        await deliver(up, outbound(qid=f"R{i}"))
+    assert len(env.graph.sent) == 15
+    # Ten concurrent first sends wait for one token request.
+    assert env.idp.grants("client_credentials") == 1
+    assert len({s.token for s in env.graph.sent}) == 1
+    await up.close()
+
+
+async def test_a_connection_the_server_closed_is_not_reused(env: Env) -> None:
+    up = env.upstream()
+    env.graph.fail_next(503, "ServiceUnavailable", headers={"Connection": "close"})
+    with pytest.raises(TransientDeliveryError):
+        await deliver(up, outbound(qid="Q1"))
+    await asyncio.sleep(0.1)
+    await deliver(up, outbound(qid="Q2"))
+    await deliver(up, outbound(qid="Q3"))
+    assert len(env.graph.sent) == 2
+    assert len(set(env.graph.peers)) == 2  # a new connection after the close, then reused
+    await up.close()
+
+
+async def test_a_proxy_from_the_environment_is_left_to_httpx(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    keys = {k: v for k, v in env.route_keys().items() if k != "ca_file"}
+    config = parse_config({"queue": {"path": str(env.tmp_path / "queue")},
+                           "auth": {"path": str(env.tmp_path / "tokens")},
+                           "routes": {"m365": keys}})
+    route = config.routes["m365"]
+    up = make_upstream(route, config)
+    assert isinstance(up, GraphUpstream)
+    assert not up._direct_ok(f"{env.graph_url}/v1.0/users/a@b/sendMail")
+    pinned = env.upstream()  # a ca_file: the environment is not consulted
+    assert pinned._direct_ok(f"{env.graph_url}/v1.0/users/a@b/sendMail")
+    await up.close()
