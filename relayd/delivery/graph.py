@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import email.policy
 import email.utils
+import http
 import json
 import logging
 import socket
@@ -242,7 +243,7 @@ def _iso_time(text: str) -> datetime.datetime | None:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: Answer) -> float | None:
     value = response.headers.get("retry-after")
     if not value:
         return None
@@ -257,7 +258,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _graph_error_code(response: httpx.Response) -> str:
+def _graph_error_code(response: Answer) -> str:
     try:
         body = response.json()
     except (ValueError, json.JSONDecodeError):
@@ -273,7 +274,7 @@ def _smtp_equivalent(status: int, graph_code: str, permanent: bool) -> tuple[int
     return (554, "5.0.0") if permanent else (451, "4.0.0")
 
 
-def _graph_error(response: httpx.Response) -> str:
+def _graph_error(response: Answer) -> str:
     """Graph's own words: `ErrorSendAsDenied: ...`, or the start of whatever it answered."""
     try:
         body = response.json()
@@ -285,6 +286,29 @@ def _graph_error(response: httpx.Response) -> str:
         pass
     text = response.text.strip().replace("\r", " ").replace("\n", " ")
     return text[:300] or (response.reason_phrase or "no reason given")
+
+
+@dataclass
+class Answer:
+    """Graph's answer to one request: what the code below reads of it, from either client."""
+
+    status_code: int
+    headers: Mapping[str, str]  # names in lower case
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    @property
+    def reason_phrase(self) -> str:
+        try:
+            return http.HTTPStatus(self.status_code).phrase
+        except ValueError:
+            return ""
 
 
 @dataclass
@@ -324,7 +348,7 @@ class _Http11Pool:
         self._closed = False
 
     async def request(self, method: str, url: str, headers: Mapping[str, str],
-                      content: bytes) -> httpx.Response:
+                      content: bytes) -> Answer:
         parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname or "", parts.port or 443
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -398,7 +422,7 @@ class _Http11Pool:
         return _Conn(reader, writer)
 
     @staticmethod
-    async def _response(reader: asyncio.StreamReader, method: str) -> tuple[httpx.Response, bool]:
+    async def _response(reader: asyncio.StreamReader, method: str) -> tuple[Answer, bool]:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head[:-4].split(b"\r\n")
@@ -442,8 +466,8 @@ class _Http11Pool:
             reusable = False
         if encoding in (b"gzip", b"deflate"):
             body = zlib.decompress(body, 47 if encoding == b"gzip" else 15)
-            headers = [(k, v) for k, v in headers if k.lower() != b"content-encoding"]
-        return httpx.Response(status, headers=headers, content=body), reusable
+        names = {k.lower().decode("latin-1"): v.decode("latin-1") for k, v in headers}
+        return Answer(status, names, body), reusable
 
     async def aclose(self) -> None:
         self._closed = True
@@ -637,7 +661,7 @@ class GraphUpstream(Upstream):
     async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
                       json_body: Mapping[str, Any] | None = None,
                       content_type: str | None = None, bearer: bool = True,
-                      headers: Mapping[str, str] | None = None) -> httpx.Response:
+                      headers: Mapping[str, str] | None = None) -> Answer:
         """One Graph call for `mailbox`, with a token; a 401 renews the token once."""
         send_headers = dict(headers or {})
         if json_body is not None:
@@ -656,8 +680,11 @@ class GraphUpstream(Upstream):
                         response = await self.pool.request(method, url, send_headers,
                                                            content or b"")
                     else:
-                        response = await self.client.request(method, url, content=content,
-                                                             headers=send_headers)
+                        r = await self.client.request(method, url, content=content,
+                                                      headers=send_headers)
+                        response = Answer(r.status_code,
+                                          {k.lower(): v for k, v in r.headers.items()},
+                                          r.content)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 # Graph is unreachable: the delivery agent holds the route's other mail for a while.
                 raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
@@ -679,7 +706,7 @@ class GraphUpstream(Upstream):
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def check(self, response: httpx.Response, what: str) -> None:
+    def check(self, response: Answer, what: str) -> None:
         """Raise the delivery error an unsuccessful answer means."""
         status = response.status_code
         if 200 <= status < 300:
