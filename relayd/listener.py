@@ -22,9 +22,10 @@ from aiosmtpd.smtp import Session as SmtpSession
 
 from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, ServerConfig, ServerUser
-from relayd.intake import Intake
+from relayd.intake import Incoming, Intake
 from relayd.policy import SenderPolicy
 from relayd.router import recipient_allowed
+from relayd.smtpdata import Decoder, read_chunks
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ REPLY_BAD_RCPT_UTF8 = "553 5.1.3 Recipient address is not valid UTF-8"
 REPLY_NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send a non-ASCII address"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_TEMP_STORAGE = "451 4.3.0 Temporary problem storing the message; try again later"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
 REPLY_INTERNAL = "451 4.3.0 Temporary internal problem; try again later"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {id}"
@@ -69,11 +73,12 @@ def _dummy_hash() -> str:
     return hash_password("relayd-no-such-user")
 
 MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
-LINE_LENGTH_LIMIT = 1024 * 1024  # accept long body lines (unwrapped HTML); RFC 5322 says 998
+# How far the reader looks for a command's end, and how large a DATA chunk gets (commands longer
+# than this get 500; DATA has no line length limit: relayd.smtpdata).
+LINE_LENGTH_LIMIT = 1024 * 1024
 # An addr-spec as SMTP carries it: no spaces, controls or angle brackets, one local@domain.
 _ATOM = r"[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+"
 _ADDRESS_RE = re.compile(rf"^{_ATOM}@{_ATOM}$")
-_BARE_EOL_RE = re.compile(rb"\r\n|\r|\n")
 
 
 def valid_address(address: str) -> bool:
@@ -81,16 +86,6 @@ def valid_address(address: str) -> bool:
         return False
     local, domain = address.rsplit("@", 1)
     return bool(local) and len(local) <= 64 and "." not in (domain[0], domain[-1])
-
-
-def normalize_line_endings(data: bytes) -> bytes:
-    """Bare CR or LF becomes CRLF, as Postfix stores lines. Only CRLF.CRLF ever ends DATA
-    (aiosmtpd >= 1.4.6), and the SMTP client dot-stuffs what follows, so a bare-LF
-    '.' line can never start a second message upstream (SMTP smuggling)."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
-        return data
-    return _BARE_EOL_RE.sub(b"\r\n", data)
 
 
 class _Unparsable(str):
@@ -194,25 +189,28 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return REPLY_RCPT_OK
 
-    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
-        assert envelope.mail_from is not None and isinstance(envelope.original_content, bytes)
-        data = normalize_line_endings(envelope.original_content)
+    def start_data(self, session: SmtpSession, envelope: Envelope) -> Incoming:
+        """At DATA: where the message goes as it arrives."""
+        assert envelope.mail_from is not None
         options = [o for o in envelope.mail_options if o.startswith(("BODY=", "SMTPUTF8"))]
         route_name: str = getattr(envelope, "relayd_route", "-")
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         # The queue manager finds a message's route from its sender, unless the route is
         # recorded with it (a null sender has nothing to look up).
         pinned = route_name if getattr(envelope, "relayd_pin", False) else None
+        user: ServerUser | None = getattr(session, "relayd_user", None)
+        return self.relay.intake.begin(sender, envelope.rcpt_tos, options, _peer(session),
+                                       route_name, pinned_route=pinned,
+                                       login=user.name if user else "")
+
+    async def end_data(self, session: SmtpSession, incoming: Incoming) -> str:
+        """At the end of DATA: 250 once the message is durable."""
         try:
-            user: ServerUser | None = getattr(session, "relayd_user", None)
-            entry = await self.relay.intake.accept(sender, envelope.rcpt_tos, data, options,
-                                                   _peer(session), route_name,
-                                                   pinned_route=pinned,
-                                                   login=user.name if user else "")
+            entry = await incoming.finish()
         except Exception as e:
             log.error("cannot store a message from %s: %s", _peer(session), e)
             return REPLY_TEMP_STORAGE
-        self.relay.accepted(route_name)
+        self.relay.accepted(incoming.route)
         return REPLY_QUEUED.format(id=entry.id)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -511,6 +509,55 @@ class RelaySMTP(SMTP):
                 self.transport.close()
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's checks and replies, then the message read in chunks into the intake as it
+        arrives (relayd.smtpdata), instead of line by line into memory."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(REPLY_NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler = self.event_handler
+        assert isinstance(handler, Handler)
+        incoming = handler.start_data(self.session, self.envelope)
+        await self.push(REPLY_START_DATA)
+        decoder = Decoder()
+        limit = self.data_size_limit
+        received = 0
+        try:
+            async for raw in read_chunks(self._reader, self.line_length_limit):
+                self._reset_timeout()  # a slow client times out per read, as in Postfix
+                received += len(raw)
+                if limit and received > limit:
+                    incoming.discard()  # read on to the end, as RFC 5321 4.2.5 implies
+                    continue
+                incoming.write(decoder.feed(raw))
+            incoming.write(decoder.finish())
+        except asyncio.IncompleteReadError:
+            incoming.discard()
+            log.info("connection from %s lost during DATA", self.client)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        except BaseException:
+            incoming.discard()
+            raise
+        if limit and received > limit:
+            log.info("refused a message from %s: larger than server.max_message_size (%d)",
+                     self.client, limit)
+            reply = REPLY_TOO_BIG
+        else:
+            reply = await handler.end_data(self.session, incoming)
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:

@@ -30,7 +30,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,13 +148,14 @@ class _GroupCommit:
         self.tmp_dir = tmp_dir
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, bytes | Draft, asyncio.Future[None]]] = []
         self._unlinks: list[Path] = []
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, queue_id: str, blob: bytes) -> asyncio.Future[None]:
-        """The returned future completes once the file and its directory entry are on disk."""
+    def submit(self, queue_id: str, blob: bytes | Draft) -> asyncio.Future[None]:
+        """The returned future completes once the file and its directory entry are on disk:
+        `blob` written to a new file, or a draft's file synced and renamed into msg/."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._closed:
@@ -206,11 +207,18 @@ class _GroupCommit:
             written = 0
             try:
                 for queue_id, blob, _ in batch:
-                    write_atomic(self.msg_dir / queue_id, blob, self.tmp_dir, sync_dir=False)
+                    if isinstance(blob, Draft):
+                        blob.seal(self.msg_dir / queue_id)
+                    else:
+                        write_atomic(self.msg_dir / queue_id, blob, self.tmp_dir,
+                                     sync_dir=False)
                     written += 1
                 fsync_dir(self.msg_dir)
             except BaseException as e:  # reported to every waiter; the thread goes on
                 error = e
+                for _, blob, _ in batch[written:]:
+                    if isinstance(blob, Draft):
+                        blob.discard()
             loop = batch[0][2].get_loop()
             try:
                 loop.call_soon_threadsafe(_settle, batch, error, written)
@@ -218,7 +226,8 @@ class _GroupCommit:
                 pass  # the loop is closed: nobody is waiting any more
 
 
-def _settle(batch: list[tuple[str, bytes, asyncio.Future[None]]], error: BaseException | None,
+def _settle(batch: list[tuple[str, bytes | Draft, asyncio.Future[None]]],
+            error: BaseException | None,
             written: int) -> None:
     """On the event loop: wake the sessions of one batch. Without a directory fsync nothing
     in the batch is durable, so an error fails all of it (the files already renamed are then
@@ -240,11 +249,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True) -> None:
-    """Write, fsync, rename into place (and fsync the directory unless the caller batches it)."""
-    tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}"
+def _create_tmp(tmp_dir: Path, name: str) -> tuple[int, Path]:
+    """A new file in tmp/ (mode 0600), open for writing."""
+    tmp = tmp_dir / f"{name}.{secrets.token_hex(4)}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
     except FileNotFoundError:
         if tmp_dir.exists():
             raise
@@ -252,12 +261,24 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
         # message from now on.
         tmp_dir.mkdir(mode=0o700, exist_ok=True)
         log.warning("queue: %s was missing and has been made again", tmp_dir)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_atomic(path: Path, data: bytes | Iterable[bytes], tmp_dir: Path, *,
+                 sync_dir: bool = True) -> None:
+    """Write (bytes, or chunks of them), fsync, rename into place (and fsync the directory
+    unless the caller batches it)."""
+    fd, tmp = _create_tmp(tmp_dir, path.name)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        for chunk in (data,) if isinstance(data, bytes) else data:
+            _write_all(fd, chunk)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -268,6 +289,50 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
     os.rename(tmp, path)
     if sync_dir:
         fsync_dir(path.parent)
+
+
+class Draft:
+    """A message file being written as the message arrives (Postfix's cleanup writes as it
+    reads): its envelope first, then the bytes, in tmp/ until the spool commits it. Memory does
+    not depend on the message's size. A draft never committed leaves at most a file in tmp/,
+    which was never acknowledged and goes at the next start."""
+
+    def __init__(self, entry: Entry, header: bytes, tmp_dir: Path) -> None:
+        self.entry = entry
+        self.fd: int | None = None
+        self.fd, self.tmp = _create_tmp(tmp_dir, entry.id)
+        try:
+            _write_all(self.fd, header)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data: bytes) -> None:
+        """Append message bytes (OSError, ENOSPC say, leaves the draft to be discarded)."""
+        assert self.fd is not None, "draft already sealed or discarded"
+        _write_all(self.fd, data)
+        self.entry.size += len(data)
+
+    def seal(self, path: Path) -> None:
+        """fsync and rename into msg/ (the caller fsyncs msg/); on the writer thread."""
+        assert self.fd is not None, "draft already sealed or discarded"
+        fd, self.fd = self.fd, None
+        try:
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise
+        os.close(fd)
+        os.rename(self.tmp, path)
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
 
 
 class Spool:
@@ -338,10 +403,11 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _new_entry(self, sender: str, recipients: Sequence[str], data: bytes,
-                   mail_options: Sequence[str], client: str, route: str | None,
+    def _new_entry(self, sender: str, recipients: Sequence[str], mail_options: Sequence[str],
+                   client: str, route: str | None,
                    bounce_for: tuple[str, Sequence[str]] | None = None, message_id: str = "",
                    login: str = "", queue_id: str | None = None) -> tuple[Entry, bytes]:
+        """A new entry and its envelope line (the file's first line)."""
         entry = Entry(id=queue_id or new_id(), sender=sender,
                       recipients=list(dict.fromkeys(recipients)),
                       received=time.time(), mail_options=list(mail_options), client=client,
@@ -352,8 +418,7 @@ class Spool:
         header = json.dumps(entry.envelope_json(), ensure_ascii=True,
                             separators=(",", ":")).encode() + b"\n"
         entry.data_offset = len(header)
-        entry.size = len(data)
-        return entry, header + data
+        return entry, header
 
     async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str] = (), client: str = "",
@@ -362,17 +427,33 @@ class Spool:
                      message_id: str = "", login: str = "",
                      queue_id: str | None = None) -> Entry:
         """Store a message durably. When this returns, it survives kill -9 and power loss."""
-        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
-                                      bounce_for, message_id, login, queue_id)
-        await self._commit.submit(entry.id, blob)
+        entry, header = self._new_entry(sender, recipients, mail_options, client, route,
+                                        bounce_for, message_id, login, queue_id)
+        entry.size = len(data)
+        await self._commit.submit(entry.id, header + data)
         return entry
+
+    def draft(self, sender: str, recipients: Sequence[str], mail_options: Sequence[str] = (),
+              client: str = "", route: str | None = None, message_id: str = "",
+              login: str = "", queue_id: str | None = None) -> Draft:
+        """Start a message file to write as the message arrives; `commit` makes it durable.
+        OSError when tmp/ cannot take a new file."""
+        entry, header = self._new_entry(sender, recipients, mail_options, client, route,
+                                        message_id=message_id, login=login, queue_id=queue_id)
+        return Draft(entry, header, self.tmp_dir)
+
+    async def commit(self, draft: Draft) -> Entry:
+        """Make a draft durable, as `accept` does a message in memory (QueueError if not)."""
+        await self._commit.submit(draft.entry.id, draft)
+        return draft.entry
 
     def accept_sync(self, sender: str, recipients: Sequence[str], data: bytes,
                     mail_options: Sequence[str] = (), client: str = "",
                     route: str | None = None, message_id: str = "") -> Entry:
-        entry, blob = self._new_entry(sender, recipients, data, mail_options, client, route,
-                                      message_id=message_id)
-        write_atomic(self.msg_dir / entry.id, blob, self.tmp_dir)
+        entry, header = self._new_entry(sender, recipients, mail_options, client, route,
+                                        message_id=message_id)
+        entry.size = len(data)
+        write_atomic(self.msg_dir / entry.id, header + data, self.tmp_dir)
         return entry
 
     def close(self) -> None:
@@ -399,6 +480,10 @@ class Spool:
                 os.unlink(path)
 
     # -- reading -------------------------------------------------------------------------------
+
+    def data_path(self, entry: Entry) -> Path:
+        """The file that holds the message bytes, from entry.data_offset on."""
+        return self.msg_dir / entry.id
 
     def read_data(self, entry: Entry) -> bytes:
         with open(self.msg_dir / entry.id, "rb") as f:

@@ -132,7 +132,7 @@ class Service:
 
     # -- what the listener and the workers call ------------------------------------------------
 
-    def _hand_on(self, entry: Entry, data: bytes) -> None:
+    def _hand_on(self, entry: Entry, data: bytes | None) -> None:
         """An accepted message, durable: to the queue manager, or to the main process."""
         if self.report is None:
             self.qmgr.submit(entry, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import smtplib
 import socket
@@ -53,6 +54,15 @@ class RecordingHandler:
     open_now: int = 0  # connections open at this moment, and the most at once
     open_max: int = 0
     logins: list[str] = field(default_factory=list)
+    pipelining: bool = True  # advertised, as Postfix, Exchange and Gmail do
+    segments: list[bytes] = field(default_factory=list)  # each read's first 512 bytes
+
+    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_QUIT(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
         self.open_now -= 1
@@ -85,6 +95,17 @@ class RecordingHandler:
         return "250 2.0.0 OK accepted"
 
 
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server, keeping the start of each read (so a test can see what a client
+    sent in one write: a pipelined envelope arrives in one read on loopback)."""
+
+    def data_received(self, data: bytes) -> None:
+        handler = self.event_handler
+        if isinstance(handler, RecordingHandler) and len(handler.segments) < 10_000:
+            handler.segments.append(bytes(data[:512]))
+        super().data_received(data)
+
+
 class Upstream:
     """An aiosmtpd server on 127.0.0.1 that can be stopped and started on the same port."""
 
@@ -108,8 +129,8 @@ class Upstream:
             handler.connections += 1
             handler.open_now += 1
             handler.open_max = max(handler.open_max, handler.open_now)
-            proto = SMTP(handler, hostname="upstream.test", enable_SMTPUTF8=True,
-                         **self.smtp_kwargs)
+            proto = _RecordingSMTP(handler, hostname="upstream.test", enable_SMTPUTF8=True,
+                                   **self.smtp_kwargs)
             self.protocols.append(proto)
             return proto
 
@@ -353,3 +374,41 @@ async def smtp_exchange(port: int, lines: list[bytes], *, timeout: float = 10,
     finally:
         writer.close()
     return replies
+
+
+# -- a small filesystem -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (needs root, as CI is; `.ci/run` runs as root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(fs: Path) -> Path:
+    """Fill the filesystem to the last block; returns the filler file."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        chunk = b"\0" * 65536
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(chunk)
+                f.flush()
+        with contextlib.suppress(OSError):
+            while True:  # the last partial chunk
+                f.write(b"\0" * 512)
+                f.flush()
+    with pytest.raises(OSError) as e, open(fs / "probe", "wb") as probe:
+        probe.write(b"x" * 4096)
+        probe.flush()
+        os.fsync(probe.fileno())
+    assert e.value.errno == errno.ENOSPC
+    return filler

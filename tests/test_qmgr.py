@@ -4,15 +4,12 @@ provider replies that lie about their class, `queue retry` after an outage, kill
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
-import errno
 import logging
 import os
 import signal
 import smtplib
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from conftest import (
     Upstream,
     arelayd_cli,
     daemon,
+    fill,
     free_port,
     message,
     run_service,
@@ -68,39 +66,6 @@ def removals(caplog: pytest.LogCaptureFixture, qid: str) -> list[str]:
 # -- a spool on a small filesystem that can be filled --------------------------------------------
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (needs root, as CI is; `.ci/run` runs as root)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(fs: Path) -> Path:
-    """Fill the filesystem to the last block; returns the filler file."""
-    filler = fs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        chunk = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-                f.flush()
-        with contextlib.suppress(OSError):
-            while True:  # the last partial chunk
-                f.write(b"\0" * 512)
-                f.flush()
-    with pytest.raises(OSError) as e, open(fs / "probe", "wb") as probe:
-        probe.write(b"x" * 4096)
-        probe.flush()
-        os.fsync(probe.fileno())
-    assert e.value.errno == errno.ENOSPC
-    return filler
 
 
 async def test_a_bounce_that_cannot_be_stored_keeps_the_message(
