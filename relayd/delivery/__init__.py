@@ -10,15 +10,21 @@ returns one `RecipientResult` per recipient, each with the upstream's `Reply`, o
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from relayd.auth import TokenHealth
 from relayd.config import Config, RouteConfig
 from relayd.reply import Reply
 
 SENT_CLOCK_SKEW_S = 300.0  # find_sent: a copy sent this long before `since` still counts
+CHUNK_BYTES = 1024 * 1024  # a spooled message is read and sent this much at a time
+# Upstreams that send a large message from its spool file in chunks; EWS and Graph need it
+# whole (as MIME in one request), and their own size limits keep it small.
+STREAMING_UPSTREAMS = frozenset({"smtp", "outbox"})
 
 
 class Status(enum.Enum):
@@ -38,14 +44,42 @@ class RecipientResult:
 
 
 @dataclass(frozen=True)
+class SpooledBody:
+    """A large message's bytes, left in its spool file for an upstream that sends them in
+    chunks (smtp, outbox), so that memory does not grow with message size."""
+
+    path: Path
+    offset: int
+    size: int
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes, CHUNK_BYTES at a time, each read on a thread (OSError if the file is
+        gone)."""
+        f = await asyncio.to_thread(open, self.path, "rb")
+        try:
+            await asyncio.to_thread(f.seek, self.offset)
+            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+                yield chunk
+        finally:
+            f.close()
+
+
+@dataclass(frozen=True)
 class OutboundMessage:
-    """What a session delivers: the envelope still pending and the message bytes as received."""
+    """What a session delivers: the envelope still pending and the message bytes as received:
+    in `data`, or for a large message sent through an upstream that streams, in `spooled`
+    (`data` is then empty)."""
 
     queue_id: str
     sender: str  # "" for a bounce
     recipients: Sequence[str]
     data: bytes
     mail_options: Sequence[str] = field(default_factory=tuple)  # e.g. BODY=8BITMIME, SMTPUTF8
+    spooled: SpooledBody | None = None
+
+    @property
+    def size(self) -> int:
+        return self.spooled.size if self.spooled is not None else len(self.data)
 
 
 class Session(abc.ABC):

@@ -18,7 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from relayd.config import RateLimit, RouteConfig
-from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
+from relayd.delivery import (
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    SpooledBody,
+    Status,
+    Upstream,
+)
 from relayd.errors import (
     AuthenticationError,
     DeliveryError,
@@ -49,6 +56,7 @@ class Job:
     mail_options: Sequence[str] = ()
     attempt: int = 1
     check_sent_since: float | None = None  # dedupe: look in Sent Items first (after a crash)
+    spooled: SpooledBody | None = None  # a large message left in the spool (`data` is empty)
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,7 @@ class DeliveryAgent:
         if self.limiter is not None:
             await self.limiter.acquire()
         message = OutboundMessage(job.queue_id, job.sender, job.recipients, job.data,
-                                  job.mail_options)
+                                  job.mail_options, job.spooled)
         if job.check_sent_since is not None and await self._found_in_sent(message,
                                                                           job.check_sent_since):
             reply = Reply(250, "2.0.0", FOUND_IN_SENT, self.route.upstream)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from relayd.config import Config, RouteConfig
-from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
+from relayd.delivery import (
+    CHUNK_BYTES,
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    SpooledBody,
+    Status,
+    Upstream,
+    all_results,
+)
 from relayd.errors import TransientDeliveryError
 from relayd.queue import write_atomic
 
@@ -33,12 +43,23 @@ class OutboxSession(Session):
         head += b"".join(f"X-Relayd-Recipient: <{r}>\r\n".encode() for r in message.recipients)
         target = self.path / f"{message.queue_id}.eml"
         try:
-            await asyncio.to_thread(self._write, target, head + message.data)
+            await asyncio.to_thread(self._write, target, head, message)
         except OSError as e:
             raise TransientDeliveryError(f"cannot write {target}: {e.strerror}") from e
         return all_results(message.recipients,
                            RecipientResult.smtp(Status.DELIVERED, 250, f"written to {target}"))
 
-    def _write(self, target: Path, data: bytes) -> None:
+    def _write(self, target: Path, head: bytes, message: OutboundMessage) -> None:
         os.makedirs(self.path, mode=0o700, exist_ok=True)
-        write_atomic(target, data, self.path)
+        if message.spooled is None:
+            write_atomic(target, head + message.data, self.path)
+        else:
+            write_atomic(target, _copied(head, message.spooled), self.path)
+
+
+def _copied(head: bytes, body: SpooledBody) -> Iterator[bytes]:
+    yield head
+    with open(body.path, "rb") as f:
+        f.seek(body.offset)
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk

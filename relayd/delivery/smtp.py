@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
+from relayd.delivery.smtpclient import PipeliningSMTP
 from relayd.errors import (
     AuthenticationError,
     PermanentDeliveryError,
@@ -92,7 +95,7 @@ class SmtpSession(Session):
     def __init__(self, upstream: SmtpUpstream) -> None:
         self.up = upstream
         self.route = upstream.route
-        self.client: aiosmtplib.SMTP | None = None
+        self.client: PipeliningSMTP | None = None
         self.account = ""
 
     async def close(self) -> None:
@@ -105,9 +108,9 @@ class SmtpSession(Session):
         except (aiosmtplib.SMTPException, OSError):
             client.close()
 
-    async def _connect(self, account: str) -> aiosmtplib.SMTP:
+    async def _connect(self, account: str) -> PipeliningSMTP:
         route = self.route
-        client = aiosmtplib.SMTP(
+        client = PipeliningSMTP(
             hostname=route.host, port=route.port, timeout=route.timeout_s,
             use_tls=route.tls == "implicit", start_tls=route.tls == "starttls",
             tls_context=self.up.tls_context, local_hostname=self.up.config.server.hostname)
@@ -194,7 +197,7 @@ class SmtpSession(Session):
             await self.close()
             raise TransientDeliveryError(f"SMTP error: {_why(e)}") from e
 
-    async def _connect_mapped(self, account: str) -> aiosmtplib.SMTP:
+    async def _connect_mapped(self, account: str) -> PipeliningSMTP:
         try:
             return await self._connect(account)
         except aiosmtplib.SMTPAuthenticationError as e:
@@ -214,44 +217,51 @@ class SmtpSession(Session):
         client = self.client
         assert client is not None
         options, encoding = self._mail_options(client, message)
-        try:
-            await client.mail(message.sender, options=options, encoding=encoding)
-        except UnicodeEncodeError:
-            # Raised before anything is sent: the connection is still in step.
+        mail = _command_line(b"MAIL FROM:", message.sender, options, encoding)
+        if mail is None:
+            # Nothing was sent: the connection is still in step.
             raise PermanentDeliveryError(f"5.1.7 the sender address cannot be encoded for "
-                                         f"{self.route.host}", 553) from None
-        except aiosmtplib.SMTPSenderRefused as e:
-            await self._rset()
-            if e.code == 421:
-                await self.close()
-            raise error_for(e.code, e.message) from e
+                                         f"{self.route.host}", 553)
         results: dict[str, RecipientResult] = {}
-        accepted: list[str] = []
+        sent: list[str] = []
+        lines: list[bytes] = []
         for rcpt in message.recipients:
-            try:
-                await client.rcpt(rcpt, encoding=encoding)
-                accepted.append(rcpt)
-            except UnicodeEncodeError:
+            line = _command_line(b"RCPT TO:", rcpt, (), encoding)
+            if line is None:
                 # This recipient only; the rest go on.
                 why = ("5.1.3 the recipient address is not valid UTF-8" if encoding == "utf-8"
                        else f"5.6.7 the recipient address is not ASCII and {self.route.host} "
                        "does not support SMTPUTF8")
                 results[rcpt] = RecipientResult.smtp(Status.FAILED, 553, why)
-            except aiosmtplib.SMTPRecipientRefused as e:
-                results[rcpt] = result_for(e.code, e.message)
+                continue
+            sent.append(rcpt)
+            lines.append(line)
+        if not sent:
+            return results
+        body = message.data if message.spooled is None else message.spooled.chunks()
+        replies = await client.transaction(mail, lines, body)
+        if replies.mail.code != 250:
+            await self._rset()
+            if replies.mail.code == 421:
+                await self.close()
+            raise error_for(replies.mail.code, replies.mail.message)
+        accepted: list[str] = []
+        for rcpt, said in zip(sent, replies.rcpts, strict=True):
+            if said.code in (250, 251):
+                accepted.append(rcpt)
+            else:
+                results[rcpt] = result_for(said.code, said.message)
         if not accepted:
             await self._rset()
             return results
-        try:
-            reply = await client.data(message.data)
-        except aiosmtplib.SMTPDataError as e:
+        final = replies.final if replies.final is not None else replies.data
+        assert final is not None
+        if replies.final is None or final.code >= 300:
             await self._rset()
-            results.update({r: result_for(e.code, e.message) for r in accepted})
-            return results
-        results.update({r: result_for(reply.code, reply.message) for r in accepted})
+        results.update({r: result_for(final.code, final.message) for r in accepted})
         return results
 
-    def _mail_options(self, client: aiosmtplib.SMTP,
+    def _mail_options(self, client: PipeliningSMTP,
                       message: OutboundMessage) -> tuple[list[str], str]:
         options: list[str] = []
         requested = {o.upper() for o in message.mail_options}
@@ -268,7 +278,7 @@ class SmtpSession(Session):
         if "BODY=8BITMIME" in requested and client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if client.supports_extension("size"):
-            options.append(f"SIZE={len(message.data)}")
+            options.append(f"SIZE={message.size}")
         return options, "utf-8" if "SMTPUTF8" in options else "ascii"
 
     async def _rset(self) -> None:
@@ -279,6 +289,19 @@ class SmtpSession(Session):
             await client.rset()
         except (aiosmtplib.SMTPException, OSError):
             await self.close()
+
+
+def _command_line(verb: bytes, address: str, options: Sequence[str],
+                  encoding: str) -> bytes | None:
+    """`MAIL FROM:<a> OPTS` or `RCPT TO:<a>` with its CRLF, as aiosmtplib's mail() and rcpt()
+    build them; None when the address cannot be encoded (or would smuggle a control)."""
+    try:
+        addr = quote_address(address).encode(encoding)
+    except UnicodeEncodeError:
+        return None
+    if COMMAND_INJECTION_REGEX.search(addr):
+        return None
+    return b" ".join([verb + addr, *(o.encode("ascii") for o in options)]) + b"\r\n"
 
 
 def _tls_info(client: aiosmtplib.SMTP) -> str:

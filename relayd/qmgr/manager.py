@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from relayd import crashpoint
 from relayd.bounce import Failure, build_bounce
 from relayd.config import Config, RouteConfig
-from relayd.delivery import RecipientResult, Status, Upstream
+from relayd.delivery import STREAMING_UPSTREAMS, RecipientResult, SpooledBody, Status, Upstream
 from relayd.delivery.agent import DeliveryAgent, Job, Report
 from relayd.errors import QueueError
 from relayd.journal import Journal
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 CONTROL_POLL_S = 0.5
 MEMORY_HOLD_BYTES = 64 * 1024 * 1024  # fresh messages kept in memory for their first attempt
 INLINE_READ_MAX_BYTES = 256 * 1024  # spool files up to this size are read on the event loop
+CONTROL_ERROR_LOG_S = 60.0
 RETIRE_TIMEOUT_S = 300.0  # an agent replaced by a reload finishes its jobs within this
 
 DUE = "due"
@@ -133,6 +134,7 @@ class QueueManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._held_bytes = 0
+        self._control_error_at = -CONTROL_ERROR_LOG_S
 
     # -- policy --------------------------------------------------------------------------------
 
@@ -318,6 +320,17 @@ class QueueManager:
         try:
             if recipients and not queued.deleted:
                 data = queued.data
+                spooled = None
+                streams = agent.route.upstream in STREAMING_UPSTREAMS
+                if data is None and streams and entry.size > INLINE_READ_MAX_BYTES:
+                    # Sent from its file in chunks: memory does not grow with message size.
+                    data = b""
+                    spooled = SpooledBody(self.spool.data_path(entry), entry.data_offset,
+                                          entry.size)
+                    if not spooled.path.exists():
+                        self._forget(queued, "its file vanished from the spool (removed by "
+                                     "hand?)")
+                        return
                 if data is None:
                     try:
                         data = await self._read(entry)
@@ -342,7 +355,7 @@ class QueueManager:
                     entry.started = entry.attempts + 1
                     await self._save_state(entry)
                 job = Job(entry.id, entry.sender, recipients, data, entry.mail_options,
-                          entry.attempts + 1, check_since)
+                          entry.attempts + 1, check_since, spooled)
                 report = await agent.deliver(job)
                 self.observer.observe_latency(agent.route.name, time.monotonic() - started)
                 crashpoint.reached("reported")
@@ -583,7 +596,12 @@ class QueueManager:
         try:
             requests = await asyncio.to_thread(self.spool.take_requests)
         except OSError as e:
-            log.error("queue: cannot read control requests: %s", e)
+            # Polled twice a second: say so once a minute (EMFILE under a flood would
+            # otherwise be two lines a second).
+            now = time.monotonic()
+            if now - self._control_error_at >= CONTROL_ERROR_LOG_S:
+                self._control_error_at = now
+                log.error("queue: cannot read control requests: %s", e)
             return
         for action, target in requests:
             ids = list(self.messages) if target == "all" else [target]

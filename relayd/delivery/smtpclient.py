@@ -1,0 +1,167 @@
+"""aiosmtplib's client with two things Postfix's smtp client does: the envelope and DATA sent
+in one write where the server offers PIPELINING (RFC 2920), and the message written in chunks
+(from the spool file, so a large message is never whole in memory).
+
+The policy:
+- With PIPELINING: MAIL, every RCPT and DATA go in one write; the replies are read in order.
+  The message follows only after DATA's 354. When MAIL or every RCPT was refused and the server
+  still said 354 (RFC 2920 3.1 says it must not), a lone "." ends the empty message, and the
+  transaction counts as refused.
+- Without PIPELINING: one command, one reply, and no RCPT after a refused MAIL, no DATA after
+  every RCPT was refused (what aiosmtplib's mail/rcpt/data do).
+- The message bytes are stored with CRLF line endings already (relayd.smtpdata), so they are
+  only dot-stuffed, in one C-level replace per chunk; aiosmtplib's data() normalises line
+  endings again and dot-stuffs with a regular expression, a second pass over every byte.
+
+aiosmtplib reads one reply per write and drops what arrives while a parsed reply waits to be
+picked up; the replies to a pipelined group often arrive just so, one segment each. So its
+protocol here keeps such data in its buffer, to be read after the reply it parsed. This
+uses that protocol's internals (_command_lock, _response_pending, _response_waiter, _buffer,
+_read_response_from_buffer, _drain_helper), which is why pyproject pins aiosmtplib to 5.1.x.
+Rejected: a client of our own (TLS, AUTH, EHLO parsing are aiosmtplib's, and well kept); and
+sending commands without PIPELINING in one write, which servers may answer by dropping what
+they did not expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.response import SMTPResponse
+
+
+@dataclass
+class Replies:
+    """What the server said to one transaction. `data` is the reply to DATA (None when DATA
+    was not sent); `final` the reply after the message (None when it was not sent)."""
+
+    mail: SMTPResponse
+    rcpts: list[SMTPResponse] = field(default_factory=list)
+    data: SMTPResponse | None = None
+    final: SMTPResponse | None = None
+
+    @property
+    def sent(self) -> bool:
+        """The message went out and the server answered it."""
+        return self.final is not None
+
+
+def dot_stuff(chunk: bytes, line_start: bool) -> bytes:
+    """A leading dot on every line gets another (RFC 5321 4.5.2). `line_start`: the chunk
+    begins a line. CRLF line endings assumed (the spool stores nothing else)."""
+    stuffed = chunk.replace(b"\n.", b"\n..")
+    if line_start and chunk.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed
+
+
+class _PipeliningProtocol(SMTPProtocol):
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if waiter is not None and waiter.done() and self._response_pending:
+            # The next reply of a pipelined group, before the last one was picked up: keep
+            # it for PipeliningSMTP._reply (aiosmtplib would drop it).
+            if len(self._buffer) + len(data) > MAX_RESPONSE_LENGTH and self.transport:
+                self.transport.close()  # a server that floods: the attempt fails
+                return
+            self._buffer.extend(data)
+            return
+        super().data_received(data)
+
+
+class PipeliningSMTP(aiosmtplib.SMTP):
+    async def _create_connection(self, timeout: float | None) -> SMTPResponse:
+        response = await super()._create_connection(timeout)
+        if self.protocol is not None:
+            # The same object and state, with the data_received above (STARTTLS keeps it).
+            self.protocol.__class__ = _PipeliningProtocol
+        return response
+
+    def _protocol(self) -> SMTPProtocol:
+        if self.protocol is None or self.protocol._command_lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+        return self.protocol
+
+    async def _reply(self, protocol: SMTPProtocol, timeout: float | None) -> SMTPResponse:
+        """The next reply: the one the protocol parsed, else one still in its buffer, else
+        from the network."""
+        waiter = protocol._response_waiter
+        if waiter is None or not waiter.done():
+            buffered = protocol._read_response_from_buffer()
+            if buffered is not None:
+                return buffered
+        return await protocol.read_response(timeout=timeout)
+
+    async def _command(self, protocol: SMTPProtocol, line: bytes,
+                       timeout: float | None) -> SMTPResponse:
+        protocol._response_pending = True
+        protocol.write(line)
+        return await self._reply(protocol, timeout)
+
+    async def transaction(self, mail: bytes, rcpts: Sequence[bytes],
+                          body: bytes | AsyncIterable[bytes]) -> Replies:
+        """One mail transaction: `mail` and `rcpts` are whole command lines (CRLF included),
+        `body` the message as stored (CRLF line endings), whole or in chunks."""
+        protocol = self._protocol()
+        timeout = self.timeout
+        lock = protocol._command_lock
+        assert lock is not None
+        try:
+            async with lock:
+                if self.supports_extension("pipelining"):
+                    protocol._response_pending = True
+                    protocol.write(b"".join([mail, *rcpts, b"DATA\r\n"]))
+                    replies = Replies(await self._reply(protocol, timeout))
+                    for _ in rcpts:
+                        replies.rcpts.append(await self._reply(protocol, timeout))
+                    replies.data = await self._reply(protocol, timeout)
+                else:
+                    replies = Replies(await self._command(protocol, mail, timeout))
+                    if replies.mail.code != 250:
+                        return replies
+                    for rcpt in rcpts:
+                        replies.rcpts.append(await self._command(protocol, rcpt, timeout))
+                    if not _any_accepted(replies.rcpts):
+                        return replies
+                    replies.data = await self._command(protocol, b"DATA\r\n", timeout)
+                if replies.data.code != 354:
+                    return replies
+                if replies.mail.code != 250 or not _any_accepted(replies.rcpts):
+                    await self._command(protocol, b".\r\n", timeout)  # nothing to send
+                    return replies
+                await self._write_body(protocol, body)
+                replies.final = await self._reply(protocol, timeout)
+                return replies
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            self.close()
+            raise
+
+    async def _write_body(self, protocol: SMTPProtocol,
+                          body: bytes | AsyncIterable[bytes]) -> None:
+        if isinstance(body, bytes):
+            tail = body[-2:]
+            protocol.write(dot_stuff(body, True))
+        else:
+            line_start, tail = True, b""
+            async for chunk in body:
+                if not chunk:
+                    continue
+                protocol.write(dot_stuff(chunk, line_start))
+                line_start = chunk.endswith(b"\n")
+                tail = (tail + chunk)[-2:]
+                # Hold no more than the transport's buffer; a server that stops reading
+                # times out like one that stops answering.
+                try:
+                    await asyncio.wait_for(protocol._drain_helper(), self.timeout)
+                except TimeoutError as e:
+                    raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from e
+        protocol._response_pending = True
+        protocol.write(b".\r\n" if tail in (b"\r\n", b"") else b"\r\n.\r\n")
+
+
+def _any_accepted(rcpts: Sequence[SMTPResponse]) -> bool:
+    return any(r.code in (250, 251) for r in rcpts)
