@@ -322,13 +322,13 @@ def offered_version(hello: bytes) -> int | None:
 
 
 def describe_tls_failure(hello: bytes, error: BaseException | None,
-                         server: ServerConfig) -> str:
+                         server: ServerConfig, where: str = "after STARTTLS") -> str:
     """One line on why a handshake failed, with the hint an admin needs."""
     version = offered_version(hello)
     if version is None:
         if not hello:
             return "no TLS hello from the client (it closed the connection or timed out)"
-        return "the client did not start a TLS handshake after STARTTLS"
+        return f"the client did not start a TLS handshake {where}"
     minimum = ssl.TLSVersion.TLSv1 if server.tls_legacy else ssl.TLSVersion.TLSv1_2
     name = _TLS_NAMES.get(version, f"version 0x{version:04x}")
     if version < minimum:
@@ -389,7 +389,7 @@ class RelaySMTP(SMTP):
     def __init__(self, handler: Handler, *, allowed: Sequence[Any],
                  sessions: set[RelaySMTP], users: Mapping[str, ServerUser],
                  guard: LoginGuard, limits: SessionLimits, server: ServerConfig,
-                 implicit_tls: bool = False, **kwargs: Any) -> None:
+                 implicit_tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(handler, authenticator=_capture, **kwargs)
         self._allowed = allowed
         self._sessions = sessions
@@ -397,7 +397,8 @@ class RelaySMTP(SMTP):
         self._guard = guard
         self._limits = limits
         self._server = server
-        self._implicit_tls = implicit_tls
+        self._implicit_tls = implicit_tls is not None
+        self._implicit_context = implicit_tls  # the handshake is this protocol's to start
         self._failed_here = 0
         self._refusal: str | None = None
         self.client = ""
@@ -439,6 +440,9 @@ class RelaySMTP(SMTP):
         return addr, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._implicit_context is not None:
+            self._start_implicit_tls(transport)  # then called again with the TLS transport
+            return
         first = self._original_transport is None  # called again after STARTTLS
         super().connection_made(transport)
         if not first or self.session is None:
@@ -452,6 +456,30 @@ class RelaySMTP(SMTP):
         self._auth_require_tls = not (self._implicit_tls or loopback)
         if not self._users and not loopback:
             self._auth_methods = {}  # nothing to log in to
+
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """The TLS layer of an implicit-TLS port, set up here rather than by the server
+        (create_server(ssl=...)), so that a failed handshake is one WARNING line saying what
+        the client offered; asyncio's own says nothing outside debug mode."""
+        context, self._implicit_context = self._implicit_context, None
+        assert context is not None and isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        waiter = self.loop.create_future()
+        tls = _HelloRecorder(self.loop, self, context, waiter, server_side=True)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+        def done(future: asyncio.Future[None]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                # A connection that sends nothing (a port check) is not worth a warning.
+                log.log(logging.WARNING if tls.hello else logging.INFO,
+                        "TLS handshake with %s failed: %s", client,
+                        describe_tls_failure(tls.hello, error, self._server,
+                                             "on the implicit-TLS port"))
+
+        waiter.add_done_callback(done)
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing an idle or slow session (server.session_timeout),
@@ -631,10 +659,10 @@ class RelaySMTP(SMTP):
 
 def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelaySMTP],
                           guard: LoginGuard, *, starttls: ssl.SSLContext | None = None,
-                          implicit_tls: bool = False) -> Callable[[], RelaySMTP]:
-    """Protocols for one listener: plain with STARTTLS offered, or implicit TLS (the TLS
-    layer is then the server's, and STARTTLS is not offered again). `sessions` is shared by
-    all listeners, so server.max_sessions counts them all."""
+                          implicit_tls: ssl.SSLContext | None = None) -> Callable[[], RelaySMTP]:
+    """Protocols for one listener: plain with STARTTLS offered, or implicit TLS (each
+    protocol then starts TLS itself on a plain server socket, and STARTTLS is not offered
+    again). `sessions` is shared by all listeners, so server.max_sessions counts them all."""
     server = config.server
     limits = SessionLimits(server)
 
@@ -644,6 +672,6 @@ def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelayS
             guard=guard, limits=limits, server=server, implicit_tls=implicit_tls,
             data_size_limit=server.max_message_size, enable_SMTPUTF8=True, decode_data=False,
             hostname=server.hostname, ident="relayd", tls_context=starttls,
-            auth_require_tls=not implicit_tls, timeout=server.session_timeout_s)
+            auth_require_tls=implicit_tls is None, timeout=server.session_timeout_s)
 
     return factory

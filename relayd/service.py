@@ -222,22 +222,23 @@ class Service:
         plain = make_protocol_factory(self.handler, self.config, self.sessions, self.guard,
                                       starttls=tls)
         implicit = make_protocol_factory(self.handler, self.config, self.sessions, self.guard,
-                                         implicit_tls=True)
+                                         implicit_tls=tls)
         listeners = self.listeners
         if listeners is None:
             listeners = await asyncio.to_thread(bind_listeners, server_cfg)
-        for socks, factory, ssl_ctx, bound in (
-                (listeners.plain, plain, None, self.addresses),
-                (listeners.tls, implicit, tls, self.tls_addresses)):
+        for socks, factory, implicit_tls, bound in (
+                (listeners.plain, plain, False, self.addresses),
+                (listeners.tls, implicit, True, self.tls_addresses)):
             for sock in socks:
+                # No ssl= for implicit TLS: each protocol starts its own TLS layer.
                 server = await asyncio.get_running_loop().create_server(
-                    factory, sock=sock, ssl=ssl_ctx, backlog=LISTEN_BACKLOG)
+                    factory, sock=sock, backlog=LISTEN_BACKLOG)
                 self.servers.append(server)
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     bound.append((host, port))
                     log.info("listening on %s%s", Address(host, port),
-                             " (implicit TLS)" if ssl_ctx else "")
+                             " (implicit TLS)" if implicit_tls else "")
 
     async def _start_metrics(self) -> None:
         listen = self.config.metrics.listen

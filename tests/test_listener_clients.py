@@ -9,6 +9,7 @@ import gc
 import logging
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import warnings
@@ -289,6 +290,45 @@ async def test_garbage_after_starttls_is_one_warning(tmp_path: Path, upstream: U
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "127.0.0.1" in lines[0].getMessage()
     assert "did not start a TLS handshake" in lines[0].getMessage()
+    no_tracebacks(caplog)
+
+
+async def test_implicit_tls_port_failures_are_one_warning_each(
+        tmp_path: Path, upstream: Upstream, password_hash: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS 1.0 client, then plain SMTP, on the implicit-TLS port: one WARNING each saying
+    what the client offered (asyncio alone says nothing), and the port still serves curl."""
+    cfg = users_config(tmp_path, upstream, password_hash, server='listen_tls = ["127.0.0.1:0"]')
+    async with run_service(cfg) as svc:
+        port = svc.tls_addresses[0][1]
+
+        def old_client() -> None:
+            with socket.create_connection(("127.0.0.1", port), 15) as raw:
+                tls10_client().wrap_socket(raw).close()
+
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.to_thread(old_client)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"EHLO client\r\nMAIL FROM:<a@business.com>\r\n")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing said
+        writer.close()
+        await wait_for(lambda: caplog.text.count("TLS handshake") >= 2, what="two warnings")
+        await asyncio.sleep(0.2)
+        collect_failed_handshakes()
+        body = tmp_path / "mail.txt"
+        body.write_bytes(message(sender="scanner@business.com", subject="after"))
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "20", "--insecure", f"smtps://127.0.0.1:{port}",
+            "--user", f"casemanager:{PASSWORD}", "--mail-from", "scanner@business.com",
+            "--mail-rcpt", "x@example.com", "-T", str(body),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        await wait_for(lambda: len(upstream.messages) == 1)
+    lines = [r for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.WARNING]
+    assert "TLS 1.0" in lines[0].getMessage() and "server.tls_legacy" in lines[0].getMessage()
+    assert "did not start a TLS handshake on the implicit-TLS port" in lines[1].getMessage()
     no_tracebacks(caplog)
 
 
