@@ -443,10 +443,9 @@ class RelaySMTP(SMTP):
             return "", ""
         plain = plain_path(arg)
         if plain is not None:
-            addr, rest = plain
-            if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            if self.local_part_limit and len(plain[0].rpartition("@")[0]) > self.local_part_limit:
                 return None, None
-            return addr, rest
+            return plain
         address: Any
         try:
             if arg.lstrip().startswith("<"):

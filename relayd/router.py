@@ -27,10 +27,16 @@ def matches_any(patterns: tuple[str, ...], sender: str) -> bool:
     return "*" in patterns or address in patterns or f"*@{domain}" in patterns
 
 
+MATCH_CACHE_SIZE = 4096  # distinct senders remembered (a small firm has a handful)
+
+
 class Router:
-    """Looks up the route for an envelope sender. Built once per config; immutable."""
+    """Looks up the route for an envelope sender. Built once per config; its answers do not
+    change, so each sender's is kept (a message is looked up at MAIL FROM, when it is queued
+    and after each attempt)."""
 
     def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
+        self._cache: dict[str, Match | None] = {}
         self._exact: dict[str, RouteConfig] = {}
         self._domain: dict[str, RouteConfig] = {}
         self._default: RouteConfig | None = None
@@ -44,6 +50,17 @@ class Router:
                     self._exact[pattern] = route
 
     def match(self, sender: str) -> Match | None:
+        try:
+            return self._cache[sender]
+        except KeyError:
+            pass
+        found = self._match(sender)
+        if len(self._cache) >= MATCH_CACHE_SIZE:
+            self._cache.clear()  # a spray of senders: start over rather than grow
+        self._cache[sender] = found
+        return found
+
+    def _match(self, sender: str) -> Match | None:
         address = normalize(sender)
         if not address or "@" not in address:
             return None
