@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 SUBDIRS = ("msg", "state", "corrupt", "control", "tmp")
 ID_RE = re.compile(r"^[0-9A-Z]{10,20}$")
 MAX_HEADER_BYTES = 1024 * 1024  # an envelope line longer than this is corrupt
+HEADER_READ_BYTES = 8192  # first read of a message file: the envelope (and all of a small one)
+STATE_READ_BYTES = 65536
+INTERN_MAX = 65536  # distinct envelope strings shared between entries (see _intern)
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -71,16 +74,20 @@ def _base36(n: int) -> str:
     return out or "0"
 
 
-@dataclass
+@dataclass(slots=True)
 class RecipientState:
     status: str = PENDING
     code: int | None = None
     text: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One queued message: its envelope and delivery state. The bytes stay on disk."""
+    """One queued message: its envelope and delivery state. The bytes stay on disk.
+
+    The queue manager holds one per queued message (100,000 with an upstream down), so it is
+    kept small: slots, envelope strings shared between entries (`_intern`), and no list of
+    its own for the bounce recipients of a message that is not a bounce."""
 
     id: str
     sender: str
@@ -92,7 +99,7 @@ class Entry:
     message_id: str = ""  # the Message-ID header, for the journal and dedupe
     login: str = ""  # the listener login it came with, if any
     bounce_for: str | None = None  # a bounce: the queue id of the message it reports
-    bounce_rcpts: list[str] = field(default_factory=list)  # and the recipients it reports
+    bounce_rcpts: Sequence[str] = ()  # and the recipients it reports
     size: int = 0
     data_offset: int = 0
     attempts: int = 0
@@ -408,12 +415,13 @@ class Spool:
                    bounce_for: tuple[str, Sequence[str]] | None = None, message_id: str = "",
                    login: str = "", queue_id: str | None = None) -> tuple[Entry, bytes]:
         """A new entry and its envelope line (the file's first line)."""
-        entry = Entry(id=queue_id or new_id(), sender=sender,
-                      recipients=list(dict.fromkeys(recipients)),
-                      received=time.time(), mail_options=list(mail_options), client=client,
-                      route=route, message_id=message_id, login=login)
+        entry = Entry(id=queue_id or new_id(), sender=_intern(sender),
+                      recipients=[_intern(r) for r in dict.fromkeys(recipients)],
+                      received=time.time(), mail_options=[_intern(o) for o in mail_options],
+                      client=_intern(client), route=route, message_id=message_id,
+                      login=login)
         if bounce_for is not None:
-            entry.bounce_for, entry.bounce_rcpts = bounce_for[0], list(bounce_for[1])
+            entry.bounce_for, entry.bounce_rcpts = bounce_for[0], tuple(bounce_for[1])
         entry.rcpt = {r: RecipientState() for r in entry.recipients}
         header = json.dumps(entry.envelope_json(), ensure_ascii=True,
                             separators=(",", ":")).encode() + b"\n"
@@ -497,47 +505,67 @@ class Spool:
             return []
         return sorted(n for n in names if ID_RE.match(n))
 
-    def load(self, queue_id: str) -> Entry:
-        """Read one entry's envelope and state; QueueError if it is corrupt or gone."""
+    def state_ids(self) -> set[str]:
+        """The names in state/, listed once (cheaper than a failed open per entry)."""
+        try:
+            return set(os.listdir(self.state_dir))
+        except FileNotFoundError:
+            return set()
+
+    def load(self, queue_id: str, *, has_state: bool | None = None) -> Entry:
+        """Read one entry's envelope and state; QueueError if it is corrupt or gone.
+        `has_state` False (from a listing of state/ taken when nothing else writes state
+        files) skips looking for its state file; None looks."""
         if not ID_RE.match(queue_id):
             raise QueueError(f"{queue_id!r} is not a queue id")
-        path = self.msg_dir / queue_id
         try:
-            with open(path, "rb") as f:
-                header = f.readline(MAX_HEADER_BYTES)
-                size = os.fstat(f.fileno()).st_size - len(header)
+            fd = os.open(self.msg_dir / queue_id, os.O_RDONLY)
         except FileNotFoundError:
             raise QueueError(f"no message {queue_id} in the queue") from None
         except OSError as e:
             raise QueueError(f"{queue_id}: cannot read: {e.strerror}") from e
         try:
+            header, size = _read_header(fd)
+        except OSError as e:
+            raise QueueError(f"{queue_id}: cannot read: {e.strerror}") from e
+        finally:
+            os.close(fd)
+        try:
             env = json.loads(header)
-            entry = Entry(id=queue_id, sender=_str(env["sender"]),
-                          recipients=[_str(r) for r in env["recipients"]],
+            entry = Entry(id=queue_id, sender=_intern(env["sender"]),
+                          recipients=[_intern(r) for r in env["recipients"]],
                           received=float(env["received"]),
-                          mail_options=[_str(o) for o in env.get("mail_options", [])],
-                          client=_str(env.get("client", "")),
-                          route=None if env.get("route") is None else _str(env["route"]),
+                          mail_options=[_intern(o) for o in env.get("mail_options", [])],
+                          client=_intern(env.get("client", "")),
+                          route=None if env.get("route") is None else _intern(env["route"]),
                           size=size, data_offset=len(header))
             entry.message_id = _str(env.get("message_id", ""))
             entry.login = _str(env.get("login", ""))
             origin = env.get("bounce_for")
             if origin is not None:
                 entry.bounce_for = _str(origin["id"])
-                entry.bounce_rcpts = [_str(r) for r in origin["recipients"]]
+                entry.bounce_rcpts = tuple(_str(r) for r in origin["recipients"])
             if env.get("id") != queue_id or not entry.recipients or not header.endswith(b"\n"):
                 raise ValueError("envelope does not match its file")
             entry.rcpt = {r: RecipientState() for r in entry.recipients}
-            self._load_state(entry)
+            if has_state is not False:
+                self._load_state(entry)
         except (ValueError, KeyError, TypeError) as e:
             raise QueueError(f"{queue_id}: corrupt entry: {e}") from e
         return entry
 
     def _load_state(self, entry: Entry) -> None:
         try:
-            raw = (self.state_dir / entry.id).read_bytes()
+            fd = os.open(self.state_dir / entry.id, os.O_RDONLY)
         except FileNotFoundError:
             return
+        try:
+            chunks = []
+            while chunk := os.read(fd, STATE_READ_BYTES):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        raw = b"".join(chunks)
         entry.has_state = True
         state = json.loads(raw)
         entry.attempts = int(state.get("attempts", 0))
@@ -561,19 +589,32 @@ class Spool:
         with contextlib.suppress(OSError):
             (self.corrupt_dir / f"{queue_id}.why").write_text(why + "\n", encoding="utf-8")
 
-    def recover(self) -> Iterator[Entry]:
-        """Every readable entry; corrupt ones are moved aside and logged, never raised."""
-        for queue_id in self.ids():
+    def listing(self) -> tuple[list[str], set[str]]:
+        """msg/ and state/, each listed once: what `recover` reads. Taken before the daemon
+        accepts anything, it names only messages from before this start."""
+        return self.ids(), self.state_ids()
+
+    def recover(self, listing: tuple[list[str], set[str]] | None = None,
+                stop: threading.Event | None = None) -> Iterator[Entry]:
+        """Every readable entry of `listing` (by default, listed now); corrupt ones are moved
+        aside and logged, never raised. Only the daemon, holding the lock, calls this, so
+        nobody else writes state files meanwhile (the daemon itself writes only those of
+        messages it accepted since the listing). Stops early once `stop` is set."""
+        ids, states = listing if listing is not None else self.listing()
+        for queue_id in ids:
+            if stop is not None and stop.is_set():
+                return
             try:
-                yield self.load(queue_id)
+                yield self.load(queue_id, has_state=queue_id in states)
             except QueueError as e:
                 if "no message" in str(e):
                     continue  # removed while we listed
                 log.error("queue: %s; moved to %s", e, self.corrupt_dir)
                 self.quarantine(queue_id, str(e))
         # State files whose message is gone belong to entries finished just before a crash.
-        for name in os.listdir(self.state_dir):
-            if ID_RE.match(name) and not (self.msg_dir / name).exists():
+        listed = set(ids)
+        for name in states:
+            if ID_RE.match(name) and name not in listed and not (self.msg_dir / name).exists():
                 with contextlib.suppress(OSError):
                     os.unlink(self.state_dir / name)
 
@@ -598,6 +639,40 @@ class Spool:
             if len(parts) == 3 and parts[0] in ("retry", "delete"):
                 out.append((parts[0], parts[1]))
         return out
+
+
+def _read_header(fd: int) -> tuple[bytes, int]:
+    """A message file's envelope line (up to MAX_HEADER_BYTES) and the size of what follows,
+    with positional reads: one for a small message, whose whole file fits in the first."""
+    chunk = os.pread(fd, HEADER_READ_BYTES, 0)
+    eof = len(chunk) < HEADER_READ_BYTES
+    end = chunk.find(b"\n")
+    while end < 0 and not eof and len(chunk) < MAX_HEADER_BYTES:
+        more = os.pread(fd, HEADER_READ_BYTES, len(chunk))
+        eof = len(more) < HEADER_READ_BYTES
+        found = more.find(b"\n")
+        end = -1 if found < 0 else len(chunk) + found
+        chunk += more
+    header = chunk[:end + 1] if 0 <= end < MAX_HEADER_BYTES else chunk[:MAX_HEADER_BYTES]
+    if eof:
+        return header, len(chunk) - len(header)  # the whole file was read: its size is known
+    return header, os.fstat(fd).st_size - len(header)
+
+
+_interned: dict[str, str] = {}
+
+
+def _intern(value: Any) -> str:
+    """A string from an envelope, shared with every other envelope that has the same one
+    (senders, recipients, clients and routes repeat: 100,000 queued for one address are one
+    string, not 100,000). Bounded, so a flood of distinct addresses cannot grow it forever."""
+    s = _str(value)
+    shared = _interned.get(s)
+    if shared is not None:
+        return shared
+    if len(_interned) < INTERN_MAX:
+        _interned[s] = s
+    return s
 
 
 def _str(value: Any) -> str:

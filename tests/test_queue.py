@@ -153,3 +153,54 @@ async def test_a_removed_tmp_directory_is_made_again(tmp_path: Path, upstream: U
                           message()) == {}
         await wait_for(lambda: len(upstream.messages) == 1)
     assert (tmp_path / "queue" / "tmp").is_dir()
+
+
+def test_envelopes_of_any_length_are_read_with_the_right_size(tmp_path: Path) -> None:
+    """The envelope line is read with positional reads of 8 KiB: one that spans several of
+    them, a message larger than the first read, and one that fits in it all load with their
+    exact size and bytes; the state file found by a listing of state/ is read."""
+    spool = Spool(tmp_path / "q")
+    spool.create()
+    many = [f"user{i:05d}@example.com" for i in range(800)]  # an envelope of ~20 KiB
+    cases = [(["x@y.com"], b"small\r\n"), (["x@y.com"], b"x" * 20000 + b"\r\n"),
+             (many, b"many recipients\r\n"), (many, b"y" * 9000)]
+    entries = [spool.accept_sync("a@b.com", rcpts, data) for rcpts, data in cases]
+    entries[2].attempts = 3
+    spool.save_state(entries[2])
+    assert spool.state_ids() == {entries[2].id}
+    recovered = list(spool.recover())
+    assert [e.id for e in recovered] == [e.id for e in entries]
+    for again, (rcpts, data) in zip(recovered, cases, strict=True):
+        assert again.recipients == rcpts and again.size == len(data)
+        assert spool.read_data(again) == data
+    assert [e.attempts for e in recovered] == [0, 0, 3, 0]
+    assert [e.has_state for e in recovered] == [False, False, True, False]
+    assert spool.load(entries[2].id).attempts == 3  # without a listing, it looks
+
+
+def test_an_envelope_without_its_line_end_is_corrupt(tmp_path: Path) -> None:
+    """A message file cut short inside its envelope line (a hand-copied file) is moved to
+    corrupt/ at recovery, whatever its length, never loaded as an empty message."""
+    spool = Spool(tmp_path / "q")
+    spool.create()
+    entry = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    path = tmp_path / "q" / "msg" / entry.id
+    path.write_bytes(path.read_bytes()[:entry.data_offset - 1])
+    long = spool.accept_sync("a@b.com", [f"u{i}@example.com" for i in range(900)], b"x")
+    lpath = tmp_path / "q" / "msg" / long.id
+    lpath.write_bytes(lpath.read_bytes()[:long.data_offset - 1])
+    assert list(spool.recover()) == []
+    assert sorted(os.listdir(tmp_path / "q" / "corrupt")) == sorted(
+        f"{i}.{ext}" for i in (entry.id, long.id) for ext in ("msg", "why"))
+
+
+def test_recovery_removes_state_files_whose_message_is_gone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "q")
+    spool.create()
+    kept = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    gone = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    spool.save_state(kept)
+    spool.save_state(gone)
+    os.unlink(tmp_path / "q" / "msg" / gone.id)
+    assert [e.id for e in spool.recover()] == [kept.id]
+    assert os.listdir(tmp_path / "q" / "state") == [kept.id]
