@@ -262,3 +262,108 @@ async def test_kill_9_at_each_step_loses_nothing_and_bounces_once(
     assert 1 <= len(deliveries_to(upstream, BOB)) <= 2
     assert len(bounces(upstream)) == 1
     assert dsn_fields(bounces(upstream)[0])["Final-Recipient"] == f"rfc822; {NOBODY}"
+
+
+# -- a large queue: attempts bounded per route, held routes cost no disk write -------------------
+
+
+def _spool_messages(cfg: Path, count: int, subject: str = "queued") -> list[str]:
+    from relayd.config import load_config
+
+    spool = Spool(load_config(cfg).queue.path)
+    spool.create()
+    return [spool.accept_sync(ALICE, [BOB], message(subject=f"{subject} {i}")).id
+            for i in range(count)]
+
+
+async def test_recovery_starts_no_more_attempts_than_the_route_has_sessions(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. 40 messages in the spool, route max_connections = 2, an upstream that takes 50 ms per
+    DATA 2. start: never more than 2 messages active at once (not one task per message, each
+    with its bytes read) 3. all 40 arrive upstream, once each."""
+    slow = upstream.handler
+    plain_data = slow.handle_DATA
+
+    async def handle_data(server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        await asyncio.sleep(0.05)
+        return await plain_data(server, session, envelope)
+
+    slow.handle_DATA = handle_data  # type: ignore[method-assign]
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port,
+                                            "max_connections = 2"))
+    ids = _spool_messages(cfg, 40)
+    most = 0
+    async with run_service(cfg) as svc:
+        while len(upstream.messages) < 40:
+            active = sum(1 for q in svc.qmgr.messages.values() if q.active)
+            most = max(most, active)
+            await asyncio.sleep(0.005)
+        await wait_for(lambda: not svc.qmgr.messages, what="an empty queue")
+    assert 1 <= most <= 2
+    assert upstream.handler.open_max <= 2
+    subjects = sorted(email.message_from_bytes(m.data)["Subject"] for m in upstream.messages)
+    assert subjects == sorted(f"queued {i}" for i in range(40)) and len(ids) == 40
+
+
+async def test_a_held_route_writes_no_state_for_messages_it_never_tried(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """1. upstream down, retry_min 1h, max_connections 2 2. 30 messages in the spool, relayd
+    starts: the first tries find the upstream unreachable, the route is held 3. on disk, only
+    the messages actually tried have a state file (a held report changes nothing on disk) and
+    none holds its bytes in memory 4. upstream back, `relayd queue retry --all`: one log line,
+    and all 30 delivered once."""
+    caplog.set_level(logging.INFO)
+    await upstream.stop()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port,
+                                            "max_connections = 2"),
+                       queue='retry_min = "1h"\nretry_max = "2h"')
+    _spool_messages(cfg, 30)
+    state_dir = tmp_path / "queue" / "state"
+    async with run_service(cfg) as svc:
+        await svc.recovered.wait()
+        await wait_for(lambda: len(svc.qmgr.messages) == 30 and all(
+            q.state == "deferred" for q in svc.qmgr.messages.values()), what="all deferred")
+        tried = [q.id for q in svc.qmgr.messages.values() if q.attempts]
+        assert 1 <= len(tried) <= 2
+        await asyncio.sleep(0.3)  # state writes go through a thread: let any stray one land
+        assert sorted(os.listdir(state_dir)) == sorted(tried)
+        assert all(q.data is None for q in svc.qmgr.messages.values())
+        assert svc.qmgr._held_bytes == 0
+        await upstream.start()
+        done = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
+        assert done.returncode == 0, done.stderr
+        await wait_for(lambda: len(upstream.messages) == 30 and not svc.qmgr.messages,
+                       timeout=10, what="all delivered after the retry")
+    said = [r.getMessage() for r in caplog.records if "retry requested" in r.getMessage()]
+    assert said == ["queue: retry requested for all 30 message(s)"]
+    subjects = sorted(email.message_from_bytes(m.data)["Subject"] for m in upstream.messages)
+    assert subjects == sorted(f"queued {i}" for i in range(30))
+    assert os.listdir(state_dir) == []
+
+
+async def test_held_messages_accepted_while_down_are_delivered_once_after_a_restart(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. upstream down, retry_min 1h 2. five messages accepted over SMTP: the first try holds
+    the route, the rest wait for the hold in memory only 3. relayd stops 4. upstream back,
+    relayd starts again 5. the held ones, never tried, are due at once (nothing on disk says
+    otherwise) and delivered; the one tried waits for its next try as saved, until `relayd
+    queue retry` 6. all five delivered, once each."""
+    await upstream.stop()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       queue='retry_min = "1h"\nretry_max = "2h"')
+    async with run_service(cfg) as svc:
+        for i in range(5):
+            await send(service_port(svc), ALICE, [BOB], message(subject=f"down {i}"))
+        await wait_for(lambda: len(svc.qmgr.messages) == 5 and all(
+            q.state == "deferred" for q in svc.qmgr.messages.values()), what="all deferred")
+        [tried] = [q.id for q in svc.qmgr.messages.values() if q.attempts]
+    await upstream.start()
+    async with run_service(cfg) as svc:
+        await wait_for(lambda: len(upstream.messages) == 4 and list(svc.qmgr.messages) ==
+                       [tried], what="the four held ones delivered after the restart")
+        done = await arelayd_cli("queue", "retry", tried, "-c", str(cfg))
+        assert done.returncode == 0, done.stderr
+        await wait_for(lambda: len(upstream.messages) == 5 and not svc.qmgr.messages,
+                       what="the tried one delivered on request")
+    subjects = sorted(email.message_from_bytes(m.data)["Subject"] for m in upstream.messages)
+    assert subjects == [f"down {i}" for i in range(5)]
