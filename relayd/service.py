@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ QUEUE_GAUGE_INTERVAL_S = 5.0
 TOKEN_HEALTH_GAUGE_S = 60.0  # token health metrics are read this often (token store I/O)
 KEEP_FRESH_FIRST_S = 60.0  # after start, before the first background token refresh round
 KEEP_FRESH_INTERVAL_S = 600.0  # between rounds; each token is refreshed at most weekly
+RECOVER_BATCH = 2000  # recovered entries queued per turn of the event loop
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Service:
         self.web: Any = None  # relayd.web.server.WebServer when [web] listen is set
         self.web_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._recovery_stop = threading.Event()
+        self.recovered = asyncio.Event()  # the spool's entries are all with the queue manager
 
     # -- what the listener and the workers call ------------------------------------------------
 
@@ -185,7 +189,11 @@ class Service:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, wait_for_recovery: bool = True) -> None:
+        """Lock the spool, open the listener, recover the spool's entries (on a thread, while
+        the listener already answers), start the queue manager. With `wait_for_recovery`
+        False (`relayd serve`) this returns before the recovery is done, so that workers,
+        signals and systemd's READY come at once; `recovered` is set when it is."""
         self.spool.create()
         if self.report is not None:
             await self._listen()  # a worker: the main process does everything else
@@ -193,22 +201,54 @@ class Service:
         self.spool.lock()
         try:
             self.spool.clean_tmp()
-            recovered = list(self.spool.recover())
-            if recovered:
-                log.info("queue: recovered %d message(s) from %s", len(recovered),
-                         self.spool.path)
-            self.qmgr.recover(recovered)
-            self._tasks.append(asyncio.create_task(self.qmgr.run(), name="qmgr"))
+            # Listed before the listener opens: every id in it is from before this start, so
+            # the recovery that follows never meets a message accepted (or a bounce stored)
+            # in this run, which the queue manager has already been given.
+            listing = await asyncio.to_thread(self.spool.listing)
+            if self.accept:
+                await self._listen()
+            recovery = asyncio.create_task(self._recover(listing), name="recover")
+            self._tasks.append(recovery)
+            self._tasks.append(asyncio.create_task(self._run_qmgr(recovery), name="qmgr"))
             self._tasks.append(asyncio.create_task(self._report_queue(), name="queue-gauges"))
             self._tasks.append(asyncio.create_task(self._keep_tokens_fresh(), name="tokens"))
             if self.notifier is not None:
                 self._notify_task = asyncio.create_task(self.notifier.run(), name="notify")
-            if self.accept:
-                await self._listen()
             await self._start_metrics()
+            if wait_for_recovery:
+                await recovery
         except BaseException:
             await self.stop(timeout=1)
             raise
+
+    async def _run_qmgr(self, recovery: asyncio.Task[None]) -> None:
+        """The queue manager's loop, once the recovery is done: its control requests wait for
+        it, so a `queue delete` of a message not yet read is not lost."""
+        try:
+            await recovery
+        except Exception:
+            # Entries it did not reach stay on disk and are recovered at the next start.
+            log.exception("queue: recovery failed; messages accepted from now on are "
+                          "delivered, the rest after a restart")
+        await self.qmgr.run()
+
+    async def _recover(self, listing: tuple[list[str], set[str]]) -> None:
+        """Read the spool's entries on a thread while the listener already answers (100,000
+        entries take seconds), then queue them in batches that leave the event loop free
+        between them. Messages accepted meanwhile are not in `listing` (taken before the
+        listener opened), and bounces are matched to their messages before any is queued."""
+        try:
+            recovered = await asyncio.to_thread(
+                lambda: list(self.spool.recover(listing, self._recovery_stop)))
+        finally:
+            self._recovery_stop.set()  # cancelled (stop): the thread ends at its next entry
+        if recovered:
+            log.info("queue: recovered %d message(s) from %s", len(recovered), self.spool.path)
+        self.qmgr.mark_bounced(recovered)
+        for start in range(0, len(recovered), RECOVER_BATCH):
+            self.qmgr.take_recovered(recovered[start:start + RECOVER_BATCH])
+            await asyncio.sleep(0)
+        self.recovered.set()
 
     async def _listen(self) -> None:
         server_cfg = self.config.server
@@ -330,6 +370,7 @@ class Service:
         """Stop accepting, let sessions and deliveries in flight finish, then cancel."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        self._recovery_stop.set()
         if self._notify_task is not None:
             # First, so no notice is queued into a spool that is closing (a pending one is in
             # the notify state file and goes out after the restart).
@@ -371,7 +412,7 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     listeners = bind_listeners(config.server) if config.server.workers > 1 else None
     service = Service(config, observer=Metrics(), listeners=listeners,
                       accept=listeners is None)
-    await service.start()
+    await service.start(wait_for_recovery=False)
     pool = None
     if listeners is not None:
         from relayd.workers import WorkerPool

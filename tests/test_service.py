@@ -11,7 +11,9 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import (
     REPO,
     Upstream,
@@ -185,3 +187,53 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 3
+
+
+async def test_the_listener_answers_while_the_spool_is_recovered(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. in the spool: 30 messages, and a message to two recipients with a stored bounce for
+    one of them (a crash came before that failure was recorded) 2. reading each entry takes
+    20 ms, so the recovery takes most of a second 3. relayd starts as `relayd serve` does: its
+    banner answers and a new message is accepted before the recovery is done 4. all delivered
+    once each: the 30, the new one, the two-recipient message to its other recipient only
+    (the bounce found in the recovery says the first one failed), and the bounce."""
+    from relayd.config import load_config
+    from relayd.queue import Spool
+    from relayd.service import Service
+
+    alice, bob, carol = "alice@business.com", "bob@example.com", "carol@example.com"
+    cfg = load_config(write_config(tmp_path, smtp_route("staff", '["*@business.com"]',
+                                                        upstream.port)))
+    spool = Spool(cfg.queue.path)
+    spool.create()
+    for i in range(30):
+        spool.accept_sync(alice, [bob], message(subject=f"old {i}"))
+    both = spool.accept_sync(alice, [bob, carol], message(subject="both"))
+    await spool.accept("", [alice], message(sender="", subject="bounce"), client="relayd",
+                       route="staff",
+                       bounce_for=(both.id, [carol]))
+    spool.close()
+    real_load = Spool.load
+
+    def slow_load(self: Spool, queue_id: str, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return real_load(self, queue_id, **kwargs)
+
+    monkeypatch.setattr(Spool, "load", slow_load)
+    service = Service(cfg)
+    await service.start(wait_for_recovery=False)
+    try:
+        await send(service.addresses[0][1], alice, [bob], message(subject="new"))
+        assert not service.recovered.is_set()  # accepted while the spool was still read
+        await wait_for(lambda: len(upstream.messages) == 33 and not service.qmgr.messages,
+                       what="all delivered")
+    finally:
+        await service.stop(timeout=5)
+    got = Counter((m.mail_from, tuple(m.rcpt_tos),
+                   m.data.split(b"Subject: ")[1].split(b"\r\n")[0].decode())
+                  for m in upstream.messages)
+    expected = Counter({(alice, (bob,), f"old {i}"): 1 for i in range(30)})
+    expected.update({(alice, (bob,), "new"): 1, (alice, (bob,), "both"): 1,
+                     ("", (alice,), "bounce"): 1})
+    assert got == expected
+    assert spool.ids() == []
