@@ -352,6 +352,9 @@ class Spool:
         self.corrupt_dir = self.path / "corrupt"
         self.control_dir = self.path / "control"
         self.tmp_dir = self.path / "tmp"
+        # As strings: a Path per entry read is a fifth of `queue list`'s time at 100,000.
+        self._msg_prefix = os.path.join(self.msg_dir, "")
+        self._state_prefix = os.path.join(self.state_dir, "")
         self._commit = _GroupCommit(self.msg_dir, self.tmp_dir)
         self._lock_fd: int | None = None
 
@@ -519,7 +522,7 @@ class Spool:
         if not ID_RE.match(queue_id):
             raise QueueError(f"{queue_id!r} is not a queue id")
         try:
-            fd = os.open(self.msg_dir / queue_id, os.O_RDONLY)
+            fd = os.open(self._msg_prefix + queue_id, os.O_RDONLY)
         except FileNotFoundError:
             raise QueueError(f"no message {queue_id} in the queue") from None
         except OSError as e:
@@ -556,7 +559,7 @@ class Spool:
 
     def _load_state(self, entry: Entry) -> None:
         try:
-            fd = os.open(self.state_dir / entry.id, os.O_RDONLY)
+            fd = os.open(self._state_prefix + entry.id, os.O_RDONLY)
         except FileNotFoundError:
             return
         try:
