@@ -506,7 +506,11 @@ def one_run(target: Target, fake: Fake, args: argparse.Namespace, scenario: str,
                            "run_id": run_id}
     fake.reset(delay_s, args.mailbox_limit)
     os.sync()
+    quiet0 = machine_busy()
     time.sleep(1.0)
+    quiet1 = machine_busy()
+    # Other work on the machine skews a run: say how busy it was just before.
+    out["busy_before_pct"] = 100 * (quiet1[0] - quiet0[0]) / max(1, quiet1[1] - quiet0[1])
     try:
         target.start(run_id)
     except BenchError as e:
@@ -633,9 +637,13 @@ def report(results: list[dict[str, Any]], targets: list[str], meta: dict[str, An
                 continue
             good = [r for r in rows if "error" not in r]
             errs = [r["error"] for r in rows if "error" in r]
+            busy = [r for r in good if r.get("busy_before_pct", 0) > 15]
+            if busy:
+                errs.append(f"{len(busy)} run(s) started on a busy machine (>15 %)")
             for r in rows:
                 if "relay_hwm_kib" in r:
                     r["relay_hwm_mib"] = r["relay_hwm_kib"] / 1024
+            note = " — " + "; ".join(e[:80] for e in errs) if errs else ""
             lines.append(
                 f"| {t} | {med(good, 'accepted_per_s')} | {med(good, 'delivered_per_s')} | "
                 f"{med(good, 'relay_cpu_ms_per_msg', 2)} | {med(good, 'relay_hwm_mib', 1)} | "
@@ -643,7 +651,7 @@ def report(results: list[dict[str, Any]], targets: list[str], meta: dict[str, An
                 f"{sum(r.get('duplicates', 0) for r in rows)} | "
                 f"{sum(r.get('throttled_429', 0) for r in rows)} | "
                 f"{med(good, 'fake_cpu_pct_of_core')} | {med(good, 'token_requests')} | "
-                f"{len(good)}/{len(rows)}{' ERR: ' + errs[0][:80] if errs else ''} |")
+                f"{len(good)}/{len(rows)}{note} |")
         lines.append("")
     multi = [r for r in results if r["scenario"] == "mailboxes"]
     if multi:
