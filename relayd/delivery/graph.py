@@ -7,12 +7,14 @@ What makes it fast (bench/graph/, issue 13), each measured:
   mailboxes scales with them rather than with one mailbox's 4 x 1 / latency.
 - The access token is served from memory (`TOKEN_MEMO_S`, never within `TOKEN_MARGIN_S` of
   its expiry), one fetch at a time per account: no thread hop into msal per message.
-- Requests go over HTTP/1.1 keep-alive connections on asyncio streams (`_Http11Pool`): httpx
-  spent about 1.0 ms of CPU per sendMail here (its client layers, httpcore's pool, anyio's TLS
-  stream), this pool about 0.15 ms, the same bytes on the wire. httpx is kept where its
-  features matter: a proxy from the environment (HTTPS_PROXY, used when the route has no
-  `ca_file`) and any non-https URL. HTTP/2 (httpx + h2) was not taken: one more dependency,
-  for a gain that the 4-requests-per-mailbox limit caps, and no h2 server to measure it on.
+- Requests go over HTTP/1.1 keep-alive connections on asyncio streams (`_Http11Pool`), spoken
+  by h11 (python-hyper's HTTP/1.1 state machine, the one httpcore itself uses, so no new
+  dependency and no HTTP parsing of our own): httpx spent about 1.0 ms of CPU per sendMail
+  here (its client layers, httpcore's pool, anyio's TLS stream), this pool a fraction of that,
+  the same bytes on the wire. httpx is kept where its features matter: a proxy from the
+  environment (HTTPS_PROXY, used when the route has no `ca_file`) and any non-https URL.
+  HTTP/2 (httpx + h2) was not taken: one more dependency, for a gain that the
+  4-requests-per-mailbox limit caps, and no h2 server to measure it on.
 - The base64 body is built once per attempt and reused for the retry after a 401.
 """
 
@@ -40,6 +42,7 @@ from email.message import Message
 from email.parser import BytesParser
 from typing import Any
 
+import h11
 import httpx
 
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
@@ -91,6 +94,7 @@ TOKEN_MARGIN_S = 300.0
 KEEPALIVE_S = 5.0
 # A response head larger than this is a protocol error (asyncio's stream limit).
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+READ_BYTES = 65536
 USER_AGENT = "relayd"
 
 _PERMANENT_STATUSES = frozenset({400, 403, 404, 405, 406, 410, 411, 415, 422})
@@ -327,6 +331,7 @@ class _Slot:
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
 
     def usable(self, now: float) -> bool:
@@ -352,15 +357,14 @@ class _Http11Pool:
         parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname or "", parts.port or 443
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}",
-                f"User-Agent: {USER_AGENT}", "Accept: */*"]
-        for k, v in headers.items():
-            if "\n" in v or "\r" in v:
-                raise httpx.LocalProtocolError(f"header {k} holds a line break")
-            head.append(f"{k}: {v}")
+        fields = [("Host", parts.netloc), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
+                  *headers.items()]
         if content or method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(content)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+            fields.append(("Content-Length", str(len(content))))
+        try:
+            request = h11.Request(method=method, target=target, headers=fields)
+        except h11.LocalProtocolError as e:
+            raise httpx.LocalProtocolError(str(e)) from None
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._limit.acquire()
@@ -371,13 +375,16 @@ class _Http11Pool:
             reusable = False
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    if len(content) < 65536:
-                        conn.writer.write(data + content)
-                    else:
-                        conn.writer.write(data)
-                        conn.writer.write(content)
+                    wire = conn.http
+                    conn.writer.write(wire.send(request) + (wire.send(h11.Data(data=content))
+                                                            if content else b"")
+                                      + wire.send(h11.EndOfMessage()))
+                    if len(content) >= 65536:
                         await conn.writer.drain()
-                    response, reusable = await self._response(conn.reader, method)
+                    response = await self._response(conn)
+                reusable = wire.our_state is h11.DONE and wire.their_state is h11.DONE
+                if reusable:
+                    wire.start_next_cycle()
                 return response
             except TimeoutError:
                 raise httpx.ReadTimeout(f"no answer from {host} within {self.timeout_s:g}s"
@@ -385,7 +392,7 @@ class _Http11Pool:
             except asyncio.IncompleteReadError:
                 raise httpx.RemoteProtocolError("server disconnected without sending a "
                                                 "complete response") from None
-            except (asyncio.LimitOverrunError, ValueError, IndexError) as e:
+            except (h11.ProtocolError, ValueError, zlib.error) as e:
                 raise httpx.RemoteProtocolError(f"malformed response: {e}") from None
             except OSError as e:
                 raise httpx.ReadError(f"{type(e).__name__}: {e}") from None
@@ -422,52 +429,31 @@ class _Http11Pool:
         return _Conn(reader, writer)
 
     @staticmethod
-    async def _response(reader: asyncio.StreamReader, method: str) -> tuple[Answer, bool]:
+    async def _response(conn: _Conn) -> Answer:
+        """The next answer on the connection, as h11 reads it (1xx interim answers skipped;
+        gzip or deflate content decoded)."""
+        wire = conn.http
+        response: h11.Response | None = None
+        body: list[bytes] = []
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head[:-4].split(b"\r\n")
-            version, status_text = lines[0].split(b" ", 2)[:2]
-            status = int(status_text)
-            if not 100 <= status < 200 or status == 101:
-                break  # 1xx interim answers (100 Continue) precede the real one
-        headers = [(k.strip(), v.strip()) for k, _, v in
-                   (line.partition(b":") for line in lines[1:])]
-        length: int | None = None
-        chunked = close = False
-        encoding = b""
-        for k, v in headers:
-            name = k.lower()
-            if name == b"content-length":
-                length = int(v)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in v.lower()
-            elif name == b"connection":
-                close = b"close" in v.lower()
-            elif name == b"content-encoding":
-                encoding = v.lower()
-        reusable = version == b"HTTP/1.1" and not close
-        if method == "HEAD" or status in (204, 304):
-            body = b""
-        elif chunked:
-            chunks = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-                if size == 0:
-                    while await reader.readuntil(b"\r\n") != b"\r\n":
-                        pass  # trailer fields
-                    break
-                chunks.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            body = b"".join(chunks)
-        elif length is not None:
-            body = await reader.readexactly(length) if length else b""
-        else:
-            body = await reader.read()  # delimited by the end of the connection
-            reusable = False
-        if encoding in (b"gzip", b"deflate"):
-            body = zlib.decompress(body, 47 if encoding == b"gzip" else 15)
-        names = {k.lower().decode("latin-1"): v.decode("latin-1") for k, v in headers}
-        return Answer(status, names, body), reusable
+            event = wire.next_event()
+            if event is h11.NEED_DATA:
+                wire.receive_data(await conn.reader.read(READ_BYTES))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise asyncio.IncompleteReadError(b"", None)
+        assert response is not None
+        names = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
+        content = b"".join(body)
+        encoding = names.get("content-encoding", "").lower()
+        if encoding in ("gzip", "deflate"):
+            content = zlib.decompress(content, 47 if encoding == "gzip" else 15)
+        return Answer(response.status_code, names, content)
 
     async def aclose(self) -> None:
         self._closed = True
