@@ -22,6 +22,11 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 
 DEFAULT_MAX_MESSAGE_SIZE = 35 * 1000 * 1000
 DEFAULT_MAX_CONNECTIONS = 2
+# Graph routes: a session is a coroutine on one shared HTTP pool, and Graph takes 4 concurrent
+# requests per mailbox (relayd.delivery.graph limits each mailbox to that), so 32 lets 8
+# senders' mailboxes send at Graph's rate side by side (bench/README.md, Graph section); 2
+# would hold the whole route to half of one mailbox's rate.
+DEFAULT_MAX_CONNECTIONS_GRAPH = 32
 DEFAULT_TIMEOUT_S = 60.0
 MAX_WORKERS = 64
 DEFAULT_MAX_SESSIONS = 100  # SMTP sessions at once, per listener process (Postfix: 100)
@@ -736,7 +741,8 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
         return None
     v: dict[str, Any] = {}
     v["rate_limit"] = s.convert("rate_limit", _parse_rate)
-    v["max_connections"] = s.get("max_connections", int, DEFAULT_MAX_CONNECTIONS)
+    v["max_connections"] = s.get("max_connections", int, DEFAULT_MAX_CONNECTIONS_GRAPH
+                                 if upstream == "graph" else DEFAULT_MAX_CONNECTIONS)
     if not 1 <= v["max_connections"] <= 100:
         s.problem("max_connections", "must be 1-100")
     v["timeout_s"] = s.convert("timeout", parse_duration, default=DEFAULT_TIMEOUT_S)

@@ -203,3 +203,19 @@ save_to_sent = false
     result = relayd_cli("check", "-c", str(write(tmp_path, GOOD + route)))
     assert result.returncode == 0, result.stderr
     assert "warning: routes.m365.save_to_sent:" in result.stderr
+
+
+def test_graph_routes_default_to_32_sessions_others_to_2(tmp_path: Path) -> None:
+    """Graph limits each mailbox to 4 requests at once (relayd.delivery.graph keeps to it), so
+    a graph route's sessions default to 32 and its mailboxes send side by side."""
+    route = """
+[routes.m365]
+senders = ["*@m365.example"]
+upstream = "graph"
+tenant_id = "t"
+client_id = "c"
+client_secret_file = "{tmp}/secret"
+"""
+    config = load_config(write(tmp_path, GOOD + route))
+    assert config.routes["m365"].max_connections == 32
+    assert config.routes["system"].max_connections == 2
