@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -192,11 +193,11 @@ def test_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
 async def test_the_listener_answers_while_the_spool_is_recovered(
         tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     """1. in the spool: 30 messages, and a message to two recipients with a stored bounce for
-    one of them (a crash came before that failure was recorded) 2. reading each entry takes
-    20 ms, so the recovery takes most of a second 3. relayd starts as `relayd serve` does: its
-    banner answers and a new message is accepted before the recovery is done 4. all delivered
-    once each: the 30, the new one, the two-recipient message to its other recipient only
-    (the bounce found in the recovery says the first one failed), and the bounce."""
+    one of them (a crash came before that failure was recorded) 2. reading an entry waits until
+    the test has sent its new message, then takes 20 ms 3. relayd starts as `relayd serve`
+    does: its banner answers and a new message is accepted while the recovery is under way
+    4. all delivered once each: the 30, the new one, the two-recipient message to its other
+    recipient only (the bounce found in the recovery says the first one failed), the bounce."""
     from relayd.config import load_config
     from relayd.queue import Spool
     from relayd.service import Service
@@ -214,8 +215,10 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
                        bounce_for=(both.id, [carol]))
     spool.close()
     real_load = Spool.load
+    sent = threading.Event()
 
     def slow_load(self: Spool, queue_id: str, **kwargs: Any) -> Any:
+        sent.wait(10)  # the recovery cannot end before the new message is in
         time.sleep(0.02)
         return real_load(self, queue_id, **kwargs)
 
@@ -225,6 +228,7 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
     try:
         await send(service.addresses[0][1], alice, [bob], message(subject="new"))
         assert not service.recovered.is_set()  # accepted while the spool was still read
+        sent.set()
         await wait_for(lambda: len(upstream.messages) == 33 and not service.qmgr.messages,
                        what="all delivered")
     finally:
