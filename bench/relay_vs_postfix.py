@@ -373,7 +373,7 @@ class Relayd(Target):
 [server]
 listen = ["127.0.0.1:{self.port}"]
 hostname = "bench.local"
-{f"workers = {self.workers}" if self.workers != 1 else ""}
+workers = {self.workers}
 allowed_clients = ["127.0.0.0/8"]
 max_message_size = "35MB"
 

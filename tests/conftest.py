@@ -182,6 +182,10 @@ def dead_port() -> int:
 def write_config(tmp_path: Path, routes: str, *, server: str = "", queue: str = "",
                  listen: str = "127.0.0.1:0", extra: str = "") -> Path:
     """A config file with a spool in tmp_path and fast retries; `routes` is TOML text."""
+    # One process unless the test says otherwise (the default, "auto", runs listener workers
+    # on a machine with two CPUs; tests/test_workers.py covers them).
+    if "workers" not in server:
+        server = "workers = 1\n" + textwrap.dedent(server)
     queue_lines = textwrap.dedent(queue)
     for key, default in (("retry_min", '"1s"'), ("retry_max", '"2s"')):
         if f"{key} =" not in queue_lines:

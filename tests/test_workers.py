@@ -103,3 +103,39 @@ async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
         proc.wait(10)
         await wait_for(lambda: not any(map(alive, all_worker_pids(log))),
                        what="every worker to stop, even one still starting")
+
+
+async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
+                                                          upstream: Upstream) -> None:
+    """No `workers` key: "auto", one listener process per CPU relayd may run on (two here, by
+    taskset), and mail goes through them; on one CPU, a single process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, _port_open
+
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        raise AssertionError("needs taskset (util-linux) and two CPUs")
+    async def serve_on(cpus: str, workers: int) -> None:
+        port = free_port()
+        cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                           listen=f"127.0.0.1:{port}")
+        cfg.write_text(cfg.read_text().replace("workers = 1\n", ""))
+        log = tmp_path / f"relayd-{workers}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["taskset", "-c", cpus, sys.executable, "-m", "relayd",
+                                     "serve", "-c", str(cfg)], stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+            await wait_for(lambda: len(all_worker_pids(log)) == workers, what="workers")
+            await send(port, "a@business.com", ["x@example.com"], message(subject=cpus))
+            await wait_for(lambda: any(cpus.encode() in m.data for m in upstream.messages))
+            assert len(all_worker_pids(log)) == workers, log.read_text()
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
+
+    await serve_on("0,1", 2)
+    await serve_on("0", 0)  # one CPU: one process, no workers
