@@ -496,10 +496,11 @@ class Spool:
         """The file that holds the message bytes, from entry.data_offset on."""
         return self.msg_dir / entry.id
 
-    def read_data(self, entry: Entry) -> bytes:
+    def read_data(self, entry: Entry, limit: int = -1) -> bytes:
+        """The message bytes (at most `limit` of them when it is given)."""
         with open(self.msg_dir / entry.id, "rb") as f:
             f.seek(entry.data_offset)
-            return f.read()
+            return f.read(limit)
 
     def ids(self) -> list[str]:
         try:

@@ -132,3 +132,19 @@ async def test_kill_9_in_the_middle_of_a_large_message_nothing_is_queued(
         assert await send(port, ALICE, [BOB], message(subject="after")) == {}
         await wait_for(lambda: len(upstream.messages) == 1, what="delivery after restart")
     assert b"Subject: after" in upstream.messages[0].data
+
+
+async def test_large_message_that_bounces_quotes_only_its_headers(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """A 3 MiB message refused upstream (550): the bounce returns with the message's header
+    section, read from the spool without reading the rest."""
+    upstream.handler.rcpt_replies = {BOB: "550 5.1.1 No such user"}
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    async with run_service(cfg) as svc:
+        assert await send(service_port(svc), ALICE, [BOB], big(3 * 1024 * 1024, "tall")) == {}
+        await wait_for(lambda: any(m.mail_from == "" for m in upstream.messages),
+                       what="the bounce")
+    bounce = next(m for m in upstream.messages if m.mail_from == "")
+    assert bounce.rcpt_tos == [ALICE]
+    assert b"Subject: tall" in bounce.data and b"5.1.1" in bounce.data
+    assert len(bounce.data) < 64 * 1024

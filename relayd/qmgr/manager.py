@@ -51,6 +51,7 @@ CONTROL_POLL_S = 0.5
 MEMORY_HOLD_BYTES = 64 * 1024 * 1024  # fresh messages kept in memory for their first attempt
 INLINE_READ_MAX_BYTES = 256 * 1024  # spool files up to this size are read on the event loop
 CONTROL_ERROR_LOG_S = 60.0
+BOUNCE_HEAD_BYTES = 256 * 1024  # a large message's bounce reads this much of it at most
 RETIRE_TIMEOUT_S = 300.0  # an agent replaced by a reload finishes its jobs within this
 
 DUE = "due"
@@ -379,6 +380,16 @@ class QueueManager:
             return self.spool.read_data(entry)
         return await asyncio.to_thread(self.spool.read_data, entry)
 
+    async def _read_head(self, entry: Entry) -> bytes:
+        """What a bounce quotes of a message: its header section (bounce.py attaches no
+        more), so a 34 MB message that bounces is not read whole into memory. Headers longer
+        than BOUNCE_HEAD_BYTES end at the last whole line within them."""
+        if entry.size <= BOUNCE_HEAD_BYTES:
+            return await self._read(entry)
+        head = await asyncio.to_thread(self.spool.read_data, entry, BOUNCE_HEAD_BYTES)
+        end = head.find(b"\r\n\r\n")
+        return head[:end + 4] if end >= 0 else head[:head.rfind(b"\r\n") + 2]
+
     async def _attempt(self, queued: Queued, agent: DeliveryAgent) -> None:
         entry = queued.entry
         started = time.monotonic()
@@ -568,7 +579,7 @@ class QueueManager:
         entry = queued.entry
         failures = list(queued.unbounced.values())
         try:
-            original = queued.data if queued.data is not None else await self._read(entry)
+            original = queued.data if queued.data is not None else await self._read_head(entry)
             data = build_bounce(original=original, sender=entry.sender, failures=failures,
                                 hostname=self.config.server.hostname, route=route_name,
                                 queue_id=entry.id, arrival=entry.received)
