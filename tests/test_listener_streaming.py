@@ -148,3 +148,23 @@ async def test_large_message_that_bounces_quotes_only_its_headers(
     assert bounce.rcpt_tos == [ALICE]
     assert b"Subject: tall" in bounce.data and b"5.1.1" in bounce.data
     assert len(bounce.data) < 64 * 1024
+
+
+async def test_large_message_to_an_outbox_route_is_copied_whole(tmp_path: Path) -> None:
+    """The outbox writes a large message from its spool file in chunks: the .eml file is the
+    envelope lines, then the message's bytes exactly."""
+    outbox = tmp_path / "outbox"
+    cfg = write_config(tmp_path, f"""
+[routes.drafts]
+senders = ["*"]
+upstream = "outbox"
+path = "{outbox}"
+""")
+    data = big(3 * 1024 * 1024)
+    async with run_service(cfg) as svc:
+        assert await send(service_port(svc), ALICE, [BOB], data) == {}
+        await wait_for(lambda: outbox.exists() and any(outbox.glob("*.eml")),
+                       what="the .eml file")
+    written = next(outbox.glob("*.eml")).read_bytes()
+    assert written == (f"Return-Path: <{ALICE}>\r\nX-Relayd-Recipient: <{BOB}>\r\n".encode()
+                       + data)

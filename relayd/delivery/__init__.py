@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,16 +52,22 @@ class SpooledBody:
     offset: int
     size: int
 
+    def read_chunks(self) -> Generator[bytes, None, None]:
+        """The bytes, CHUNK_BYTES at a time, read from the file (blocking: on a thread; OSError
+        if the file is gone)."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            while chunk := f.read(CHUNK_BYTES):
+                yield chunk
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The bytes, CHUNK_BYTES at a time, each read on a thread (OSError if the file is
-        gone)."""
-        f = await asyncio.to_thread(open, self.path, "rb")
+        """read_chunks for the event loop: each chunk read on a thread."""
+        reader = self.read_chunks()
         try:
-            await asyncio.to_thread(f.seek, self.offset)
-            while chunk := await asyncio.to_thread(f.read, CHUNK_BYTES):
+            while (chunk := await asyncio.to_thread(next, reader, b"")):
                 yield chunk
         finally:
-            f.close()
+            reader.close()
 
 
 @dataclass(frozen=True)

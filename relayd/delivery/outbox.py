@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from relayd.config import Config, RouteConfig
-from relayd.delivery import (
-    CHUNK_BYTES,
-    OutboundMessage,
-    RecipientResult,
-    Session,
-    SpooledBody,
-    Status,
-    Upstream,
-    all_results,
-)
+from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
 from relayd.errors import TransientDeliveryError
 from relayd.queue import write_atomic
 
@@ -54,12 +45,5 @@ class OutboxSession(Session):
         if message.spooled is None:
             write_atomic(target, head + message.data, self.path)
         else:
-            write_atomic(target, _copied(head, message.spooled), self.path)
-
-
-def _copied(head: bytes, body: SpooledBody) -> Iterator[bytes]:
-    yield head
-    with open(body.path, "rb") as f:
-        f.seek(body.offset)
-        while chunk := f.read(CHUNK_BYTES):
-            yield chunk
+            write_atomic(target, itertools.chain((head,), message.spooled.read_chunks()),
+                         self.path)
