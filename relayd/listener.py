@@ -77,11 +77,13 @@ MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
 # than this get 500; DATA has no line length limit: relayd.smtpdata).
 LINE_LENGTH_LIMIT = 1024 * 1024
 # An addr-spec as SMTP carries it: no spaces, controls or angle brackets, one local@domain.
-_ATOM = r"[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+"
+_SPECIALS = r"\s<>()\[\]\\,;:\"@\x00-\x1f\x7f"
+_ATOM = rf"[^{_SPECIALS}]+"
+_ATEXT = rf"[^{_SPECIALS}.]"  # one character of an atom, a dot excluded
 _ADDRESS_RE = re.compile(rf"^{_ATOM}@{_ATOM}$")
 # What nearly every client sends: `<local@domain>`, ASCII dot-atoms, no quotes, comments or
 # literals.
-_DOT_ATOM = r"[^\s<>()\[\]\\,;:\"@.\x00-\x1f\x7f]+(?:\.[^\s<>()\[\]\\,;:\"@.\x00-\x1f\x7f]+)*"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _PLAIN_PATH_RE = re.compile(rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>[ \t]*(?![(])")
 
 
@@ -239,7 +241,11 @@ Handler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defi
 
 
 def _peer(session: SmtpSession) -> str:
-    peer = session.peer
+    return _host(session.peer)
+
+
+def _host(peer: Any) -> str:
+    """The client's address from a socket's peername."""
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer)
@@ -484,8 +490,7 @@ class RelaySMTP(SMTP):
         the client offered; asyncio's own says nothing outside debug mode."""
         context, self._implicit_context = self._implicit_context, None
         assert context is not None and isinstance(transport, asyncio.Transport)
-        peer = transport.get_extra_info("peername")
-        client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        client = _host(transport.get_extra_info("peername"))
         waiter = self.loop.create_future()
         tls = _HelloRecorder(self.loop, self, context, waiter, server_side=True)
         transport.set_protocol(tls)
@@ -590,9 +595,12 @@ class RelaySMTP(SMTP):
                     continue
                 incoming.write(decoder.feed(raw))
             incoming.write(decoder.finish())
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, asyncio.CancelledError) as e:
+            # The client went away (aiosmtpd cancels the session at EOF), or relayd stops.
             incoming.discard()
-            log.info("connection from %s lost during DATA", self.client)
+            log.info("connection from %s lost during DATA; nothing was queued", self.client)
+            if isinstance(e, asyncio.CancelledError):
+                raise
             if self.transport is not None:
                 self.transport.close()
             return
