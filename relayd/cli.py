@@ -37,6 +37,9 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    # Neither format prints the process or thread, and each LogRecord would ask for them
+    # (os.getpid() is a system call a line).
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())

@@ -256,9 +256,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_tmp_serial = itertools.count()
+
+
 def _create_tmp(tmp_dir: Path, name: str) -> tuple[int, Path]:
-    """A new file in tmp/ (mode 0600), open for writing."""
-    tmp = tmp_dir / f"{name}.{secrets.token_hex(4)}"
+    """A new file in tmp/ (mode 0600), open for writing. Its name is unique by process id and
+    a counter (O_EXCL would refuse a clash), not by random bytes, a system call a message."""
+    tmp = tmp_dir / f"{name}.{os.getpid()}.{next(_tmp_serial)}"
     try:
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
     except FileNotFoundError:
