@@ -570,6 +570,34 @@ async def test_one_mailbox_gets_four_requests_and_other_mailboxes_run_beside_it(
     assert env.graph.max_in_flight_all > 4
 
 
+async def test_one_mailboxs_backlog_does_not_hold_up_the_others(env: Env) -> None:
+    """1. Graph answers after 200 ms 2. a route with 8 sessions gets 24 messages from
+    casemanager@, then 4 from reports@ while casemanager@'s are still queued 3. reports@'s
+    go out beside casemanager@'s first ones (among the first 12 sent), not after all 24: the
+    queue manager hands a mailbox no more attempts than Graph lets it run (4), so the other
+    4 sessions stay free for the other mailbox. Every message arrives once, no 429."""
+    env.graph.delay_s = 0.2
+    env.graph.max_concurrent_per_mailbox = 4
+    async with run_service(env.service_config(max_connections=8)) as svc:
+        port = service_port(svc)
+        await asyncio.gather(*(send(port, "casemanager@business.com", ["alice@example.net"],
+                                    _numbered("casemanager@business.com", i))
+                               for i in range(24)))
+        assert len(env.graph.sent) < 12, "casemanager@'s backlog went out before reports@'s"
+        await asyncio.gather(*(send(port, "reports@business.com", ["alice@example.net"],
+                                    _numbered("reports@business.com", i)) for i in range(4)))
+        await wait_for(lambda: len(env.graph.sent) == 28, timeout=30,
+                       what="every message at the fake")
+        await asyncio.sleep(0.3)
+    order = [s.mailbox for s in env.graph.sent]
+    assert len({parse(s.mime)["Message-ID"] for s in env.graph.sent}) == 28
+    assert order.count("reports@business.com") == 4
+    last_report = max(i for i, m in enumerate(order) if m == "reports@business.com")
+    assert last_report < 12, order
+    assert env.graph.throttled == {}
+    assert env.graph.max_in_flight["casemanager@business.com"] == 4
+
+
 async def test_many_mailboxes_scale_with_their_number(env: Env) -> None:
     """Eight mailboxes of four messages each, 200 ms per sendMail, 32 sessions: all 32 in
     flight at once, so the whole takes about one Graph round trip, not eight."""

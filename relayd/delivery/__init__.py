@@ -115,6 +115,14 @@ class Upstream(abc.ABC):
         permission to look): the message is then sent again, at least once."""
         return None
 
+    def lane(self, sender: str, recipients: Sequence[str]) -> tuple[str, int] | None:
+        """What this upstream lets run at once across a route's messages, when it is less than
+        the route's sessions: the message's lane (a key) and how many attempts of that lane
+        may be under way together, as Graph allows 4 requests per mailbox. The queue manager
+        starts no attempt in a full lane, so one lane's backlog cannot take every session
+        while the others' mail waits. None (the default): only `max_connections` counts."""
+        return None
+
     def token_expiries(self) -> dict[str, float]:
         """Account -> expiry (epoch seconds) of the OAuth tokens this route holds."""
         return {}

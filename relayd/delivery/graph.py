@@ -4,7 +4,9 @@ What makes it fast (bench/graph/, issue 13), each measured:
 - Concurrency is per mailbox, as Graph counts it: at most `MAX_REQUESTS_PER_MAILBOX` (4)
   requests in flight for one mailbox, any number of mailboxes side by side; the route's
   `max_connections` sessions share one connection pool, so a route whose senders are many
-  mailboxes scales with them rather than with one mailbox's 4 x 1 / latency.
+  mailboxes scales with them rather than with one mailbox's 4 x 1 / latency. Each mailbox is
+  also a lane for the queue manager (`lane`), which starts no fifth attempt for a mailbox:
+  one mailbox's backlog does not take the sessions that other mailboxes' mail needs.
 - The access token is served from memory (`TOKEN_MEMO_S`, never within `TOKEN_MARGIN_S` of
   its expiry), one fetch at a time per account: no thread hop into msal per message.
 - Requests go over HTTP/1.1 keep-alive connections on asyncio streams (`_Http11Pool`), spoken
@@ -35,7 +37,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.errors import NonASCIILocalPartDefect
 from email.message import Message
@@ -62,6 +64,7 @@ from relayd.delivery.mime import (
     address,
     mailbox_for,
     restrict_to_envelope,
+    sending_mailbox,
 )
 from relayd.errors import (
     AuthenticationError,
@@ -492,6 +495,11 @@ class GraphUpstream(Upstream):
 
     def session(self) -> Session:
         return GraphSession(self)
+
+    def lane(self, sender: str, recipients: Sequence[str]) -> tuple[str, int] | None:
+        """Graph's limit is per mailbox, so each sending mailbox is a lane of 4."""
+        mailbox = sending_mailbox(self.route, sender, recipients)
+        return None if mailbox is None else (mailbox.lower(), MAX_REQUESTS_PER_MAILBOX)
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}

@@ -202,13 +202,19 @@ def mailbox_for(route: RouteConfig, message: OutboundMessage) -> str:
     A bounce (null sender) goes back to a sender of this route, so that sender's own mailbox
     sends it; with several recipients there is no one mailbox to choose.
     """
+    mailbox = sending_mailbox(route, message.sender, message.recipients)
+    if mailbox is None:
+        raise PermanentDeliveryError(
+            'a message with a null sender and several recipients has no mailbox to send from '
+            'on a route with mailbox = "sender"', 550)
+    return mailbox
+
+
+def sending_mailbox(route: RouteConfig, sender: str, recipients: Sequence[str]) -> str | None:
+    """mailbox_for's answer from the envelope alone; None where it has none."""
     fixed = fixed_mailbox(route)
     if fixed is not None:
         return fixed
-    if message.sender:
-        return message.sender
-    if len(message.recipients) == 1:
-        return message.recipients[0]
-    raise PermanentDeliveryError(
-        'a message with a null sender and several recipients has no mailbox to send from '
-        'on a route with mailbox = "sender"', 550)
+    if sender:
+        return sender
+    return recipients[0] if len(recipients) == 1 else None

@@ -100,6 +100,7 @@ class Queued:
     unbounced: dict[str, Failure] = field(default_factory=lambda: _NO_FAILURES)
     # ^ failed, bounce not stored
     last_reply: dict[str, Reply] = field(default_factory=lambda: _NO_REPLIES)
+    lane: tuple[str, str] | None = None  # (route, lane key) while an attempt holds a place
 
     def failed(self, rcpt: str, failure: Failure) -> None:
         if self.unbounced is _NO_FAILURES:
@@ -131,6 +132,16 @@ class Queued:
 UpstreamFactory = Callable[[RouteConfig, Config], Upstream]
 
 
+@dataclass(slots=True)
+class _Lane:
+    """Attempts under way for one lane of a route (Upstream.lane), and the due messages that
+    wait for one of them to finish, in arrival order."""
+
+    limit: int
+    busy: int = 0
+    waiting: collections.deque[str] = field(default_factory=collections.deque)
+
+
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, upstream_factory: UpstreamFactory,
                  observer: Observer | None = None,
@@ -159,6 +170,7 @@ class QueueManager:
         self._idle.set()
         self._held_bytes = 0
         self._inflight: dict[str, int] = {}  # route name -> attempts handed out, not yet done
+        self._lanes: dict[tuple[str, str], _Lane] = {}  # (route, lane key) -> its attempts
         self._control_error_at = -CONTROL_ERROR_LOG_S
 
     # -- policy --------------------------------------------------------------------------------
@@ -321,6 +333,8 @@ class QueueManager:
             if not free:
                 due.appendleft(qid)
                 break
+            if not self._enter_lane(queued, route_name, agent):
+                continue  # its lane is full: it waits there, and the next message goes
             queued.state = ACTIVE
             inflight += 1
             self._active += 1
@@ -329,6 +343,46 @@ class QueueManager:
         self._inflight[route_name] = inflight
         if not due:
             del self._due[route_name]
+
+    def _enter_lane(self, queued: Queued, route_name: str, agent: DeliveryAgent) -> bool:
+        """Take a place in the message's lane for an attempt, or leave it waiting in the lane
+        (False). A lane is what the upstream lets run at once for a group of messages, such
+        as Graph's 4 requests per mailbox: without lanes, one mailbox's backlog took all of
+        the route's sessions, 4 of them sending and the rest waiting on the mailbox, while
+        the other mailboxes' mail waited behind it."""
+        lane_of = agent.upstream.lane(queued.entry.sender, queued.entry.recipients)
+        if lane_of is None:
+            return True
+        key, limit = (route_name, lane_of[0]), lane_of[1]
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(limit)
+        lane.limit = limit
+        if lane.busy >= limit:
+            lane.waiting.append(queued.id)
+            return False
+        lane.busy += 1
+        queued.lane = key
+        return True
+
+    def _leave_lane(self, queued: Queued) -> None:
+        """An attempt is over: its lane's next waiting messages go to the head of the route's
+        due messages, as many as the lane now has places (they are pumped right after)."""
+        key, queued.lane = queued.lane, None
+        lane = self._lanes.get(key) if key is not None else None
+        if key is None or lane is None:
+            return
+        lane.busy -= 1
+        front: list[str] = []
+        while lane.waiting and lane.busy + len(front) < lane.limit:
+            qid = lane.waiting.popleft()
+            waiting = self.messages.get(qid)
+            if waiting is not None and waiting.state == DUE:  # not deleted or deferred since
+                front.append(qid)
+        if front:
+            self._due.setdefault(key[0], collections.deque()).extendleft(reversed(front))
+        elif lane.busy == 0 and not lane.waiting:
+            del self._lanes[key]
 
     def _no_route(self, queued: Queued) -> None:
         """The config changed under a queued message: keep it and keep trying, never drop it."""
@@ -441,6 +495,7 @@ class QueueManager:
         finally:
             name = agent.route.name
             self._inflight[name] = max(0, self._inflight.get(name, 0) - 1)
+            self._leave_lane(queued)
             self._pump(name)
 
     async def _settle(self, queued: Queued, route: RouteConfig | None, report: Report,
