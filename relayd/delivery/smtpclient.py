@@ -142,25 +142,30 @@ class PipeliningSMTP(aiosmtplib.SMTP):
 
     async def _write_body(self, protocol: SMTPProtocol,
                           body: bytes | AsyncIterable[bytes]) -> None:
-        if isinstance(body, bytes):
-            tail = body[-2:]
-            protocol.write(dot_stuff(body, True))
-        else:
-            line_start, tail = True, b""
-            async for chunk in body:
-                if not chunk:
-                    continue
-                protocol.write(dot_stuff(chunk, line_start))
-                line_start = chunk.endswith(b"\n")
-                tail = (tail + chunk)[-2:]
-                # Hold no more than the transport's buffer; a server that stops reading
-                # times out like one that stops answering.
-                try:
-                    await asyncio.wait_for(protocol._drain_helper(), self.timeout)
-                except TimeoutError as e:
-                    raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from e
+        if isinstance(body, bytes):  # with its end-of-data line: one write, one segment
+            protocol._response_pending = True
+            protocol.write(dot_stuff(body, True) + _end_of_data(body[-2:]))
+            return
+        line_start, tail = True, b""
+        async for chunk in body:
+            if not chunk:
+                continue
+            protocol.write(dot_stuff(chunk, line_start))
+            line_start = chunk.endswith(b"\n")
+            tail = (tail + chunk)[-2:]
+            # Hold no more than the transport's buffer; a server that stops reading
+            # times out like one that stops answering.
+            try:
+                await asyncio.wait_for(protocol._drain_helper(), self.timeout)
+            except TimeoutError as e:
+                raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from e
         protocol._response_pending = True
-        protocol.write(b".\r\n" if tail in (b"\r\n", b"") else b"\r\n.\r\n")
+        protocol.write(_end_of_data(tail))
+
+
+def _end_of_data(tail: bytes) -> bytes:
+    """The line that ends DATA after a message whose last two bytes are `tail`."""
+    return b".\r\n" if tail in (b"\r\n", b"") else b"\r\n.\r\n"
 
 
 def _any_accepted(rcpts: Sequence[SMTPResponse]) -> bool:
