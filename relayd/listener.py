@@ -398,8 +398,8 @@ class RelaySMTP(SMTP):
     and bookkeeping for a clean shutdown.
 
     It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
-    _handle_client, _timeout_cb) and copies smtp_STARTTLS; pyproject pins aiosmtpd to 1.4.x
-    for that reason.
+    _handle_client, _reset_timeout, _timeout_cb) and copies smtp_STARTTLS; pyproject pins
+    aiosmtpd to 1.4.x for that reason.
     """
 
     line_length_limit = LINE_LENGTH_LIMIT
@@ -506,6 +506,31 @@ class RelaySMTP(SMTP):
                                              "on the implicit-TLS port"))
 
         waiter.add_done_callback(done)
+
+    # One timer per session, its deadline moved on (aiosmtpd cancels its timer and makes a
+    # new one for every command and, here, every DATA read: a TimerHandle, a heap push and a
+    # cancelled entry left in the loop's heap each time).
+    _timer_at: float | None = None  # when the armed timer fires; None: none armed
+    _deadline = 0.0
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self._deadline = deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return  # the armed timer fires first, then looks at the deadline
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        self._timer_at = when
+        self._timeout_handle = self.loop.call_at(when, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer_at = None
+        if self.loop.time() < self._deadline:
+            self._arm(self._deadline)  # the session went on since: sleep until then
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing an idle or slow session (server.session_timeout),
