@@ -106,7 +106,7 @@ class Service:
                  report: Callable[[str], None] | None = None, accept: bool = True) -> None:
         self.config = config
         self.accept = accept  # False: the workers hold the SMTP sessions, this one delivers
-        self.spool = Spool(config.queue.path)
+        self.spool = Spool(config.queue.path, keep_spares=True)
         self.policy = SenderPolicy(config)
         self.observer: Any = observer or NullObserver()
         self.journal = Journal(config.journal)
@@ -159,13 +159,13 @@ class Service:
         if self.qmgr.has(queue_id):
             return
         try:
-            entry = self.spool.load(queue_id)
+            entry, data = self.spool.load_accepted(queue_id)
         except QueueError as e:
             log.error("a worker reported %s, which cannot be read: %s", queue_id, e)
             return
         route = self.qmgr.route_for(entry)
         self.accepted(route.name if route else "-")
-        self.qmgr.submit(entry)
+        self.qmgr.submit(entry, data)
 
     def accepted(self, route: str) -> None:
         hook: Callable[[str], None] | None = getattr(self.observer, "accepted", None)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import (
     Upstream,
     arelayd_cli,
+    daemon,
+    free_port,
     message,
     relayd_cli,
     run_service,
@@ -19,6 +23,7 @@ from conftest import (
     write_config,
 )
 
+import relayd.queue
 from relayd.journal import Query, read
 from relayd.queue import Spool
 
@@ -204,3 +209,104 @@ def test_recovery_removes_state_files_whose_message_is_gone(tmp_path: Path) -> N
     os.unlink(tmp_path / "q" / "msg" / gone.id)
     assert [e.id for e in spool.recover()] == [kept.id]
     assert os.listdir(tmp_path / "q" / "state") == [kept.id]
+
+
+# -- spent message files kept for reuse (relayd.queue.Spares) ------------------------------------
+
+
+def _spares(queue: Path) -> dict[int, os.stat_result]:
+    """The spares in tmp/, by inode."""
+    found = {}
+    for p in (queue / "tmp").iterdir():
+        if p.name.startswith("spare."):
+            st = p.stat()
+            found[st.st_ino] = st
+    return found
+
+
+def _numbered(i: int) -> bytes:
+    return message(subject=f"n{i}", body=f"message {i}\r\n" + ("x" * 68 + "\r\n") * (i * 10))
+
+
+async def _queue_empty(queue: Path) -> None:
+    await wait_for(lambda: not any((queue / "msg").iterdir()), what="an empty msg/")
+
+
+async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
+                                                           upstream: Upstream) -> None:
+    """1. ten messages of growing size queued while the upstream is down, then delivered:
+    their files wait in tmp/ as spares, empty (nothing of a delivered message stays
+    readable) and 0600 2. five more, the shortest first, one after the other: each is stored
+    in one of those files and gives it back (the same ten inodes afterwards, none new), and
+    all arrive byte-identical, no byte of an earlier, longer message left in them."""
+    queue = tmp_path / "queue"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    sent = [_numbered(i) for i in range(10)] + [_numbered(i) for i in range(5)]
+    await upstream.stop()
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        for data in sent[:10]:
+            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+        await upstream.start()
+        await wait_for(lambda: len(upstream.messages) == 10)
+        await _queue_empty(queue)
+        await wait_for(lambda: len(_spares(queue)) == 10, what="ten spares")
+        first = _spares(queue)
+        assert all(st.st_size == 0 and st.st_mode & 0o777 == 0o600 for st in first.values())
+        for data in sent[10:]:
+            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+        await wait_for(lambda: len(upstream.messages) == 15)
+        await _queue_empty(queue)
+        await wait_for(lambda: len(_spares(queue)) == 10, what="the five back as spares")
+        assert set(_spares(queue)) == set(first)
+    assert sorted(m.data for m in upstream.messages[:10]) == sorted(sent[:10])
+    assert [m.data for m in upstream.messages[10:]] == sent[10:]
+
+
+async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SPARES_MAX spares, spent files are unlinked as before: tmp/ does not grow with
+    the traffic."""
+    monkeypatch.setattr(relayd.queue, "SPARES_MAX", 3)
+    monkeypatch.setattr(relayd.queue, "SPARES_COUNT_EVERY", 1)
+    queue = tmp_path / "queue"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        await asyncio.gather(*(send(port, "a@business.com", ["x@example.com"], _numbered(i))
+                               for i in range(12)))
+        await wait_for(lambda: len(upstream.messages) == 12)
+        await _queue_empty(queue)
+        await asyncio.sleep(0.2)
+        assert 1 <= len(_spares(queue)) <= 3
+        assert sorted(p.name for p in (queue / "tmp").iterdir()
+                      if not p.name.startswith("spare.")) == []
+
+
+async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
+                                                            upstream: Upstream) -> None:
+    """workers = 2: the main process delivers and keeps the spent files; the listener
+    workers, other processes, claim them (a rename only one can win) for the next messages:
+    the second round makes no new file, and every message arrives once, byte-identical."""
+    queue = tmp_path / "queue"
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
+    sent = [_numbered(i) for i in range(8)] + [_numbered(i) for i in range(8)]
+    await upstream.stop()
+    async with daemon(cfg, port, tmp_path / "relayd.log"):
+        for data in sent[:8]:
+            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+        await upstream.start()
+        await wait_for(lambda: len(upstream.messages) == 8)
+        await _queue_empty(queue)
+        await wait_for(lambda: len(_spares(queue)) == 8, what="eight spares")
+        first = set(_spares(queue))
+        for data in sent[8:]:
+            await asyncio.sleep(relayd.queue.SPARES_SCAN_S)  # a worker looks again by then
+            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+        await wait_for(lambda: len(upstream.messages) == 16)
+        await _queue_empty(queue)
+        await wait_for(lambda: len(_spares(queue)) == 8, what="the eight back as spares")
+        assert set(_spares(queue)) == first
+    assert sorted(m.data for m in upstream.messages) == sorted(sent)
