@@ -289,6 +289,13 @@ def spool_files(tmp_path: Path) -> Callable[[], list[str]]:
     return files
 
 
+def tmp_leftovers(queue: Path) -> list[str]:
+    """What a message left in queue/tmp/: every name but dotfiles and the empty spares that
+    the spool keeps for reuse (relayd.queue.Spares; a spare with bytes in it counts)."""
+    return sorted(p.name for p in (queue / "tmp").iterdir() if not p.name.startswith(".")
+                  and not (p.name.startswith("spare.") and p.stat().st_size == 0))
+
+
 @asynccontextmanager
 async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
     """`relayd serve` in a subprocess, ready once its port answers; always killed at the end."""

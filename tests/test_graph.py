@@ -26,6 +26,7 @@ from relayd.delivery import OutboundMessage, Status, make_upstream
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
 from relayd.policy import SenderPolicy
+from relayd.qmgr.manager import DUE
 
 SIMPLE = (CORPUS / "01-plain-ascii.eml").read_bytes()
 
@@ -596,6 +597,31 @@ async def test_one_mailboxs_backlog_does_not_hold_up_the_others(env: Env) -> Non
     assert last_report < 12, order
     assert env.graph.throttled == {}
     assert env.graph.max_in_flight["casemanager@business.com"] == 4
+
+
+async def test_a_message_deleted_while_its_mailbox_is_full_is_not_sent_and_none_stays(
+        env: Env) -> None:
+    """1. Graph answers after 400 ms 2. six messages from one mailbox: four go, two wait for
+    the mailbox 3. one of the two waiting is deleted (`relayd queue delete`'s call) 4. the
+    other five arrive, the deleted one never, and the queue ends empty: a lane's waiting
+    messages go on once its places free, the deleted one is skipped."""
+    env.graph.delay_s = 0.4
+    env.graph.max_concurrent_per_mailbox = 4
+    async with run_service(env.service_config(max_connections=8)) as svc:
+        port = service_port(svc)
+        for i in range(6):
+            await send(port, "casemanager@business.com", ["alice@example.net"],
+                       _numbered("casemanager@business.com", i))
+        waiting = [q for q in svc.qmgr.messages.values() if q.state == DUE]
+        assert len(waiting) == 2 and len(env.graph.sent) == 0
+        deleted = waiting[0]
+        svc.qmgr.delete(deleted)
+        await wait_for(lambda: not svc.qmgr.messages, timeout=10, what="an empty queue")
+        await asyncio.sleep(0.5)
+    assert len(env.graph.sent) == 5
+    sent_ids = {parse(s.mime)["Message-ID"] for s in env.graph.sent}
+    assert deleted.entry.message_id not in sent_ids
+    assert env.graph.throttled == {}
 
 
 async def test_many_mailboxes_scale_with_their_number(env: Env) -> None:

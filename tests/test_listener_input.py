@@ -15,6 +15,7 @@ from conftest import (
     service_port,
     smtp_exchange,
     smtp_route,
+    tmp_leftovers,
     wait_for,
     write_config,
 )
@@ -33,8 +34,7 @@ def cfg(tmp_path: Path, upstream: Upstream) -> Path:
 def nothing_stored(svc: Service, tmp_path: Path) -> None:
     assert svc.spool.ids() == []
     assert sorted(p.name for p in (tmp_path / "queue" / "msg").iterdir()) == []
-    assert [p.name for p in (tmp_path / "queue" / "tmp").iterdir()
-            if not p.name.startswith(".")] == []
+    assert tmp_leftovers(tmp_path / "queue") == []
 
 
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:

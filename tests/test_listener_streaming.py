@@ -21,6 +21,7 @@ from conftest import (
     send,
     service_port,
     smtp_route,
+    tmp_leftovers,
     wait_for,
     write_config,
 )
@@ -57,7 +58,7 @@ async def test_large_message_is_streamed_and_arrives_byte_identical(
         assert await send(service_port(svc), ALICE, [BOB], data) == {}
         await wait_for(lambda: len(upstream.messages) == 1, what="delivery")
     assert upstream.messages[0].data == data
-    assert files(tmp_path / "queue", "tmp") == []
+    assert tmp_leftovers(tmp_path / "queue") == []
 
 
 async def test_over_the_size_limit_while_streaming_552_and_the_session_goes_on(
@@ -69,7 +70,7 @@ async def test_over_the_size_limit_while_streaming_552_and_the_session_goes_on(
         assert code == 552 and refused == {}
         await wait_for(lambda: len(upstream.messages) == 1, what="the small message")
     assert b"Subject: small" in upstream.messages[0].data
-    assert files(tmp_path / "queue", "tmp") == []
+    assert tmp_leftovers(tmp_path / "queue") == []
 
 
 async def test_disk_full_in_the_middle_of_a_large_message_451_then_recovers(
@@ -83,7 +84,7 @@ async def test_disk_full_in_the_middle_of_a_large_message_451_then_recovers(
 
         code, refused = await asyncio.to_thread(big_then_small, service_port(svc))
         assert code == 451 and refused == {}
-        assert files(small_fs / "queue", "tmp") == []
+        assert tmp_leftovers(small_fs / "queue") == []
         await wait_for(lambda: len(upstream.messages) == 1, what="the small message")
     assert b"Subject: small" in upstream.messages[0].data
 
@@ -99,9 +100,9 @@ async def test_client_gone_in_the_middle_of_a_large_message_leaves_nothing(
             await read_reply(reader)
         writer.write(big(2 * 1024 * 1024))  # no end of data
         await writer.drain()
-        await wait_for(lambda: files(tmp_path / "queue", "tmp") != [], what="a part file")
+        await wait_for(lambda: tmp_leftovers(tmp_path / "queue") != [], what="a part file")
         writer.close()
-        await wait_for(lambda: files(tmp_path / "queue", "tmp") == [],
+        await wait_for(lambda: tmp_leftovers(tmp_path / "queue") == [],
                        what="the part file removed")
         assert await send(service_port(svc), ALICE, [BOB], message(subject="next")) == {}
         await wait_for(lambda: len(upstream.messages) == 1, what="the next message")
@@ -122,12 +123,12 @@ async def test_kill_9_in_the_middle_of_a_large_message_nothing_is_queued(
             await read_reply(reader)
         writer.write(big(2 * 1024 * 1024))
         await writer.drain()
-        await wait_for(lambda: files(tmp_path / "queue", "tmp") != [], what="a part file")
+        await wait_for(lambda: tmp_leftovers(tmp_path / "queue") != [], what="a part file")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         writer.close()
     async with daemon(cfg, port, log):
-        assert files(tmp_path / "queue", "tmp") == []
+        assert tmp_leftovers(tmp_path / "queue") == []
         assert files(tmp_path / "queue", "msg") == []
         assert await send(port, ALICE, [BOB], message(subject="after")) == {}
         await wait_for(lambda: len(upstream.messages) == 1, what="delivery after restart")

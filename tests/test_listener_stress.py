@@ -20,6 +20,7 @@ from conftest import (
     send,
     service_port,
     smtp_route,
+    tmp_leftovers,
     wait_for,
     write_config,
 )
@@ -98,9 +99,7 @@ async def test_disconnects_at_every_stage_leave_exactly_the_accepted_messages(
         assert accepted == THREADS * ROUNDS * 2  # "end-of-data" and "quit" sessions
         await send(port, "after@business.com", ["x@example.com"], message())
         assert len(svc.spool.ids()) == accepted + 1
-        leftovers = [p.name for p in (tmp_path / "queue" / "tmp").iterdir()
-                     if not p.name.startswith(".")]
-        assert leftovers == []
+        assert tmp_leftovers(tmp_path / "queue") == []
         await wait_for(lambda: not svc.sessions, timeout=5, what="every reset noticed")
     gc.collect()  # where a never-retrieved exception would be logged
     await asyncio.sleep(0)
