@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -63,29 +64,39 @@ class Metrics:
         self._journal_dropped = Gauge("relayd_journal_dropped_events",
                                       "Journal events that could not be written since start",
                                       registry=r)
+        self._children: dict[tuple[int, str], Any] = {}
         self._server: asyncio.Server | None = None
         self._healthy: HealthCheck = lambda: True
         self._clients: set[asyncio.Task[None]] = set()
 
     # --- figures -----------------------------------------------------------------------------
 
+    def _of(self, metric: Any, route: str) -> Any:
+        """The metric's child for a route, kept: labels() validates and locks on every call,
+        and these are counted for every message. Routes come from the config, so few."""
+        key = (id(metric), route)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(route=route)
+        return child
+
     def accepted(self, route: str) -> None:
-        self._accepted.labels(route=route).inc()
+        self._of(self._accepted, route).inc()
 
     def delivered(self, route: str) -> None:
-        self._delivered.labels(route=route).inc()
+        self._of(self._delivered, route).inc()
 
     def deferred(self, route: str) -> None:
-        self._deferred.labels(route=route).inc()
+        self._of(self._deferred, route).inc()
 
     def bounced(self, route: str) -> None:
-        self._bounced.labels(route=route).inc()
+        self._of(self._bounced, route).inc()
 
     def failed_login(self) -> None:
         self._failed_logins.inc()
 
     def observe_latency(self, route: str, seconds: float) -> None:
-        self._latency.labels(route=route).observe(max(0.0, seconds))
+        self._of(self._latency, route).observe(max(0.0, seconds))
 
     def set_queue(self, depth: int, oldest_age_s: float) -> None:
         self._queue_depth.set(depth)
