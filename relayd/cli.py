@@ -27,7 +27,24 @@ LIST_CHUNK = 500  # lines of `queue list` written to stdout at once
 log = logging.getLogger("relayd")
 
 
-class _JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """logging's formatter with the date and time formatted once a second, not per line (two
+    lines a message under load, and time.strftime is most of formatting one)."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(self.default_time_format,
+                                                           self.converter(record.created)))
+        return f"{cached[1]},{int(record.msecs):03d}"  # as logging.Formatter.default_msec_format
+
+
+class _JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": self.formatTime(record), "level": record.levelname,
                "logger": record.name, "message": record.getMessage()}
@@ -40,11 +57,14 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     # Neither format prints the process or thread, and each LogRecord would ask for them
     # (os.getpid() is a system call a line).
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    # Nor the source file and line: without this, every record walks the stack to find them
+    # (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
