@@ -3,6 +3,7 @@ connection reused for consecutive messages, a result for each recipient."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from collections.abc import Callable, Sequence
@@ -291,12 +292,17 @@ class SmtpSession(Session):
             await self.close()
 
 
+# aiosmtplib's quote_address runs the email package's address parser (about 20 us); the same
+# few senders and recipients come back message after message.
+_quoted = functools.lru_cache(maxsize=4096)(quote_address)
+
+
 def _command_line(verb: bytes, address: str, options: Sequence[str],
                   encoding: str) -> bytes | None:
     """`MAIL FROM:<a> OPTS` or `RCPT TO:<a>` with its CRLF, as aiosmtplib's mail() and rcpt()
     build them; None when the address cannot be encoded (or would smuggle a control)."""
     try:
-        addr = quote_address(address).encode(encoding)
+        addr = _quoted(address).encode(encoding)
     except UnicodeEncodeError:
         return None
     if COMMAND_INJECTION_REGEX.search(addr):
