@@ -162,7 +162,8 @@ class _GroupCommit:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[str, bytes | Draft, asyncio.Future[None]]] = []
-        self._unlinks: list[Path] = []
+        self._unlinks: list[str] = []
+        self._msg_prefix = os.path.join(msg_dir, "")
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -178,7 +179,7 @@ class _GroupCommit:
             self._wake.notify()
         return future
 
-    def discard(self, paths: Sequence[Path]) -> bool:
+    def discard(self, paths: Sequence[str]) -> bool:
         """Unlink files (or keep them as spares) on the writer thread (unlink takes a quarter
         of a millisecond here, too long for the event loop); nobody waits for it. The
         daemon's spool (the one with spares) starts the thread for it: with listener workers,
@@ -213,7 +214,7 @@ class _GroupCommit:
                 batch, self._pending = self._pending, []
                 unlinks, self._unlinks = self._unlinks, []
             for path in unlinks:
-                if self.spares is not None and path.parent == self.msg_dir and \
+                if self.spares is not None and path.startswith(self._msg_prefix) and \
                         self.spares.keep(path):
                     continue
                 with contextlib.suppress(FileNotFoundError):
@@ -305,7 +306,7 @@ class Spares:
         self._removals = 0
         self._room = True  # fewer than SPARES_MAX spares at the last count
 
-    def keep(self, path: Path) -> bool:
+    def keep(self, path: str) -> bool:
         """On the writer thread, for a message file leaving msg/: make it a spare. False when
         there are enough spares, or it cannot be (the caller then unlinks it)."""
         if self._removals % SPARES_COUNT_EVERY == 0:
@@ -589,9 +590,9 @@ class Spool:
         entry's content with its state, never content that looks fresh. Unlinks are metadata
         only and need no fsync: if one is lost in a crash, the message is delivered again
         (the at-most-twice case), never lost."""
-        paths = [self.msg_dir / queue_id]
+        paths = [self._msg_prefix + queue_id]
         if has_state:
-            paths.append(self.state_dir / queue_id)
+            paths.append(self._state_prefix + queue_id)
         if self._commit.discard(paths):
             return
         for path in paths:
