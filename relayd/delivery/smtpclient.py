@@ -94,7 +94,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             buffered = protocol._read_response_from_buffer()
             if buffered is not None:
                 return buffered
-        return await _read_response(protocol, timeout)
+        return await protocol.read_response(timeout=timeout)
 
     async def _command(self, protocol: SMTPProtocol, line: bytes,
                        timeout: float | None) -> SMTPResponse:
@@ -166,24 +166,6 @@ class PipeliningSMTP(aiosmtplib.SMTP):
 def _end_of_data(tail: bytes) -> bytes:
     """The line that ends DATA after a message whose last two bytes are `tail`."""
     return b".\r\n" if tail in (b"\r\n", b"") else b"\r\n.\r\n"
-
-
-async def _read_response(protocol: SMTPProtocol, timeout: float | None) -> SMTPResponse:
-    """SMTPProtocol.read_response (aiosmtplib 5.1) with asyncio.timeout instead of wait_for,
-    which wraps every reply's wait in a waiter, a callback and a timer of its own."""
-    waiter = protocol._response_waiter
-    if waiter is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    protocol._response_pending = True
-    try:
-        async with asyncio.timeout(timeout):
-            return await waiter
-    except TimeoutError as e:
-        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from e
-    finally:
-        protocol._response_pending = False
-        protocol._response_waiter = (None if protocol.transport is None
-                                     else protocol._loop.create_future())
 
 
 def _any_accepted(rcpts: Sequence[SMTPResponse]) -> bool:
