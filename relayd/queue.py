@@ -330,23 +330,32 @@ class Spares:
         return True
 
     def take(self, name: str) -> tuple[int, str] | None:
-        """An empty spare claimed as tmp/`name`.PID.N and open for writing, or None."""
+        """An empty spare claimed as tmp/`name`.PID.N and open for writing, or None. tmp/ is
+        listed when no spare is known (at most every SPARES_SCAN_S), and again at once when
+        every known one was taken by another process meanwhile."""
         with self._lock:
-            if not self._known and time.monotonic() - self._scanned >= SPARES_SCAN_S:
-                self._scanned = time.monotonic()
-                self._known = self._scan()
-            while self._known:
-                spare = self._known.pop()
-                target = _tmp_name(self.tmp_dir, name)
-                try:
-                    os.rename(spare, target)
-                except OSError:
-                    continue  # another process took it
-                try:
-                    return os.open(target, os.O_WRONLY | os.O_TRUNC), target
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        os.unlink(target)
+            look = time.monotonic() - self._scanned >= SPARES_SCAN_S
+            for _ in range(2):
+                if not self._known and look:
+                    self._scanned = time.monotonic()
+                    self._known = self._scan()
+                missed = False
+                while self._known:
+                    spare = self._known.pop()
+                    target = _tmp_name(self.tmp_dir, name)
+                    try:
+                        os.rename(spare, target)
+                    except OSError:
+                        missed = True  # another process took it
+                        continue
+                    try:
+                        return os.open(target, os.O_WRONLY | os.O_TRUNC), target
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            os.unlink(target)
+                if not missed:
+                    break
+                look = True
         return None
 
     def _scan(self) -> list[str]:

@@ -310,3 +310,31 @@ async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
         await wait_for(lambda: len(_spares(queue)) == 8, what="the eight back as spares")
         assert set(_spares(queue)) == first
     assert sorted(m.data for m in upstream.messages) == sorted(sent)
+
+
+def test_spares_another_process_took_are_listed_again_not_replaced(tmp_path: Path) -> None:
+    """Listener workers each keep the list of spares they last saw in tmp/. 1. the delivering
+    process keeps three spent files 2. worker A lists them and claims one 3. worker B claims the
+    other two, still on A's list 4. a fourth is kept under a new name 5. A's next claim fails
+    on both stale names, lists tmp/ again at once and takes the fourth, rather than creating a
+    new file (each new file is the inode allocation spares exist to avoid)."""
+    tmp, msg = tmp_path / "tmp", tmp_path / "msg"
+    tmp.mkdir()
+    msg.mkdir()
+    keeper, a, b = (relayd.queue.Spares(tmp) for _ in range(3))
+    for i in range(3):
+        (msg / f"M{i}").write_bytes(b"delivered\r\n" * 10)
+        assert keeper.keep(str(msg / f"M{i}"))
+    for spares, name in ((a, "A1"), (b, "B1"), (b, "B2")):
+        taken = spares.take(name)
+        assert taken is not None
+        os.close(taken[0])
+    (msg / "M3").write_bytes(b"delivered too\r\n")
+    assert keeper.keep(str(msg / "M3"))
+    fourth = {p.stat().st_ino for p in tmp.iterdir() if p.name.startswith("spare.")}
+    assert len(fourth) == 1
+    taken = a.take("A2")
+    assert taken is not None
+    os.close(taken[0])
+    assert os.stat(taken[1]).st_ino in fourth and os.stat(taken[1]).st_size == 0
+    assert not any(p.name.startswith("spare.") for p in tmp.iterdir())
