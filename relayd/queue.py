@@ -401,16 +401,31 @@ def write_atomic(path: Path | str, data: bytes | Iterable[bytes], tmp_dir: Path,
     try:
         for chunk in (data,) if isinstance(data, bytes) else data:
             _write_all(fd, chunk)
+    except BaseException:
+        _drop(fd, tmp)
+        raise
+    _seal(fd, tmp, path)
+    if sync_dir:
+        fsync_dir(os.path.dirname(path))
+
+
+def _seal(fd: int, tmp: str, path: Path | str) -> None:
+    """fsync, close and rename a tmp/ file into place (its directory is the caller's to
+    fsync); removed instead when the fsync fails."""
+    try:
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _drop(fd, tmp)
         raise
     os.close(fd)
     os.rename(tmp, path)
-    if sync_dir:
-        fsync_dir(os.path.dirname(path))
+
+
+def _drop(fd: int, tmp: str) -> None:
+    """Close and remove a tmp/ file that will not be put in place."""
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 class Draft:
@@ -440,22 +455,12 @@ class Draft:
         """fsync and rename into msg/ (the caller fsyncs msg/); on the writer thread."""
         assert self.fd is not None, "draft already sealed or discarded"
         fd, self.fd = self.fd, None
-        try:
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
-            raise
-        os.close(fd)
-        os.rename(self.tmp, path)
+        _seal(fd, self.tmp, path)
 
     def discard(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self.tmp)
+            _drop(fd, self.tmp)
 
 
 class Spool:
@@ -617,7 +622,7 @@ class Spool:
 
     def read_data(self, entry: Entry, limit: int = -1) -> bytes:
         """The message bytes (at most `limit` of them when it is given)."""
-        with open(self.msg_dir / entry.id, "rb") as f:
+        with open(self.data_path(entry), "rb") as f:
             f.seek(entry.data_offset)
             return f.read(limit)
 
