@@ -491,10 +491,7 @@ class RelaySMTP(SMTP):
         context, self._implicit_context = self._implicit_context, None
         assert context is not None and isinstance(transport, asyncio.Transport)
         client = _host(transport.get_extra_info("peername"))
-        waiter = self.loop.create_future()
-        tls = _HelloRecorder(self.loop, self, context, waiter, server_side=True)
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
+        tls, waiter = self._layer_tls(transport, context)
 
         def done(future: asyncio.Future[None]) -> None:
             error = None if future.cancelled() else future.exception()
@@ -506,6 +503,16 @@ class RelaySMTP(SMTP):
                                              "on the implicit-TLS port"))
 
         waiter.add_done_callback(done)
+
+    def _layer_tls(self, transport: asyncio.Transport, context: ssl.SSLContext
+                   ) -> tuple[_HelloRecorder, asyncio.Future[None]]:
+        """A server-side TLS layer between `transport` and this protocol, which keeps the
+        client's first bytes (describe_tls_failure); the future completes with the handshake."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        tls = _HelloRecorder(self.loop, self, context, waiter, server_side=True)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        return tls, waiter
 
     # One timer per session, its deadline moved on (aiosmtpd cancels its timer and makes a
     # new one for every command and, here, every DATA read: a TimerHandle, a heap push and a
@@ -652,14 +659,11 @@ class RelaySMTP(SMTP):
             await self.push("454 TLS not available")
             return
         await self.push("220 Ready to start TLS")
-        waiter = self.loop.create_future()
-        tls = _HelloRecorder(self.loop, self, self.tls_context, waiter, server_side=True)
-        self._tls_protocol = tls
         self._original_transport = self.transport
         assert isinstance(self._original_transport, asyncio.Transport)
-        self._original_transport.set_protocol(tls)
+        tls, waiter = self._layer_tls(self._original_transport, self.tls_context)
+        self._tls_protocol = tls
         self.transport = tls._app_transport
-        tls.connection_made(self._original_transport)
         try:
             await waiter
         except asyncio.CancelledError:
