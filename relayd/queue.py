@@ -51,6 +51,8 @@ SPARE_NAME = "spare"  # tmp/spare.PID.N
 SPARES_MAX = 256  # spent message files kept in tmp/ (about the messages in flight at a time)
 SPARES_COUNT_EVERY = 64  # files removed between two counts of the spares in tmp/
 SPARES_SCAN_S = 0.05  # at most this often, tmp/ is listed for spares other processes left
+REMOVE_DELAY_S = 0.02  # delivered files wait this long for others, to be removed together
+REMOVE_BATCH = 32  # ... or until this many wait
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -163,6 +165,7 @@ class _GroupCommit:
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[str, bytes | Draft, asyncio.Future[None]]] = []
         self._unlinks: list[str] = []
+        self._unlinks_since = 0.0  # when the oldest file in _unlinks was handed over
         self._msg_prefix = os.path.join(msg_dir, "")
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -188,9 +191,13 @@ class _GroupCommit:
         with self._lock:
             if self._closed or (self._thread is None and self.spares is None):
                 return False
+            waiting = len(self._unlinks)
+            if not waiting:
+                self._unlinks_since = time.monotonic()
             self._unlinks.extend(paths)
             self._start()
-            self._wake.notify()
+            if not waiting or len(self._unlinks) >= REMOVE_BATCH > waiting:
+                self._wake.notify()  # the first starts the clock (_next); a batch is due
         return True
 
     def _start(self) -> None:
@@ -206,11 +213,24 @@ class _GroupCommit:
         if thread is not None:
             thread.join(timeout=30)
 
+    def _next(self) -> None:
+        """Under the lock: wait until files are to be written, or the removals are due (the
+        oldest waited REMOVE_DELAY_S, or REMOVE_BATCH are waiting). Waking this thread for
+        every delivered message was a futex wake-up and a GIL hand-over a message; removals
+        wait for no one, so they are gathered."""
+        while not self._pending and not self._closed:
+            if not self._unlinks:
+                self._wake.wait()
+                continue
+            left = self._unlinks_since + REMOVE_DELAY_S - time.monotonic()
+            if left <= 0 or len(self._unlinks) >= REMOVE_BATCH:
+                return
+            self._wake.wait(left)
+
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._unlinks and not self._closed:
-                    self._wake.wait()
+                self._next()
                 batch, self._pending = self._pending, []
                 unlinks, self._unlinks = self._unlinks, []
             for path in unlinks:
