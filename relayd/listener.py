@@ -17,6 +17,7 @@ from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any, Protocol
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, TLSSetupException, syntax
 from aiosmtpd.smtp import Session as SmtpSession
 
@@ -393,13 +394,33 @@ class SessionLimits:
         self._logged_at, self._unlogged = now, 0
 
 
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, which its command loop calls twice for every command line
+    (at DEBUG and INFO), masks AUTH data in the line with a regular expression and only then
+    lets the logger see that it is off (relayd keeps aiosmtpd's log at WARNING: relayd.cli).
+    This asks the logger first: the same lines when they are on, no work when they are off."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and \
+            not logger.isEnabledFor(level):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log  # the module global its command loop calls
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with a connection check, session limits, AUTH against [server.users]
     and bookkeeping for a clean shutdown.
 
     It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
-    _handle_client, _reset_timeout, _timeout_cb) and copies smtp_STARTTLS; pyproject pins
-    aiosmtpd to 1.4.x for that reason.
+    _handle_client, _reset_timeout, _timeout_cb), copies smtp_STARTTLS and replaces the
+    module's sanitized_log; pyproject pins aiosmtpd to 1.4.x for that reason.
     """
 
     line_length_limit = LINE_LENGTH_LIMIT

@@ -84,6 +84,43 @@ async def test_starttls_and_implicit_tls_with_login(tmp_path: Path, upstream: Up
     assert PASSWORD not in caplog.text and password_hash not in caplog.text
 
 
+async def test_aiosmtpd_command_log_masks_logins_when_on_and_costs_nothing_when_off(
+        tmp_path: Path, upstream: Upstream, password_hash: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """aiosmtpd logs each command line at INFO ("mail.log"), with AUTH data masked; relayd
+    asks the logger before it masks (relayd.listener._sanitized_log). On: the lines, masked.
+    Off (WARNING, as relayd.cli sets it): none."""
+    import base64
+
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    secret = base64.b64encode(f"\0casemanager\0{PASSWORD}".encode()).decode()
+    async with run_service(cfg) as svc:
+        port = svc.tls_addresses[0][1]
+        for level in (logging.INFO, logging.WARNING):
+            caplog.clear()
+            caplog.set_level(level, logger="mail.log")
+
+            def plain_login() -> None:
+                with smtplib.SMTP_SSL("127.0.0.1", port, timeout=15,
+                                      context=unverified()) as client:
+                    client.ehlo("printer")
+                    code, _ = client.docmd("AUTH", "PLAIN " + secret)
+                    assert code == 235
+                    client.sendmail("alice@business.com", ["x@example.com"],
+                                    message(sender="alice@business.com"))
+
+            await asyncio.to_thread(plain_login)
+            lines = [r.getMessage() for r in caplog.records if r.name == "mail.log"
+                     and ">>" in r.getMessage()]
+            if level == logging.INFO:
+                assert any("AUTH PLAIN ********" in line for line in lines), lines
+                assert any("FROM:<alice@business.com>" in line for line in lines)
+            else:
+                assert lines == []
+            assert secret not in caplog.text
+        await wait_for(lambda: len(upstream.messages) == 2)
+
+
 async def test_tls_below_1_2_refused(tmp_path: Path, upstream: Upstream,
                                                        password_hash: str) -> None:
     cfg = auth_config(tmp_path, upstream, password_hash)
