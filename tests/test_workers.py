@@ -31,23 +31,33 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def workers_config(tmp_path: Path, upstream: Upstream, workers: int) -> tuple[int, Path, Path]:
+    """A port, a config with one route to `upstream` and `workers`, and where its log goes."""
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server=f"workers = {workers}")
+    return port, cfg, tmp_path / "relayd.log"
+
+
+async def send_while_stopped(pid: int, port: int, label: str, count: int = 5) -> None:
+    """Send `count` messages (subjects "LABEL 0"...) while process `pid` is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(count):
+            await asyncio.wait_for(send(port, "a@business.com", ["x@example.com"],
+                                        message(subject=f"{label} {i}")), 20)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 async def test_workers_accept_on_their_own_and_the_main_process_delivers(
         tmp_path: Path, upstream: Upstream) -> None:
     """1. workers = 2 2. the main process is stopped (SIGSTOP): the worker alone accepts
     3. main process continues: it learns the queue ids and delivers everything."""
-    port = free_port()
-    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 2")
-    log = tmp_path / "relayd.log"
+    port, cfg, log = workers_config(tmp_path, upstream, 2)
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
-        os.kill(proc.pid, signal.SIGSTOP)
-        try:
-            for i in range(5):
-                await asyncio.wait_for(send(port, "a@business.com", ["x@example.com"],
-                                            message(subject=f"while stopped {i}")), 20)
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
+        await send_while_stopped(proc.pid, port, "while stopped")
         for i in range(20):
             await send(port, "a@business.com", ["x@example.com"], message(subject=f"m{i}"))
         await wait_for(lambda: len(upstream.messages) == 25, what="all 25 delivered")
@@ -65,23 +75,14 @@ async def test_the_main_process_listens_too(tmp_path: Path, upstream: Upstream) 
     """1. workers = 2: the main process and one worker 2. the worker is stopped (SIGSTOP):
     the main process alone accepts, and delivers at once 3. the worker continues and takes
     its share again; every message arrives once."""
-    port = free_port()
-    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 2")
-    log = tmp_path / "relayd.log"
+    port, cfg, log = workers_config(tmp_path, upstream, 2)
     async with daemon(cfg, port, log):
         await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
         worker = worker_pids(log)[0]
         await asyncio.sleep(0.5)
         assert all_worker_pids(log) == [worker]  # no second worker: the main process listens
-        os.kill(worker, signal.SIGSTOP)
-        try:
-            for i in range(5):
-                await asyncio.wait_for(send(port, "a@business.com", ["x@example.com"],
-                                            message(subject=f"worker stopped {i}")), 20)
-            await wait_for(lambda: len(upstream.messages) == 5, what="the five delivered")
-        finally:
-            os.kill(worker, signal.SIGCONT)
+        await send_while_stopped(worker, port, "worker stopped")
+        await wait_for(lambda: len(upstream.messages) == 5, what="the five delivered")
         for i in range(10):
             await send(port, "a@business.com", ["x@example.com"], message(subject=f"m{i}"))
         await wait_for(lambda: len(upstream.messages) == 15, what="all 15 delivered")
@@ -90,10 +91,7 @@ async def test_the_main_process_listens_too(tmp_path: Path, upstream: Upstream) 
 
 
 async def test_a_killed_worker_is_started_again(tmp_path: Path, upstream: Upstream) -> None:
-    port = free_port()
-    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 2")
-    log = tmp_path / "relayd.log"
+    port, cfg, log = workers_config(tmp_path, upstream, 2)
     async with daemon(cfg, port, log):
         await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
         first = worker_pids(log)[0]
@@ -111,10 +109,7 @@ async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
     3. kill -9 the main process: its workers stop by themselves 4. restart, upstream up: all
     twenty delivered."""
     await upstream.stop()
-    port = free_port()
-    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 3")
-    log = tmp_path / "relayd.log"
+    port, cfg, log = workers_config(tmp_path, upstream, 3)
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         for i in range(20):
