@@ -7,7 +7,9 @@
 Starts smtp-sink (as nobody, output discarded: a pipe nobody reads fills and stalls it) and
 `relayd serve` (one `*` route to the sink, spool under --workdir), runs smtp-source (20 sessions,
 4 KiB messages), waits until msg/ is empty, and prints each thread's utime/stime delta from
-/proc (threads under 0.02 s are left out) and the totals per message. Standard library only;
+/proc (threads under 0.02 s are left out) and the totals per message, with the context
+switches of all relayd's threads per message (steadier from run to run than CPU time on a
+shared VM: a proxy for hand-overs between threads and processes). Standard library only;
 needs Postfix's smtp-source and smtp-sink (bench/run.sh installs them). Every wait is bounded.
 """
 
@@ -45,11 +47,30 @@ def thread_times(pid: int) -> dict[tuple[int, str, str], tuple[int, int]]:
     return out
 
 
-def tree_times(pid: int) -> dict[tuple[int, str, str], tuple[int, int]]:
+def switches(pids: list[int]) -> int:
+    """Context switches (voluntary and not) of every thread of `pids` so far: each is a
+    thread going to sleep or being put aside, the cost a hand-over between threads adds."""
+    total = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines()
+                         if line.split(":")[0].endswith("ctxt_switches"))
+    return total
+
+
+def tree(pid: int) -> list[int]:
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True,
                               check=False).stdout.split()
+    return [pid, *map(int, children)]
+
+
+def tree_times(pid: int) -> dict[tuple[int, str, str], tuple[int, int]]:
     out = {}
-    for p in [pid, *map(int, children)]:
+    for p in tree(pid):
         out.update(thread_times(p))
     return out
 
@@ -101,6 +122,7 @@ max_connections = 8
                 time.sleep(0.05)
         time.sleep(0.5)
         before = tree_times(relayd.pid)
+        switched = switches(tree(relayd.pid))
         started = time.monotonic()
         subprocess.run(["smtp-source", "-s", "20", "-m", str(args.messages), "-l", "4096",
                         "-f", "bench@example.com", "-t", "sink@example.net",
@@ -113,6 +135,7 @@ max_connections = 8
             time.sleep(0.01)
         delivered_s = time.monotonic() - started
         after = tree_times(relayd.pid)
+        switched = switches(tree(relayd.pid)) - switched
     finally:
         relayd.terminate()
         try:
@@ -132,7 +155,8 @@ max_connections = 8
     n = args.messages
     print(f"workers={args.workers}: accepted {n / accepted_s:.0f} msg/s, delivered "
           f"{n / delivered_s:.0f} msg/s; CPU {1e6 * (user + system) / n:.0f} us/msg "
-          f"(user {1e6 * user / n:.0f}, sys {1e6 * system / n:.0f})")
+          f"(user {1e6 * user / n:.0f}, sys {1e6 * system / n:.0f}); "
+          f"{switched / n:.1f} context switches/msg")
     shutil.rmtree(base, ignore_errors=True)
     return 0
 
