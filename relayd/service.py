@@ -97,14 +97,15 @@ class Service:
     """One running relay: listeners, intake, spool and queue manager for one config.
 
     With `report` set it is a listener worker (server.workers > 1): it accepts and stores mail
-    like any listener, then reports each queue id to the main process, which listens too and
-    owns the queue manager, the queue lock, recovery, control requests and metrics.
+    like any listener, then reports each queue id to the main process, which owns the queue
+    manager, the queue lock, recovery, control requests and metrics.
     """
 
     def __init__(self, config: Config, *, upstream_factory: UpstreamFactory = make_upstream,
                  observer: Observer | None = None, listeners: Listeners | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None, accept: bool = True) -> None:
         self.config = config
+        self.accept = accept  # False: the workers hold the SMTP sessions, this one delivers
         self.spool = Spool(config.queue.path, keep_spares=True)
         self.policy = SenderPolicy(config)
         self.observer: Any = observer or NullObserver()
@@ -204,7 +205,8 @@ class Service:
             # the recovery that follows never meets a message accepted (or a bounce stored)
             # in this run, which the queue manager has already been given.
             listing = await asyncio.to_thread(self.spool.listing)
-            await self._listen()
+            if self.accept:
+                await self._listen()
             recovery = asyncio.create_task(self._recover(listing), name="recover")
             self._tasks.append(recovery)
             self._tasks.append(asyncio.create_task(self._run_qmgr(recovery), name="qmgr"))
@@ -364,11 +366,6 @@ class Service:
             self.notifier.reload(config)
         log.info("reload: config applied, %d route(s)", len(config.routes))
 
-    def stop_listening(self) -> None:
-        """Accept no more connections (the sessions open go on)."""
-        for server in self.servers:
-            server.close()
-
     async def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Stop accepting, let sessions and deliveries in flight finish, then cancel."""
         loop = asyncio.get_running_loop()
@@ -380,7 +377,8 @@ class Service:
             self._notify_task.cancel()
             await asyncio.gather(self._notify_task, return_exceptions=True)
             self._notify_task = None
-        self.stop_listening()
+        for server in self.servers:
+            server.close()
         sessions_deadline = loop.time() + min(SESSION_DRAIN_S, timeout / 2)
         while self.sessions and loop.time() < sessions_deadline:
             await asyncio.sleep(0.05)
@@ -410,19 +408,21 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     config = load_config(path)
     for warning in config.warnings:
         log.warning("config: %s", warning)
-    # server.workers listener processes: this one, which also schedules and delivers, and
-    # workers - 1 that share its listening sockets (relayd.workers).
+    # With workers, the SMTP sessions are theirs and this process schedules and delivers.
     listeners = bind_listeners(config.server) if config.server.workers > 1 else None
-    service = Service(config, observer=Metrics(), listeners=listeners)
+    service = Service(config, observer=Metrics(), listeners=listeners,
+                      accept=listeners is None)
     await service.start(wait_for_recovery=False)
     pool = None
     if listeners is not None:
         from relayd.workers import WorkerPool
 
-        pool = WorkerPool(service, path, listeners, config.server.workers - 1, log_options)
+        pool = WorkerPool(service, path, listeners, config.server.workers, log_options)
         await pool.start()
-        log.info("%d listener processes: this one and %d worker(s)", config.server.workers,
-                 pool.count)
+        for sock in listeners.plain + listeners.tls:
+            host, port = sock.getsockname()[:2]
+            service.addresses.append((host, port))
+            log.info("listening on %s (%d workers)", Address(host, port), pool.count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
@@ -462,7 +462,6 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
         await stop.wait()
     finally:
         if pool is not None:
-            service.stop_listening()  # this process's sessions drain while the workers' do
             await pool.stop(SESSION_DRAIN_S + 5)  # their sessions drain; their ids come in
         await service.stop()
         watchdog.cancel()

@@ -1,20 +1,12 @@
 """Listener worker processes (server.workers > 1): more CPU cores for SMTP sessions.
 
-One Python process tops out on SMTP session handling (each message is a dozen socket calls
-and as many trips through aiosmtpd's command loop), not on the disk. With server.workers = N,
-the main process binds the listening sockets, listens on them itself and starts N - 1 workers
-that share them: the kernel hands each new connection to whichever process accepts first, so
-a busy process takes fewer. A worker stores each message durably like any listener, then
-reports its queue id on its stdout ("A ID", or "L" for a failed login) before answering 250.
-The main process owns the rest: queue manager, queue lock, recovery, control requests,
-metrics, systemd. A worker that dies is started again; a worker whose main process is gone
-stops.
-
-Why the main process listens too, rather than only scheduling and delivering: a message it
-accepts itself costs no hand-off (the worker's report, the main process reading the envelope
-back), and one interpreter fewer takes its share of the CPU. On this project's 2-CPU bench
-machine, main + 1 worker used about a tenth less CPU a message than 2 workers + a main
-process that only delivered, and delivered about a tenth more (bench/README.md).
+One Python process tops out on SMTP session handling (aiosmtpd reads DATA line by line; each
+message is a dozen socket calls), not on the disk. The main process binds the listening
+sockets and starts workers that share them: the kernel hands each new connection to whichever
+process accepts first. A worker stores each message durably like any listener, then reports
+its queue id on its stdout ("A ID", or "L" for a failed login) before answering 250. The main
+process owns the rest: queue manager, queue lock, recovery, control requests, metrics, systemd.
+A worker that dies is started again; a worker whose main process is gone stops.
 """
 
 from __future__ import annotations

@@ -285,14 +285,13 @@ async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
 
 async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
                                                             upstream: Upstream) -> None:
-    """workers = 3: the main process delivers and keeps the spent files; whichever listener
-    process accepts the next messages (the main one or a worker, other processes) claims them
-    (a rename only one can win): the second round makes no new file, and every message
-    arrives once, byte-identical."""
+    """workers = 2: the main process delivers and keeps the spent files; the listener
+    workers, other processes, claim them (a rename only one can win) for the next messages:
+    the second round makes no new file, and every message arrives once, byte-identical."""
     queue = tmp_path / "queue"
     port = free_port()
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 3")
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
     sent = [_numbered(i) for i in range(8)] + [_numbered(i) for i in range(8)]
     await upstream.stop()
     async with daemon(cfg, port, tmp_path / "relayd.log"):

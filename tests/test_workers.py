@@ -71,25 +71,6 @@ async def test_workers_accept_on_their_own_and_the_main_process_delivers(
     assert subjects.count(b"while stopped 0") == 1 and len(set(subjects)) == 25
 
 
-async def test_the_main_process_listens_too(tmp_path: Path, upstream: Upstream) -> None:
-    """1. workers = 2: the main process and one worker 2. the worker is stopped (SIGSTOP):
-    the main process alone accepts, and delivers at once 3. the worker continues and takes
-    its share again; every message arrives once."""
-    port, cfg, log = workers_config(tmp_path, upstream, 2)
-    async with daemon(cfg, port, log):
-        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
-        worker = worker_pids(log)[0]
-        await asyncio.sleep(0.5)
-        assert all_worker_pids(log) == [worker]  # no second worker: the main process listens
-        await send_while_stopped(worker, port, "worker stopped")
-        await wait_for(lambda: len(upstream.messages) == 5, what="the five delivered")
-        for i in range(10):
-            await send(port, "a@business.com", ["x@example.com"], message(subject=f"m{i}"))
-        await wait_for(lambda: len(upstream.messages) == 15, what="all 15 delivered")
-    subjects = [m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in upstream.messages]
-    assert len(set(subjects)) == 15 == len(subjects)
-
-
 async def test_a_killed_worker_is_started_again(tmp_path: Path, upstream: Upstream) -> None:
     port, cfg, log = workers_config(tmp_path, upstream, 2)
     async with daemon(cfg, port, log):
@@ -105,11 +86,10 @@ async def test_a_killed_worker_is_started_again(tmp_path: Path, upstream: Upstre
 
 async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
         tmp_path: Path, upstream: Upstream) -> None:
-    """1. upstream down, workers = 3 (two worker processes) 2. twenty messages accepted
-    3. kill -9 the main process: its workers stop by themselves 4. restart, upstream up: all
-    twenty delivered."""
+    """1. upstream down, workers = 2 2. twenty messages accepted 3. kill -9 the main process:
+    its workers stop by themselves 4. restart, upstream up: all twenty delivered."""
     await upstream.stop()
-    port, cfg, log = workers_config(tmp_path, upstream, 3)
+    port, cfg, log = workers_config(tmp_path, upstream, 2)
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         for i in range(20):
@@ -132,8 +112,7 @@ async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
 async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
                                                           upstream: Upstream) -> None:
     """No `workers` key: "auto", one listener process per CPU relayd may run on (two here, by
-    taskset: the main process and one worker), and mail goes through them; on one CPU, a
-    single process."""
+    taskset), and mail goes through them; on one CPU, a single process."""
     import shutil
     import subprocess
     import sys
@@ -162,5 +141,5 @@ async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
             proc.terminate()
             await asyncio.to_thread(proc.wait, 30)
 
-    await serve_on("0,1", 1)  # two CPUs: the main process listens, and one worker
+    await serve_on("0,1", 2)
     await serve_on("0", 0)  # one CPU: one process, no workers
