@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,43 @@ async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
         assert set(_spares(queue)) == set(first)
     assert sorted(m.data for m in upstream.messages[:10]) == sorted(sent[:10])
     assert [m.data for m in upstream.messages[10:]] == sent[10:]
+
+
+def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's spool gathers removals (one wake of its writer thread for many): 1. with
+    REMOVE_DELAY_S long, 31 removals wait 2. the 32nd (REMOVE_BATCH) sends all of them
+    3. three more wait, and close() removes them before it returns (a file left in msg/
+    would be delivered again after the restart) 4. a lone removal goes once its delay is
+    up."""
+    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 30.0)
+    spool = Spool(tmp_path / "q", keep_spares=True)
+    spool.create()
+    ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
+           for i in range(35)]
+    msg = spool.msg_dir
+    for queue_id in ids[:31]:
+        spool.remove(queue_id, has_state=False)
+    time.sleep(0.3)
+    assert len(list(msg.iterdir())) == 35  # gathered, not yet due
+    spool.remove(ids[31], has_state=False)
+    deadline = time.monotonic() + 10
+    while len(list(msg.iterdir())) > 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(p.name for p in msg.iterdir()) == sorted(ids[32:])
+    for queue_id in ids[32:]:
+        spool.remove(queue_id, has_state=False)
+    spool.close()
+    assert list(msg.iterdir()) == []
+    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 0.05)
+    again = Spool(tmp_path / "q", keep_spares=True)
+    lone = again.accept_sync("a@b.com", ["x@y.com"], message(subject="lone")).id
+    again.remove(lone, has_state=False)
+    deadline = time.monotonic() + 10
+    while (msg / lone).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not (msg / lone).exists()
+    again.close()
 
 
 async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
