@@ -202,8 +202,15 @@ class DeliveryAgent:
             while True:
                 self._idle += 1
                 try:
-                    item = await self._next_job()
-                except TimeoutError:
+                    # wait_for, not asyncio.timeout, though it costs a task a wait: when a job
+                    # arrives as the timeout fires, wait_for still returns it, while
+                    # asyncio.timeout cancels the get() and leaves the job queued with this
+                    # worker gone (the agent starts no new worker while the old ones are
+                    # still in its set). bench/scale.py caught it: 100,000 messages retried
+                    # at once, 5 s after the route went idle, and nothing was ever sent.
+                    item = await asyncio.wait_for(self._jobs.get(),
+                                                  0 if self._retired else IDLE_SESSION_S)
+                except TimeoutError:  # idle IDLE_SESSION_S (at once when retired)
                     return
                 finally:
                     self._idle -= 1
@@ -230,17 +237,6 @@ class DeliveryAgent:
             with contextlib.suppress(Exception):
                 await session.close()
 
-    async def _next_job(self) -> tuple[Job, asyncio.Future[Report]] | None:
-        """The next job, or TimeoutError once idle IDLE_SESSION_S (at once when retired).
-
-        wait_for, not asyncio.timeout, though it costs a task a wait: when a job arrives as
-        the timeout fires, wait_for still returns the job, while asyncio.timeout cancels the
-        get() and leaves the job queued with this worker gone, and the agent starts no new
-        worker while the old ones are still in its set. bench/scale.py caught it: 100,000
-        messages retried at once, 5 s after the route went idle, and nothing was ever sent."""
-        return await asyncio.wait_for(self._jobs.get(),
-                                      0 if self._retired else IDLE_SESSION_S)
-
     async def _run(self, job: Job, session: Session) -> Report:
         held = self.held_s()
         if held is not None:
@@ -255,8 +251,8 @@ class DeliveryAgent:
             return Report({r: RecipientResult(Status.DELIVERED, reply) for r in job.recipients},
                           found_in_sent=True)
         try:
-            # wait_for: an attempt that ends as the timeout fires keeps its results (see
-            # _next_job); asyncio.timeout would report a delivered message as timed out.
+            # wait_for: an attempt that ends as the timeout fires keeps its results (as in
+            # _worker); asyncio.timeout would report a delivered message as timed out.
             results = await asyncio.wait_for(session.deliver(message),
                                              self.route.timeout_s + ATTEMPT_GRACE_S)
         except UpstreamUnavailableError as e:
