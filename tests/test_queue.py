@@ -233,6 +233,20 @@ async def _queue_empty(queue: Path) -> None:
     await wait_for(lambda: not any((queue / "msg").iterdir()), what="an empty msg/")
 
 
+async def _deliver_into_spares(port: int, upstream: Upstream, queue: Path,
+                               messages: list[bytes]) -> dict[int, os.stat_result]:
+    """Queue `messages` with the upstream down, bring it up, and wait until all are delivered
+    and their files are spares; those spares."""
+    await upstream.stop()
+    for data in messages:
+        assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+    await upstream.start()
+    await wait_for(lambda: len(upstream.messages) == len(messages))
+    await _queue_empty(queue)
+    await wait_for(lambda: len(_spares(queue)) == len(messages), what="a spare each")
+    return _spares(queue)
+
+
 async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
                                                            upstream: Upstream) -> None:
     """1. ten messages of growing size queued while the upstream is down, then delivered:
@@ -243,16 +257,9 @@ async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
     queue = tmp_path / "queue"
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     sent = [_numbered(i) for i in range(10)] + [_numbered(i) for i in range(5)]
-    await upstream.stop()
     async with run_service(cfg) as svc:
         port = service_port(svc)
-        for data in sent[:10]:
-            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
-        await upstream.start()
-        await wait_for(lambda: len(upstream.messages) == 10)
-        await _queue_empty(queue)
-        await wait_for(lambda: len(_spares(queue)) == 10, what="ten spares")
-        first = _spares(queue)
+        first = await _deliver_into_spares(port, upstream, queue, sent[:10])
         assert all(st.st_size == 0 and st.st_mode & 0o777 == 0o600 for st in first.values())
         for data in sent[10:]:
             assert await send(port, "a@business.com", ["x@example.com"], data) == {}
@@ -331,15 +338,8 @@ async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
                        listen=f"127.0.0.1:{port}", server="workers = 2")
     sent = [_numbered(i) for i in range(8)] + [_numbered(i) for i in range(8)]
-    await upstream.stop()
     async with daemon(cfg, port, tmp_path / "relayd.log"):
-        for data in sent[:8]:
-            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
-        await upstream.start()
-        await wait_for(lambda: len(upstream.messages) == 8)
-        await _queue_empty(queue)
-        await wait_for(lambda: len(_spares(queue)) == 8, what="eight spares")
-        first = set(_spares(queue))
+        first = set(await _deliver_into_spares(port, upstream, queue, sent[:8]))
         for data in sent[8:]:
             await asyncio.sleep(relayd.queue.SPARES_SCAN_S)  # a worker looks again by then
             assert await send(port, "a@business.com", ["x@example.com"], data) == {}
