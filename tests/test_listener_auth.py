@@ -121,6 +121,71 @@ async def test_aiosmtpd_command_log_masks_logins_when_on_and_costs_nothing_when_
         await wait_for(lambda: len(upstream.messages) == 2)
 
 
+async def test_later_connections_get_the_first_ones_commands_logins_and_hooks(
+        tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
+    """aiosmtpd's __init__ works out its command and AUTH tables and the handler's hooks for
+    each connection; relayd takes them from a listener's first protocol for the later ones
+    (relayd.listener._Tables). Later sessions must answer as the first did, and a login must
+    belong to its own session: each logs in as someone else and only its own senders pass."""
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        for port, implicit in ((svc.addresses[0][1], False), (svc.tls_addresses[0][1], True)):
+
+            def sessions() -> list[tuple[str, str]]:
+                seen = []
+                for user, sender in (("casemanager", "alice@business.com"),
+                                     ("scanner", "scanner@business.com"),
+                                     ("casemanager", "bob@business.com")):
+                    cls = smtplib.SMTP_SSL if implicit else smtplib.SMTP
+                    kwargs = {"context": unverified()} if implicit else {}
+                    with cls("127.0.0.1", port, timeout=15, **kwargs) as client:  # type: ignore[arg-type]
+                        if not implicit:
+                            client.starttls(context=unverified())
+                        code, ehlo = client.ehlo("printer")
+                        assert code == 250
+                        code, help_text = client.docmd("HELP")
+                        assert code == 250
+                        seen.append((ehlo.decode(), help_text.decode()))
+                        client.login(user, PASSWORD)  # AUTH PLAIN: relayd's auth_PLAIN
+                        if user == "scanner":  # may only send as scanner@
+                            with pytest.raises(smtplib.SMTPSenderRefused):
+                                client.sendmail("alice@business.com", ["x@example.com"],
+                                                message(sender="alice@business.com"))
+                        assert client.sendmail(sender, ["x@example.com"],
+                                               message(sender=sender)) == {}
+                return seen
+
+            seen = await asyncio.to_thread(sessions)
+            assert "AUTH LOGIN PLAIN" in seen[0][0] and "PIPELINING" in seen[0][0]
+            assert "AUTH" in seen[0][1] and "DATA" in seen[0][1]
+            assert seen[1] == seen[0] and seen[2] == seen[0]
+        await wait_for(lambda: len(upstream.messages) == 6)
+    assert sorted(m.mail_from for m in upstream.messages) == sorted(
+        ["alice@business.com", "scanner@business.com", "bob@business.com"] * 2)
+
+    # The tables themselves: what aiosmtpd's own __init__ makes, bound to each protocol.
+    from relayd.listener import Handler, LoginGuard, make_protocol_factory
+
+    config = load_config(cfg)
+    handler = Handler(relay=None)  # type: ignore[arg-type]
+    factory = make_protocol_factory(handler, config, set(), LoginGuard(lambda: None),
+                                    starttls=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH))
+    first, later, again = factory(), factory(), factory()
+    for protocol in (later, again):
+        assert protocol.event_handler is handler
+        assert protocol._handle_hooks == first._handle_hooks
+        assert protocol._ehlo_hook_ver == first._ehlo_hook_ver == "new"
+        assert protocol._smtp_methods.keys() == first._smtp_methods.keys()
+        for name, method in protocol._smtp_methods.items():
+            assert method.__self__ is protocol
+            assert method.__func__ is first._smtp_methods[name].__func__
+        assert protocol._auth_methods.keys() == first._auth_methods.keys() == {"LOGIN",
+                                                                                "PLAIN"}
+        for name, impl in protocol._auth_methods.items():
+            assert impl.is_builtin and impl.method.__self__ is protocol  # type: ignore[attr-defined]
+    assert set(dir(later)) >= {"smtp_DATA", "auth_PLAIN", "connection_made"}
+
+
 async def test_tls_below_1_2_refused(tmp_path: Path, upstream: Upstream,
                                                        password_hash: str) -> None:
     cfg = auth_config(tmp_path, upstream, password_hash)
