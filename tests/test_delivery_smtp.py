@@ -7,8 +7,10 @@ import asyncio
 import email
 import email.policy
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
+import pytest
 from conftest import (
     Upstream,
     dead_port,
@@ -20,6 +22,8 @@ from conftest import (
     wait_for,
     write_config,
 )
+
+from relayd.delivery import agent as agent_module
 
 
 async def test_message_arrives_with_envelope_and_bytes_intact(tmp_path: Path,
@@ -221,3 +225,58 @@ async def test_unreachable_upstream_holds_the_route_instead_of_trying_each_messa
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_messages_that_come_as_an_idle_upstream_connection_times_out_are_all_sent(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle upstream connection waits IDLE_SESSION_S for the route's next message, then
+    closes. A message that arrives as that time runs out must still go, on that connection or
+    a new one: the agent's job queue with asyncio.timeout once lost this race, and the
+    message waited for ever (bench/scale.py). Messages here come one at a time, each a little
+    before, at or after the idle time."""
+    monkeypatch.setattr(agent_module, "IDLE_SESSION_S", 0.05)
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    count = 24
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        for i in range(count):
+            refused = await send(port, "alice@business.com", [f"r{i}@example.com"], message())
+            assert refused == {}
+            await wait_for(lambda n=i + 1: len(upstream.messages) == n,
+                           timeout=10, what=f"delivery of message {i + 1}")
+            await asyncio.sleep(0.04 + 0.003 * (i % 7))  # 40 to 58 ms
+    assert [m.rcpt_tos for m in upstream.messages] == [[f"r{i}@example.com"]
+                                                       for i in range(count)]
+    assert upstream.handler.connections > 1  # idle connections closed, new ones opened
+
+
+async def test_a_reply_that_does_not_come_within_the_timeout_defers_and_the_retry_delivers(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """The upstream takes the message and then says nothing for longer than the route's
+    timeout: the attempt ends as timed out (relayd.delivery.smtpclient's timer on the reply),
+    the connection is dropped, and the next attempt, answered at once, delivers it once."""
+    caplog.set_level("INFO")
+    record = upstream.handler.handle_DATA
+    calls = 0
+
+    async def slow_first(server: Any, session: Any, envelope: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(2.5)  # past the 1 s timeout; relayd has gone by then
+            return "451 4.3.0 too late"
+        return await record(server, session, envelope)
+
+    upstream.handler.handle_DATA = slow_first  # type: ignore[method-assign]
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port,
+                                            'timeout = "1s"'),
+                       queue='retry_min = "1s"\nretry_max = "2s"')
+    data = message()
+    async with run_service(cfg) as svc:
+        started = asyncio.get_running_loop().time()
+        assert await send(service_port(svc), "alice@business.com", ["bob@example.com"],
+                          data) == {}
+        await wait_for(lambda: len(upstream.messages) == 1, timeout=15, what="the retry")
+        assert asyncio.get_running_loop().time() - started < 10
+    assert calls == 2 and upstream.messages[0].data == data
+    assert "timed out waiting for server response" in caplog.text.lower()

@@ -131,7 +131,7 @@ async def test_later_connections_get_the_first_ones_commands_logins_and_hooks(
     async with run_service(cfg) as svc:
         for port, implicit in ((svc.addresses[0][1], False), (svc.tls_addresses[0][1], True)):
 
-            def sessions() -> list[tuple[str, str]]:
+            def sessions(port: int, implicit: bool) -> list[tuple[str, str]]:
                 seen = []
                 for user, sender in (("casemanager", "alice@business.com"),
                                      ("scanner", "scanner@business.com"),
@@ -155,7 +155,7 @@ async def test_later_connections_get_the_first_ones_commands_logins_and_hooks(
                                                message(sender=sender)) == {}
                 return seen
 
-            seen = await asyncio.to_thread(sessions)
+            seen = await asyncio.to_thread(sessions, port, implicit)
             assert "AUTH LOGIN PLAIN" in seen[0][0] and "PIPELINING" in seen[0][0]
             assert "AUTH" in seen[0][1] and "DATA" in seen[0][1]
             assert seen[1] == seen[0] and seen[2] == seen[0]
@@ -181,7 +181,7 @@ async def test_later_connections_get_the_first_ones_commands_logins_and_hooks(
             assert method.__func__ is first._smtp_methods[name].__func__
         assert protocol._auth_methods.keys() == first._auth_methods.keys() == {"LOGIN",
                                                                                 "PLAIN"}
-        for name, impl in protocol._auth_methods.items():
+        for impl in protocol._auth_methods.values():
             assert impl.is_builtin and impl.method.__self__ is protocol  # type: ignore[attr-defined]
     assert set(dir(later)) >= {"smtp_DATA", "auth_PLAIN", "connection_made"}
 

@@ -11,6 +11,7 @@ result per recipient; it never raises for a delivery and never calls the queue m
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -73,6 +74,9 @@ class Report:
     found_in_sent: bool = False  # dedupe: already in Sent Items, not sent again
 
 
+_Item = tuple[Job, "asyncio.Future[Report]"]  # a job and where its report goes
+
+
 @dataclass
 class RouteStats:
     """What the status page and [notify] read of a route (epoch seconds)."""
@@ -132,10 +136,11 @@ class DeliveryAgent:
         self.hold_s = hold_s
         self.limiter = RateLimiter(route.rate_limit) if route.rate_limit else None
         self.busy = 0  # jobs taken and not yet reported
-        # None tells a worker to stop (close): it comes after the jobs already queued.
-        self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Report]] | None] = asyncio.Queue()
+        # A job goes to an idle worker's waiter if there is one, else waits here for the
+        # next worker that comes back (see _worker).
+        self._jobs: collections.deque[_Item] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[_Item | None]] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
-        self._idle = 0
         self._retired = False
         self._hold_until = 0.0  # monotonic
         self._hold_reply: Reply | None = None
@@ -167,30 +172,40 @@ class DeliveryAgent:
         future: asyncio.Future[Report] = asyncio.get_running_loop().create_future()
         self.busy += 1
         try:
-            self._jobs.put_nowait((job, future))
-            if len(self._workers) < self.route.max_connections and self._jobs.qsize() > self._idle:
-                task = asyncio.create_task(self._worker(), name=f"agent-{self.route.name}")
-                self._workers.add(task)
-                task.add_done_callback(self._workers.discard)
+            if not self._hand_over((job, future)):
+                self._jobs.append((job, future))
+                if len(self._workers) < self.route.max_connections:
+                    task = asyncio.create_task(self._worker(), name=f"agent-{self.route.name}")
+                    self._workers.add(task)
+                    task.add_done_callback(self._workers.discard)
             return await future
         finally:
             self.busy -= 1
 
+    def _hand_over(self, item: _Item) -> bool:
+        """Give a job to the longest-idle worker; False when none is waiting."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return True
+        return False
+
     async def close(self, timeout: float) -> None:
         """Finish the jobs taken within `timeout`, then cancel; release the upstream."""
         self._retired = True
-        for _ in self._workers:
-            self._jobs.put_nowait(None)  # idle workers stop now, not after IDLE_SESSION_S
+        while self._waiting:  # idle workers stop now, not after IDLE_SESSION_S
+            _stop_waiting(self._waiting.popleft())
         if self._workers:
             _, pending = await asyncio.wait(set(self._workers), timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        while not self._jobs.empty():
-            item = self._jobs.get_nowait()
-            if item is not None and not item[1].done():
-                item[1].set_result(_deferred(item[0], STOPPED))
+        while self._jobs:
+            job, future = self._jobs.popleft()
+            if not future.done():
+                future.set_result(_deferred(job, STOPPED))
         with contextlib.suppress(Exception):
             await self.upstream.close()
 
@@ -198,22 +213,38 @@ class DeliveryAgent:
 
     async def _worker(self) -> None:
         session = self.upstream.session()
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                self._idle += 1
-                try:
-                    # wait_for, not asyncio.timeout, though it costs a task a wait: when a job
-                    # arrives as the timeout fires, wait_for still returns it, while
-                    # asyncio.timeout cancels the get() and leaves the job queued with this
-                    # worker gone (the agent starts no new worker while the old ones are
-                    # still in its set). bench/scale.py caught it: 100,000 messages retried
-                    # at once, 5 s after the route went idle, and nothing was ever sent.
-                    item = await asyncio.wait_for(self._jobs.get(),
-                                                  0 if self._retired else IDLE_SESSION_S)
-                except TimeoutError:  # idle IDLE_SESSION_S (at once when retired)
+                item: _Item | None
+                if self._jobs:
+                    item = self._jobs.popleft()
+                elif self._retired:
                     return
-                finally:
-                    self._idle -= 1
+                else:
+                    # Idle: wait for a job handed over (deliver) or for IDLE_SESSION_S, with
+                    # one future and one timer. Whichever comes first settles the waiter, so
+                    # a job that arrives as the time runs out is still taken; the job queue
+                    # with asyncio.timeout lost that race (bench/scale.py caught it: 100,000
+                    # messages retried at once, 5 s after the route went idle, and nothing
+                    # was ever sent), and wait_for cost a task a job.
+                    waiter: asyncio.Future[_Item | None] = loop.create_future()
+                    self._waiting.append(waiter)
+                    timer = loop.call_later(IDLE_SESSION_S, _stop_waiting, waiter)
+                    try:
+                        item = await waiter
+                    except asyncio.CancelledError:
+                        # Stopped (close) just after a job was handed over: queue it again,
+                        # for close to answer.
+                        handed = waiter.result() if waiter.done() and \
+                            not waiter.cancelled() else None
+                        if handed is not None:
+                            self._jobs.appendleft(handed)
+                        raise
+                    finally:
+                        timer.cancel()
+                        if waiter in self._waiting:  # timed out or cancelled
+                            self._waiting.remove(waiter)
                 if item is None:
                     return
                 job, future = item
@@ -289,6 +320,12 @@ class DeliveryAgent:
                  self.route.name, "found" if found else "not found" if found is False
                  else "cannot be looked up")
         return bool(found)
+
+
+def _stop_waiting(waiter: asyncio.Future[_Item | None]) -> None:
+    """An idle worker's time is up, or the agent closes: the worker stops."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _close_quietly(session: Session) -> None:
