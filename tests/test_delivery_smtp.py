@@ -280,3 +280,36 @@ async def test_a_reply_that_does_not_come_within_the_timeout_defers_and_the_retr
         assert asyncio.get_running_loop().time() - started < 10
     assert calls == 2 and upstream.messages[0].data == data
     assert "timed out waiting for server response" in caplog.text.lower()
+
+
+async def test_a_job_that_comes_as_the_only_idle_session_expires_is_still_sent(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """The race itself, made to happen: a route with one connection, its session idle; the
+    idle timer fires and, before that session runs again, a job comes. The job finds no idle
+    session to take it and no room for a new one (the expiring one still counts), so the
+    expiring session must take it before it stops. Each report must come, and both messages
+    arrive."""
+    from relayd.config import load_config
+    from relayd.delivery import Status, make_upstream
+    from relayd.delivery.agent import DeliveryAgent, Job
+
+    cfg = load_config(write_config(tmp_path, smtp_route("staff", '["*@business.com"]',
+                                                        upstream.port, "max_connections = 1")))
+    route = cfg.routes["staff"]
+    agent = DeliveryAgent(route, make_upstream(route, cfg), hold_s=30)
+    try:
+        first = await asyncio.wait_for(agent.deliver(Job("Q1", "alice@business.com",
+                                                         ["bob@example.com"], message())), 10)
+        await wait_for(lambda: len(agent._waiting) == 1, what="the session to go idle")
+        # In one pass of the event loop: the job's delivery starts (it runs first), and the
+        # idle timer fires (agent._stop_waiting is what it calls); the session runs after.
+        second = asyncio.create_task(agent.deliver(Job("Q2", "alice@business.com",
+                                                       ["carol@example.com"], message())))
+        agent_module._stop_waiting(agent._waiting[0])
+        report = await asyncio.wait_for(second, 10)
+    finally:
+        await agent.close(5)
+    for got in (first, report):
+        assert [r.status for r in got.results.values()] == [Status.DELIVERED]
+    assert [m.rcpt_tos for m in upstream.messages] == [["bob@example.com"],
+                                                       ["carol@example.com"]]

@@ -141,6 +141,7 @@ class DeliveryAgent:
         self._jobs: collections.deque[_Item] = collections.deque()
         self._waiting: collections.deque[asyncio.Future[_Item | None]] = collections.deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._taking = 0  # workers not yet stopping (they may take a job)
         self._retired = False
         self._hold_until = 0.0  # monotonic
         self._hold_reply: Reply | None = None
@@ -174,7 +175,8 @@ class DeliveryAgent:
         try:
             if not self._hand_over((job, future)):
                 self._jobs.append((job, future))
-                if len(self._workers) < self.route.max_connections:
+                if self._taking < self.route.max_connections:
+                    self._taking += 1
                     task = asyncio.create_task(self._worker(), name=f"agent-{self.route.name}")
                     self._workers.add(task)
                     task.add_done_callback(self._workers.discard)
@@ -212,22 +214,26 @@ class DeliveryAgent:
     # -- the sessions --------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        session = self.upstream.session()
         loop = asyncio.get_running_loop()
+        expired = False
+        session: Session | None = None
         try:
+            session = self.upstream.session()
             while True:
                 item: _Item | None
                 if self._jobs:
                     item = self._jobs.popleft()
-                elif self._retired:
+                elif self._retired or expired:
                     return
                 else:
                     # Idle: wait for a job handed over (deliver) or for IDLE_SESSION_S, with
-                    # one future and one timer. Whichever comes first settles the waiter, so
-                    # a job that arrives as the time runs out is still taken; the job queue
-                    # with asyncio.timeout lost that race (bench/scale.py caught it: 100,000
-                    # messages retried at once, 5 s after the route went idle, and nothing
-                    # was ever sent), and wait_for cost a task a job.
+                    # one future and one timer (wait_for on a queue cost a task a job).
+                    # Whichever comes first settles the waiter. A job that comes after the
+                    # timer, before this worker runs again, finds no waiter and is queued
+                    # while this worker still counts as running (so no new one starts): it
+                    # is taken here, before the worker stops. bench/scale.py caught a worker
+                    # that left such a job behind: 100,000 messages retried at once, 5 s
+                    # after the route went idle, and nothing was ever sent.
                     waiter: asyncio.Future[_Item | None] = loop.create_future()
                     self._waiting.append(waiter)
                     timer = loop.call_later(IDLE_SESSION_S, _stop_waiting, waiter)
@@ -246,7 +252,8 @@ class DeliveryAgent:
                         if waiter in self._waiting:  # timed out or cancelled
                             self._waiting.remove(waiter)
                 if item is None:
-                    return
+                    expired = True  # the time is up, or the agent closes
+                    continue
                 job, future = item
                 if future.done():  # the manager gave up on it (shutdown)
                     continue
@@ -265,8 +272,12 @@ class DeliveryAgent:
                 if not future.done():
                     future.set_result(report)
         finally:
-            with contextlib.suppress(Exception):
-                await session.close()
+            # Takes no more jobs: one that comes during the close's wait starts a new worker
+            # (deliver) rather than wait for this one.
+            self._taking -= 1
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await session.close()
 
     async def _run(self, job: Job, session: Session) -> Report:
         held = self.held_s()
