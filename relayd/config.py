@@ -487,7 +487,7 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         s.problem("tls_cert", "tls_cert and tls_key go together")
     tls_legacy = s.get("tls_legacy", bool, False)
     # "auto" by default: with two or more CPUs, listener processes plus the delivering one
-    # outran one process by 14-48% here, at a fifth to a third more CPU a message
+    # outran one process by 14-48% here, at a tenth to a third more CPU a message
     # (bench/README.md).
     workers = s.get("workers", (int, str), "auto")
     if workers == "auto":
