@@ -253,8 +253,8 @@ async def test_messages_that_come_as_an_idle_upstream_connection_times_out_are_a
 async def test_a_reply_that_does_not_come_within_the_timeout_defers_and_the_retry_delivers(
         tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
     """The upstream takes the message and then says nothing for longer than the route's
-    timeout: the attempt ends as timed out (relayd.delivery.smtpclient's timer on the reply),
-    the connection is dropped, and the next attempt, answered at once, delivers it once."""
+    timeout: the attempt ends as timed out (the client's read timeout on the reply), the
+    connection is dropped, and the next attempt, answered at once, delivers it once."""
     caplog.set_level("INFO")
     record = upstream.handler.handle_DATA
     calls = 0

@@ -17,8 +17,7 @@ aiosmtplib reads one reply per write and drops what arrives while a parsed reply
 picked up; the replies to a pipelined group often arrive just so, one segment each. So its
 protocol here keeps such data in its buffer, to be read after the reply it parsed. This
 uses that protocol's internals (_command_lock, _response_pending, _response_waiter, _buffer,
-_read_response_from_buffer, _set_response_exception, _drain_helper, _loop), which is why
-pyproject pins aiosmtplib to 5.1.x.
+_read_response_from_buffer, _drain_helper), which is why pyproject pins aiosmtplib to 5.1.x.
 Rejected: a client of our own (TLS, AUTH, EHLO parsing are aiosmtplib's, and well kept); and
 sending commands without PIPELINING in one write, which servers may answer by dropping what
 they did not expect.
@@ -89,31 +88,13 @@ class PipeliningSMTP(aiosmtplib.SMTP):
 
     async def _reply(self, protocol: SMTPProtocol, timeout: float | None) -> SMTPResponse:
         """The next reply: the one the protocol parsed, else one still in its buffer, else
-        from the network.
-
-        The wait is aiosmtplib's read_response with one timer on the protocol's waiter in
-        place of wait_for, which adds a second future, a callback and a pass of the event loop
-        to every reply. As with wait_for, whichever comes first settles the waiter: a reply
-        that arrives as the time runs out is kept."""
+        from the network."""
         waiter = protocol._response_waiter
         if waiter is None or not waiter.done():
             buffered = protocol._read_response_from_buffer()
             if buffered is not None:
                 return buffered
-        if waiter is None:
-            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-        protocol._response_pending = True
-        timer = None
-        if timeout is not None and not waiter.done():
-            timer = protocol._loop.call_later(timeout, _time_out, protocol, waiter)
-        try:
-            return await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-            protocol._response_pending = False
-            protocol._response_waiter = (None if protocol.transport is None
-                                         else protocol._loop.create_future())
+        return await protocol.read_response(timeout=timeout)
 
     async def _command(self, protocol: SMTPProtocol, line: bytes,
                        timeout: float | None) -> SMTPResponse:
@@ -180,12 +161,6 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                 raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from e
         protocol._response_pending = True
         protocol.write(_end_of_data(tail))
-
-
-def _time_out(protocol: SMTPProtocol, waiter: asyncio.Future[SMTPResponse]) -> None:
-    if not waiter.done():
-        protocol._set_response_exception(
-            waiter, aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response"))
 
 
 def _end_of_data(tail: bytes) -> bytes:
