@@ -233,6 +233,11 @@ class _GroupCommit:
                 self._next()
                 batch, self._pending = self._pending, []
                 unlinks, self._unlinks = self._unlinks, []
+                # Stop only with nothing left: removals handed over while the last ones were
+                # being done are done too (a file left in msg/ is delivered again after the
+                # restart). After close, discard and submit take nothing more.
+                if self._closed and not batch and not unlinks:
+                    return
             for path in unlinks:
                 if self.spares is not None and path.startswith(self._msg_prefix) and \
                         self.spares.keep(path):
@@ -240,8 +245,6 @@ class _GroupCommit:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             if not batch:
-                if self._closed:
-                    return
                 continue
             error: BaseException | None = None
             written = 0

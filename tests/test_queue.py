@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -306,6 +307,40 @@ def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
         time.sleep(0.01)
     assert not (msg / lone).exists()
     again.close()
+
+
+def test_removals_handed_over_while_others_are_done_are_done_before_close_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread is removing a batch; three more removals come, then close(). Those
+    three must be done before close() returns too (seen in the suite: the thread stopped
+    after its batch, and three delivered messages stayed in msg/, to be delivered again after
+    the restart). The first removal is held until the rest have been handed over."""
+    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 0.0)
+    spool = Spool(tmp_path / "q", keep_spares=True)
+    spool.create()
+    ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
+           for i in range(4)]
+    assert spool.spares is not None
+    keep = spool.spares.keep
+    busy, go = threading.Event(), threading.Event()
+
+    def slow_keep(path: str) -> bool:
+        busy.set()
+        go.wait(10)
+        return keep(path)
+
+    monkeypatch.setattr(spool.spares, "keep", slow_keep)
+    spool.remove(ids[0], has_state=False)
+    assert busy.wait(10)  # the writer thread is in its batch
+    for queue_id in ids[1:]:
+        spool.remove(queue_id, has_state=False)
+    closer = threading.Thread(target=spool.close)
+    closer.start()
+    time.sleep(0.1)  # close() is waiting for the thread
+    go.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert list(spool.msg_dir.iterdir()) == []
 
 
 async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
