@@ -214,46 +214,17 @@ class DeliveryAgent:
     # -- the sessions --------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        expired = False
         session: Session | None = None
         try:
             session = self.upstream.session()
             while True:
-                item: _Item | None
-                if self._jobs:
-                    item = self._jobs.popleft()
-                elif self._retired or expired:
+                item = self._jobs.popleft() if self._jobs else None
+                if item is None and not self._retired:
+                    item = await self._wait_for_job()
+                if item is None:  # idle IDLE_SESSION_S, or the agent closes
+                    if self._jobs:
+                        continue  # queued as the time ran out: taken before stopping
                     return
-                else:
-                    # Idle: wait for a job handed over (deliver) or for IDLE_SESSION_S, with
-                    # one future and one timer (wait_for on a queue cost a task a job).
-                    # Whichever comes first settles the waiter. A job that comes after the
-                    # timer, before this worker runs again, finds no waiter and is queued
-                    # while this worker still counts as running (so no new one starts): it
-                    # is taken here, before the worker stops. bench/scale.py caught a worker
-                    # that left such a job behind: 100,000 messages retried at once, 5 s
-                    # after the route went idle, and nothing was ever sent.
-                    waiter: asyncio.Future[_Item | None] = loop.create_future()
-                    self._waiting.append(waiter)
-                    timer = loop.call_later(IDLE_SESSION_S, _stop_waiting, waiter)
-                    try:
-                        item = await waiter
-                    except asyncio.CancelledError:
-                        # Stopped (close) just after a job was handed over: queue it again,
-                        # for close to answer.
-                        handed = waiter.result() if waiter.done() and \
-                            not waiter.cancelled() else None
-                        if handed is not None:
-                            self._jobs.appendleft(handed)
-                        raise
-                    finally:
-                        timer.cancel()
-                        if waiter in self._waiting:  # timed out or cancelled
-                            self._waiting.remove(waiter)
-                if item is None:
-                    expired = True  # the time is up, or the agent closes
-                    continue
                 job, future = item
                 if future.done():  # the manager gave up on it (shutdown)
                     continue
@@ -278,6 +249,32 @@ class DeliveryAgent:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+
+    async def _wait_for_job(self) -> _Item | None:
+        """Idle: a job handed over (deliver), or None after IDLE_SESSION_S or at close. One
+        future and one timer (wait_for on a queue cost a task a job); whichever comes first
+        settles the waiter. A job that comes after the timer, before this worker runs again,
+        finds no waiter and is queued while this worker still counts as taking jobs (so no new
+        one starts): _worker takes it before it stops. bench/scale.py caught a worker that
+        left such a job behind: 100,000 messages retried at once, 5 s after the route went
+        idle, and nothing was ever sent."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Item | None] = loop.create_future()
+        self._waiting.append(waiter)
+        timer = loop.call_later(IDLE_SESSION_S, _stop_waiting, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Stopped (close) just after a job was handed over: queue it again, for close to
+            # answer.
+            handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
+            if handed is not None:
+                self._jobs.appendleft(handed)
+            raise
+        finally:
+            timer.cancel()
+            if waiter in self._waiting:  # timed out or cancelled
+                self._waiting.remove(waiter)
 
     async def _run(self, job: Job, session: Session) -> Report:
         held = self.held_s()
