@@ -419,9 +419,9 @@ class _Tables:
     """What aiosmtpd's __init__ works out again for every new connection, made once per
     listener: the command methods and AUTH mechanisms (from dir() and inspect.getmembers() on
     the protocol and the handler), the handler's hooks, and which of handle_EHLO's two forms
-    the handler has (from inspect.signature). That was two thirds of the cost of a new
-    protocol (31 us of it, against 11 us left; timeit on the bench machine), and none of it
-    depends on the connection.
+    the handler has (from inspect.signature). None of it depends on the connection, and it
+    was most of the cost of a new protocol (31-35 us, 17-21 us with the tables kept; timeit
+    on the bench machine).
 
     The listener's first protocol is built by aiosmtpd's own code, and its tables are kept.
     Each later one runs aiosmtpd's __init__ with nothing to list (RelaySMTP.__dir__ and the
@@ -457,8 +457,10 @@ class RelaySMTP(SMTP):
     and bookkeeping for a clean shutdown.
 
     It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
-    _handle_client, _reset_timeout, _timeout_cb), copies smtp_STARTTLS and replaces the
-    module's sanitized_log; pyproject pins aiosmtpd to 1.4.x for that reason.
+    _handle_client, _reset_timeout, _timeout_cb), sets the tables its __init__ builds
+    (_smtp_methods, _auth_methods, _handle_hooks, _ehlo_hook_ver: _Tables), copies
+    smtp_STARTTLS and replaces the module's sanitized_log; pyproject pins aiosmtpd to 1.4.x
+    for that reason.
     """
 
     line_length_limit = LINE_LENGTH_LIMIT
