@@ -29,6 +29,7 @@ DEFAULT_MAX_CONNECTIONS = 2
 DEFAULT_MAX_CONNECTIONS_GRAPH = 32
 DEFAULT_TIMEOUT_S = 60.0
 MAX_WORKERS = 64
+CPU_SCHEDULING = ("batch", "inherit")  # server.cpu_scheduling (relayd.service.use_cpu_scheduling)
 DEFAULT_MAX_SESSIONS = 100  # SMTP sessions at once, per listener process (Postfix: 100)
 DEFAULT_MAX_SESSIONS_PER_CLIENT = 20  # of which from one client address
 DEFAULT_SESSION_TIMEOUT_S = 300.0  # an idle or slow SMTP session is closed after this
@@ -121,6 +122,7 @@ class ServerConfig:
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
     null_sender_route: str | None = None  # the route for MAIL FROM:<>; None: refused
+    cpu_scheduling: str = "batch"  # "batch": SCHED_BATCH when started with the normal policy
 
 
 @dataclass(frozen=True)
@@ -508,6 +510,7 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         s.problem("session_timeout", "must be more than 0s")
         timeout = DEFAULT_SESSION_TIMEOUT_S
     null_route = s.text("null_sender_route")  # checked against the routes in parse_config
+    cpu_scheduling = s.text("cpu_scheduling", "batch", choices=CPU_SCHEDULING)
     users: dict[str, ServerUser] = {}
     users_data = s.get("users", dict, {})
     for name, udata in users_data.items():
@@ -543,6 +546,7 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         tls_legacy=tls_legacy, users=MappingProxyType(users), workers=workers,
         max_sessions=max_sessions, max_sessions_per_client=per_client,
         session_timeout_s=timeout, null_sender_route=null_route,
+        cpu_scheduling=cpu_scheduling,
     )
 
 

@@ -108,6 +108,14 @@ def test_route_key_errors(tmp_path: Path, fragment: str, expected: str) -> None:
     assert any(p.startswith(expected) for p in found), found
 
 
+def test_cpu_scheduling_is_batch_by_default_or_inherit(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).server.cpu_scheduling == "batch"
+    text = GOOD.replace("[server]", '[server]\ncpu_scheduling = "inherit"')
+    assert load_config(write(tmp_path, text)).server.cpu_scheduling == "inherit"
+    found = problems(tmp_path, GOOD.replace("[server]", '[server]\ncpu_scheduling = "fifo"'))
+    assert found == ["server.cpu_scheduling: must be one of batch, inherit"]
+
+
 def test_listening_off_loopback_needs_users(tmp_path: Path) -> None:
     found = problems(tmp_path, GOOD.replace('"127.0.0.1:2525"', '"0.0.0.0:2525"'))
     assert any(p.startswith("server.listen: 0.0.0.0:2525 is not a loopback address") for p in found)

@@ -143,3 +143,42 @@ async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
 
     await serve_on("0,1", 2)
     await serve_on("0", 0)  # one CPU: one process, no workers
+
+
+def policies(pid: int) -> set[int]:
+    """The scheduling policy of each thread of process `pid`."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+async def test_relayd_its_threads_and_its_workers_run_under_sched_batch_unless_told_to_inherit(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """server.cpu_scheduling: "batch" by default: the main process, each of its threads and
+    each worker (a restarted one too) run under SCHED_BATCH. "inherit" keeps the policy relayd
+    was started with (this test's). Mail goes through either way."""
+    ours = os.sched_getscheduler(0)
+    port, cfg, log = workers_config(tmp_path, upstream, 2)
+    async with daemon(cfg, port, log) as proc:
+        await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
+        await send(port, "a@business.com", ["x@example.com"], message(subject="batch"))
+        await wait_for(lambda: len(upstream.messages) == 1)
+        batch = os.SCHED_BATCH if ours == os.SCHED_OTHER else ours  # a policy set outside stays
+        assert policies(proc.pid) == {batch}
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) > 1  # the spool's threads are in it
+        for pid in all_worker_pids(log):
+            assert policies(pid) == {batch}
+        os.kill(worker_pids(log)[0], signal.SIGKILL)
+        await wait_for(lambda: len(worker_pids(log)) == 2, what="worker restart")
+        await wait_for(lambda: alive(worker_pids(log)[1]), what="the new worker")
+        assert policies(worker_pids(log)[1]) == {batch}
+
+    (tmp_path / "inherit").mkdir()
+    port, cfg, log = workers_config(tmp_path / "inherit", upstream, 2)
+    cfg.write_text(cfg.read_text().replace("workers = 2",
+                                           'workers = 2\ncpu_scheduling = "inherit"'))
+    async with daemon(cfg, port, log) as proc:
+        await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
+        await send(port, "a@business.com", ["x@example.com"], message(subject="inherit"))
+        await wait_for(lambda: len(upstream.messages) == 2)
+        assert policies(proc.pid) == {ours}
+        for pid in all_worker_pids(log):
+            assert policies(pid) == {ours}
