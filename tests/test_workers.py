@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import re
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Upstream, daemon, free_port, message, send, smtp_route, wait_for, write_config
 
 
@@ -182,3 +185,50 @@ async def test_relayd_its_threads_and_its_workers_run_under_sched_batch_unless_t
         assert policies(proc.pid) == {ours}
         for pid in all_worker_pids(log):
             assert policies(pid) == {ours}
+
+
+async def test_a_scheduling_policy_set_from_outside_is_kept(tmp_path: Path,
+                                                           upstream: Upstream) -> None:
+    """Started under SCHED_IDLE (`chrt --idle`, as systemd's CPUSchedulingPolicy=idle would),
+    relayd does not move to SCHED_BATCH: the admin chose."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, _port_open
+
+    if shutil.which("chrt") is None:
+        raise AssertionError("needs chrt (util-linux)")
+    port, cfg, log = workers_config(tmp_path, upstream, 1)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["chrt", "--idle", "0", sys.executable, "-m", "relayd", "serve",
+                                 "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+        await send(port, "a@business.com", ["x@example.com"], message(subject="idle"))
+        await wait_for(lambda: len(upstream.messages) == 1)
+        assert policies(proc.pid) == {os.SCHED_IDLE}
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+
+
+def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where sched_setscheduler is refused (the shipped unit's system-call filter answers
+    EPERM), relayd says so once and runs on with the policy it has."""
+    from relayd.service import use_cpu_scheduling
+
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        raise AssertionError("this test runs under the normal policy")
+
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    with caplog.at_level(logging.INFO, logger="relayd.service"):
+        use_cpu_scheduling("batch")
+    assert [r.getMessage() for r in caplog.records] == [
+        "server.cpu_scheduling: SCHED_BATCH refused (Operation not permitted); running with "
+        "the normal policy"]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
