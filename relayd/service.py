@@ -413,8 +413,8 @@ def use_cpu_scheduling(choice: str) -> None:
       but waits for that thread's turn to end or for a free CPU. A relay's work is a
       stream of short steps whose order nobody watches, and the three processes of the
       default layout kept preempting one another: 19 context switches a message, and 11
-      with SCHED_BATCH, for 8-14 % less CPU a message and the same mail a second
-      (bench/README.md).
+      with SCHED_BATCH, for 13 % less CPU a message (the median of seven paired
+      bench/run.sh runs) and the same mail a second (bench/README.md).
     - Any other policy relayd was started with (systemd's CPUSchedulingPolicy=, chrt) is the
       admin's choice and is kept; so is the normal one with "inherit".
     - Where the call is refused (the shipped unit's system-call filter refuses it, and sets
