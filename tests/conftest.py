@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,10 +297,13 @@ def tmp_leftovers(queue: Path) -> list[str]:
 
 
 @asynccontextmanager
-async def daemon(cfg: Path, port: int, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """`relayd serve` in a subprocess, ready once its port answers; always killed at the end."""
+async def daemon(cfg: Path, port: int, log: Path,
+                 wrapper: Sequence[str] = ()) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`relayd serve` in a subprocess (run by `wrapper`, such as taskset or chrt, if given),
+    ready once its port answers; always killed at the end."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+        proc = subprocess.Popen([*wrapper, sys.executable, "-m", "relayd", "serve", "-c",
+                                 str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")

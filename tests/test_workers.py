@@ -117,10 +117,6 @@ async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
     """No `workers` key: "auto", one listener process per CPU relayd may run on (two here, by
     taskset), and mail goes through them; on one CPU, a single process."""
     import shutil
-    import subprocess
-    import sys
-
-    from conftest import REPO, _port_open
 
     if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
         raise AssertionError("needs taskset (util-linux) and two CPUs")
@@ -130,19 +126,13 @@ async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
                            listen=f"127.0.0.1:{port}")
         cfg.write_text(cfg.read_text().replace("workers = 1\n", ""))
         log = tmp_path / f"relayd-{workers}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(["taskset", "-c", cpus, sys.executable, "-m", "relayd",
-                                     "serve", "-c", str(cfg)], stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+        async with daemon(cfg, port, log, wrapper=["taskset", "-c", cpus]):
             await wait_for(lambda: len(all_worker_pids(log)) == workers, what="workers")
             await send(port, "a@business.com", ["x@example.com"], message(subject=cpus))
-            await wait_for(lambda: any(cpus.encode() in m.data for m in upstream.messages))
+            # The whole line: "Subject: 0" is also the start of the first run's "Subject: 0,1".
+            line = f"Subject: {cpus}\r\n".encode()
+            await wait_for(lambda: any(line in m.data for m in upstream.messages))
             assert len(all_worker_pids(log)) == workers, log.read_text()
-        finally:
-            proc.terminate()
-            await asyncio.to_thread(proc.wait, 30)
 
     await serve_on("0,1", 2)
     await serve_on("0", 0)  # one CPU: one process, no workers
@@ -192,25 +182,14 @@ async def test_a_scheduling_policy_set_from_outside_is_kept(tmp_path: Path,
     """Started under SCHED_IDLE (`chrt --idle`, as systemd's CPUSchedulingPolicy=idle would),
     relayd does not move to SCHED_BATCH: the admin chose."""
     import shutil
-    import subprocess
-    import sys
-
-    from conftest import REPO, _port_open
 
     if shutil.which("chrt") is None:
         raise AssertionError("needs chrt (util-linux)")
     port, cfg, log = workers_config(tmp_path, upstream, 1)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["chrt", "--idle", "0", sys.executable, "-m", "relayd", "serve",
-                                 "-c", str(cfg)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+    async with daemon(cfg, port, log, wrapper=["chrt", "--idle", "0"]) as proc:
         await send(port, "a@business.com", ["x@example.com"], message(subject="idle"))
         await wait_for(lambda: len(upstream.messages) == 1)
         assert policies(proc.pid) == {os.SCHED_IDLE}
-    finally:
-        proc.terminate()
-        await asyncio.to_thread(proc.wait, 30)
 
 
 def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
