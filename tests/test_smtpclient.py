@@ -8,6 +8,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Upstream, message, smtp_route, write_config
@@ -16,7 +17,7 @@ from relayd.config import load_config
 from relayd.delivery import OutboundMessage, SpooledBody, Status
 from relayd.delivery.smtp import SmtpSession, SmtpUpstream
 from relayd.delivery.smtpclient import PipeliningSMTP, _PipeliningProtocol, dot_stuff
-from relayd.errors import PermanentDeliveryError
+from relayd.errors import PermanentDeliveryError, TransientDeliveryError
 
 
 @pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
@@ -67,6 +68,73 @@ async def test_replies_that_arrive_before_the_last_is_picked_up_are_kept() -> No
         said = [await client._reply(protocol, 5) for _ in range(3)]
         assert [(r.code, r.message) for r in said] == [
             (250, "2.1.0 sender ok"), (250, "2.1.5 rcpt ok"), (354, "go ahead")]
+    finally:
+        transport.close()
+        theirs.close()
+
+
+async def test_each_reply_gets_the_whole_timeout_and_a_late_one_times_out(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """One timer serves a connection's reply timeout, its deadline moved on for each reply.
+    Three messages whose last reply takes 0.7 s of a 1 s timeout (2.1 s in all on one
+    connection) are each delivered; the fourth, answered after 2.5 s, times out about 1 s
+    after relayd began to wait for that reply."""
+    slow = [0.7, 0.7, 0.7, 2.5]
+    record = upstream.handler.handle_DATA
+
+    async def answer_late(server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(slow.pop(0))
+        return await record(server, session, envelope)
+
+    upstream.handler.handle_DATA = answer_late  # type: ignore[method-assign]
+    cfg = load_config(write_config(tmp_path, smtp_route("staff", '["*"]', upstream.port,
+                                                        'max_connections = 1\ntimeout = "1s"')))
+    s = SmtpSession(SmtpUpstream(cfg.routes["staff"], cfg))
+    loop = asyncio.get_running_loop()
+    try:
+        for i in range(3):
+            results = await s.deliver(out(f"Q{i}", ["b@example.com"], message()))
+            assert results["b@example.com"].status is Status.DELIVERED
+        started = loop.time()
+        with pytest.raises(TransientDeliveryError, match="(?i)timed out waiting for server"):
+            await s.deliver(out("Q3", ["b@example.com"], message()))
+        assert 0.9 <= loop.time() - started < 2.0
+    finally:
+        await s.close()
+    assert len(upstream.messages) == 3 and upstream.handler.connections == 1
+
+
+async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept() -> None:
+    """The attempt's deadline (or a stop) cancels the transaction just as the server's
+    final reply comes in: the reply is kept and the transaction ends as sent, as with
+    wait_for on Python 3.11, so a message the server took is not sent again. Driven on a
+    real socket: the reply and the cancellation in one callback."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.create_connection(
+        lambda: _PipeliningProtocol(loop=loop), sock=ours)
+    client = PipeliningSMTP(timeout=5)
+    client.protocol = protocol
+    client.esmtp_extensions = {"pipelining": ""}
+    try:
+        task = asyncio.create_task(client.transaction(
+            b"MAIL FROM:<a@business.com>\r\n", [b"RCPT TO:<b@example.com>\r\n"],
+            b"Subject: x\r\n\r\nbody\r\n"))
+        protocol.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+        theirs.setblocking(False)
+        sent = b""
+        while b"body" not in sent:
+            sent += await asyncio.wait_for(loop.sock_recv(theirs, 65536), 5)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the task is now waiting for the final reply
+
+        def reply_and_cancel() -> None:
+            protocol.data_received(b"250 2.0.0 queued as X\r\n")
+            task.cancel()
+
+        loop.call_soon(reply_and_cancel)
+        replies = await asyncio.wait_for(task, 5)
+        assert replies.final is not None and replies.final.code == 250
     finally:
         transport.close()
         theirs.close()
