@@ -187,7 +187,8 @@ class QueueManager:
 
     def agent_for(self, route: RouteConfig) -> DeliveryAgent:
         agent = self.agents.get(route.name)
-        if agent is None or agent.route != route:
+        # `is` first: the dataclass __eq__ compares every field of the route, every attempt.
+        if agent is None or (agent.route is not route and agent.route != route):
             if agent is not None:
                 self._retire(agent)
             agent = DeliveryAgent(route, self.make_upstream(route, self.config),
