@@ -109,7 +109,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                 return buffered
         if waiter is None or timeout is None:
             return await protocol.read_response(timeout=timeout)
-        loop = asyncio.get_running_loop()
+        loop = waiter.get_loop()  # get_running_loop() is a getpid() system call on 3.11
         self._reply_due = loop.time() + timeout
         self._awaited = waiter
         if self._watch is None:
