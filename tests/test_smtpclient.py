@@ -104,11 +104,37 @@ async def test_each_reply_gets_the_whole_timeout_and_a_late_one_times_out(
     assert len(upstream.messages) == 3 and upstream.handler.connections == 1
 
 
-async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept() -> None:
+async def test_a_shorter_timeout_than_the_armed_one_is_kept() -> None:
+    """The one timer is armed for the first reply's deadline; a later reply with a shorter
+    timeout must not wait for it. On a real socket: a reply within 5 s, then one within
+    0.2 s that never comes."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.create_connection(
+        lambda: _PipeliningProtocol(loop=loop), sock=ours)
+    client = PipeliningSMTP()
+    try:
+        protocol._response_pending = True
+        protocol.data_received(b"250 2.1.0 ok\r\n")
+        assert (await client._reply(protocol, 5)).code == 250
+        protocol._response_pending = True
+        started = loop.time()
+        with pytest.raises(TimeoutError, match="(?i)timed out waiting for server"):
+            await asyncio.wait_for(client._reply(protocol, 0.2), 3)
+        assert loop.time() - started < 1
+    finally:
+        client.close()
+        transport.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("order", ["reply-then-cancel", "cancel-then-reply"])
+async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept(order: str) -> None:
     """The attempt's deadline (or a stop) cancels the transaction just as the server's
     final reply comes in: the reply is kept and the transaction ends as sent, as with
     wait_for on Python 3.11, so a message the server took is not sent again. Driven on a
-    real socket: the reply and the cancellation in one callback."""
+    real socket: the reply and the cancellation in one callback, in either order (the
+    agent's wait_for cancels in the pass after its timer, before that pass's socket reads)."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
     transport, protocol = await loop.create_connection(
@@ -129,8 +155,12 @@ async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept() -> None:
             await asyncio.sleep(0)  # the task is now waiting for the final reply
 
         def reply_and_cancel() -> None:
-            protocol.data_received(b"250 2.0.0 queued as X\r\n")
-            task.cancel()
+            if order == "reply-then-cancel":
+                protocol.data_received(b"250 2.0.0 queued as X\r\n")
+                task.cancel()
+            else:
+                task.cancel()
+                protocol.data_received(b"250 2.0.0 queued as X\r\n")
 
         loop.call_soon(reply_and_cancel)
         replies = await asyncio.wait_for(task, 5)

@@ -112,15 +112,25 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         loop = waiter.get_loop()  # get_running_loop() is a getpid() system call on 3.11
         self._reply_due = loop.time() + timeout
         self._awaited = waiter
-        if self._watch is None:
+        watch = self._watch
+        if watch is None or watch.when() > self._reply_due:  # a shorter timeout than before
+            if watch is not None:
+                watch.cancel()
             self._watch = loop.call_at(self._reply_due, self._watch_reply)
         try:
             return await protocol.read_response(timeout=None)  # wait_for(f, None): await f
         except asyncio.CancelledError:
             # What wait_for does on Python 3.11: a reply that came in the same pass as the
             # attempt's cancellation is kept, so a message the server took is not reported
-            # as timed out (and sent again).
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            # as timed out (and sent again). It is on the waiter when it came first; when
+            # the cancel came first (the agent's wait_for cancels in the pass after its
+            # timer, before that pass's socket reads), the cancelled waiter left it in the
+            # buffer (_PipeliningProtocol.data_received).
+            if waiter.cancelled():
+                buffered = protocol._read_response_from_buffer()
+                if buffered is not None:
+                    return buffered
+            elif waiter.done() and waiter.exception() is None:
                 return waiter.result()
             raise
         finally:
