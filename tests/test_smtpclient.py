@@ -35,6 +35,20 @@ def out(qid: str, recipients: list[str], data: bytes) -> OutboundMessage:
     return OutboundMessage(qid, "alice@business.com", recipients, data)
 
 
+@pytest.fixture
+async def wire() -> AsyncIterator[tuple[_PipeliningProtocol, socket.socket]]:
+    """relayd's client protocol on one end of a real socket pair, and the other end (not
+    blocking) for the test to play the server on."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    transport, protocol = await loop.create_connection(
+        lambda: _PipeliningProtocol(loop=loop), sock=ours)
+    theirs.setblocking(False)
+    yield protocol, theirs
+    transport.close()
+    theirs.close()
+
+
 async def test_envelope_goes_in_one_write_only_where_pipelining_is_offered(
         session: SmtpSession, upstream: Upstream) -> None:
     data = message(body=".dot\r\n")
@@ -51,26 +65,21 @@ async def test_envelope_goes_in_one_write_only_where_pipelining_is_offered(
         assert b"RCPT" not in together[0]
 
 
-async def test_replies_that_arrive_before_the_last_is_picked_up_are_kept() -> None:
+async def test_replies_that_arrive_before_the_last_is_picked_up_are_kept(
+        wire: tuple[_PipeliningProtocol, socket.socket]) -> None:
     """The replies to a pipelined group can arrive one segment each, the second before the
     first is picked up (seen under load: relayd then waited for a reply it had dropped, until
     the timeout). aiosmtplib's protocol drops such data; relayd's keeps it. Driven here in
     that order on a real socket."""
-    loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    transport, protocol = await loop.create_connection(
-        lambda: _PipeliningProtocol(loop=loop), sock=ours)
-    try:
-        client = PipeliningSMTP()
-        protocol._response_pending = True
-        protocol.data_received(b"250 2.1.0 sender ok\r\n")
-        protocol.data_received(b"250 2.1.5 rcpt ok\r\n354 go ahead\r\n")
-        said = [await client._reply(protocol, 5) for _ in range(3)]
-        assert [(r.code, r.message) for r in said] == [
-            (250, "2.1.0 sender ok"), (250, "2.1.5 rcpt ok"), (354, "go ahead")]
-    finally:
-        transport.close()
-        theirs.close()
+    protocol, _ = wire
+    client = PipeliningSMTP()
+    protocol._response_pending = True
+    protocol.data_received(b"250 2.1.0 sender ok\r\n")
+    protocol.data_received(b"250 2.1.5 rcpt ok\r\n354 go ahead\r\n")
+    said = [await client._reply(protocol, 5) for _ in range(3)]
+    assert [(r.code, r.message) for r in said] == [
+        (250, "2.1.0 sender ok"), (250, "2.1.5 rcpt ok"), (354, "go ahead")]
+    client.close()
 
 
 async def test_each_reply_gets_the_whole_timeout_and_a_late_one_times_out(
@@ -104,14 +113,13 @@ async def test_each_reply_gets_the_whole_timeout_and_a_late_one_times_out(
     assert len(upstream.messages) == 3 and upstream.handler.connections == 1
 
 
-async def test_a_shorter_timeout_than_the_armed_one_is_kept() -> None:
+async def test_a_shorter_timeout_than_the_armed_one_is_kept(
+        wire: tuple[_PipeliningProtocol, socket.socket]) -> None:
     """The one timer is armed for the first reply's deadline; a later reply with a shorter
     timeout must not wait for it. On a real socket: a reply within 5 s, then one within
     0.2 s that never comes."""
+    protocol, _ = wire
     loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    transport, protocol = await loop.create_connection(
-        lambda: _PipeliningProtocol(loop=loop), sock=ours)
     client = PipeliningSMTP()
     try:
         protocol._response_pending = True
@@ -124,50 +132,42 @@ async def test_a_shorter_timeout_than_the_armed_one_is_kept() -> None:
         assert loop.time() - started < 1
     finally:
         client.close()
-        transport.close()
-        theirs.close()
 
 
 @pytest.mark.parametrize("order", ["reply-then-cancel", "cancel-then-reply"])
-async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept(order: str) -> None:
+async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept(
+        order: str, wire: tuple[_PipeliningProtocol, socket.socket]) -> None:
     """The attempt's deadline (or a stop) cancels the transaction just as the server's
     final reply comes in: the reply is kept and the transaction ends as sent, as with
     wait_for on Python 3.11, so a message the server took is not sent again. Driven on a
     real socket: the reply and the cancellation in one callback, in either order (the
     agent's wait_for cancels in the pass after its timer, before that pass's socket reads)."""
+    protocol, theirs = wire
     loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    transport, protocol = await loop.create_connection(
-        lambda: _PipeliningProtocol(loop=loop), sock=ours)
     client = PipeliningSMTP(timeout=5)
     client.protocol = protocol
     client.esmtp_extensions = {"pipelining": ""}
-    try:
-        task = asyncio.create_task(client.transaction(
-            b"MAIL FROM:<a@business.com>\r\n", [b"RCPT TO:<b@example.com>\r\n"],
-            b"Subject: x\r\n\r\nbody\r\n"))
-        protocol.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
-        theirs.setblocking(False)
-        sent = b""
-        while b"body" not in sent:
-            sent += await asyncio.wait_for(loop.sock_recv(theirs, 65536), 5)
-        for _ in range(5):
-            await asyncio.sleep(0)  # the task is now waiting for the final reply
+    task = asyncio.create_task(client.transaction(
+        b"MAIL FROM:<a@business.com>\r\n", [b"RCPT TO:<b@example.com>\r\n"],
+        b"Subject: x\r\n\r\nbody\r\n"))
+    protocol.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+    sent = b""
+    while b"body" not in sent:
+        sent += await asyncio.wait_for(loop.sock_recv(theirs, 65536), 5)
+    for _ in range(5):
+        await asyncio.sleep(0)  # the task is now waiting for the final reply
 
-        def reply_and_cancel() -> None:
-            if order == "reply-then-cancel":
-                protocol.data_received(b"250 2.0.0 queued as X\r\n")
-                task.cancel()
-            else:
-                task.cancel()
-                protocol.data_received(b"250 2.0.0 queued as X\r\n")
+    def reply_and_cancel() -> None:
+        if order == "reply-then-cancel":
+            protocol.data_received(b"250 2.0.0 queued as X\r\n")
+            task.cancel()
+        else:
+            task.cancel()
+            protocol.data_received(b"250 2.0.0 queued as X\r\n")
 
-        loop.call_soon(reply_and_cancel)
-        replies = await asyncio.wait_for(task, 5)
-        assert replies.final is not None and replies.final.code == 250
-    finally:
-        transport.close()
-        theirs.close()
+    loop.call_soon(reply_and_cancel)
+    replies = await asyncio.wait_for(task, 5)
+    assert replies.final is not None and replies.final.code == 250
 
 
 async def test_refused_recipients_fail_alone_and_the_rest_arrive(
