@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import smtplib
+import socket
+import struct
 import subprocess
 from pathlib import Path
 
@@ -65,6 +67,31 @@ async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(cfg: Path) -> N
     ehlo = replies[1].decode()
     for ext in ("SIZE 10000", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES"):
         assert ext in ehlo
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received (Linux's tcp_info.tcpi_data_segs_in)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+async def test_the_ehlo_reply_comes_in_one_segment(cfg: Path) -> None:
+    """aiosmtpd writes each EHLO line on its own: a segment and a client wake-up a line."""
+    async with run_service(cfg) as svc:
+        def session() -> tuple[int, bytes]:
+            with socket.create_connection(("127.0.0.1", service_port(svc)), timeout=10) as s:
+                reply = s.makefile("rb")
+                assert reply.readline().startswith(b"220 ")
+                before = data_segments_in(s)
+                s.sendall(b"EHLO client.test\r\n")
+                lines = [reply.readline()]
+                while lines[-1][3:4] == b"-":
+                    lines.append(reply.readline())
+                return data_segments_in(s) - before, b"".join(lines)
+
+        segments, ehlo = await asyncio.to_thread(session)
+    assert ehlo.count(b"\r\n") >= 6 and ehlo.endswith(b"250 HELP\r\n")
+    assert segments == 1, f"the EHLO reply came in {segments} segments"
 
 
 async def test_unknown_sender_refused_at_mail_from(cfg: Path, upstream: Upstream) -> None:
