@@ -493,7 +493,6 @@ class RelaySMTP(SMTP):
         self.client = ""
 
     _unlisted = False  # True while aiosmtpd's __init__ runs with the tables given (_Tables)
-    _gathered: list[bytes] | None = None  # the reply lines of EHLO, while smtp_EHLO runs
 
     def __dir__(self) -> list[str]:
         return [] if self._unlisted else list(super().__dir__())
@@ -663,22 +662,22 @@ class RelaySMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         """aiosmtpd's, with its reply written in one piece. aiosmtpd pushes each line of it on
         its own: a system call, a TCP segment and a wake-up of the client a line, eight of each
-        for one EHLO here, where Postfix writes the reply at once."""
-        self._gathered = []
+        for one EHLO here, where Postfix writes the reply at once. Its lines are gathered by
+        a stand-in for push while it runs (an override of push would cost every reply of
+        every session a coroutine more)."""
+        lines: list[bytes] = []
+
+        async def gather(status: AnyStr) -> None:  # encoded as aiosmtpd's push does
+            lines.append(status if isinstance(status, bytes) else
+                         status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
+
+        self.push = gather  # type: ignore[method-assign]
         try:
             await super().smtp_EHLO(hostname)
         finally:
-            lines, self._gathered = self._gathered, None
+            del self.push
         if lines:
-            await super().push(b"\r\n".join(lines))
-
-    async def push(self, status: AnyStr) -> None:
-        if self._gathered is None:
-            await super().push(status)
-        elif isinstance(status, bytes):
-            self._gathered.append(status)
-        else:  # as aiosmtpd's push encodes it
-            self._gathered.append(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
+            await self.push(b"\r\n".join(lines))
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -18,8 +18,9 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relayd.config import load_config
 from relayd.errors import ConfigError
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RESPAWN_DELAY_S = 1.0
 PARENT_CHECK_S = 1.0
+MAX_REPORT_BYTES = 1024  # a line longer than this is not a report; what is kept of it
 
 
 class WorkerPool:
@@ -41,7 +43,7 @@ class WorkerPool:
         self.listeners = listeners
         self.count = count
         self.log_options = list(log_options)
-        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.procs: dict[int, asyncio.SubprocessTransport] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -51,27 +53,28 @@ class WorkerPool:
 
     async def _keep(self, index: int) -> None:
         """Run worker `index`, reading its reports; start it again if it dies."""
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             plain = [s.fileno() for s in self.listeners.plain]
             tls = [s.fileno() for s in self.listeners.tls]
-            proc = await asyncio.create_subprocess_exec(
+            proc, reports = await loop.subprocess_exec(
+                lambda: _Reports(lambda line: self._event(index, line), loop.create_future()),
                 sys.executable, "-m", "relayd", "_worker", "-c", self.config_path,
                 "--index", str(index), "--parent", str(os.getpid()),
                 "--plain", ",".join(map(str, plain)),
                 "--tls", ",".join(map(str, tls)), *self.log_options,
-                stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None,
                 pass_fds=[*plain, *tls])
+            pid = proc.get_pid()
             self.procs[index] = proc
-            log.info("worker %d started (pid %d)", index, proc.pid)
-            assert proc.stdout is not None
-            while line := await proc.stdout.readline():
-                self._event(index, line.decode("ascii", "replace").strip())
-            code = await proc.wait()
+            log.info("worker %d started (pid %d)", index, pid)
+            await reports.finished  # exited, and every report it wrote has been read
+            code = proc.get_returncode()
+            proc.close()
             del self.procs[index]
             if self._stopping:
                 return
-            log.error("worker %d (pid %d) exited with %s; starting it again", index, proc.pid,
-                      code)
+            log.error("worker %d (pid %d) exited with %s; starting it again", index, pid, code)
             await asyncio.sleep(RESPAWN_DELAY_S)
 
     def _event(self, index: int, line: str) -> None:
@@ -103,6 +106,28 @@ class WorkerPool:
                 await asyncio.wait(pending, timeout=5)
                 for task in pending:
                     task.cancel()
+
+
+class _Reports(asyncio.SubprocessProtocol):
+    """A worker's reports, one a line on its stdout, each handled in the callback that reads
+    it (a StreamReader read by a task was a task wake-up a message)."""
+
+    def __init__(self, on_line: Callable[[str], None], finished: asyncio.Future[None]) -> None:
+        self.on_line = on_line
+        self.finished = finished  # done once the worker has exited and its stdout is closed
+        self._partial = b""
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        *lines, partial = (self._partial + data).split(b"\n")
+        self._partial = partial[:MAX_REPORT_BYTES]  # a report is a few dozen bytes
+        for line in lines:
+            self.on_line(line.decode("ascii", "replace").strip())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self.on_line(self._partial.decode("ascii", "replace").strip())
+        if not self.finished.done():
+            self.finished.set_result(None)
 
 
 def _fds(text: str) -> list[int]:
