@@ -290,10 +290,12 @@ def spool_files(tmp_path: Path) -> Callable[[], list[str]]:
 
 
 def tmp_leftovers(queue: Path) -> list[str]:
-    """What a message left in queue/tmp/: every name but dotfiles and the empty spares that
-    the spool keeps for reuse (relayd.queue.Spares; a spare with bytes in it counts)."""
-    return sorted(p.name for p in (queue / "tmp").iterdir() if not p.name.startswith(".")
-                  and not (p.name.startswith("spare.") and p.stat().st_size == 0))
+    """What a message left in queue/tmp/: every name but dotfiles and the spent files that the
+    spool keeps for reuse (relayd.queue.Spares: `spare.*`, and `scrub.*` while one is
+    emptied). A message being written, or one refused or cut off, has a name of its own;
+    a spare may hold a delivered message's bytes until it is scrubbed (tests/test_queue.py)."""
+    return sorted(p.name for p in (queue / "tmp").iterdir()
+                  if not p.name.startswith((".", "spare.", "scrub.")))
 
 
 @asynccontextmanager

@@ -221,7 +221,10 @@ def _spares(queue: Path) -> dict[int, os.stat_result]:
     found = {}
     for p in (queue / "tmp").iterdir():
         if p.name.startswith("spare."):
-            st = p.stat()
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # taken, or claimed to be emptied, meanwhile
             found[st.st_ino] = st
     return found
 
@@ -248,20 +251,28 @@ async def _deliver_into_spares(port: int, upstream: Upstream, queue: Path,
     return _spares(queue)
 
 
-async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
-                                                           upstream: Upstream) -> None:
+def _emptied(queue: Path) -> bool:
+    return all(st.st_size == 0 for st in _spares(queue).values())
+
+
+async def test_spent_message_files_are_reused_not_recreated(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     """1. ten messages of growing size queued while the upstream is down, then delivered:
-    their files wait in tmp/ as spares, empty (nothing of a delivered message stays
-    readable) and 0600 2. five more, the shortest first, one after the other: each is stored
-    in one of those files and gives it back (the same ten inodes afterwards, none new), and
-    all arrive byte-identical, no byte of an earlier, longer message left in them."""
+    their files wait in tmp/ as spares, 0600, and are emptied within SPARE_SCRUB_S (nothing
+    of a delivered message stays readable longer) 2. five more, the shortest first, one
+    after the other: each is stored in one of those files and gives it back (the same ten
+    inodes afterwards, none new), and all arrive byte-identical."""
+    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 0.5)
     queue = tmp_path / "queue"
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     sent = [_numbered(i) for i in range(10)] + [_numbered(i) for i in range(5)]
     async with run_service(cfg) as svc:
         port = service_port(svc)
         first = await _deliver_into_spares(port, upstream, queue, sent[:10])
-        assert all(st.st_size == 0 and st.st_mode & 0o777 == 0o600 for st in first.values())
+        assert all(st.st_mode & 0o777 == 0o600 for st in first.values())
+        # The same files, emptied in place.
+        await wait_for(lambda: _emptied(queue) and set(_spares(queue)) == set(first),
+                       timeout=5, what="the spares emptied")
         for data in sent[10:]:
             assert await send(port, "a@business.com", ["x@example.com"], data) == {}
         await wait_for(lambda: len(upstream.messages) == 15)
@@ -270,6 +281,39 @@ async def test_spent_message_files_are_reused_not_recreated(tmp_path: Path,
         assert set(_spares(queue)) == set(first)
     assert sorted(m.data for m in upstream.messages[:10]) == sorted(sent[:10])
     assert [m.data for m in upstream.messages[10:]] == sent[10:]
+
+
+async def test_a_spare_reused_before_it_is_emptied_keeps_nothing_of_its_last_message(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spares not yet scrubbed still hold the bytes of the messages delivered from them: 1.
+    ten messages of growing size delivered, their ten spares still full 2. five shorter
+    ones queued with the upstream down are stored in those files (their state files take the
+    other five), each file exactly its envelope and its message, no byte of the longer
+    message after them 3. delivered from there, they arrive byte-identical, and their files
+    are spares again, still full 4. when relayd stops, every spare is emptied."""
+    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 600.0)
+    queue = tmp_path / "queue"
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
+    longer = [_numbered(i) for i in range(10, 20)]
+    shorter = [_numbered(i) for i in range(5)]
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        first = await _deliver_into_spares(port, upstream, queue, longer)
+        assert all(st.st_size > len(shorter[-1]) + 1000 for st in first.values())
+        await upstream.stop()
+        for data in shorter:
+            assert await send(port, "a@business.com", ["x@example.com"], data) == {}
+        stored = {p.stat().st_ino: p.read_bytes() for p in (queue / "msg").iterdir()}
+        assert len(stored) == 5 and set(stored) <= set(first)
+        await upstream.start()
+        await wait_for(lambda: len(upstream.messages) == 15)
+        await _queue_empty(queue)
+        await wait_for(lambda: set(stored) <= set(_spares(queue)), what="the five as spares")
+        assert not _emptied(queue)
+    delivered = [m.data for m in upstream.messages[10:]]
+    assert sorted(delivered) == sorted(shorter)
+    assert sorted(raw.split(b"\n", 1)[1] for raw in stored.values()) == sorted(delivered)
+    assert _emptied(queue), "spares left with a delivered message's bytes after the stop"
 
 
 def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
@@ -409,5 +453,7 @@ def test_spares_another_process_took_are_listed_again_not_replaced(tmp_path: Pat
     taken = a.take("A2")
     assert taken is not None
     os.close(taken[0])
-    assert os.stat(taken[1]).st_ino in fourth and os.stat(taken[1]).st_size == 0
+    # The fourth, as kept: its old bytes are for the new message to overwrite (Spares).
+    assert os.stat(taken[1]).st_ino in fourth
+    assert os.stat(taken[1]).st_size == len(b"delivered too\r\n")
     assert not any(p.name.startswith("spare.") for p in tmp.iterdir())
