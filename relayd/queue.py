@@ -55,6 +55,7 @@ SPARES_COUNT_EVERY = 64  # files removed between two counts of the spares in tmp
 SPARES_SCAN_S = 0.05  # at most this often, tmp/ is listed for spares other processes left
 SPARE_SCRUB_S = 1.0  # a spare still holding a delivered message's bytes is emptied by then
 SCRUB_EVERY_S = 0.25  # ... by a pass this often over those kept longest (one listing of tmp/)
+SPARE_FULL_MAX = 64 * 1024  # a larger file is emptied as it becomes a spare (its blocks freed)
 SCRUB_NAME = "scrub"  # tmp/scrub.PID.N: a spare claimed for emptying
 REMOVE_DELAY_S = 0.02  # delivered files wait this long for others, to be removed together
 REMOVE_BATCH = 32  # ... or until this many wait
@@ -169,7 +170,7 @@ class _GroupCommit:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: list[tuple[str, bytes | Draft, asyncio.Future[None]]] = []
-        self._unlinks: list[str] = []
+        self._unlinks: list[tuple[str, int | None]] = []  # (path, size if known)
         self._unlinks_since = 0.0  # when the oldest file in _unlinks was handed over
         self._msg_prefix = os.path.join(msg_dir, "")
         self._thread: threading.Thread | None = None
@@ -187,19 +188,20 @@ class _GroupCommit:
             self._wake.notify()
         return future
 
-    def discard(self, paths: Sequence[str]) -> bool:
+    def discard(self, paths: Sequence[str], size: int | None = None) -> bool:
         """Unlink files (or keep them as spares) on the writer thread (unlink takes a quarter
         of a millisecond here, too long for the event loop); nobody waits for it. The
         daemon's spool (the one with spares) starts the thread for it: with listener workers,
         the main process removes messages it never wrote. False when the thread is not
-        running for a spool without spares (a command's, which the caller unlinks itself)."""
+        running for a spool without spares (a command's, which the caller unlinks itself).
+        `size`: the message file's, when known (Spares.keep)."""
         with self._lock:
             if self._closed or (self._thread is None and self.spares is None):
                 return False
             waiting = len(self._unlinks)
             if not waiting:
                 self._unlinks_since = time.monotonic()
-            self._unlinks.extend(paths)
+            self._unlinks.extend((path, size) for path in paths)
             self._start()
             if not waiting or len(self._unlinks) >= REMOVE_BATCH > waiting:
                 self._wake.notify()  # the first starts the clock (_next); a batch is due
@@ -250,9 +252,9 @@ class _GroupCommit:
                     if self.spares is not None:
                         self.spares.scrub(math.inf, None)  # no delivered message's bytes stay
                     return
-            for path in unlinks:
+            for path, size in unlinks:
                 if self.spares is not None and path.startswith(self._msg_prefix) and \
-                        self.spares.keep(path):
+                        self.spares.keep(path, size):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -357,9 +359,11 @@ class Spares:
         self._unscrubbed: deque[tuple[float, str]] = deque()  # (kept at, spare), oldest first
         self._scrubbed = -math.inf  # when the last scrub pass ran
 
-    def keep(self, path: str) -> bool:
-        """On the writer thread, for a message file leaving msg/: make it a spare. False when
-        there are enough spares, or it cannot be (the caller then unlinks it)."""
+    def keep(self, path: str, size: int | None = None) -> bool:
+        """On the writer thread, for a message file leaving msg/ (of `size` bytes, if known):
+        make it a spare. False when there are enough spares, or it cannot be (the caller then
+        unlinks it). One larger than SPARE_FULL_MAX, or of unknown size, is emptied at once,
+        so that spares never hold more than SPARES_MAX small files' worth of disk."""
         if self._removals % SPARES_COUNT_EVERY == 0:
             self._room = len(self._scan()) < SPARES_MAX
         self._removals += 1
@@ -370,9 +374,18 @@ class Spares:
             os.rename(path, spare)
         except OSError:
             return False  # the caller unlinks it (if it is still there: tmp/ may be gone)
+        full = size is not None and size <= SPARE_FULL_MAX
+        if not full:
+            try:
+                os.truncate(spare, 0)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
+                return True
         with self._lock:
             self._known.append(spare)
-            self._unscrubbed.append((time.monotonic(), spare))
+            if full:
+                self._unscrubbed.append((time.monotonic(), spare))
         return True
 
     def next_scrub(self) -> float:
@@ -694,15 +707,15 @@ class Spool:
         write_atomic(self.state_dir / entry.id, data, self.tmp_dir, spares=self.spares)
         entry.has_state = True
 
-    def remove(self, queue_id: str, *, has_state: bool = True) -> None:
+    def remove(self, queue_id: str, *, has_state: bool = True, size: int | None = None) -> None:
         """Forget an entry. The state file goes last so a crash in between leaves a finished
         entry's content with its state, never content that looks fresh. Unlinks are metadata
         only and need no fsync: if one is lost in a crash, the message is delivered again
-        (the at-most-twice case), never lost."""
+        (the at-most-twice case), never lost. `size`: its message file's, when known."""
         paths = [self._msg_prefix + queue_id]
         if has_state:
             paths.append(self._state_prefix + queue_id)
-        if self._commit.discard(paths):
+        if self._commit.discard(paths, size):
             return
         for path in paths:
             with contextlib.suppress(FileNotFoundError):

@@ -368,10 +368,10 @@ def test_removals_handed_over_while_others_are_done_are_done_before_close_return
     keep = spool.spares.keep
     busy, go = threading.Event(), threading.Event()
 
-    def slow_keep(path: str) -> bool:
+    def slow_keep(path: str, size: int | None = None) -> bool:
         busy.set()
         go.wait(10)
-        return keep(path)
+        return keep(path, size)
 
     monkeypatch.setattr(spool.spares, "keep", slow_keep)
     spool.remove(ids[0], has_state=False)
@@ -429,6 +429,34 @@ async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
     assert sorted(m.data for m in upstream.messages) == sorted(sent)
 
 
+def test_a_large_spare_is_emptied_at_once_a_small_one_when_its_time_comes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. a file of SPARE_FULL_MAX bytes kept as a spare keeps them (the next message
+    overwrites them) 2. one a byte larger, or of a size not given, is emptied as it is kept
+    (spares never hold more than SPARES_MAX small files' worth of disk) 3. a scrub pass that
+    is due empties the small one."""
+    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 0.0)
+    tmp, msg = tmp_path / "tmp", tmp_path / "msg"
+    tmp.mkdir()
+    msg.mkdir()
+    spares = relayd.queue.Spares(tmp)
+    sizes = {"small": relayd.queue.SPARE_FULL_MAX, "large": relayd.queue.SPARE_FULL_MAX + 1,
+             "unknown": 10}
+    inodes = {}
+    for name, size in sizes.items():
+        (msg / name).write_bytes(b"x" * size)
+        inodes[(msg / name).stat().st_ino] = name
+        assert spares.keep(str(msg / name), None if name == "unknown" else size)
+
+    def kept() -> dict[str, int]:
+        return {inodes[p.stat().st_ino]: p.stat().st_size for p in tmp.iterdir()}
+
+    assert kept() == {"small": sizes["small"], "large": 0, "unknown": 0}
+    spares.scrub(time.monotonic() + relayd.queue.SCRUB_EVERY_S, None)
+    assert kept() == {"small": 0, "large": 0, "unknown": 0}
+    assert all(p.name.startswith("spare.") for p in tmp.iterdir())
+
+
 def test_spares_another_process_took_are_listed_again_not_replaced(tmp_path: Path) -> None:
     """Listener workers each keep the list of spares they last saw in tmp/. 1. the delivering
     process keeps three spent files 2. worker A lists them and claims one 3. worker B claims the
@@ -453,7 +481,5 @@ def test_spares_another_process_took_are_listed_again_not_replaced(tmp_path: Pat
     taken = a.take("A2")
     assert taken is not None
     os.close(taken[0])
-    # The fourth, as kept: its old bytes are for the new message to overwrite (Spares).
-    assert os.stat(taken[1]).st_ino in fourth
-    assert os.stat(taken[1]).st_size == len(b"delivered too\r\n")
+    assert os.stat(taken[1]).st_ino in fourth and os.stat(taken[1]).st_size == 0
     assert not any(p.name.startswith("spare.") for p in tmp.iterdir())
