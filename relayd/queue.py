@@ -127,6 +127,11 @@ class Entry:
     def is_bounce(self) -> bool:
         return self.sender == ""
 
+    @property
+    def file_size(self) -> int:
+        """Its msg/ file's: the envelope line, then the message."""
+        return self.data_offset + self.size
+
     def pending(self) -> list[str]:
         return [r for r in self.recipients if self.rcpt[r].status == PENDING]
 
@@ -562,7 +567,7 @@ class Draft:
         """fsync and rename into msg/ (the caller fsyncs msg/); on the writer thread."""
         assert self.fd is not None, "draft already sealed or discarded"
         fd, self.fd = self.fd, None
-        _seal(fd, self.tmp, path, self.entry.data_offset + self.entry.size)
+        _seal(fd, self.tmp, path, self.entry.file_size)
 
     def discard(self) -> None:
         if self.fd is not None:

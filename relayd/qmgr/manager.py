@@ -557,8 +557,7 @@ class QueueManager:
                     len(outcome.delivered) == len(entry.rcpt):
                 # The common case in one line, not two: delivered to all, and so removed.
                 [(said, rcpts)] = delivered.items()
-                self.spool.remove(entry.id, has_state=entry.has_state,
-                                  size=entry.data_offset + entry.size)
+                self.spool.remove(entry.id, has_state=entry.has_state, size=entry.file_size)
                 log.info("%s: delivered to %s via %s: %s; removed from the queue", entry.id,
                          rcpts, route_name, said)
             else:
@@ -699,8 +698,7 @@ class QueueManager:
         return "done: " + ", ".join(parts)
 
     def _remove(self, entry: Entry, why: str) -> None:
-        self.spool.remove(entry.id, has_state=entry.has_state,
-                          size=entry.data_offset + entry.size)
+        self.spool.remove(entry.id, has_state=entry.has_state, size=entry.file_size)
         log.info("%s: removed from the queue: %s", entry.id, why)
 
     def _forget(self, queued: Queued, why: str) -> None:
