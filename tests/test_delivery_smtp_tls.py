@@ -24,8 +24,12 @@ from conftest import (
 )
 from fakes.https import shared_ca
 
-from relayd.config import RateLimit
+from relayd.config import RateLimit, load_config
+from relayd.delivery import OutboundMessage, Status
 from relayd.delivery.agent import RateLimiter
+from relayd.delivery.smtp import SmtpSession as UpstreamSession
+from relayd.delivery.smtp import SmtpUpstream
+from relayd.delivery.smtpclient import _PipeliningProtocol
 
 USER, PASSWORD = "casemanager@business.com", "s3cret-upstream-pw"
 
@@ -91,6 +95,50 @@ async def test_implicit_tls_with_password_auth(tmp_path: Path, implicit_upstream
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
         await wait_for(lambda: len(implicit_upstream.messages) == 1)
     assert implicit_upstream.handler.logins == [USER]
+
+
+@pytest.fixture(params=["none", "starttls", "implicit"])
+async def any_upstream(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Upstream]]:
+    """A plain, a STARTTLS and an implicit-TLS upstream, with the `tls` setting for each."""
+    tls = request.param
+    if tls == "none":
+        up = Upstream()
+    elif tls == "starttls":
+        up = Upstream(tls_context=shared_ca().server_context(), require_starttls=True,
+                      auth_required=True)
+    else:
+        up = Upstream(implicit_tls=shared_ca().server_context(), auth_require_tls=False)
+    if tls != "none":
+        up.smtp_kwargs["authenticator"] = checker(up)
+    await up.start()
+    yield tls, up
+    await up.stop()
+
+
+async def test_replies_are_read_into_the_connections_own_buffer(
+        tmp_path: Path, any_upstream: tuple[str, Upstream]) -> None:
+    """The client reads replies into a buffer it keeps (asyncio's BufferedProtocol) on a plain
+    connection, after STARTTLS and with implicit TLS: the transport is told of the protocol
+    relayd gives aiosmtplib's connection. Two messages over one connection arrive whole."""
+    tls, upstream = any_upstream
+    route = (smtp_route("staff", '["*@business.com"]', upstream.port) if tls == "none"
+             else tls_route(tmp_path, upstream.port, tls))
+    cfg = load_config(write_config(tmp_path, route))
+    session = UpstreamSession(SmtpUpstream(cfg.routes["staff"], cfg))
+    sent = [message(subject=f"n{i}", body=("x" * 70 + "\r\n") * 40) for i in range(2)]
+    try:
+        for i, data in enumerate(sent):
+            results = await session.deliver(
+                OutboundMessage(f"Q{i}", "alice@business.com", ["bob@example.com"], data))
+            assert {r.status for r in results.values()} == {Status.DELIVERED}, results
+        assert session.client is not None
+        protocol = session.client.protocol
+        assert isinstance(protocol, _PipeliningProtocol)
+        assert protocol._read_view is not None  # the transport asked it for its buffer
+    finally:
+        await session.close()
+    assert [m.data for m in upstream.messages] == sent
+    assert upstream.handler.connections == 1
 
 
 async def test_wrong_password_defers_never_bounces(tmp_path: Path,
