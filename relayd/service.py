@@ -80,9 +80,24 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
                             "server.max_sessions); new connections wait meanwhile",
                             context.get("exception"))
             return
+        if _stale_accept_retry(context):
+            return
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+def _stale_accept_retry(context: dict[str, Any]) -> bool:
+    """asyncio's retry of accept() after EMFILE, due after its server was closed: asyncio
+    schedules one a second per failed accept and does not cancel them on close (see
+    python/cpython#151615), so each raises ValueError on the closed socket, with a traceback.
+    There is nothing left to retry."""
+    handle = context.get("handle")
+    callback = getattr(handle, "_callback", None)
+    args = getattr(handle, "_args", ())
+    return (isinstance(context.get("exception"), ValueError)
+            and getattr(callback, "__name__", "") == "_start_serving"
+            and any(isinstance(a, socket.socket) and a.fileno() == -1 for a in args))
 
 
 def _token_health(upstreams: Sequence[Upstream]) -> list[TokenHealth]:

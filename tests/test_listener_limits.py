@@ -216,6 +216,55 @@ async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
     assert not any("Traceback" in line or "out of system resource" in line for line in lines)
 
 
+async def test_stopped_while_out_of_descriptors_it_says_nothing_more(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. relayd serve under RLIMIT_NOFILE 64 2. 120 idle connections: accept() fails with
+    EMFILE, and asyncio schedules a retry of it a second later for each failure 3. SIGTERM
+    while they are due: relayd stops cleanly, and the retries that come due after its server
+    closed end quietly (asyncio's own handler logged a ValueError traceback for each)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, _port_open, free_port
+
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}",
+                       server="max_sessions = 1000\nmax_sessions_per_client = 1000\n"
+                              'session_timeout = "3s"\n')  # the idle sessions drain by then
+    log_path = tmp_path / "relayd.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                preexec_fn=limit)
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
+        assert proc.poll() is None, log_path.read_text()
+        for _ in range(120):
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+            writers.append(writer)
+        await wait_for(lambda: "cannot accept connections" in log_path.read_text(),
+                       what="accept() out of descriptors")
+        await asyncio.sleep(0.3)
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 20) == 0, log_path.read_text()[-2000:]
+    finally:
+        for writer in writers:
+            writer.close()
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+    text = log_path.read_text()
+    assert "relayd stopped" in text, text[-2000:]
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+
+
 async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
         tmp_path: Path, upstream: Upstream) -> None:
     """1. relayd serve under RLIMIT_NOFILE 64, with session limits set above it 2. 120 idle
