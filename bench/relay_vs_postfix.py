@@ -6,7 +6,8 @@ Load: Postfix's smtp-source, SESSIONS concurrent sessions, one message of SIZE b
 Targets, each in front of its own smtp-sink on 127.0.0.1:
   baseline      smtp-source -> smtp-sink (the raw ceiling of the tools themselves)
   relayd        smtp-source -> relayd serve (fsync before 250) -> smtp-sink
-  relayd-w2     the same with server.workers = 2 (listener processes sharing the port)
+  relayd-w2     the same with server.workers = 2 (a listener process and the delivering one;
+                relayd's default on 2 CPUs); relayd-w3: two listener processes sharing the port
   postfix-8     smtp-source -> throwaway Postfix relay (destination concurrency 8) -> smtp-sink
   postfix-def   the same with Postfix's default concurrency (20)
 Every target runs RUNS times, interleaved round by round; the report gives median and range.

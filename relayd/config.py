@@ -117,7 +117,7 @@ class ServerConfig:
     listen_tls: tuple[Address, ...] = ()
     tls_legacy: bool = False
     users: Mapping[str, ServerUser] = field(default_factory=lambda: MappingProxyType({}))
-    workers: int = 1  # SMTP listener processes (the first one also schedules and delivers)
+    workers: int = 1  # processes: 1 does everything; N > 1, the main one delivers, N - 1 listen
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
@@ -488,9 +488,9 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     if (tls_cert is None) != (tls_key is None):
         s.problem("tls_cert", "tls_cert and tls_key go together")
     tls_legacy = s.get("tls_legacy", bool, False)
-    # "auto" by default: with two or more CPUs, listener processes plus the delivering one
-    # outran one process by 14-48% here, at a tenth to a third more CPU a message
-    # (bench/README.md).
+    # "auto" by default: a process per CPU. With two CPUs, one listener process plus the
+    # delivering one outran one process here, and used less CPU a message than two listener
+    # processes plus the delivering one, three busy processes on two CPUs (bench/README.md).
     workers = s.get("workers", (int, str), "auto")
     if workers == "auto":
         workers = min(MAX_WORKERS, usable_cpus())

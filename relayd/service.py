@@ -463,12 +463,14 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     if listeners is not None:
         from relayd.workers import WorkerPool
 
-        pool = WorkerPool(service, path, listeners, config.server.workers, log_options)
+        # One process per worker: this one delivers, the others listen.
+        pool = WorkerPool(service, path, listeners, config.server.workers - 1, log_options)
         await pool.start()
         for sock in listeners.plain + listeners.tls:
             host, port = sock.getsockname()[:2]
             service.addresses.append((host, port))
-            log.info("listening on %s (%d workers)", Address(host, port), pool.count)
+            log.info("listening on %s (%d listener processes)", Address(host, port),
+                     pool.count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)

@@ -409,13 +409,13 @@ async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
 
 async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
                                                             upstream: Upstream) -> None:
-    """workers = 2: the main process delivers and keeps the spent files; the listener
+    """workers = 3: the main process delivers and keeps the spent files; the two listener
     workers, other processes, claim them (a rename only one can win) for the next messages:
     the second round makes no new file, and every message arrives once, byte-identical."""
     queue = tmp_path / "queue"
     port = free_port()
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}", server="workers = 2")
+                       listen=f"127.0.0.1:{port}", server="workers = 3")
     sent = [_numbered(i) for i in range(8)] + [_numbered(i) for i in range(8)]
     async with daemon(cfg, port, tmp_path / "relayd.log"):
         first = set(await _deliver_into_spares(port, upstream, queue, sent[:8]))

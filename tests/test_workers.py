@@ -1,4 +1,5 @@
-"""server.workers > 1: listener processes that share the port with the main process."""
+"""server.workers = N > 1: N - 1 listener processes that share the port, and the main process
+that delivers."""
 
 from __future__ import annotations
 
@@ -89,10 +90,11 @@ async def test_a_killed_worker_is_started_again(tmp_path: Path, upstream: Upstre
 
 async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
         tmp_path: Path, upstream: Upstream) -> None:
-    """1. upstream down, workers = 2 2. twenty messages accepted 3. kill -9 the main process:
-    its workers stop by themselves 4. restart, upstream up: all twenty delivered."""
+    """1. upstream down, workers = 3 (two listener processes) 2. twenty messages accepted
+    3. kill -9 the main process: its workers stop by themselves 4. restart, upstream up: all
+    twenty delivered."""
     await upstream.stop()
-    port, cfg, log = workers_config(tmp_path, upstream, 2)
+    port, cfg, log = workers_config(tmp_path, upstream, 3)
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         for i in range(20):
@@ -112,10 +114,10 @@ async def test_workers_stop_when_the_main_process_dies_and_nothing_is_lost(
                        what="every worker to stop, even one still starting")
 
 
-async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
-                                                          upstream: Upstream) -> None:
-    """No `workers` key: "auto", one listener process per CPU relayd may run on (two here, by
-    taskset), and mail goes through them; on one CPU, a single process."""
+async def test_default_is_a_process_per_usable_cpu(tmp_path: Path, upstream: Upstream) -> None:
+    """No `workers` key: "auto", one process per CPU relayd may run on: on two (by taskset), one
+    listener process and the main one, and mail goes through them; on one CPU, a single
+    process."""
     import shutil
 
     if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
@@ -134,7 +136,7 @@ async def test_default_is_a_listener_worker_per_usable_cpu(tmp_path: Path,
             await wait_for(lambda: any(line in m.data for m in upstream.messages))
             assert len(all_worker_pids(log)) == workers, log.read_text()
 
-    await serve_on("0,1", 2)
+    await serve_on("0,1", 1)
     await serve_on("0", 0)  # one CPU: one process, no workers
 
 
@@ -149,7 +151,7 @@ async def test_relayd_its_threads_and_its_workers_run_under_sched_batch_unless_t
     each worker (a restarted one too) run under SCHED_BATCH. "inherit" keeps the policy relayd
     was started with (this test's). Mail goes through either way."""
     ours = os.sched_getscheduler(0)
-    port, cfg, log = workers_config(tmp_path, upstream, 2)
+    port, cfg, log = workers_config(tmp_path, upstream, 3)
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         await send(port, "a@business.com", ["x@example.com"], message(subject="batch"))
@@ -165,9 +167,9 @@ async def test_relayd_its_threads_and_its_workers_run_under_sched_batch_unless_t
         assert policies(worker_pids(log)[1]) == {batch}
 
     (tmp_path / "inherit").mkdir()
-    port, cfg, log = workers_config(tmp_path / "inherit", upstream, 2)
-    cfg.write_text(cfg.read_text().replace("workers = 2",
-                                           'workers = 2\ncpu_scheduling = "inherit"'))
+    port, cfg, log = workers_config(tmp_path / "inherit", upstream, 3)
+    cfg.write_text(cfg.read_text().replace("workers = 3",
+                                           'workers = 3\ncpu_scheduling = "inherit"'))
     async with daemon(cfg, port, log) as proc:
         await wait_for(lambda: len(all_worker_pids(log)) == 2, what="both workers start")
         await send(port, "a@business.com", ["x@example.com"], message(subject="inherit"))
