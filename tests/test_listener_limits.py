@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -204,24 +205,19 @@ async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
             await wait_for(lambda: len(upstream.messages) == 1)
         await asyncio.sleep(0.1)  # let this loop close the idle connections
     finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
+        await stop(proc)
     lines = log_path.read_text().splitlines()
     assert len(lines) < 100, lines[:20]
     assert sum(1 for line in lines if "server.max_sessions_per_client" in line) == 1
     assert not any("Traceback" in line or "out of system resource" in line for line in lines)
 
 
-async def test_stopped_while_out_of_descriptors_it_says_nothing_more(
-        tmp_path: Path, upstream: Upstream) -> None:
-    """1. relayd serve under RLIMIT_NOFILE 64 2. 120 idle connections: accept() fails with
-    EMFILE, and asyncio schedules a retry of it a second later for each failure 3. SIGTERM
-    while they are due: relayd stops cleanly, and the retries that come due after its server
-    closed end quietly (asyncio's own handler logged a ValueError traceback for each)."""
+@contextlib.asynccontextmanager
+async def out_of_descriptors(tmp_path: Path, upstream: Upstream, server: str = ""
+                             ) -> AsyncIterator[tuple[Any, int, Path, list[asyncio.StreamWriter]]]:
+    """relayd serve under RLIMIT_NOFILE 64, with session limits set above it, and 120 idle
+    connections to it, so that accept() fails with EMFILE: (the process, its port, its log,
+    the connections). The process is stopped on the way out if the test has not stopped it."""
     import resource
     import subprocess
     import sys
@@ -231,8 +227,7 @@ async def test_stopped_while_out_of_descriptors_it_says_nothing_more(
     port = free_port()
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
                        listen=f"127.0.0.1:{port}",
-                       server="max_sessions = 1000\nmax_sessions_per_client = 1000\n"
-                              'session_timeout = "3s"\n')  # the idle sessions drain by then
+                       server="max_sessions = 1000\nmax_sessions_per_client = 1000\n" + server)
     log_path = tmp_path / "relayd.log"
 
     def limit() -> None:
@@ -249,17 +244,40 @@ async def test_stopped_while_out_of_descriptors_it_says_nothing_more(
         for _ in range(120):
             _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
             writers.append(writer)
+        yield proc, port, log_path, writers
+    finally:
+        for writer in writers:
+            writer.close()
+        if proc.poll() is None:
+            await stop(proc)
+
+
+async def stop(proc: Any) -> None:
+    """SIGTERM a relayd started by a test; SIGKILL if it has not stopped in 20 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        await asyncio.to_thread(proc.wait, 20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_stopped_while_out_of_descriptors_it_says_nothing_more(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. relayd serve under RLIMIT_NOFILE 64 2. 120 idle connections: accept() fails with
+    EMFILE, and asyncio schedules a retry of it a second later for each failure 3. SIGTERM
+    while they are due: relayd stops cleanly, and the retries that come due after its server
+    closed end quietly (asyncio's own handler logged a ValueError traceback for each)."""
+    # The idle sessions time out and the drain ends by then.
+    async with out_of_descriptors(tmp_path, upstream, 'session_timeout = "3s"\n') as (
+            proc, _, log_path, _):
         await wait_for(lambda: "cannot accept connections" in log_path.read_text(),
                        what="accept() out of descriptors")
         await asyncio.sleep(0.3)
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 20) == 0, log_path.read_text()[-2000:]
-    finally:
-        for writer in writers:
-            writer.close()
-        if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
     text = log_path.read_text()
     assert "relayd stopped" in text, text[-2000:]
     assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
@@ -271,32 +289,7 @@ async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
     connections: accept() fails with EMFILE 3. the log says so in one line, without a
     traceback (asyncio's own would repeat every moment) 4. the connections go away: a normal
     client is served."""
-    import resource
-    import subprocess
-    import sys
-
-    from conftest import REPO, _port_open, free_port
-
-    port = free_port()
-    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
-                       listen=f"127.0.0.1:{port}",
-                       server="max_sessions = 1000\nmax_sessions_per_client = 1000\n")
-    log_path = tmp_path / "relayd.log"
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "relayd", "serve", "-c", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                preexec_fn=limit)
-    writers: list[asyncio.StreamWriter] = []
-    try:
-        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd")
-        assert proc.poll() is None, log_path.read_text()
-        for _ in range(120):
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
-            writers.append(writer)
+    async with out_of_descriptors(tmp_path, upstream) as (proc, port, log_path, writers):
         await asyncio.sleep(2.5)  # asyncio retries accept() every 1 s meanwhile
         for writer in writers:
             writer.close()
@@ -305,15 +298,6 @@ async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
         await asyncio.wait_for(send(port, "ok@business.com", ["x@example.com"], message()), 20)
         await wait_for(lambda: len(upstream.messages) == 1)
         assert proc.poll() is None
-    finally:
-        for writer in writers:
-            writer.close()
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
     text = log_path.read_text()
     assert text.count("cannot accept connections") == 1, text[-2000:]
     assert "Traceback" not in text and "out of system resource" not in text
