@@ -11,9 +11,10 @@ A worker that dies is started again; a worker whose main process is gone stops.
 
 Why N - 1 listeners and not N: the main process is busy too (about a third of the CPU of each
 message goes to scheduling and delivering it), so N listeners plus it were one busy process
-more than CPUs. On two CPUs, one listener and the main process used 8 % less CPU a message
-than two listeners and the main process, and about 32 MiB less memory, for 4-10 % less mail
-a second, still well above Postfix's (bench/README.md, 2026-12-02 morning).
+more than CPUs. On two CPUs, one listener and the main process used 5-8 % less CPU a message
+than two listeners and the main process, and about 32 MiB less memory, for 5-10 % less mail
+a second, still above Postfix's by the margin issue 13 asks (bench/README.md, 2026-12-02
+morning).
 """
 
 from __future__ import annotations
