@@ -228,9 +228,9 @@ class _GroupCommit:
     def _next(self) -> None:
         """Under the lock: wait until files are to be written, or the removals are due (the
         oldest waited REMOVE_DELAY_S, or REMOVE_BATCH are waiting), or a spare is to be
-        emptied (Spares.scrub). Waking this thread for
-        every delivered message was a futex wake-up and a GIL hand-over a message; removals
-        wait for no one, so they are gathered."""
+        emptied (Spares.scrub). Waking this thread for every delivered message was a futex
+        wake-up and a GIL hand-over a message; removals wait for no one, so they are
+        gathered."""
         while not self._pending and not self._closed:
             now = time.monotonic()
             due = math.inf
@@ -474,16 +474,19 @@ class Spares:
             return []
 
 
-def _create_tmp(tmp_dir: Path, name: str, spares: Spares | None = None) -> tuple[int, str]:
-    """A new file in tmp/ (mode 0600), open for writing: a spare when there is one. Paths
-    are strings here: a Path a message is a few microseconds of pathlib each time."""
+def _create_tmp(tmp_dir: Path, name: str,
+                spares: Spares | None = None) -> tuple[int, str, bool]:
+    """A file in tmp/ (mode 0600), open for writing, and whether it is a spare (which may be
+    longer than what goes into it: _seal cuts it) rather than a new, empty file. A spare when
+    there is one. Paths are strings here: a Path a message is a few microseconds of pathlib
+    each time."""
     if spares is not None:
         taken = spares.take(name)
         if taken is not None:
-            return taken
+            return *taken, True
     tmp = _tmp_name(tmp_dir, name)
     try:
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
     except FileNotFoundError:
         if tmp_dir.exists():
             raise
@@ -491,7 +494,7 @@ def _create_tmp(tmp_dir: Path, name: str, spares: Spares | None = None) -> tuple
         # message from now on.
         tmp_dir.mkdir(mode=0o700, exist_ok=True)
         log.warning("queue: %s was missing and has been made again", tmp_dir)
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -505,7 +508,7 @@ def write_atomic(path: Path | str, data: bytes | Iterable[bytes], tmp_dir: Path,
                  sync_dir: bool = True, spares: Spares | None = None) -> None:
     """Write (bytes, or chunks of them), fsync, rename into place (and fsync the directory
     unless the caller batches it)."""
-    fd, tmp = _create_tmp(tmp_dir, os.path.basename(path), spares)
+    fd, tmp, spare = _create_tmp(tmp_dir, os.path.basename(path), spares)
     length = 0
     try:
         for chunk in (data,) if isinstance(data, bytes) else data:
@@ -514,17 +517,18 @@ def write_atomic(path: Path | str, data: bytes | Iterable[bytes], tmp_dir: Path,
     except BaseException:
         _drop(fd, tmp)
         raise
-    _seal(fd, tmp, path, length)
+    _seal(fd, tmp, path, length if spare else None)
     if sync_dir:
         fsync_dir(os.path.dirname(path))
 
 
-def _seal(fd: int, tmp: str, path: Path | str, length: int) -> None:
-    """Cut a tmp/ file to the `length` bytes written into it (a spare may have been longer),
-    fsync, close and rename it into place (its directory is the caller's to fsync); removed
-    instead when that fails."""
+def _seal(fd: int, tmp: str, path: Path | str, length: int | None) -> None:
+    """Cut a tmp/ file to the `length` bytes written into it (a spare may have been longer;
+    None: a new file, nothing to cut), fsync, close and rename it into place (its directory
+    is the caller's to fsync); removed instead when that fails."""
     try:
-        os.ftruncate(fd, length)
+        if length is not None:
+            os.ftruncate(fd, length)
         os.fsync(fd)
     except BaseException:
         _drop(fd, tmp)
@@ -550,7 +554,7 @@ class Draft:
                  spares: Spares | None = None) -> None:
         self.entry = entry
         self.fd: int | None = None
-        self.fd, self.tmp = _create_tmp(tmp_dir, entry.id, spares)
+        self.fd, self.tmp, self._spare = _create_tmp(tmp_dir, entry.id, spares)
         try:
             _write_all(self.fd, header)
         except BaseException:
@@ -567,7 +571,7 @@ class Draft:
         """fsync and rename into msg/ (the caller fsyncs msg/); on the writer thread."""
         assert self.fd is not None, "draft already sealed or discarded"
         fd, self.fd = self.fd, None
-        _seal(fd, self.tmp, path, self.entry.file_size)
+        _seal(fd, self.tmp, path, self.entry.file_size if self._spare else None)
 
     def discard(self) -> None:
         if self.fd is not None:

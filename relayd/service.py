@@ -463,7 +463,7 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     if listeners is not None:
         from relayd.workers import WorkerPool
 
-        # One process per worker: this one delivers, the others listen.
+        # server.workers counts this process too: it delivers, the other workers listen.
         pool = WorkerPool(service, path, listeners, config.server.workers - 1, log_options)
         await pool.start()
         for sock in listeners.plain + listeners.tls:
