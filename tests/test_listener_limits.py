@@ -287,17 +287,29 @@ async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
         tmp_path: Path, upstream: Upstream) -> None:
     """1. relayd serve under RLIMIT_NOFILE 64, with session limits set above it 2. 120 idle
     connections: accept() fails with EMFILE 3. the log says so in one line, without a
-    traceback (asyncio's own would repeat every moment) 4. the connections go away: a normal
-    client is served."""
+    traceback (asyncio's own would repeat every moment); an admin's `relayd queue retry --all`
+    meanwhile waits in the control directory, and the queue manager's poll of it says once,
+    as a warning, that it cannot read it yet 4. the connections go away: the request is served
+    and a normal client is served."""
+    from conftest import arelayd_cli
+
     async with out_of_descriptors(tmp_path, upstream) as (proc, port, log_path, writers):
+        cfg = str(tmp_path / "relayd.toml")
+        retried = asyncio.ensure_future(arelayd_cli("queue", "retry", "--all", "-c", cfg))
         await asyncio.sleep(2.5)  # asyncio retries accept() every 1 s meanwhile
+        assert not retried.done()
         for writer in writers:
             writer.close()
         writers.clear()
+        done = await retried
+        assert done.returncode == 0, done.stderr
         await asyncio.sleep(0.5)
         await asyncio.wait_for(send(port, "ok@business.com", ["x@example.com"], message()), 20)
         await wait_for(lambda: len(upstream.messages) == 1)
         assert proc.poll() is None
     text = log_path.read_text()
     assert text.count("cannot accept connections") == 1, text[-2000:]
+    assert text.count("queue: cannot read control requests yet") == 1, text[-2000:]
+    assert "queue: retry requested for all 0 message(s)" in text, text[-2000:]
     assert "Traceback" not in text and "out of system resource" not in text
+    assert "ERROR" not in text, text[-2000:]

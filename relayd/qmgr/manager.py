@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import heapq
 import logging
 import time
@@ -738,11 +739,17 @@ class QueueManager:
             requests = await asyncio.to_thread(self.spool.take_requests)
         except OSError as e:
             # Polled twice a second: say so once a minute (EMFILE under a flood would
-            # otherwise be two lines a second).
+            # otherwise be two lines a second). Out of descriptors is the state the listener
+            # already warns of (sessions hold them; they come back as sessions end), and the
+            # requests wait in the directory meanwhile: a warning, naming what to raise.
             now = time.monotonic()
             if now - self._control_error_at >= CONTROL_ERROR_LOG_S:
                 self._control_error_at = now
-                log.error("queue: cannot read control requests: %s", e)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    log.warning("queue: cannot read control requests yet: %s (raise "
+                                "LimitNOFILE, or lower server.max_sessions)", e)
+                else:
+                    log.error("queue: cannot read control requests: %s", e)
             return
         for action, target in requests:
             ids = list(self.messages) if target == "all" else [target]
