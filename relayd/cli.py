@@ -87,13 +87,14 @@ def _print_problems(e: ConfigError, out: TextIO) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relayd import loop as relayd_loop
     from relayd.errors import RelayError
     from relayd.service import serve
 
     setup_logging(args.log_level, args.log_format)
     log_options = ["--log-level", args.log_level, "--log-format", args.log_format]
     try:
-        return asyncio.run(serve(config_path(args.config), log_options=log_options))
+        return relayd_loop.run(serve(config_path(args.config), log_options=log_options))
     except (RelayError, OSError) as e:
         if isinstance(e, (ConfigError, QueueError)):
             raise  # main() prints these with their own exit codes

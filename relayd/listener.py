@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, AnyStr, Protocol
+from typing import Any, AnyStr, Protocol, cast
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import (
@@ -551,9 +551,10 @@ class RelaySMTP(SMTP):
         (create_server(ssl=...)), so that a failed handshake is one WARNING line saying what
         the client offered; asyncio's own says nothing outside debug mode."""
         context, self._implicit_context = self._implicit_context, None
-        assert context is not None and isinstance(transport, asyncio.Transport)
+        assert context is not None
         client = _host(transport.get_extra_info("peername"))
-        tls, waiter = self._layer_tls(transport, context)
+        # cast, not isinstance: uvloop's transports are not asyncio's classes (relayd.loop).
+        tls, waiter = self._layer_tls(cast(asyncio.Transport, transport), context)
 
         def done(future: asyncio.Future[None]) -> None:
             error = None if future.cancelled() else future.exception()
@@ -604,8 +605,8 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         """Tell the client why before closing an idle or slow session (server.session_timeout),
         as Postfix does."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = self._open_transport()
+        if transport is not None:
             log.info("session from %s timed out", self.client)
             transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -743,8 +744,9 @@ class RelaySMTP(SMTP):
             return
         await self.push("220 Ready to start TLS")
         self._original_transport = self.transport
-        assert isinstance(self._original_transport, asyncio.Transport)
-        tls, waiter = self._layer_tls(self._original_transport, self.tls_context)
+        assert self._original_transport is not None
+        tls, waiter = self._layer_tls(cast(asyncio.Transport, self._original_transport),
+                                      self.tls_context)
         self._tls_protocol = tls
         self.transport = tls._app_transport
         try:
@@ -771,6 +773,16 @@ class RelaySMTP(SMTP):
         if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
             closed.exception()
 
+    def eof_received(self) -> bool:
+        """The client ended its side: aiosmtpd cancels the session's task and keeps the
+        transport open for a reply nobody will write. Its task closes the transport on the
+        way out, but only once it has run: uvloop can deliver an EOF that was waiting in the
+        listen backlog before the task's first step, and the connection then stayed half
+        open, a descriptor and a session slot, until relayd stopped. Close it here: after an
+        EOF there is nothing left to say (Postfix's smtpd ends the session too)."""
+        super().eof_received()
+        return False
+
     async def _handle_client(self) -> None:
         assert self.session is not None
         peer = self.client
@@ -792,10 +804,16 @@ class RelaySMTP(SMTP):
 
     def close_gracefully(self) -> None:
         """Tell an idle client we are going away (used after the drain timeout)."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport = self._open_transport()
+        if transport is not None:
             transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
             transport.close()
+
+    def _open_transport(self) -> asyncio.WriteTransport | None:
+        """The session's transport while it is open. Told by is_closing(), not isinstance:
+        uvloop's transports are not asyncio's classes (relayd.loop)."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        return None if transport is None or transport.is_closing() else transport
 
 
 def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelaySMTP],

@@ -15,7 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relayd import loop as relayd_loop
 from relayd import sdnotify
+from relayd.accept import Acceptor
 from relayd.auth import TokenHealth
 from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import Upstream, make_upstream
@@ -62,44 +64,6 @@ def bind_listeners(server: ServerConfig) -> Listeners:
     return Listeners([bind(a) for a in server.listen], [bind(a) for a in server.listen_tls])
 
 
-ACCEPT_ERROR_LOG_INTERVAL_S = 60.0
-
-
-def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio logs `socket.accept() out of system resource` (EMFILE) with a traceback on every
-    try, in a tight loop; it already pauses accepting a moment each time. Say it once a minute
-    at most, in one line naming the limit to raise, and leave every other error as it was."""
-    last = [0.0]
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
-            now = time.monotonic()
-            if now - last[0] >= ACCEPT_ERROR_LOG_INTERVAL_S:
-                last[0] = now
-                log.warning("cannot accept connections: %s (raise LimitNOFILE, or lower "
-                            "server.max_sessions); new connections wait meanwhile",
-                            context.get("exception"))
-            return
-        if _stale_accept_retry(context):
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
-
-def _stale_accept_retry(context: dict[str, Any]) -> bool:
-    """asyncio's retry of accept() after EMFILE, due after its server was closed: asyncio
-    schedules one a second per failed accept and does not cancel them on close (see
-    python/cpython#151615), so each raises ValueError on the closed socket, with a traceback.
-    There is nothing left to retry."""
-    handle = context.get("handle")
-    callback = getattr(handle, "_callback", None)
-    args = getattr(handle, "_args", ())
-    return (isinstance(context.get("exception"), ValueError)
-            and getattr(callback, "__name__", "") == "_start_serving"
-            and any(isinstance(a, socket.socket) and a.fileno() == -1 for a in args))
-
-
 def _token_health(upstreams: Sequence[Upstream]) -> list[TokenHealth]:
     return [h for u in upstreams for h in u.token_health()]
 
@@ -139,7 +103,7 @@ class Service:
         self.handler = Handler(self)
         self.guard = LoginGuard(self.failed_login)
         self.sessions: set[RelaySMTP] = set()
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Acceptor] = []
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
         self.metrics_port: int | None = None
@@ -286,8 +250,7 @@ class Service:
                 (listeners.tls, implicit, True, self.tls_addresses)):
             for sock in socks:
                 # No ssl= for implicit TLS: each protocol starts its own TLS layer.
-                server = await asyncio.get_running_loop().create_server(
-                    factory, sock=sock, backlog=LISTEN_BACKLOG)
+                server = Acceptor(sock, factory)
                 self.servers.append(server)
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
@@ -399,8 +362,6 @@ class Service:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.close_gracefully()
-        for server in self.servers:
-            await server.wait_closed()
         self.servers.clear()
         await self.qmgr.drain(max(0.0, deadline - loop.time()))
         for task in self._tasks:
@@ -473,7 +434,6 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
                      pool.count)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    quiet_accept_errors(loop)
     signals_seen = 0
 
     def on_stop(signame: str) -> None:
@@ -501,7 +461,7 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, on_reload)
-    log.info("relayd started with %s", path)
+    log.info("relayd started with %s (event loop: %s)", path, relayd_loop.name())
     sdnotify.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
     watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
     if ready is not None:

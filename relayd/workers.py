@@ -30,9 +30,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from relayd import loop as relayd_loop
 from relayd.config import load_config
 from relayd.errors import ConfigError
-from relayd.service import SESSION_DRAIN_S, Listeners, Service, quiet_accept_errors
+from relayd.service import SESSION_DRAIN_S, Listeners, Service
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def worker_main(argv: Sequence[str]) -> int:
     listeners = Listeners([socket.socket(fileno=fd) for fd in _fds(args.plain)],
                           [socket.socket(fileno=fd) for fd in _fds(args.tls)])
     try:
-        return asyncio.run(_run_worker(args.config, listeners, args.index, args.parent))
+        return relayd_loop.run(_run_worker(args.config, listeners, args.index, args.parent))
     except ConfigError as e:
         for problem in e.problems:
             log.error("worker %d: %s", args.index, problem)
@@ -181,7 +182,6 @@ async def _run_worker(path: str, listeners: Listeners, index: int, parent: int) 
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    quiet_accept_errors(loop)
 
     def on_reload() -> None:
         try:

@@ -31,6 +31,18 @@ RELAYD = [sys.executable, "-m", "relayd"]
 WAIT_S = 15.0
 
 
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
+    """The tests run relayd in-process on the loop `relayd serve` picks (relayd.loop):
+    uvloop, or asyncio's own with RELAYD_EVENT_LOOP=asyncio; a test marked stdlib_loop on
+    asyncio's own."""
+    from relayd.loop import loop_factory
+
+    factory = loop_factory()
+    if factory is None or item.get_closest_marker("stdlib_loop") is not None:
+        return {"asyncio": asyncio.new_event_loop}
+    return {"uvloop": factory}
+
+
 # -- a recording upstream ----------------------------------------------------------------------
 
 

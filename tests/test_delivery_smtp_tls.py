@@ -115,6 +115,7 @@ async def any_upstream(request: pytest.FixtureRequest) -> AsyncIterator[tuple[st
     await up.stop()
 
 
+@pytest.mark.stdlib_loop  # uvloop reads into a buffer of its own, whatever the protocol
 async def test_replies_are_read_into_the_connections_own_buffer(
         tmp_path: Path, any_upstream: tuple[str, Upstream]) -> None:
     """The client reads replies into a buffer it keeps (asyncio's BufferedProtocol) on a plain

@@ -127,6 +127,35 @@ async def test_idle_session_closed_after_session_timeout(tmp_path: Path,
         await wait_for(lambda: len(upstream.messages) == 1)
 
 
+async def test_a_client_that_ends_its_side_is_closed_not_kept(tmp_path: Path,
+                                                             upstream: Upstream) -> None:
+    """1. a client connects and at once shuts down its sending side (EOF), before or after
+    the banner 2. relayd closes the connection too, at once, rather than keeping it half
+    open with nobody reading it (aiosmtpd ends the session on EOF but keeps the transport:
+    each such client held a descriptor and a session slot until relayd stopped) 3. the
+    session count is back to none."""
+    import socket
+
+    cfg = limits_config(tmp_path, upstream, "max_sessions = 2")
+    loop = asyncio.get_running_loop()
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        for eof_first in (True, False, True, False):
+            # Connected and shut down without yielding to the loop: the connection waits in
+            # the listen backlog with its EOF already there when relayd accepts it.
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            if not eof_first:
+                assert (await asyncio.wait_for(loop.sock_recv(sock, 512), 5)).startswith(b"220")
+            sock.shutdown(socket.SHUT_WR)
+            with sock:
+                while await asyncio.wait_for(loop.sock_recv(sock, 512), 5):
+                    pass  # the banner, then relayd's FIN (a TimeoutError if relayd keeps it)
+        await wait_for(lambda: not svc.sessions, what="no sessions left")
+        await send(port, "ok@business.com", ["x@example.com"], message())
+        await wait_for(lambda: len(upstream.messages) == 1)
+
+
 def test_server_limit_keys_default_and_validate(tmp_path: Path, upstream: Upstream) -> None:
     assert (ServerConfig().max_sessions, ServerConfig().max_sessions_per_client,
             ServerConfig().session_timeout_s) == (DEFAULT_MAX_SESSIONS,
@@ -288,16 +317,16 @@ async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
     """1. relayd serve under RLIMIT_NOFILE 64, with session limits set above it 2. 120 idle
     connections: accept() fails with EMFILE 3. the log says so in one line, without a
     traceback (asyncio's own would repeat every moment); an admin's `relayd queue retry --all`
-    meanwhile waits in the control directory, and the queue manager's poll of it says once,
-    as a warning, that it cannot read it yet 4. the connections go away: the request is served
-    and a normal client is served."""
+    meanwhile waits in the control directory, and the queue manager's poll of it says at most
+    once, as a warning and not an ERROR, that it cannot read it yet (a poll that falls in a
+    moment when a descriptor is free reads it at once) 4. the connections go away: the
+    request has been served and a normal client is served."""
     from conftest import arelayd_cli
 
     async with out_of_descriptors(tmp_path, upstream) as (proc, port, log_path, writers):
         cfg = str(tmp_path / "relayd.toml")
         retried = asyncio.ensure_future(arelayd_cli("queue", "retry", "--all", "-c", cfg))
-        await asyncio.sleep(2.5)  # asyncio retries accept() every 1 s meanwhile
-        assert not retried.done()
+        await asyncio.sleep(2.5)  # accept() is retried every 1 s meanwhile
         for writer in writers:
             writer.close()
         writers.clear()
@@ -309,7 +338,7 @@ async def test_out_of_descriptors_is_one_line_a_minute_and_relayd_recovers(
         assert proc.poll() is None
     text = log_path.read_text()
     assert text.count("cannot accept connections") == 1, text[-2000:]
-    assert text.count("queue: cannot read control requests yet") == 1, text[-2000:]
+    assert text.count("queue: cannot read control requests yet") <= 1, text[-2000:]
     assert "queue: retry requested for all 0 message(s)" in text, text[-2000:]
     assert "Traceback" not in text and "out of system resource" not in text
     assert "ERROR" not in text, text[-2000:]

@@ -73,7 +73,9 @@ class _PipeliningProtocol(SMTPProtocol, asyncio.BufferedProtocol):
     A plain protocol gets each read as a new bytes object of the transport's 256 KiB read
     size, cut down to what came: with glibc that is an mmap, a page fault, an mremap and a
     munmap for every reply read (18 us of the 22 us a 65-byte read took here, against 4 us
-    read into a kept buffer; bench/README.md, 2026-12-02 morning)."""
+    read into a kept buffer; bench/README.md, 2026-12-02 morning). That is asyncio's own
+    loop (RELAYD_EVENT_LOOP=asyncio); uvloop reads every protocol that is an asyncio.Protocol
+    through data_received, into a buffer it keeps, so there this costs nothing either way."""
 
     _read_view: memoryview | None = None
 
