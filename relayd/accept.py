@@ -52,10 +52,6 @@ class Acceptor:
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._ready)
 
-    @property
-    def sockets(self) -> list[socket.socket]:
-        return [] if self._closed else [self.sock]
-
     def _ready(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:

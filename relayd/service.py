@@ -249,14 +249,13 @@ class Service:
                 (listeners.plain, plain, False, self.addresses),
                 (listeners.tls, implicit, True, self.tls_addresses)):
             for sock in socks:
-                # No ssl= for implicit TLS: each protocol starts its own TLS layer.
-                server = Acceptor(sock, factory)
-                self.servers.append(server)
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    bound.append((host, port))
-                    log.info("listening on %s%s", Address(host, port),
-                             " (implicit TLS)" if implicit_tls else "")
+                # Implicit TLS too accepts plain: each protocol starts its own TLS layer
+                # (RelaySMTP._start_implicit_tls).
+                self.servers.append(Acceptor(sock, factory))
+                host, port = sock.getsockname()[:2]
+                bound.append((host, port))
+                log.info("listening on %s%s", Address(host, port),
+                         " (implicit TLS)" if implicit_tls else "")
 
     async def _start_metrics(self) -> None:
         listen = self.config.metrics.listen
