@@ -22,6 +22,11 @@ class QueueError(RelayError):
     """The spool cannot be read or written."""
 
 
+class SpoolBusyError(QueueError):
+    """An entry cannot be read now (out of descriptors, an I/O error) but may be later: it is
+    not corrupt, and is tried again rather than moved aside."""
+
+
 class DeliveryError(RelayError):
     """An upstream refused or failed a delivery. `code` is an SMTP reply code (None when the
     upstream does not speak SMTP and no code says the same thing); `text` is the upstream's

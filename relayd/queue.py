@@ -33,12 +33,12 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relayd.errors import QueueError
+from relayd.errors import QueueError, SpoolBusyError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ SPARE_FULL_MAX = 64 * 1024  # a larger file is emptied as it becomes a spare (it
 SCRUB_NAME = "scrub"  # tmp/scrub.PID.N: a spare claimed for emptying
 REMOVE_DELAY_S = 0.02  # delivered files wait this long for others, to be removed together
 REMOVE_BATCH = 32  # ... or until this many wait
+REMOVED_KEEP_S = 30.0  # ids removed this recently are never taken for unknown entries (scan)
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -597,6 +598,9 @@ class Spool:
         self._commit = _GroupCommit(self.msg_dir, self.tmp_dir,
                                     self.spares if keep_spares else None)
         self._lock_fd: int | None = None
+        # queue id -> when (monotonic) this process removed or moved it aside: its file may
+        # still be in msg/ for a moment (removals are batched), so `unknown` skips it.
+        self._removed: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -721,6 +725,7 @@ class Spool:
         entry's content with its state, never content that looks fresh. Unlinks are metadata
         only and need no fsync: if one is lost in a crash, the message is delivered again
         (the at-most-twice case), never lost. `size`: its message file's, when known."""
+        self.removing(queue_id)
         paths = [self._msg_prefix + queue_id]
         if has_state:
             paths.append(self._state_prefix + queue_id)
@@ -776,11 +781,11 @@ class Spool:
         except FileNotFoundError:
             raise QueueError(f"no message {queue_id} in the queue") from None
         except OSError as e:
-            raise QueueError(f"{queue_id}: cannot read: {e.strerror}") from e
+            raise SpoolBusyError(f"{queue_id}: cannot read: {e.strerror}") from e
         try:
             header, size, whole = _read_header(fd)
         except OSError as e:
-            raise QueueError(f"{queue_id}: cannot read: {e.strerror}") from e
+            raise SpoolBusyError(f"{queue_id}: cannot read: {e.strerror}") from e
         finally:
             os.close(fd)
         try:
@@ -812,6 +817,8 @@ class Spool:
             fd = os.open(self._state_prefix + entry.id, os.O_RDONLY)
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise SpoolBusyError(f"{entry.id}: cannot read its state: {e.strerror}") from e
         try:
             chunks = []
             while chunk := os.read(fd, STATE_READ_BYTES):
@@ -835,6 +842,7 @@ class Spool:
 
     def quarantine(self, queue_id: str, why: str) -> None:
         """Move a corrupt entry aside so it stops failing, keeping it for a human to look at."""
+        self.removing(queue_id)
         for sub in ("msg", "state"):
             src = self.path / sub / queue_id
             with contextlib.suppress(FileNotFoundError):
@@ -859,6 +867,9 @@ class Spool:
                 return
             try:
                 yield self.load(queue_id, has_state=queue_id in states)
+            except SpoolBusyError as e:
+                log.warning("queue: %s; left for the queue scan", e)
+                continue  # not corrupt: the daemon's scan of msg/ reads it later
             except QueueError as e:
                 if "no message" in str(e):
                     continue  # removed while we listed
@@ -870,6 +881,42 @@ class Spool:
             if ID_RE.match(name) and name not in listed and not (self.msg_dir / name).exists():
                 with contextlib.suppress(OSError):
                     os.unlink(self.state_dir / name)
+
+    def removing(self, queue_id: str) -> None:
+        """This process is removing `queue_id` (or moving it aside): `unknown` must not take
+        its file, which may stay in msg/ for a moment, for a lost one."""
+        self._removed[queue_id] = time.monotonic()
+
+    def unknown(self, known: Container[str], min_age_s: float) -> list[str]:
+        """The ids in msg/ that are not in `known` (the queue manager's), not removed by this
+        process lately, and whose file was last written at least `min_age_s` ago: messages
+        stored whose hand-over was lost (a listener worker killed between its fsync and its
+        report, a report the daemon could not read). One listing of msg/, a set lookup per
+        name, and a stat only for the names left (a handful). OSError if msg/ cannot be listed.
+
+        Run on a thread: `known` is only read (membership), never iterated."""
+        now = time.monotonic()
+        for qid, when in list(self._removed.items()):
+            if now - when > REMOVED_KEEP_S:
+                del self._removed[qid]
+        names = os.listdir(self.msg_dir)
+        removed = self._removed
+        unknown = [n for n in names if n not in known and n not in removed and ID_RE.match(n)]
+        if not unknown:
+            return []
+        wall = time.time()
+        out = []
+        for name in unknown:
+            try:
+                st = os.stat(self._msg_prefix + name)
+            except FileNotFoundError:
+                continue
+            if wall - st.st_mtime >= min_age_s:
+                out.append(name)
+        return sorted(out)
+
+    def removed_lately(self, queue_id: str) -> bool:
+        return queue_id in self._removed
 
     # -- control requests (CLI -> running daemon) ----------------------------------------------
 

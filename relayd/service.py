@@ -21,7 +21,7 @@ from relayd.accept import Acceptor
 from relayd.auth import TokenHealth
 from relayd.config import Address, Config, ServerConfig, load_config
 from relayd.delivery import Upstream, make_upstream
-from relayd.errors import ConfigError, QueueError, RelayError
+from relayd.errors import ConfigError, QueueError, RelayError, SpoolBusyError
 from relayd.intake import Intake
 from relayd.journal import Journal
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
@@ -98,6 +98,7 @@ class Service:
         if report is None:
             self.notifier = Notifier(config, self.qmgr, self.intake)
             self.qmgr.on_bounce = self.notifier.on_bounce
+            self.qmgr.on_found = self._found
         self.listeners = listeners
         self.report = report
         self.handler = Handler(self)
@@ -139,12 +140,23 @@ class Service:
             return
         try:
             entry, data = self.spool.load_accepted(queue_id)
+        except SpoolBusyError as e:
+            # Not lost: read again shortly, and the scan of msg/ would find it anyway.
+            log.warning("a worker reported %s, which cannot be read yet (%s); trying again",
+                        queue_id, e)
+            self.qmgr.read_later(queue_id)
+            return
         except QueueError as e:
             log.error("a worker reported %s, which cannot be read: %s", queue_id, e)
             return
         route = self.qmgr.route_for(entry)
         self.accepted(route.name if route else "-")
         self.qmgr.submit(entry, data)
+
+    def _found(self, entry: Entry) -> None:
+        """An entry the queue manager's scan found (its report was lost): count it."""
+        route = self.qmgr.route_for(entry)
+        self.accepted(route.name if route else "-")
 
     def accepted(self, route: str) -> None:
         hook: Callable[[str], None] | None = getattr(self.observer, "accepted", None)

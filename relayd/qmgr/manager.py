@@ -19,6 +19,17 @@ nothing is pending, (4) hand the bounce on for delivery. A bounce that cannot be
 the failure unrecorded and the message where it is, to be tried again after `retry_min`; a
 bounce that cannot be built at all moves the message to corrupt/ with the reason. Every removal
 is one log line naming the queue id and why.
+
+The hand-over from a listener is a hint, not the only way in (Postfix's qmgr scans its
+incoming queue on a timer for the same reason): every SCAN_INTERVAL_S the manager lists msg/
+and takes every entry it does not know whose file is at least SCAN_MIN_AGE_S old (a listener
+worker killed between its fsync and its report, a report this process could not read), and
+`queue retry --all` scans first. Ids reported but unreadable for a moment (out of descriptors)
+are tried again every CONTROL_POLL_S. Nothing is scheduled twice: an id is taken only if it is
+not in `messages`, on the event loop, and never if this process removed it lately (its file may
+linger for a moment; `Spool.unknown`). At 100,000 queued a scan is one listing of msg/ and a set
+lookup per name, on a thread (bench/scan.py). Rejected: scanning only at start (a lost report
+waited for a restart) and an inotify watch (not on every platform relayd runs on).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from relayd.bounce import Failure, build_bounce
 from relayd.config import Config, RouteConfig
 from relayd.delivery import STREAMING_UPSTREAMS, RecipientResult, SpooledBody, Status, Upstream
 from relayd.delivery.agent import DeliveryAgent, Job, Report
-from relayd.errors import QueueError
+from relayd.errors import QueueError, SpoolBusyError
 from relayd.journal import Journal
 from relayd.qmgr.outcome import Attempted, Outcome, Policy, decide
 from relayd.queue import DELIVERED, FAILED, Entry, RecipientState, Spool
@@ -54,6 +65,10 @@ INLINE_READ_MAX_BYTES = 256 * 1024  # spool files up to this size are read on th
 CONTROL_ERROR_LOG_S = 60.0
 BOUNCE_HEAD_BYTES = 256 * 1024  # a large message's bounce reads this much of it at most
 RETIRE_TIMEOUT_S = 300.0  # an agent replaced by a reload finishes its jobs within this
+SCAN_INTERVAL_S = 15.0  # msg/ is scanned for entries nobody scheduled this often
+SCAN_MIN_AGE_S = 5.0  # ... that were last written at least this long ago
+SCAN_ERROR_LOG_S = 60.0
+SCAN_LOG_IDS = 10  # ids named in the scan's log line
 
 DUE = "due"
 ACTIVE = "active"
@@ -173,6 +188,10 @@ class QueueManager:
         self._inflight: dict[str, int] = {}  # route name -> attempts handed out, not yet done
         self._lanes: dict[tuple[str, str], _Lane] = {}  # (route, lane key) -> its attempts
         self._control_error_at = -CONTROL_ERROR_LOG_S
+        self._scan_error_at = -SCAN_ERROR_LOG_S
+        self._last_scan = time.monotonic()  # the first scan comes one interval after start
+        self._unread: set[str] = set()  # reported, but could not be read yet (temporary)
+        self.on_found: Callable[[Entry], None] | None = None  # a found entry: count it
 
     # -- policy --------------------------------------------------------------------------------
 
@@ -266,6 +285,66 @@ class QueueManager:
                 self.submit(entry)
             else:
                 self._remove(entry, "every recipient was finished before the restart")
+
+    def read_later(self, queue_id: str) -> None:
+        """A reported id whose entry could not be read for now (SpoolBusyError): tried again
+        every CONTROL_POLL_S, and in any case found by the next scan."""
+        self._unread.add(queue_id)
+        self._wake.set()
+
+    async def scan(self, *, everything: bool = True) -> int:
+        """Take the entries of msg/ this manager does not know (see the module docstring);
+        with `everything` False, only the reported ids that could not be read. Returns how
+        many were queued."""
+        loop_ids = sorted(self._unread)
+        self._unread.clear()
+        found: list[Entry] = []
+        busy: list[str] = []
+
+        def read() -> None:
+            ids = loop_ids
+            if everything:
+                ids = sorted(set(ids) | set(self.spool.unknown(self.messages, SCAN_MIN_AGE_S)))
+            for qid in ids:
+                if qid in self.messages:
+                    continue
+                try:
+                    found.append(self.spool.load(qid))
+                except SpoolBusyError:
+                    busy.append(qid)
+                except QueueError as e:
+                    if "no message" in str(e):
+                        continue
+                    log.error("queue: %s; moved to %s", e, self.spool.corrupt_dir)
+                    self.spool.quarantine(qid, str(e))
+
+        try:
+            await asyncio.to_thread(read)
+        except OSError as e:
+            busy = loop_ids
+            self._scan_failed(e)
+        self._unread.update(busy)
+        # On the event loop: one last check against what arrived meanwhile.
+        taken = [e for e in found
+                 if e.id not in self.messages and not self.spool.removed_lately(e.id)]
+        if not taken:
+            return 0
+        ids = [e.id for e in taken]
+        log.warning("queue: %d message(s) in %s were not scheduled (a lost or unreadable "
+                    "report); queued now: %s%s", len(ids), self.spool.msg_dir,
+                    ", ".join(ids[:SCAN_LOG_IDS]), " ..." if len(ids) > SCAN_LOG_IDS else "")
+        for entry in taken:
+            if self.on_found is not None and entry.pending():
+                self.on_found(entry)
+        self.take_recovered(taken)
+        return len(taken)
+
+    def _scan_failed(self, e: OSError) -> None:
+        now = time.monotonic()
+        if now - self._scan_error_at >= SCAN_ERROR_LOG_S:
+            self._scan_error_at = now
+            log.warning("queue: cannot scan %s yet: %s (tried again in %ds)",
+                        self.spool.msg_dir, e, SCAN_INTERVAL_S)
 
     def _release(self, queued: Queued) -> None:
         if queued.data is not None:
@@ -647,6 +726,7 @@ class QueueManager:
             why = f"cannot build a bounce for it: {type(e).__name__}: {e}"
             log.error("%s: moved to %s: %s", entry.id, self.spool.corrupt_dir, why)
             self._release(queued)
+            self.spool.removing(entry.id)  # before it leaves `messages`: the scan skips it
             self.messages.pop(entry.id, None)
             await asyncio.to_thread(self.spool.quarantine, entry.id, why)
             return None
@@ -727,6 +807,11 @@ class QueueManager:
             if time.monotonic() - last_control >= CONTROL_POLL_S:
                 last_control = time.monotonic()
                 await self._control()
+                if time.monotonic() - self._last_scan >= SCAN_INTERVAL_S:
+                    self._last_scan = time.monotonic()
+                    await self.scan()
+                elif self._unread:
+                    await self.scan(everything=False)
             timeout = CONTROL_POLL_S
             if self._heap:
                 timeout = max(0.0, min(timeout, self._heap[0][0] - self.clock()))
@@ -751,6 +836,9 @@ class QueueManager:
                 else:
                     log.error("queue: cannot read control requests: %s", e)
             return
+        if ("retry", "all") in requests:
+            self._last_scan = time.monotonic()
+            await self.scan()  # so that entries nobody scheduled are retried too
         for action, target in requests:
             ids = list(self.messages) if target == "all" else [target]
             if action == "retry" and target == "all":
