@@ -531,7 +531,8 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         if not senders:
             u.problem("senders", "required: the sender patterns this user may use")
         for pattern in senders:
-            why = _validate_pattern(ascii_lower(pattern))
+            # "<>": this login may send MAIL FROM:<> (server.null_sender_route)
+            why = None if pattern == "<>" else _validate_pattern(ascii_lower(pattern))
             if why:
                 u.problem("senders", why)
         u.unknown()

@@ -49,6 +49,7 @@ REPLY_BAD_SENDER_UTF8 = "553 5.1.7 Sender address is not valid UTF-8"
 REPLY_BAD_RCPT_UTF8 = "553 5.1.3 Recipient address is not valid UTF-8"
 REPLY_NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send a non-ASCII address"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_NULL_SENDER_ONE_RCPT = "452 4.5.3 Only one recipient for a null sender"
 REPLY_TEMP_STORAGE = "451 4.3.0 Temporary problem storing the message; try again later"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_START_DATA = "354 End data with <CR><LF>.<CR><LF>"
@@ -174,7 +175,8 @@ class Handler:
         user: ServerUser | None = getattr(session, "relayd_user", None)
         if self.relay.config.server.users and user is None and not _is_loopback(session):
             return REPLY_AUTH_REQUIRED
-        decision = self.relay.policy.check("" if null else address, user)
+        decision = self.relay.policy.check("" if null else address, user,
+                                           loopback=_is_loopback(session))
         if decision.route is None:
             level = logging.INFO if user is None else logging.WARNING
             log.log(level, "refused sender <%s> from %s: %s", "" if null else address,
@@ -194,6 +196,12 @@ class Handler:
             return refusal
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return REPLY_TOO_MANY_RCPTS
+        if envelope.rcpt_tos and envelope.mail_from == "<>":
+            # A delivery status notification goes to one address (RFC 3464); more would make
+            # the null sender, which no From check ties to anyone, a way to mail many.
+            log.info("refused recipient <%s> from %s: a null sender takes one recipient",
+                     address, _peer(session))
+            return REPLY_NULL_SENDER_ONE_RCPT
         route = self.relay.config.routes.get(getattr(envelope, "relayd_route", ""))
         if route is not None and not recipient_allowed(route, address):
             log.info("refused recipient <%s> from %s: not in routes.%s.recipients", address,

@@ -18,6 +18,8 @@ REPLY_UNKNOWN_SENDER = ("550 5.7.1 Sender address not allowed: no route is confi
                         "(relayd is not an open relay)")
 REPLY_SENDER_NOT_YOURS = "550 5.7.1 Sender address not allowed for your login"
 REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted from clients"
+REPLY_NULL_SENDER_NOT_YOURS = "550 5.7.1 Null sender not allowed for your login"
+NULL_SENDER_PATTERN = "<>"  # in a [server.users] login's senders: it may send MAIL FROM:<>
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,12 @@ class SenderPolicy:
         self.config = config
         self.router = Router(config.routes)
 
-    def check(self, sender: str, user: ServerUser | None) -> Decision:
-        """`sender` is "" for the null reverse-path (MAIL FROM:<>)."""
+    def check(self, sender: str, user: ServerUser | None, *, loopback: bool = False
+              ) -> Decision:
+        """`sender` is "" for the null reverse-path (MAIL FROM:<>); `loopback`: the client
+        is on this machine."""
         if not sender:
-            return self.null_sender()
+            return self.null_sender(user, loopback)
         route = self.router.lookup(sender)
         if route is None:
             return Decision(None, REPLY_UNKNOWN_SENDER, "no route")
@@ -49,14 +53,24 @@ class SenderPolicy:
             return Decision(None, refusal, "not signed in")
         return Decision(route, None)
 
-    def null_sender(self) -> Decision:
+    def null_sender(self, user: ServerUser | None, loopback: bool) -> Decision:
         """Null-sender mail (delivery status notifications a front MTA hands on) goes through
-        server.null_sender_route; without it, it is refused. It matches no sender pattern, so
-        a login's senders do not limit it, and its route is recorded with the message."""
+        server.null_sender_route; without it, it is refused. A null sender can claim to be
+        anyone (the From is not checked against it), so it is taken only from a login whose
+        senders include "<>" or, on a relay without [server.users], from loopback; with
+        [server.users], a loopback client without a login is refused too (it could be any
+        local process). The listener takes one recipient with it (a DSN goes to one
+        address). Its route is recorded with the message, since it matches no pattern."""
         name = self.config.server.null_sender_route
         route = self.config.routes.get(name) if name else None
         if route is None:
             return Decision(None, REPLY_NULL_SENDER, "null sender and no server.null_sender_route")
+        if user is not None:
+            if NULL_SENDER_PATTERN not in user.senders:
+                return Decision(None, REPLY_NULL_SENDER_NOT_YOURS,
+                                f'null sender and "<>" not in the senders of user {user.name}')
+        elif self.config.server.users or not loopback:
+            return Decision(None, REPLY_NULL_SENDER, "null sender without a login that allows it")
         return Decision(route, None, pin=True)
 
     def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:

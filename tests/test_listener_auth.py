@@ -354,3 +354,45 @@ async def test_healthz_fails_when_the_spool_cannot_be_written(tmp_path: Path,
             tmp_dir.unlink()
             (tmp_path / "tmp-moved").rename(tmp_dir)
         assert await asyncio.to_thread(status) == 200
+
+
+async def test_null_sender_only_for_a_login_whose_senders_include_it(
+        tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
+    """1. null_sender_route = "staff"; casemanager's senders are ["*@business.com"], frontmta's
+    ["<>"] 2. casemanager: MAIL FROM:<> refused 550 5.7.1 (its "*@business.com" says nothing
+    of the null sender); a loopback client without a login too, since there are logins
+    3. frontmta: MAIL FROM:<> accepted, a second RCPT refused 452 4.5.3 4. that DSN, to its one
+    recipient, is delivered with the null sender; nothing else arrives."""
+    cfg = auth_config(tmp_path, upstream, password_hash, extra=f"""
+null_sender_route = "staff"
+[server.users.frontmta]
+password_hash = "{password_hash}"
+senders = ["<>"]""")
+    dsn = message(sender="MAILER-DAEMON@front.business.com", subject="Undelivered Mail")
+
+    def session(user: str | None) -> tuple[int, bytes, int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.starttls(context=unverified())
+            client.ehlo()
+            if user is not None:
+                client.login(user, PASSWORD)
+            code, text = client.mail("<>")
+            if code != 250:
+                return code, text, 0, b""
+            assert client.rcpt("alice@business.com")[0] == 250
+            code2, text2 = client.rcpt("bob@example.com")
+            client.data(dsn)
+            return code, text, code2, text2
+
+    async with run_service(cfg) as svc:
+        port = svc.addresses[0][1]
+        code, text, _, _ = await asyncio.to_thread(session, "casemanager")
+        assert (code, text[:6]) == (550, b"5.7.1 ")
+        code, text, _, _ = await asyncio.to_thread(session, None)
+        assert (code, text[:6]) == (550, b"5.7.1 ")
+        code, _, code2, text2 = await asyncio.to_thread(session, "frontmta")
+        assert code == 250
+        assert (code2, text2[:6]) == (452, b"4.5.3 ")
+        await wait_for(lambda: len(upstream.messages) == 1, what="the DSN delivered")
+        await asyncio.sleep(0.5)
+    assert [(m.mail_from, m.rcpt_tos) for m in upstream.messages] == [("", ["alice@business.com"])]

@@ -183,6 +183,25 @@ async def test_null_sender_goes_through_null_sender_route(tmp_path: Path, upstre
     assert upstream.messages == []
 
 
+async def test_null_sender_from_loopback_takes_one_recipient(tmp_path: Path, upstream: Upstream,
+                                                             upstream2: Upstream) -> None:
+    """1. no [server.users], null_sender_route = "system" 2. MAIL FROM:<> from loopback with
+    100 recipients: the first is taken, every other refused 452 4.5.3 3. one delivery, to the
+    first recipient only."""
+    routes = (smtp_route("staff", '["*@business.com"]', upstream.port)
+              + smtp_route("system", '["casemanager@business.com"]', upstream2.port))
+    cfg = write_config(tmp_path, routes, server='null_sender_route = "system"')
+    rcpts = [f"user{i}@example.com" for i in range(100)]
+    async with run_service(cfg) as svc:
+        refused = await send(service_port(svc), "", rcpts, message(subject="forged"))
+        await wait_for(lambda: len(upstream2.messages) == 1, what="the one delivery")
+        await asyncio.sleep(0.5)
+    assert sorted(refused) == sorted(rcpts[1:])
+    assert {(code, text[:6]) for code, text in refused.values()} == {(452, b"4.5.3 ")}
+    assert [(m.mail_from, m.rcpt_tos) for m in upstream2.messages] == [("", rcpts[:1])]
+    assert upstream.messages == []
+
+
 async def test_null_sender_refused_without_null_sender_route(tmp_path: Path,
                                                              upstream: Upstream) -> None:
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
