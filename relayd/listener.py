@@ -63,6 +63,7 @@ REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins; closing connection"
 REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections; try again later"
 REPLY_TOO_MANY_FROM_YOU = "421 4.7.0 Too many connections from your address; try again later"
 REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded; closing connection"
+REPLY_GIVE_WAY = "421 4.7.0 Server busy: closing an idle session; try again later"
 
 # Postfix's and Exchange's AUTH LOGIN prompts; some printers (Xerox) hang up on aiosmtpd's
 # "User Name\0". RFC 4954 leaves the text free, so the ones every client has seen win.
@@ -70,6 +71,7 @@ AUTH_LOGIN_USER_PROMPT = "Username:"
 AUTH_LOGIN_PASSWORD_PROMPT = "Password:"
 HELLO_PEEK_BYTES = 11  # TLS record header + ClientHello header up to its legacy_version
 LIMIT_LOG_INTERVAL_S = 60.0  # at most one line a minute about refused connections, per listener
+IDLE_GIVE_WAY_S = 10.0  # at max_sessions, a session with no command for this long gives way
 AUTH_FAIL_DELAY_S = 1.0  # after a failed login, doubling per further failure from that address
 AUTH_FAIL_DELAY_MAX_S = 8.0
 AUTH_FAILURES_PER_SESSION = 3
@@ -262,7 +264,11 @@ def _ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _is_loopback(session: SmtpSession) -> bool:
-    ip = _ip(_peer(session))
+    return _loopback_ip(_peer(session))
+
+
+def _loopback_ip(client: str) -> bool:
+    ip = _ip(client)
     return ip is not None and ip.is_loopback
 
 
@@ -363,22 +369,52 @@ def describe_tls_failure(hello: bytes, error: BaseException | None,
 
 class SessionLimits:
     """server.max_sessions and server.max_sessions_per_client for one listener's sessions,
-    and a log of refusals that stays at one line a minute under a flood."""
+    and a log of refusals that stays at one line a minute under a flood.
+
+    The policy, after Postfix (its own networks are exempt from the per-client limits, and
+    under stress its smtpd shortens the timeouts so idle sessions make room):
+    - loopback clients are exempt from max_sessions_per_client: twenty idle connections from
+      one local program must not lock Case Manager on the same host out for a session_timeout;
+      max_sessions still counts them;
+    - at max_sessions, a new connection is admitted if some session has given no command for
+      IDLE_GIVE_WAY_S and has no transaction in progress: the one idle longest is closed with
+      421 4.7.0 (a client that speaks again later simply connects again). Only with none such
+      is the newcomer refused.
+    Rejected: shortening every session's timeout at once, as Postfix's stress mode does (a
+    timer sweep for what one comparison at admission does)."""
 
     def __init__(self, server: ServerConfig) -> None:
         self.max_sessions = server.max_sessions
         self.max_per_client = server.max_sessions_per_client
         self._logged_at = -LIMIT_LOG_INTERVAL_S
         self._unlogged = 0
+        self._gave_way_at = -LIMIT_LOG_INTERVAL_S
+        self._gave_way = 0
 
     def refusal(self, sessions: set[RelaySMTP], client: str) -> str | None:
-        """The 421 for one more session from `client`, or None when it may have one."""
-        if len(sessions) >= self.max_sessions:
-            return REPLY_TOO_MANY_SESSIONS
-        if len(sessions) >= self.max_per_client and sum(
+        """The 421 for one more session from `client`, or None when it may have one (after
+        closing the idlest session, when that is what makes room)."""
+        if len(sessions) >= self.max_per_client and not _loopback_ip(client) and sum(
                 1 for s in sessions if s.client == client) >= self.max_per_client:
             return REPLY_TOO_MANY_FROM_YOU
+        if len(sessions) >= self.max_sessions:
+            idlest = min((s for s in sessions if s.idle_for() >= IDLE_GIVE_WAY_S),
+                         key=lambda s: s.active_at, default=None)
+            if idlest is None:
+                return REPLY_TOO_MANY_SESSIONS
+            idlest.give_way()
+            sessions.discard(idlest)
+            self._log_give_way(client)
         return None
+
+    def _log_give_way(self, client: str) -> None:
+        self._gave_way += 1
+        now = time.monotonic()
+        if now - self._gave_way_at < LIMIT_LOG_INTERVAL_S:
+            return
+        log.warning("server.max_sessions (%d) reached: closed %d idle session(s) to admit new "
+                    "ones, the latest for %s", self.max_sessions, self._gave_way, client)
+        self._gave_way_at, self._gave_way = now, 0
 
     def refused(self, client: str, reply: str) -> None:
         self._unlogged += 1
@@ -591,8 +627,26 @@ class RelaySMTP(SMTP):
     _timer_at: float | None = None  # when the armed timer fires; None: none armed
     _deadline = 0.0
 
+    active_at = 0.0  # loop time of the session's last command or DATA read
+
+    def idle_for(self) -> float:
+        """Seconds since the last command, or 0 while a transaction is in progress (a
+        session idle mid-transaction is a client at work, not one to close first)."""
+        envelope = self.envelope
+        if envelope is not None and envelope.mail_from is not None:
+            return 0.0
+        return self.loop.time() - self.active_at
+
+    def give_way(self) -> None:
+        """Closed to admit a new session (server.max_sessions reached; SessionLimits)."""
+        transport = self._open_transport()
+        if transport is not None:
+            transport.write(REPLY_GIVE_WAY.encode() + b"\r\n")
+            transport.close()
+
     def _reset_timeout(self, duration: float | None = None) -> None:
-        self._deadline = deadline = self.loop.time() + (duration or self._timeout_duration)
+        self.active_at = now = self.loop.time()
+        self._deadline = deadline = now + (duration or self._timeout_duration)
         if self._timer_at is not None and self._timer_at <= deadline:
             return  # the armed timer fires first, then looks at the deadline
         if self._timeout_handle is not None:

@@ -32,6 +32,12 @@ from relayd.config import (
     ServerConfig,
     load_config,
 )
+from relayd.listener import (
+    IDLE_GIVE_WAY_S,
+    REPLY_TOO_MANY_FROM_YOU,
+    REPLY_TOO_MANY_SESSIONS,
+    SessionLimits,
+)
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -88,26 +94,106 @@ async def test_beyond_max_sessions_new_connections_get_421(
     assert len(limit_lines) == 1 and limit_lines[0].levelno == logging.WARNING
 
 
-async def test_beyond_max_sessions_per_client_that_client_gets_421(
+class _Standing:
+    """A session as SessionLimits sees it: its client, and how long it has been idle."""
+
+    def __init__(self, client: str, idle_s: float = 0.0) -> None:
+        self.client = client
+        self.active_at = -idle_s
+        self.closed = False
+
+    def idle_for(self) -> float:
+        return -self.active_at
+
+    def give_way(self) -> None:
+        self.closed = True
+
+
+def test_per_client_limit_counts_other_addresses_and_exempts_loopback() -> None:
+    """The decision alone (tests run on loopback, which the limit exempts): three sessions per
+    client, five in all. 192.0.2.7's fourth is refused; 198.51.100.9 may have two more; a
+    loopback client is never refused for its own count, only at max_sessions."""
+    limits = SessionLimits(ServerConfig(max_sessions=5, max_sessions_per_client=3))
+    sessions: set[Any] = {_Standing("192.0.2.7") for _ in range(3)}
+    assert limits.refusal(sessions, "192.0.2.7") == REPLY_TOO_MANY_FROM_YOU
+    assert limits.refusal(sessions, "198.51.100.9") is None
+    loopback: set[Any] = {_Standing("127.0.0.1") for _ in range(4)}
+    assert limits.refusal(loopback, "127.0.0.1") is None
+    assert limits.refusal(loopback, "::1") is None
+    loopback.add(_Standing("127.0.0.1"))
+    assert limits.refusal(loopback, "127.0.0.1") == REPLY_TOO_MANY_SESSIONS
+
+
+def test_at_max_sessions_the_idlest_free_session_gives_way() -> None:
+    """Five in all: sessions idle 30 s, 20 s and 5 s and two busy ones. A newcomer closes the
+    30 s one; the next closes the 20 s one; the next is refused (nobody idle 10 s)."""
+    limits = SessionLimits(ServerConfig(max_sessions=5))
+    idle30, idle20, idle5 = _Standing("192.0.2.1", 30), _Standing("192.0.2.2", 20), \
+        _Standing("192.0.2.3", 5)
+    sessions: set[Any] = {idle30, idle20, idle5, _Standing("192.0.2.4"), _Standing("192.0.2.5")}
+    assert limits.refusal(sessions, "192.0.2.9") is None
+    assert idle30.closed and idle30 not in sessions and not idle20.closed
+    sessions.add(_Standing("192.0.2.9"))
+    assert limits.refusal(sessions, "192.0.2.9") is None
+    assert idle20.closed and not idle5.closed
+    sessions.add(_Standing("192.0.2.9"))
+    assert limits.refusal(sessions, "192.0.2.9") == REPLY_TOO_MANY_SESSIONS
+
+
+async def test_25_idle_loopback_connections_then_a_loopback_client_is_served_at_once(
         tmp_path: Path, upstream: Upstream) -> None:
-    """1. three sessions per client, five in all 2. a fourth from 127.0.0.1: 421 3. two from
-    127.0.0.2 are greeted, a third gets 421 (five in all) 4. 127.0.0.1 can send again once
-    one of its sessions ends."""
-    cfg = limits_config(tmp_path, upstream, "max_sessions = 5\nmax_sessions_per_client = 3")
+    """1. default limits (20 sessions per client) 2. 25 idle connections from 127.0.0.1: all
+    greeted (loopback is exempt from the per-client limit) 3. a normal client on 127.0.0.1
+    is served at once, with the 25 still open."""
+    cfg = limits_config(tmp_path, upstream, "")
     async with run_service(cfg) as svc, connections() as opened:
         port = service_port(svc)
-        for _ in range(3):
-            assert (await connect(port, opened)).startswith(b"220 ")
-        assert (await connect(port, opened)).startswith(
-            b"421 4.7.0 Too many connections from your address")
-        for _ in range(2):
-            assert (await connect(port, opened, "127.0.0.2")).startswith(b"220 ")
-        assert (await connect(port, opened, "127.0.0.2")).startswith(
-            b"421 4.7.0 Too many connections;")
-        opened[0][1].close()
-        await wait_for(lambda: len(svc.sessions) == 4, timeout=5, what="the session to end")
-        await send(port, "ok@business.com", ["x@example.com"], message())
+        greetings = await asyncio.gather(*(connect(port, opened) for _ in range(25)))
+        assert all(g.startswith(b"220 ") for g in greetings), greetings
+        refused = await asyncio.wait_for(
+            send(port, "ok@business.com", ["x@example.com"], message()), 2)
+        assert refused == {}
         await wait_for(lambda: len(upstream.messages) == 1)
+        assert len(svc.sessions) == 25
+
+
+async def test_at_max_sessions_the_idlest_session_gives_way_to_a_new_client(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """1. max_sessions = 5; five sessions from 127.0.0.2: one mid-transaction (MAIL FROM
+    given), then the rest idle 2. after IDLE_GIVE_WAY_S, two of them speak again 3. a normal
+    client on 127.0.0.1: served within 2 s; the session idle longest without a transaction
+    gets 421 4.7.0 and is closed; the one mid-transaction and the others stay 4. one log
+    line."""
+    caplog.set_level(logging.INFO)
+    cfg = limits_config(tmp_path, upstream, "max_sessions = 5")
+    async with run_service(cfg) as svc, connections() as opened:
+        port = service_port(svc)
+        for _ in range(5):
+            assert (await connect(port, opened, "127.0.0.2")).startswith(b"220 ")
+        busy, idlest, idle, talk1, talk2 = opened
+        for reader, writer in opened:
+            writer.write(b"EHLO idle.test\r\n")
+            await read_reply(reader)
+        busy[1].write(b"MAIL FROM:<ok@business.com>\r\n")
+        assert (await read_reply(busy[0])).startswith(b"250")
+        await asyncio.sleep(0.05)  # `idle` speaks last: `idlest` is idle longest
+        idle[1].write(b"NOOP\r\n")
+        await read_reply(idle[0])
+        await asyncio.sleep(IDLE_GIVE_WAY_S + 0.5)
+        for reader, writer in (talk1, talk2):
+            writer.write(b"NOOP\r\n")
+            await read_reply(reader)
+        refused = await asyncio.wait_for(
+            send(port, "ok@business.com", ["x@example.com"], message()), 2)
+        assert refused == {}
+        said = await asyncio.wait_for(idlest[0].read(), 5)
+        assert said.startswith(b"421 4.7.0 "), said
+        for reader, writer in (busy, idle, talk1, talk2):
+            writer.write(b"NOOP\r\n")
+            assert (await read_reply(reader)).startswith(b"250")
+        await wait_for(lambda: len(upstream.messages) == 1)
+    lines = [r for r in caplog.records if "idle session" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
 
 
 async def test_idle_session_closed_after_session_timeout(tmp_path: Path,
@@ -193,8 +279,10 @@ def test_unit_gives_room_for_max_sessions() -> None:
 async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
                                                              upstream: Upstream) -> None:
     """The flood from the issue: 1. relayd serve under RLIMIT_NOFILE 1024 (systemd's default)
-    2. 1,100 idle connections from 127.0.0.2 3. twenty are greeted, the rest get 421 4.7.0
-    4. a normal client on 127.0.0.1 is served within a second 5. the log stays short."""
+    2. 1,100 idle connections from 127.0.0.2 3. a hundred (max_sessions; loopback is exempt
+    from the per-client limit) are greeted, the rest get 421 4.7.0 4. once they have been
+    idle IDLE_GIVE_WAY_S, a normal client on 127.0.0.1 is served within a second (the idlest
+    gives way) 5. the log stays short."""
     import resource
     import subprocess
     import sys
@@ -225,9 +313,10 @@ async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
         async with connections() as opened:
             greetings = await asyncio.wait_for(
                 asyncio.gather(*(idle(opened) for _ in range(1100))), 60)
-            assert sum(1 for g in greetings if g.startswith(b"220 ")) == 20
+            assert sum(1 for g in greetings if g.startswith(b"220 ")) == 100
             assert sum(1 for g in greetings if g.startswith(
-                b"421 4.7.0 Too many connections from your address")) == 1080
+                b"421 4.7.0 Too many connections;")) == 1000
+            await asyncio.sleep(IDLE_GIVE_WAY_S)
             started = time.monotonic()
             await send(port, "ok@business.com", ["x@example.com"], message())
             assert time.monotonic() - started < 1.0
@@ -237,7 +326,8 @@ async def test_1100_idle_connections_under_1024_descriptors(tmp_path: Path,
         await stop(proc)
     lines = log_path.read_text().splitlines()
     assert len(lines) < 100, lines[:20]
-    assert sum(1 for line in lines if "server.max_sessions_per_client" in line) == 1
+    assert sum(1 for line in lines if "over server.max_sessions" in line) == 1
+    assert sum(1 for line in lines if "closed 1 idle session" in line) == 1
     assert not any("Traceback" in line or "out of system resource" in line for line in lines)
 
 
