@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from relayd import __version__
 from relayd.config import Config, config_path, load_config
 from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
+from relayd.escape import json_line, visible
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,6 +44,12 @@ class _Formatter(logging.Formatter):
                                                            self.converter(record.created)))
         return f"{cached[1]},{int(record.msecs):03d}"  # as logging.Formatter.default_msec_format
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A line may carry a client's or an upstream's text: one record, one line, no
+        # terminal controls (relayd.escape). A traceback is appended after this, as it is.
+        record.message = visible(record.message)
+        return super().formatMessage(record)
+
 
 class _JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -50,7 +57,7 @@ class _JsonFormatter(_Formatter):
                "logger": record.name, "message": record.getMessage()}
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return json_line(out)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
@@ -196,10 +203,10 @@ def _age(seconds: float) -> str:
 
 def _list_line(ent: Any, now: float) -> str:
     when = "now" if ent.next_attempt <= now else f"in {_age(ent.next_attempt - now)}"
-    return (f"{ent.id}  {ent.size:>9}  {_age(now - ent.received):>4}  "
-            f"<{ent.sender or 'MAILER-DAEMON'}> -> {', '.join(ent.pending())}  "
-            f"[tries {ent.attempts}, next {when}]"
-            + (f"  {ent.last_error}" if ent.last_error else ""))
+    return visible(f"{ent.id}  {ent.size:>9}  {_age(now - ent.received):>4}  "
+                   f"<{ent.sender or 'MAILER-DAEMON'}> -> {', '.join(ent.pending())}  "
+                   f"[tries {ent.attempts}, next {when}]"
+                   + (f"  {ent.last_error}" if ent.last_error else ""))
 
 
 def _queue_list(spool: Any, out: TextIO, *, as_json: bool) -> int:
@@ -303,7 +310,7 @@ def _show(entry: Any, route: str | None) -> str:
         state = entry.rcpt[rcpt]
         said = f"{state.code} {state.text}".strip() if state.code is not None else state.text
         lines.append(f"  <{rcpt}>  {state.status}" + (f": {said}" if said else ""))
-    return "\n".join(lines)
+    return "\n".join(visible(line) for line in lines)  # client and upstream text, escaped
 
 
 def _queue_act(spool: Any, action: str, target: str, config: Config) -> int:
@@ -361,7 +368,6 @@ def cmd_auth(args: argparse.Namespace) -> int:
 
 def cmd_log(args: argparse.Namespace) -> int:
     """`relayd log`: the delivery journal's events, oldest first, filtered."""
-    import json
     import time
 
     from relayd import journal
@@ -376,7 +382,7 @@ def cmd_log(args: argparse.Namespace) -> int:
                           recipient=args.to, route=args.route, since=since)
     count = 0
     for event in journal.read(config.journal.path, query):
-        print(json.dumps(event, ensure_ascii=False) if args.json else journal.format_event(event))
+        print(json_line(event) if args.json else journal.format_event(event))
         count += 1
     if count == 0 and not args.json:
         print(f"relayd log: no matching events in {config.journal.path}", file=sys.stderr)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd.config import JournalConfig
+from relayd.escape import json_line, visible
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class Journal:
             if key == "subject" and not self.settings.subjects:
                 continue
             item[key] = value
-        line = json.dumps(item, ensure_ascii=False, separators=(",", ":"), default=str)
+        # Escaped (relayd.escape): a Subject with U+2028 or ESC stays one inert line.
+        line = json_line(item, separators=(",", ":"), default=str)
         with self._lock:
             if self._closed:
                 return
@@ -249,7 +251,7 @@ def parse_since(text: str, now: float) -> float:
 def format_event(e: Mapping[str, Any]) -> str:
     """One readable line: local time, event, queue id, then what the event carries."""
     when = dt.datetime.fromtimestamp(float(e.get("time", 0))).strftime("%Y-%m-%d %H:%M:%S")
-    parts = [when, f"{e.get('event', '?'):<19}", str(e.get("id", "-"))]
+    parts = [when, f"{visible(str(e.get('event', '?'))):<19}", visible(str(e.get("id", "-")))]
     for key, label in (("message_id", "msgid"), ("from", "from"), ("to", "to"),
                        ("route", "route"), ("upstream", "upstream"), ("attempt", "attempt"),
                        ("client", "client"), ("login", "login"), ("size", "size"),
@@ -266,6 +268,9 @@ def format_event(e: Mapping[str, Any]) -> str:
             value = f"<{value}>"
         elif key == "next_try":
             value = dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S")
-        text = str(value)
-        parts.append(f"{label}={json.dumps(text, ensure_ascii=False) if ' ' in text else text}")
+        # Client and upstream text, escaped (relayd.escape): one event, one line, inert.
+        text = visible(str(value))
+        if " " in text or '"' in text:
+            text = '"' + text.replace('"', '\\"') + '"'
+        parts.append(f"{label}={text}")
     return " ".join(parts)

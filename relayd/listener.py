@@ -30,6 +30,7 @@ from aiosmtpd.smtp import Session as SmtpSession
 
 from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, ServerConfig, ServerUser
+from relayd.escape import SHOWN_COMMAND_MAX, visible
 from relayd.intake import Incoming, Intake
 from relayd.policy import SenderPolicy
 from relayd.router import recipient_allowed
@@ -181,8 +182,9 @@ class Handler:
                                            loopback=_is_loopback(session))
         if decision.route is None:
             level = logging.INFO if user is None else logging.WARNING
-            log.log(level, "refused sender <%s> from %s: %s", "" if null else address,
-                    _peer(session), decision.why)
+            log.log(level, "refused sender <%s> from %s: %s",
+                    "" if null else visible(address, SHOWN_COMMAND_MAX), _peer(session),
+                    decision.why)
             return decision.refusal or REPLY_INTERNAL
         envelope.relayd_route = decision.route.name  # type: ignore[attr-defined]
         envelope.relayd_pin = decision.pin  # type: ignore[attr-defined]
@@ -202,12 +204,12 @@ class Handler:
             # A delivery status notification goes to one address (RFC 3464); more would make
             # the null sender, which no From check ties to anyone, a way to mail many.
             log.info("refused recipient <%s> from %s: a null sender takes one recipient",
-                     address, _peer(session))
+                     visible(address, SHOWN_COMMAND_MAX), _peer(session))
             return REPLY_NULL_SENDER_ONE_RCPT
         route = self.relay.config.routes.get(getattr(envelope, "relayd_route", ""))
         if route is not None and not recipient_allowed(route, address):
-            log.info("refused recipient <%s> from %s: not in routes.%s.recipients", address,
-                     _peer(session), route.name)
+            log.info("refused recipient <%s> from %s: not in routes.%s.recipients",
+                     visible(address, SHOWN_COMMAND_MAX), _peer(session), route.name)
             return REPLY_RCPT_NOT_ALLOWED.format(route=route.name)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -447,6 +449,19 @@ def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: An
 
 
 aiosmtpd.smtp.sanitized_log = _sanitized_log  # the module global its command loop calls
+
+
+def _shorten_commands(record: logging.LogRecord) -> bool:
+    """aiosmtpd's own lines quote a client's command ("unrecognised: ..."): at most
+    SHOWN_COMMAND_MAX characters of it, escaped (relayd.escape), in the daemon log."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(visible(a, SHOWN_COMMAND_MAX) if isinstance(a, str) else
+                            repr(a)[:SHOWN_COMMAND_MAX] if isinstance(a, bytes) else a
+                            for a in record.args)
+    return True
+
+
+logging.getLogger("mail.log").addFilter(_shorten_commands)
 
 
 class _Unlisted:
@@ -834,6 +849,23 @@ class RelaySMTP(SMTP):
         closed = getattr(self, "_closed", None)
         if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
             closed.exception()
+
+    _spoke = False  # the client has sent something on this connection
+
+    def data_received(self, data: bytes) -> None:
+        """A TLS ClientHello as the first bytes on a plain port is a client set up for
+        implicit TLS: one line that says so and names the fix, and the connection closed,
+        rather than its binary hello parsed as SMTP commands and quoted in the log."""
+        if not self._spoke:
+            self._spoke = True
+            if data[:2] == b"\x16\x03" and not self._implicit_tls:
+                log.warning("client %s started a TLS handshake on a plain SMTP port: use a "
+                            "listen_tls port or STARTTLS", self.client)
+                transport = self._open_transport()
+                if transport is not None:
+                    transport.close()
+                return
+        super().data_received(data)
 
     def eof_received(self) -> bool:
         """The client ended its side: aiosmtpd cancels the session's task and keeps the

@@ -48,6 +48,7 @@ from relayd.auth import TokenHealth
 from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import RouteStats
 from relayd.errors import QueueError
+from relayd.escape import visible
 from relayd.qmgr.manager import DEFERRED
 from relayd.queue import Entry, write_atomic
 
@@ -282,9 +283,10 @@ def bounce_condition(route: str, bounces: Sequence[Mapping[str, Any]], dropped: 
 
 
 def _body(what: str, since: str, details: Sequence[str], todo: Sequence[str]) -> str:
-    parts = ["What happened:", what, "", since]
+    # What happened carries upstreams' replies and clients' addresses (relayd.escape).
+    parts = ["What happened:", visible(what), "", visible(since)]
     if details:
-        parts += ["", *details]
+        parts += ["", *map(visible, details)]
     parts += ["", "What to do:", *todo, "",
               "-- ", "relayd [notify]: at most one notice per condition per notify.repeat."]
     return "\n".join(parts) + "\n"
@@ -534,7 +536,7 @@ def build_notice(cond: Condition, sender: str, to: Sequence[str],
     msg = EmailMessage(policy=policy)
     msg["From"] = sender
     msg["To"] = ", ".join(to)
-    msg["Subject"] = f"relayd on {hostname}: {cond.subject}"
+    msg["Subject"] = visible(f"relayd on {hostname}: {cond.subject}")
     msg["Date"] = email.utils.formatdate(localtime=True)
     msg["Message-ID"] = email.utils.make_msgid(domain=hostname)
     msg["Auto-Submitted"] = "auto-generated"
