@@ -18,8 +18,20 @@ Rules:
 - It runs in a thread of its own (http.server from the standard library): a slow or hostile
   browser never blocks the event loop, and the identity provider's token exchange (blocking,
   through msal) happens there too.
-Rejected alternative: a web framework. Three pages and one redirect do not need one, and
-another dependency would have to be kept up to date on every admin's machine.
+- Bounded, so that no visitor can stop it or starve the rest of relayd of descriptors
+  (`_Server`): the accept thread only accepts; the TLS handshake runs in the connection's own
+  thread with TLS_HANDSHAKE_TIMEOUT_S; at most MAX_CONNECTIONS connections at once and
+  MAX_CONNECTIONS_PER_CLIENT from one address (beyond them: 503 and close, or a plain close
+  on the HTTPS port, where a reply needs the handshake it would wait for; one log line a
+  minute); every connection ends by REQUEST_DEADLINE_S after it was accepted, however slowly
+  its bytes trickle (each read's own timeout would let a byte every few seconds keep it
+  forever). The descriptors it can hold are the cap plus its listening socket, far below
+  the 1,024 a default soft limit gives the whole process.
+Rejected alternatives: a web framework, or moving the page onto the event loop with a server
+library (aiohttp, uvicorn + starlette): three pages and one redirect do not need one, the
+sign-in's token exchange blocks (msal) and would need threads there anyway, and another
+dependency would have to be kept up to date on every admin's machine; the four bounds above
+are forty lines around the standard library's server.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import base64
 import contextlib
 import http.server
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -49,6 +62,15 @@ SIGNIN_FLOW_TTL_S = 900.0  # a sign-in started and not finished is forgotten aft
 MAX_PENDING_SIGNINS = 200
 FAILED_LOGIN_DELAY_S = 1.0
 MAX_FORM_BYTES = 64 * 1024
+MAX_CONNECTIONS = 64  # connections at once; each is a thread and a descriptor
+MAX_CONNECTIONS_PER_CLIENT = 16  # of those, from one address
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 10.0  # one read of a request
+REQUEST_DEADLINE_S = 30.0  # from accept to the connection's end, whatever it does
+REFUSED_LOG_INTERVAL_S = 60.0
+BUSY_REPLY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+              b"Connection: close\r\nContent-Length: 31\r\nRetry-After: 10\r\n\r\n"
+              b"Too many connections; try again")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
     "X-Frame-Options": "DENY",
@@ -245,14 +267,15 @@ class WebServer:
         web = self.config.web
         assert web.listen is not None
         self._loop = asyncio.get_running_loop()
-        httpd = await asyncio.to_thread(_make_server, self, web.listen.host, web.listen.port)
+        context = None
         if not web.loopback:
             server = self.config.server
             assert server.tls_cert is not None and server.tls_key is not None
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(server.tls_cert, server.tls_key)
-            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+        httpd = await asyncio.to_thread(_make_server, self, web.listen.host, web.listen.port,
+                                        context)
         self._httpd = httpd
         self.port = int(httpd.server_address[1])
         scheme = "http" if web.loopback else "https"
@@ -297,13 +320,108 @@ class WebServer:
         return False
 
 
-def _make_server(web: WebServer, host: str, port: int) -> http.server.ThreadingHTTPServer:
+def _make_server(web: WebServer, host: str, port: int,
+                 context: ssl.SSLContext | None) -> _Server:
     class Handler(_Handler):
         server_app = web
 
-    httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
-    return httpd
+    return _Server((host, port), Handler, context)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """http.server's threading server with the bounds of the module docstring."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler],
+                 context: ssl.SSLContext | None) -> None:
+        super().__init__(address, handler)
+        self.context = context
+        self._lock = threading.Lock()
+        # accepted socket -> (client address, deadline); the TLS socket once it has one
+        self._open: dict[int, tuple[str, float, socket.socket]] = {}
+        self._per_client: dict[str, int] = {}
+        self._refused = 0
+        self._refused_logged = -REFUSED_LOG_INTERVAL_S
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In the accept thread: admit the connection (a thread of its own) or refuse it."""
+        client = str(client_address[0])
+        with self._lock:
+            admitted = len(self._open) < MAX_CONNECTIONS and \
+                self._per_client.get(client, 0) < MAX_CONNECTIONS_PER_CLIENT
+            if admitted:
+                self._open[id(request)] = (client, time.monotonic() + REQUEST_DEADLINE_S,
+                                           request)
+                self._per_client[client] = self._per_client.get(client, 0) + 1
+        if not admitted:
+            self._refuse(request, client)
+            return
+        super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket, client: str) -> None:
+        if self.context is None:
+            with contextlib.suppress(OSError):
+                request.send(BUSY_REPLY, socket.MSG_DONTWAIT)
+        with contextlib.suppress(OSError):
+            request.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_INTERVAL_S:
+            log.warning("web: refused %d connection(s) over the limit of %d at once (%d per "
+                        "address), the latest from %s", self._refused, MAX_CONNECTIONS,
+                        MAX_CONNECTIONS_PER_CLIENT, client)
+            self._refused_logged, self._refused = now, 0
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (bounded), then the request."""
+        conn: socket.socket = request
+        try:
+            if self.context is not None:
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+                try:
+                    conn = self.context.wrap_socket(request, server_side=True)
+                except (OSError, ValueError) as e:
+                    log.debug("web: TLS handshake with %s failed: %s", client_address[0], e)
+                    return
+                with self._lock:
+                    entry = self._open.get(id(request))
+                    if entry is not None:
+                        self._open[id(request)] = (entry[0], entry[1], conn)
+            conn.settimeout(READ_TIMEOUT_S)
+            super().finish_request(conn, client_address)
+        finally:
+            if conn is not request:
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(conn, socket.SHUT_WR)
+                conn.close()
+
+    def close_request(self, request: Any) -> None:
+        with self._lock:
+            entry = self._open.pop(id(request), None)
+            if entry is not None:
+                left = self._per_client[entry[0]] - 1
+                if left:
+                    self._per_client[entry[0]] = left
+                else:
+                    del self._per_client[entry[0]]
+        super().close_request(request)
+
+    def service_actions(self) -> None:
+        """Every poll of the accept loop (0.5 s): end the connections past their deadline.
+        Shutting the socket down wakes the thread that reads it, which then ends."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for _, deadline, sock in self._open.values() if deadline <= now]
+        for sock in late:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket's: no unwrap
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (reset, timed out, ended at its deadline): one DEBUG line,
+        never the standard library's traceback on stderr."""
+        log.debug("web: connection from %s ended early", client_address[0])
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -311,7 +429,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     server_version = "relayd"
     sys_version = ""
-    timeout = 30
+    timeout = READ_TIMEOUT_S
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
         log.debug("web: %s %s", self.address_string(), format % args)
