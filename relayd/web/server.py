@@ -363,7 +363,8 @@ class _Server(http.server.ThreadingHTTPServer):
     def _refuse(self, request: socket.socket, client: str) -> None:
         if self.context is None:
             with contextlib.suppress(OSError):
-                request.send(BUSY_REPLY, socket.MSG_DONTWAIT)
+                request.setblocking(False)  # never wait on a client here (the accept thread)
+                request.send(BUSY_REPLY)
         with contextlib.suppress(OSError):
             request.close()
         self._refused += 1
