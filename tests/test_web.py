@@ -28,6 +28,7 @@ from fakes.https import shared_ca
 
 from relayd.auth.passwords import hash_password
 from relayd.config import ConfigError, WebConfig, load_config
+from relayd.web.server import FAILED_LOGIN_DELAY_S
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -114,7 +115,9 @@ async def test_off_loopback_the_status_page_needs_an_admin_login_over_https(
 
         assert (await asyncio.to_thread(get, None))[0] == 401
         assert (await asyncio.to_thread(get, "scanner:scan-pw"))[0] == 401
+        await asyncio.sleep(FAILED_LOGIN_DELAY_S)  # the address's back-off after a failure
         assert (await asyncio.to_thread(get, "it:wrong"))[0] == 401
+        await asyncio.sleep(2 * FAILED_LOGIN_DELAY_S)
         status, body = await asyncio.to_thread(get, "it:admin-pw")
         assert status == 200 and "<td>staff</td>" in body
         assert "admin-pw" not in body

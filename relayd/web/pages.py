@@ -152,3 +152,15 @@ def message_page(title: str, text: str, ok: bool) -> bytes:
     cls = "ok" if ok else "bad"
     return page(title, f'<h1>{_e(title)}</h1><p class="{cls}">{_e(text)}</p>'
                        '<p><a href="/signin">Back to the sign-in page</a></p>')
+
+
+def continue_page(action: str, fields: dict[str, str]) -> bytes:
+    """The provider's answer, posted again from relayd's own page (same site, so the browser
+    sends the sign-in's SameSite=Lax cookie with it); /signin/continue.js submits it, and the
+    button does for a browser without script."""
+    hidden = "".join(f'<input type="hidden" name="{_e(k)}" value="{_e(v)}">'
+                     for k, v in fields.items())
+    return page("Finishing the sign-in",
+                f'<h1>Finishing the sign-in</h1><form method="post" action="{_e(action)}">'
+                f'{hidden}<button type="submit">Continue</button></form>'
+                '<script src="/signin/continue.js"></script>')

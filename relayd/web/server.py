@@ -8,11 +8,29 @@ Rules:
 - `/signin`: a button per delegated identity (a Microsoft app registration used by routes with
   `flow = "device"`). The user signs in at the provider (authorization code flow with PKCE; on
   loopback as a public client with redirect `http://localhost:PORT/signin/callback`, elsewhere
-  as a Web app with the route's client secret and `https://HOST:PORT/signin/callback`; the
-  provider posts its answer there, `response_mode=form_post`, so the code is in no URL); relayd
+  as a Web app with the route's client secret and `https://HOST:PORT/signin/callback`); relayd
   stores the token for the delegated route that covers the signed-in address, exactly as
   `relayd auth login` does, and says which address can now send. An account no delegated route
   covers is refused and nothing is stored.
+- Sign-in abuse (`SignIns`, `_Handler`): pending sign-ins are capped per client address
+  (MAX_PENDING_SIGNINS_PER_CLIENT) and in all (MAX_PENDING_SIGNINS), with a page saying so, so
+  that anonymous starts from one address cannot lock every user out. Each sign-in's `state` is
+  bound to a random value in a cookie set by the page that started it (HttpOnly,
+  SameSite=Lax, Secure off loopback, Path=/signin); the answer is taken only from the browser
+  that holds it, so an attacker cannot finish a sign-in of theirs in a victim's browser
+  (login CSRF). The start is first sent to the host of the redirect URI, so the cookie is
+  set where the answer arrives. Microsoft answers with `response_mode=form_post` (the code in
+  no URL), a cross-site POST, which a SameSite=Lax cookie does not come with: relayd answers
+  it with a page that posts the same fields again to itself (same site, so the cookie comes),
+  submitted by /signin/continue.js (a script file: the CSP allows no inline script) or by
+  its button. Google answers with a GET, which brings the cookie at once.
+- Admin logins (HTTP Basic): the password is always checked against a hash (a dummy one for
+  an unknown or non-admin name), so every name costs the same scrypt time; names compare in
+  constant time; an address with failed logins waits 1 s, doubling to 60 s, before its next
+  try is even looked at (429 meanwhile).
+- Every response, the standard library's error pages included, carries SECURITY_HEADERS:
+  a CSP that allows no script at all, X-Frame-Options DENY, Referrer-Policy no-referrer,
+  nosniff, no-store.
 - The pages are rendered by relayd.web.pages from a snapshot taken on the event loop; no secret
   or token is ever in a snapshot, a page or a log line.
 - It runs in a thread of its own (http.server from the standard library): a slow or hostile
@@ -39,8 +57,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import hmac
+import http.cookies
 import http.server
 import logging
+import secrets
 import socket
 import ssl
 import threading
@@ -50,17 +72,32 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from relayd.auth.passwords import verify_password
+from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, RouteConfig
 from relayd.router import Router
-from relayd.web.pages import Snapshot, address_page, message_page, signin_page, status_page
+from relayd.web.pages import (
+    Snapshot,
+    address_page,
+    continue_page,
+    message_page,
+    signin_page,
+    status_page,
+)
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT_S = 5.0
 SIGNIN_FLOW_TTL_S = 900.0  # a sign-in started and not finished is forgotten after this
 MAX_PENDING_SIGNINS = 200
-FAILED_LOGIN_DELAY_S = 1.0
+MAX_PENDING_SIGNINS_PER_CLIENT = 5  # sign-ins started from one address and not finished
+SIGNIN_COOKIE = "relayd_signin"
+CONTINUE_FIELD = "relayd_continue"  # marks the answer as posted again by relayd's own page
+CONTINUE_SCRIPT = b"document.forms[0].submit();\n"
+CONTINUE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; "
+                "form-action 'self'")
+FAILED_LOGIN_DELAY_S = 1.0  # an address's wait after a failed admin login, doubling
+FAILED_LOGIN_DELAY_MAX_S = 60.0
+FAILED_LOGIN_TRACKED = 10_000  # addresses remembered with their failures
 MAX_FORM_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64  # connections at once; each is a thread and a descriptor
 MAX_CONNECTIONS_PER_CLIENT = 16  # of those, from one address
@@ -85,6 +122,16 @@ class _Pending:
     group: str
     flow: Any  # msal's flow dict (Microsoft), or a relayd.auth.login.GoogleFlow
     started: float
+    client: str = ""  # the address that started it
+    binding: str = ""  # the value of the cookie set in the browser that started it
+
+
+class SigninBusy(LookupError):
+    """Too many sign-ins under way (from this address, or in all): `status` for the page."""
+
+    def __init__(self, text: str, status: int) -> None:
+        super().__init__(text)
+        self.status = status
 
 
 class SignIns:
@@ -116,7 +163,7 @@ class SignIns:
         return [r for r in self.config.routes.values()
                 if r.provider == "google" and is_delegated(r)]
 
-    def start_google(self, address: str) -> str:
+    def start_google(self, address: str, client: str = "") -> tuple[str, str]:
         """Google's authorize URL for `address`, which a delegated Google route must cover:
         Google's installed-app flow wants the user up front (login_hint), and relayd checks
         that the account that signs in is that address."""
@@ -128,11 +175,19 @@ class SignIns:
         if route is None or route.provider != "google" or not is_delegated(route):
             raise LookupError(f"no route of this relay sends for {address!r} with Google "
                               "sign-in; ask your administrator")
+        self._room(client)
         flow = GoogleFlow(self.config, route, address, self.redirect_uri, [GMAIL_SCOPE])
-        self._remember(flow.state, _Pending("google", flow, time.monotonic()))
-        return flow.auth_uri
+        try:
+            binding = self._remember(flow.state, _Pending("google", flow, time.monotonic(),
+                                                          client))
+        except LookupError:
+            flow.close()
+            raise
+        return flow.auth_uri, binding
 
-    def _remember(self, state: str, pending: _Pending) -> None:
+    def _room(self, client: str) -> None:
+        """SigninBusy when `client` (or everyone) has as many sign-ins under way as allowed.
+        Sign-ins older than SIGNIN_FLOW_TTL_S are forgotten first."""
         now = time.monotonic()
         with self._lock:
             for old in [k for k, p in self._pending.items()
@@ -140,9 +195,24 @@ class SignIns:
                 gone = self._pending.pop(old)
                 if gone.group == "google":
                     gone.flow.close()
+            mine = sum(1 for p in self._pending.values() if p.client == client)
+            if mine >= MAX_PENDING_SIGNINS_PER_CLIENT:
+                raise SigninBusy(f"{mine} sign-ins started from your address are not finished. "
+                                 "Finish one of them, or start again in "
+                                 f"{int(SIGNIN_FLOW_TTL_S // 60)} minutes.", 429)
             if len(self._pending) >= MAX_PENDING_SIGNINS:
-                raise LookupError("too many sign-ins under way; try again in a few minutes")
+                log.warning("web sign-in: %d sign-ins under way, the most allowed; refusing "
+                            "new ones until some finish or expire", len(self._pending))
+                raise SigninBusy("Too many sign-ins are under way on this relay. Try again in "
+                                 "a few minutes.", 503)
+
+    def _remember(self, state: str, pending: _Pending) -> str:
+        """Keep a started sign-in; returns the value its browser's cookie must carry."""
+        self._room(pending.client)
+        pending.binding = secrets.token_urlsafe(32)
+        with self._lock:
             self._pending[state] = pending
+        return pending.binding
 
     def _app(self, route: RouteConfig) -> Any:
         import msal  # type: ignore[import-untyped]
@@ -158,22 +228,24 @@ class SignIns:
                 route.client_id, client_credential=route.client_secret.reveal(), **kwargs)
         return msal.PublicClientApplication(route.client_id, **kwargs)
 
-    def start(self, key: str) -> str:
-        """The provider's authorize URL for a new sign-in."""
+    def start(self, key: str, client: str = "") -> tuple[str, str]:
+        """The provider's authorize URL for a new sign-in, and its cookie's value."""
         from relayd.auth.oauth import delegated_scopes
 
         route = self.groups.get(key)
         if route is None:
             raise LookupError("no such sign-in")
+        self._room(client)
         app = self._app(route)
         # form_post: the code comes back in a POST body, never in a URL a browser keeps.
         flow = app.initiate_auth_code_flow(delegated_scopes(route),
                                            redirect_uri=self.redirect_uri,
                                            prompt="select_account", response_mode="form_post")
-        self._remember(str(flow["state"]), _Pending(key, flow, time.monotonic()))
-        return str(flow["auth_uri"])
+        binding = self._remember(str(flow["state"]),
+                                 _Pending(key, flow, time.monotonic(), client))
+        return str(flow["auth_uri"]), binding
 
-    def finish(self, params: dict[str, str]) -> tuple[bool, str]:
+    def finish(self, params: dict[str, str], binding: str = "") -> tuple[bool, str]:
         """Complete a sign-in from the redirect's query; (ok, what to tell the user)."""
         import msal
 
@@ -183,9 +255,19 @@ class SignIns:
         from relayd.errors import AuthenticationError
 
         with self._lock:
-            pending = self._pending.pop(params.get("state", ""), None)
+            pending = self._pending.get(params.get("state", ""))
+            bound = pending is not None and bool(binding) and \
+                hmac.compare_digest(pending.binding.encode(), binding.encode())
+            if bound:
+                del self._pending[params.get("state", "")]
         if pending is None:
             return False, "This sign-in is unknown or has expired. Start again."
+        if not bound:
+            # Left pending: the browser that started it may still finish it.
+            log.warning("web sign-in: an answer came to a browser that did not start that "
+                        "sign-in; refused")
+            return False, ("This sign-in was started in another browser, or this browser did "
+                           "not keep its cookie. Start again from the sign-in page here.")
         if "error" in params:
             return False, (f"The sign-in was not completed: {params.get('error')}: "
                            f"{params.get('error_description', '')}")
@@ -252,6 +334,38 @@ def _group(route: RouteConfig) -> str:
     return base64.urlsafe_b64encode(ident.encode()).decode().rstrip("=")[:32]
 
 
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the name is unknown or no admin (same cost as a real check)."""
+    return hash_password("relayd-web-no-such-admin")
+
+
+class LoginFailures:
+    """Failed admin logins per client address: each failure makes that address wait
+    FAILED_LOGIN_DELAY_S, doubling to FAILED_LOGIN_DELAY_MAX_S; a success clears it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_client: dict[str, tuple[int, float]] = {}  # failures, until (monotonic)
+
+    def wait(self, client: str) -> float:
+        with self._lock:
+            _, until = self._by_client.get(client, (0, 0.0))
+        return max(0.0, until - time.monotonic())
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            count = self._by_client.pop(client, (0, 0.0))[0] + 1
+            if len(self._by_client) >= FAILED_LOGIN_TRACKED:
+                del self._by_client[next(iter(self._by_client))]  # the oldest
+            delay = min(FAILED_LOGIN_DELAY_S * 2 ** (count - 1), FAILED_LOGIN_DELAY_MAX_S)
+            self._by_client[client] = (count, time.monotonic() + delay)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._by_client.pop(client, None)
+
+
 class WebServer:
     def __init__(self, config: Config,
                  snapshot: Callable[[], Coroutine[Any, Any, Snapshot]]) -> None:
@@ -262,6 +376,7 @@ class WebServer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.signins: SignIns | None = None
+        self.failures = LoginFailures()
 
     async def start(self) -> int:
         web = self.config.web
@@ -298,25 +413,30 @@ class WebServer:
         return asyncio.run_coroutine_threadsafe(self.take_snapshot(), self._loop).result(
             SNAPSHOT_TIMEOUT_S)
 
-    def admin(self, authorization: str | None) -> bool:
-        """Whether a request may see the status page."""
+    def admin(self, authorization: str | None, client: str = "") -> bool | float:
+        """Whether a request may see the status page: True, False, or the seconds `client`
+        must still wait after its failed logins (its login is not even looked at)."""
         web = self.config.web
         if web.loopback:
             return True
         if not authorization or not authorization.startswith("Basic "):
             return False
+        wait = self.failures.wait(client)
+        if wait > 0:
+            return wait
         try:
             login, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
         except ValueError:
-            return False
+            login, password = "", ""
         user = self.config.server.users.get(login)
-        if user is None or login not in web.admins:
-            time.sleep(FAILED_LOGIN_DELAY_S)
-            return False
-        if verify_password(password, user.password_hash.reveal()):
+        is_admin = any(hmac.compare_digest(login.encode(), a.encode()) for a in web.admins)
+        # Always one scrypt: an unknown or non-admin name costs what a wrong password does.
+        stored = user.password_hash.reveal() if user is not None and is_admin else _dummy_hash()
+        if verify_password(password, stored) and user is not None and is_admin:
+            self.failures.succeeded(client)
             return True
-        log.warning("web: failed login for %r", login[:64])
-        time.sleep(FAILED_LOGIN_DELAY_S)
+        log.warning("web: failed login for %r from %s", login[:64], client)
+        self.failures.failed(client)
         return False
 
 
@@ -428,6 +548,8 @@ class _Server(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     server_app: WebServer
     protocol_version = "HTTP/1.0"
+    # A malformed request line would otherwise be answered as HTTP/0.9: a body, no headers.
+    default_request_version = "HTTP/1.0"
     server_version = "relayd"
     sys_version = ""
     timeout = READ_TIMEOUT_S
@@ -435,15 +557,59 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
         log.debug("web: %s %s", self.address_string(), format % args)
 
-    def send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    csp = SECURITY_HEADERS["Content-Security-Policy"]  # one response may allow its script file
+
+    def end_headers(self) -> None:
+        """Every response, the standard library's own error pages too, with these."""
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, self.csp if name == "Content-Security-Policy" else value)
+        super().end_headers()
+
+    def send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+             cookies: list[str] | None = None) -> None:
+        headers = dict(headers or {})
         self.send_response(status)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Type", headers.pop("Content-Type", "text/html; charset=utf-8"))
         self.send_header("Content-Length", str(len(body)))
-        for name, value in {**SECURITY_HEADERS, **(headers or {})}.items():
+        for name, value in headers.items():
             self.send_header(name, value)
+        for cookie in cookies or ():
+            self.send_header("Set-Cookie", cookie)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def signin_cookie(self, value: str, max_age: int) -> str:
+        cookie: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        cookie[SIGNIN_COOKIE] = value
+        morsel = cookie[SIGNIN_COOKIE]
+        morsel["path"] = "/signin"
+        morsel["max-age"] = max_age
+        morsel["httponly"] = True
+        morsel["samesite"] = "Lax"
+        if not self.server_app.config.web.loopback:
+            morsel["secure"] = True
+        return morsel.OutputString()
+
+    def binding(self) -> str:
+        """The sign-in cookie this browser sent, or ""."""
+        cookie: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        with contextlib.suppress(http.cookies.CookieError):
+            cookie.load(self.headers.get("Cookie") or "")
+        morsel = cookie.get(SIGNIN_COOKIE)
+        return morsel.value if morsel is not None else ""
+
+    def canonical(self) -> str | None:
+        """Where a sign-in must start when this request came to another host name than the
+        redirect URI's (http://127.0.0.1:PORT vs http://localhost:PORT): the cookie must be
+        set where the provider's answer arrives. None when it is the same host."""
+        signins = self.server_app.signins
+        assert signins is not None
+        want = urllib.parse.urlsplit(signins.redirect_uri)
+        if (self.headers.get("Host") or "").lower() == want.netloc.lower():
+            return None
+        return urllib.parse.urlunsplit((want.scheme, want.netloc, *urllib.parse.urlsplit(
+            self.path)[2:4], ""))
 
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
         self.do_GET()
@@ -461,28 +627,45 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                         "large.", False))
             return
         body = self.rfile.read(length).decode("utf-8", "replace")
-        self.signin_answer({k: v[0] for k, v in urllib.parse.parse_qs(body).items()})
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(body).items()}
+        if params.pop(CONTINUE_FIELD, None) is None and not self.binding():
+            # The provider's cross-site post, without the sign-in's cookie: post it again
+            # from this site, which brings the cookie (module docstring).
+            self.csp = CONTINUE_CSP
+            self.send(200, continue_page("/signin/callback", {**params, CONTINUE_FIELD: "1"}))
+            return
+        self.signin_answer(params)
 
-    def to_provider(self, start: Callable[[str], str], arg: str) -> None:
-        """Send the browser to the identity provider, or say why not."""
+    def to_provider(self, start: Callable[[str, str], tuple[str, str]], arg: str) -> None:
+        """Send the browser to the identity provider with the sign-in's cookie, or say why
+        not (first to the redirect URI's host, where the cookie must live)."""
+        canonical = self.canonical()
+        if canonical is not None:
+            self.send(302, b"", {"Location": canonical})
+            return
         try:
-            target = start(arg)
+            target, binding = start(arg, self.client_address[0])
+        except SigninBusy as e:
+            self.send(e.status, message_page("Cannot sign in now", str(e), False))
+            return
         except LookupError as e:
             self.send(400, message_page("Cannot sign in", str(e), False))
             return
-        self.send(302, b"", {"Location": target})
+        self.send(302, b"", {"Location": target},
+                  cookies=[self.signin_cookie(binding, int(SIGNIN_FLOW_TTL_S))])
 
     def signin_answer(self, params: dict[str, str]) -> None:
         """The provider's answer (query or form): finish the sign-in and tell the person."""
         signins = self.server_app.signins
         assert signins is not None
         try:
-            ok, text = signins.finish(params)
+            ok, text = signins.finish(params, self.binding())
         except Exception as e:  # noqa: BLE001 - one line, and the person is told
             log.error("web sign-in failed: %s: %s", type(e).__name__, e)
             ok, text = False, "relayd could not complete the sign-in; tell your administrator."
         self.send(200 if ok else 400, message_page("Signed in" if ok else "Not signed in",
-                                                   text, ok))
+                                                   text, ok),
+                  cookies=[self.signin_cookie("", 0)] if ok else None)
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         app = self.server_app
@@ -491,7 +674,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hostname = app.config.server.hostname
         try:
             if url.path == "/":
-                if not app.admin(self.headers.get("Authorization")):
+                allowed = app.admin(self.headers.get("Authorization"), self.client_address[0])
+                if allowed is not True and allowed is not False:
+                    self.send(429, message_page("Too many failed logins", "Try again in "
+                                                f"{int(allowed) + 1} seconds.", False),
+                              {"Retry-After": str(int(allowed) + 1)})
+                    return
+                if not allowed:
                     self.send(401, message_page("Login required", "Log in as an administrator "
                                                 "of this relay.", False),
                               {"WWW-Authenticate": 'Basic realm="relayd", charset="UTF-8"'})
@@ -508,6 +697,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif url.path == "/signin/start":
                 assert app.signins is not None
                 self.to_provider(app.signins.start, params.get("id", ""))
+            elif url.path == "/signin/continue.js":
+                self.send(200, CONTINUE_SCRIPT,
+                          {"Content-Type": "text/javascript; charset=utf-8"})
             elif url.path == "/signin/callback":
                 self.signin_answer(params)  # Google answers with a GET; Microsoft posts
             else:
