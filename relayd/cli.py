@@ -181,6 +181,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         except DeliveryError as e:
             kind = "temporary" if isinstance(e, TransientDeliveryError) else "permanent"
             print(f"4. failed ({kind}): {e}")
+            _print_fix(route, e.reply)
             return EXIT_FAILED
         finally:
             await session.close()
@@ -189,9 +190,20 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         for rcpt, res in results.items():
             print(f"4. <{rcpt}>: {res.status.value}: {res.reply}".rstrip())
             ok = ok and res.status is Status.DELIVERED
+            if res.status is not Status.DELIVERED:
+                _print_fix(route, res.reply)
         return EXIT_OK if ok else EXIT_FAILED
 
     return asyncio.run(run())
+
+
+def _print_fix(route: Any, reply: object) -> None:
+    """send-test: the provider's fix for this refusal (relayd.providers), when it has one."""
+    from relayd.providers import fix_for
+
+    fix = fix_for(route, reply)
+    if fix:
+        print(f"   fix: {fix}")
 
 
 def _age(seconds: float) -> str:

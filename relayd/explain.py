@@ -124,6 +124,24 @@ def _asked(route: RouteConfig) -> str:
     return "the upstream is asked to: " + "; ".join(parts)
 
 
+def _provider(route: RouteConfig) -> list[str]:
+    """The consumer provider the route talks to and what it refuses (relayd.providers); for a
+    delegated Microsoft route, which kinds of account may sign in."""
+    from relayd.auth.oauth import is_microsoft_oauth, takes_personal_accounts
+    from relayd.providers import explain_line
+
+    out = []
+    if route.flow == "device" and is_microsoft_oauth(route) and takes_personal_accounts(route):
+        kinds = ("personal Microsoft accounts only (Outlook.com, Hotmail, Live)"
+                 if (route.tenant_id or "").lower() == "consumers" else
+                 "personal Microsoft accounts (Outlook.com, Hotmail, Live) and work accounts")
+        out.append(f"who signs in: {kinds}")
+    line = explain_line(route)
+    if line:
+        out.append(line)
+    return out
+
+
 def explain(config: Config) -> list[str]:
     lines = []
     for route in config.routes.values():
@@ -133,6 +151,7 @@ def explain(config: Config) -> list[str]:
         lines.append(f"  to whom: {to}")
         lines.append(f"  {_account(route)}")
         lines.append(f"  {_asked(route)}")
+        lines.extend(f"  {line}" for line in _provider(route))
     if config.server.null_sender_route:
         lines.append(f"null-sender mail (bounces from a front MTA) goes through route "
                      f"{config.server.null_sender_route}")

@@ -282,6 +282,7 @@ class Service:
 
     async def web_snapshot(self) -> Any:
         """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
+        from relayd.providers import fix_for
         from relayd.web.pages import RouteRow, Snapshot, TokenRow
 
         counts = self.qmgr.route_counts()
@@ -293,7 +294,9 @@ class Service:
             queued, deferred, _ = counts.get(route.name, (0, 0, None))
             routes.append(RouteRow(route.name, route.upstream_name, st.last_success,
                                    st.last_failure, st.last_failure_reply, st.failing_since,
-                                   st.failing_kind, queued, deferred))
+                                   st.failing_kind, queued, deferred,
+                                   fix_for(route, st.last_failure_reply)
+                                   if st.last_failure_reply else ""))
             tokens.extend(TokenRow(**dataclasses.asdict(h))
                           for h in agent.upstream.token_health())
         oldest = [o for _, _, o in counts.values() if o is not None]

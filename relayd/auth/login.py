@@ -90,6 +90,36 @@ def _claims(id_token: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def microsoft_names(claims: dict[str, Any]) -> list[str]:
+    """The names a Microsoft id token gives the signed-in account: preferred_username and upn;
+    for a personal account (tid is the personal accounts' tenant) also `email`, because its
+    preferred_username is whatever it signed in with (an address, a phone number or another
+    name; ID token claims reference) while `email` is its mailbox. A work account's `email` is
+    a directory attribute an admin may set to anything, so it is not taken there."""
+    from relayd.auth.oauth import MSA_TENANT_ID
+
+    keys = ["preferred_username", "upn"]
+    if str(claims.get("tid") or "").lower() == MSA_TENANT_ID:
+        keys.append("email")
+    names: list[str] = []
+    for key in keys:
+        value = str(claims.get(key) or "").strip()
+        if value and value.lower() not in (n.lower() for n in names):
+            names.append(value)
+    return names
+
+
+def microsoft_account(claims: dict[str, Any], wanted: str | None) -> str:
+    """The signed-in account as relayd stores it: `wanted` when the token names it (any case),
+    else the first name that is an address, else the first name (which check_account refuses
+    as another account)."""
+    names = microsoft_names(claims)
+    for name in names:
+        if wanted and name.lower() == wanted.lower():
+            return name
+    return next((n for n in names if "@" in n), names[0] if names else "")
+
+
 def signed_in_account(claims: dict[str, Any]) -> str:
     return str(claims.get("preferred_username") or claims.get("upn") or claims.get("email")
                or "").strip()
@@ -126,7 +156,7 @@ def store_signin(config: Config, route: RouteConfig, account: str, cache: str,
 
 class MicrosoftFlow(_Flow):
     def __init__(self, config: Config, route: RouteConfig, user: str, redirect_uri: str) -> None:
-        from relayd.auth.oauth import authority_url, delegated_scopes
+        from relayd.auth.oauth import authority_url, signin_scopes
 
         self.config, self.route, self.user = config, route, user
         authority, custom = authority_url(route)
@@ -135,7 +165,7 @@ class MicrosoftFlow(_Flow):
         self.app = msal.PublicClientApplication(
             route.client_id, authority=authority, http_client=self.http,
             instance_discovery=False if custom else None, token_cache=self.cache)
-        self.flow = self.app.initiate_auth_code_flow(delegated_scopes(route),
+        self.flow = self.app.initiate_auth_code_flow(signin_scopes(route),
                                                      redirect_uri=redirect_uri, login_hint=user)
         self.auth_uri = str(self.flow["auth_uri"])
 
@@ -154,8 +184,8 @@ class MicrosoftFlow(_Flow):
         if "access_token" not in result:
             return Outcome(False, f"sign-in failed: {result.get('error')}: "
                            f"{_first_line(result.get('error_description'))}")
-        refusal = check_account(signed_in_account(result.get("id_token_claims") or {}),
-                                self.user)
+        refusal = check_account(microsoft_account(result.get("id_token_claims") or {},
+                                                  self.user), self.user)
         if refusal:
             return refusal
         return store_signin(self.config, self.route, self.user, self.cache.serialize(),

@@ -30,6 +30,9 @@ MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 EXCHANGE_ONLINE_HOST = "outlook.office365.com"
 SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
 SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
+# The tenant id in every personal Microsoft account's tokens (ID token claims reference, `tid`).
+MSA_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
+PERSONAL_TENANTS = ("consumers", "common", MSA_TENANT_ID)
 # msal treats a cached access token as expired 5 minutes before its end; renew no later.
 MSAL_EXPIRY_MARGIN_S = 300
 # Use a short-lived token (under msal's margin) this long before renewing it.
@@ -78,6 +81,22 @@ def delegated_scopes(route: RouteConfig) -> list[str]:
     if route.upstream == "graph":
         return [f"{(route.endpoint or 'https://graph.microsoft.com').rstrip('/')}/Mail.Send"]
     return [SMTP_DELEGATED_SCOPE]
+
+
+def takes_personal_accounts(route: RouteConfig) -> bool:
+    """Whether personal Microsoft accounts (Outlook.com, Hotmail, Live) sign in for this route:
+    its tenant is `consumers` (personal accounts only), `common` (both kinds) or the personal
+    accounts' own tenant id."""
+    return (route.tenant_id or "").lower() in PERSONAL_TENANTS
+
+
+def signin_scopes(route: RouteConfig) -> list[str]:
+    """The scopes of an interactive sign-in: the route's delegated scope, plus OpenID `email`
+    where personal accounts sign in. A personal account's preferred_username is its sign-in
+    name (an address, a phone number or another name), and only the `email` claim, which needs
+    that scope, names its mailbox for certain (relayd.auth.login.microsoft_account)."""
+    scopes = delegated_scopes(route)
+    return [*scopes, "email"] if takes_personal_accounts(route) else scopes
 
 
 def _first_line(text: object) -> str:
@@ -357,7 +376,7 @@ class MsalTokenProvider:
 
     def _acquire_user(self, key: str) -> AccessToken:
         u = self._user(key)
-        accounts = u.app.get_accounts(username=key)
+        accounts = u.app.get_accounts(username=key) or _sole_account(u.app)
         if not accounts:
             raise AuthenticationError(f"route {self.route.name}: the stored sign-in is not for "
                                       f"{key}; " + _login_hint(self.route.name, key))
@@ -378,6 +397,16 @@ class MsalTokenProvider:
                 return  # a newer sign-in was stored meanwhile; it wins, we re-read it next time
             u.stamp = self.store.save(self.route.name, key, u.cache.serialize())
             u.cache.has_state_changed = False
+
+
+def _sole_account(app: msal.ClientApplication) -> list[dict[str, Any]]:
+    """The one account of a user's token file when msal's username (the id token's
+    preferred_username) is not the address the file is stored under: a personal Microsoft
+    account that signed in with a phone number or another alias, accepted by its `email` claim
+    (relayd.auth.login.microsoft_account). Each file is written only after that check, for
+    that address alone, so its single account is the one that passed it."""
+    accounts: list[dict[str, Any]] = app.get_accounts()
+    return accounts if len(accounts) == 1 else []
 
 
 # -- functions for the CLI and the listener ------------------------------------------------------
@@ -410,7 +439,7 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
         app = msal.PublicClientApplication(
             route.client_id, authority=authority, http_client=http,
             instance_discovery=False if custom else None, token_cache=cache)
-        flow = app.initiate_device_flow(scopes=delegated_scopes(route))
+        flow = app.initiate_device_flow(scopes=signin_scopes(route))
         if "user_code" not in flow:
             out.write(f"relayd: the identity provider refused the sign-in: "
                       f"{flow.get('error')}: {_first_line(flow.get('error_description'))}\n")
@@ -432,8 +461,9 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
         out.write(f"relayd: sign-in failed: {result.get('error')}: "
                   f"{_first_line(result.get('error_description'))}\n")
         return 1
-    claims = result.get("id_token_claims") or {}
-    signed_in = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
+    from relayd.auth.login import microsoft_account
+
+    signed_in = microsoft_account(result.get("id_token_claims") or {}, user).lower()
     if not signed_in:
         out.write("relayd: the identity provider did not say who signed in; nothing stored\n")
         return 1

@@ -38,6 +38,14 @@ from relayd.reply import Reply
 
 log = logging.getLogger(__name__)
 
+
+def _fix_said(route: RouteConfig, reply: Reply) -> str:
+    """The provider's fix for a refused login (relayd.providers), as the log line's tail."""
+    from relayd.providers import fix_for
+
+    fix = fix_for(route, reply)
+    return f" (fix: {fix})" if fix else ""
+
 IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route runs dry
 ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
 TIMED_OUT = Reply.local("delivery attempt timed out", "4.4.2")
@@ -303,8 +311,8 @@ class DeliveryAgent:
             return Report(_all(job.recipients, Status.DEFERRED, e), unreachable=True)
         except TransientDeliveryError as e:
             auth = isinstance(e, AuthenticationError)
-            log.log(logging.ERROR if auth else logging.INFO, "%s: route %s: %s", job.queue_id,
-                    self.route.name, e.reply)
+            log.log(logging.ERROR if auth else logging.INFO, "%s: route %s: %s%s", job.queue_id,
+                    self.route.name, e.reply, _fix_said(self.route, e.reply) if auth else "")
             return Report(_all(job.recipients, Status.DEFERRED, e), retry_after=e.retry_after,
                           problem="authentication" if auth else "")
         except PermanentDeliveryError as e:

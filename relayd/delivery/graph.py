@@ -648,9 +648,21 @@ class GraphUpstream(Upstream):
                 self._slots.pop(key, None)
 
     def url(self, mailbox: str, *parts: str) -> str:
-        user = urllib.parse.quote(mailbox, safe="@")
         tail = "/".join(urllib.parse.quote(p, safe="") for p in parts)
+        if self.personal:
+            # A delegated token is the mailbox's own (its file is stored under that address),
+            # and Graph knows a personal Microsoft account as /me: /users/{address} answers
+            # ErrorInvalidUser for Outlook.com mailboxes.
+            return f"{self.endpoint}/{API_VERSION}/me/{tail}"
+        user = urllib.parse.quote(mailbox, safe="@")
         return f"{self.endpoint}/{API_VERSION}/users/{user}/{tail}"
+
+    @property
+    def personal(self) -> bool:
+        """A delegated route that personal Microsoft accounts sign in to."""
+        from relayd.auth.oauth import takes_personal_accounts
+
+        return self.route.flow == "device" and takes_personal_accounts(self.route)
 
     async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
                       json_body: Mapping[str, Any] | None = None,

@@ -30,6 +30,7 @@ class RouteRow:
     failing_kind: str
     queued: int
     deferred: int
+    fix: str = ""  # the provider's fix for the last failure (relayd.providers)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def status_page(s: Snapshot) -> bytes:
         failure = _e(_when(r.last_failure, s.now))
         if r.last_failure is not None and r.last_failure_reply:
             failure += f"<br>{_e(r.last_failure_reply)}"
+            if r.fix:
+                failure += f'<br><span class="fix">fix: {_e(r.fix)}</span>'
         if r.failing_since is not None:
             failure += (f'<br><span class="bad">{_e(r.failing_kind)} failing since '
                         f"{_e(_when(r.failing_since, s.now))}</span>")

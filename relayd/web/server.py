@@ -230,7 +230,7 @@ class SignIns:
 
     def start(self, key: str, client: str = "") -> tuple[str, str]:
         """The provider's authorize URL for a new sign-in, and its cookie's value."""
-        from relayd.auth.oauth import delegated_scopes
+        from relayd.auth.oauth import signin_scopes
 
         route = self.groups.get(key)
         if route is None:
@@ -238,7 +238,7 @@ class SignIns:
         self._room(client)
         app = self._app(route)
         # form_post: the code comes back in a POST body, never in a URL a browser keeps.
-        flow = app.initiate_auth_code_flow(delegated_scopes(route),
+        flow = app.initiate_auth_code_flow(signin_scopes(route),
                                            redirect_uri=self.redirect_uri,
                                            prompt="select_account", response_mode="form_post")
         binding = self._remember(str(flow["state"]),
@@ -250,7 +250,7 @@ class SignIns:
         import msal
 
         from relayd.auth.login import Outcome, store_signin
-        from relayd.auth.oauth import delegated_scopes
+        from relayd.auth.oauth import signin_scopes
         from relayd.auth.tokencache import TokenStore
         from relayd.errors import AuthenticationError
 
@@ -294,13 +294,12 @@ class SignIns:
         app.token_cache = cache
         try:
             result = app.acquire_token_by_auth_code_flow(pending.flow, params,
-                                                         scopes=delegated_scopes(route))
+                                                         scopes=signin_scopes(route))
         except ValueError:
             return False, "The sign-in answer did not match the sign-in it belongs to."
         if "access_token" not in result:
             return False, f"The sign-in failed: {result.get('error')}"
-        claims = result.get("id_token_claims") or {}
-        account = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
+        account = self._account(pending.group, result.get("id_token_claims") or {})
         covering = self.router.lookup(account) if account else None
         if covering is None or not _delegated_microsoft(covering) or \
                 _group(covering) != pending.group:
@@ -319,6 +318,19 @@ class SignIns:
             return False, "relayd could not store the sign-in; tell your administrator."
         log.info("web sign-in: %s signed in for route %s", account, covering.name)
         return True, f"{account} can now send mail through relayd (route {covering.name})."
+
+    def _account(self, group: str, claims: dict[str, Any]) -> str:
+        """The signed-in address a delegated route of `group` covers, among the names the id
+        token gives (a personal account's sign-in name and its `email`:
+        relayd.auth.login.microsoft_names); else the first, which no route covers."""
+        from relayd.auth.login import microsoft_names
+
+        names = [n.lower() for n in microsoft_names(claims)]
+        for name in names:
+            route = self.router.lookup(name)
+            if route is not None and _delegated_microsoft(route) and _group(route) == group:
+                return name
+        return names[0] if names else ""
 
 
 def _delegated_microsoft(route: RouteConfig) -> bool:

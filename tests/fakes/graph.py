@@ -107,6 +107,12 @@ class GraphState:
     throttled: dict[str, int] = field(default_factory=dict)
     in_flight_all: int = 0  # sendMail in flight over all mailboxes, and its peak
     max_in_flight_all: int = 0
+    # Delegated calls to /me: the mailbox of the account a token was issued to (for example
+    # from IdpState.check_bearer); None: /me is refused as it is for app-only tokens.
+    me: Callable[[str], str | None] | None = None
+    # Personal Microsoft accounts' mailboxes (lower case): Graph knows them as /me only, and
+    # answers /users/{address} with ErrorInvalidUser (what users of personal accounts report).
+    personal_mailboxes: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
 
@@ -123,6 +129,7 @@ class GraphState:
 
 
 _USER_PATH = re.compile(r"^/v1\.0/users/([^/]+)/(.*)$")
+_ME_PATH = re.compile(r"^/v1\.0/me/(.*)$")
 
 
 class GraphHandler(Handler):
@@ -177,7 +184,8 @@ class GraphHandler(Handler):
             self.upload(method, path.removeprefix("/upload/"), body)
             return
         m = _USER_PATH.match(path)
-        if not m:
+        me = _ME_PATH.match(path)
+        if not m and not me:
             self.error(404, "UnknownError", f"no such resource {path}")
             return
         st = self.state
@@ -189,12 +197,25 @@ class GraphHandler(Handler):
         token = self.bearer()
         if token is None:
             return
-        mailbox = urllib.parse.unquote(m.group(1))
+        if m:
+            mailbox = urllib.parse.unquote(m.group(1))
+            if mailbox.lower() in st.personal_mailboxes:
+                self.error(404, "ErrorInvalidUser",
+                           f"The requested user '{mailbox}' is invalid.")
+                return
+            tail = m.group(2)
+        else:
+            signed_in = st.me(token) if st.me is not None else None
+            if signed_in is None:
+                self.error(400, "BadRequest",
+                           "/me request is only valid with delegated authentication flow.")
+                return
+            mailbox, tail = signed_in, me.group(1) if me else ""
         if st.mailboxes is not None and mailbox.lower() not in st.mailboxes:
             self.error(404, "ErrorInvalidUser",
                        f"The requested user '{mailbox}' is invalid.")
             return
-        rest = m.group(2).split("/")
+        rest = tail.split("/")
         if method == "POST" and rest == ["sendMail"]:
             self.send_mail(mailbox, body, token)
         elif method == "POST" and rest == ["messages"]:

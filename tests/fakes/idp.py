@@ -27,6 +27,10 @@ CLIENT_SECRET = "app-secret-value"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 LOGIN_TITLE = "Sign in to your account"
+# Personal Microsoft accounts (Outlook.com, Hotmail, Live): the `consumers` authority, and the
+# tenant id every personal account's tokens carry (ID token claims reference, `tid`).
+CONSUMERS = "consumers"
+MSA_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
 
 
 def pkce_challenge(verifier: str) -> str:
@@ -89,8 +93,18 @@ class IdpState:
     web_redirect_uris: set[str] = field(default_factory=set)
     auth_codes: dict[str, AuthCode] = field(default_factory=dict)
     logins: list[str] = field(default_factory=list)  # users who submitted the login form
+    # Personal accounts (tenant "consumers"): id tokens carry tid = MSA_TENANT_ID and the
+    # account's sign-in name as preferred_username; `email` (the mailbox) only when the sign-in
+    # asked for the `email` scope, as the real endpoint does. `mailboxes` maps a sign-in name
+    # (a phone number, an alias) to its mailbox; by default the name is the mailbox.
+    mailboxes: dict[str, str] = field(default_factory=dict)
+    email_consent: set[str] = field(default_factory=set)  # users who granted `email`
     lock: threading.Lock = field(default_factory=threading.Lock)
     base_url: str = ""
+
+    @property
+    def personal(self) -> bool:
+        return self.tenant == CONSUMERS
 
     def grants(self, grant_type: str) -> int:
         """How many token requests of this grant type arrived."""
@@ -122,8 +136,10 @@ class IdpHandler(Handler):
         st = self.state
         base = f"{st.base_url}/{st.tenant}"
         if self.path.split("?")[0] == f"/{st.tenant}/v2.0/.well-known/openid-configuration":
+            # The consumers authority names the personal accounts' tenant as its issuer.
+            issuer = f"{st.base_url}/{MSA_TENANT_ID}/v2.0" if st.personal else f"{base}/v2.0"
             self.json(200, {
-                "issuer": f"{base}/v2.0",
+                "issuer": issuer,
                 "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
                 "token_endpoint": f"{base}/oauth2/v2.0/token",
                 "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
@@ -202,7 +218,8 @@ class IdpHandler(Handler):
 <h1>Sign in</h1>
 <form method="post" action="/{self.state.tenant}/oauth2/v2.0/authorize">
 {hidden}
-<p><label>Email <input type="email" name="username" id="username" value="{user}"></label></p>
+<p><label>Email, phone or Skype <input type="text" name="username" id="username"
+ value="{user}"></label></p>
 <p><label>Password <input type="password" name="password" id="password"></label></p>
 {f"<p id='error' style='color:#e00'>{html.escape(error)}</p>" if error else ""}
 <p><button type="submit" id="submit">Sign in</button></p>
@@ -260,6 +277,9 @@ class IdpHandler(Handler):
             self.error("invalid_grant", "AADSTS501481: The Code_Verifier does not match the "
                        "code_challenge supplied in the authorization request.")
             return
+        if "email" in issued.scope.split():
+            with st.lock:
+                st.email_consent.add(issued.user)
         self.issue("user", issued.user, form.get("scope") or issued.scope, nonce=issued.nonce)
 
     def error(self, error: str, description: str, status: int = 400) -> None:
@@ -378,15 +398,24 @@ class IdpHandler(Handler):
             st.access_tokens[access] = IssuedToken(kind, user, scope, now + st.token_lifetime_s)
         if user is not None:
             refresh = "rt-" + secrets.token_urlsafe(24)
-            oid = "oid-" + user.split("@")[0]
             with st.lock:
                 st.refresh_tokens[refresh] = user
+                consented = user in st.email_consent
             body["refresh_token"] = refresh
-            body["client_info"] = _b64url(json.dumps({"uid": oid, "utid": st.tenant}).encode())
-            claims = {"aud": st.client_id, "iss": f"{st.authority}/v2.0", "iat": int(now),
+            if st.personal:
+                # A personal account's object id is its 64-bit id in GUID form.
+                digest = hashlib.sha256(user.encode()).hexdigest()
+                oid = f"00000000-0000-0000-{digest[:4]}-{digest[4:16]}"
+                tid, issuer = MSA_TENANT_ID, f"{st.base_url}/{MSA_TENANT_ID}/v2.0"
+            else:
+                oid, tid, issuer = "oid-" + user.split("@")[0], st.tenant, f"{st.authority}/v2.0"
+            body["client_info"] = _b64url(json.dumps({"uid": oid, "utid": tid}).encode())
+            claims = {"aud": st.client_id, "iss": issuer, "iat": int(now),
                       "nbf": int(now), "exp": int(now) + 3600, "oid": oid, "sub": oid,
-                      "tid": st.tenant, "preferred_username": user, "name": user,
+                      "tid": tid, "preferred_username": user, "name": user,
                       "ver": "2.0"}
+            if st.personal and consented:
+                claims["email"] = st.mailboxes.get(user, user)
             if nonce:
                 claims["nonce"] = nonce
             body["id_token"] = ".".join([_b64url(b'{"alg":"none","typ":"JWT"}'),
