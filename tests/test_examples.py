@@ -3,8 +3,11 @@ delivers one message to the fake of its provider once pointed at it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
+import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
 from aiosmtpd.smtp import Session as SmtpSession
 from conftest import (
+    RELAYD,
     REPO,
     RecordingHandler,
     Upstream,
@@ -35,7 +39,15 @@ EXAMPLES = REPO / "conf" / "examples"
 # The provider recipes (issue 12); the account-layout examples are checked in test_config.
 RECIPES = ("m365-graph-app", "m365-graph-shared-mailbox", "m365-hve",
            "azure-communication-services", "gmail-xoauth2", "gmail-app-password",
-           "exchange-onprem-ews-ntlm", "smarthost")
+           "exchange-onprem-ews-ntlm", "smarthost",
+           # consumer providers (issue 31)
+           "outlook-com-xoauth2", "outlook-com-graph", "icloud-app-password",
+           "yahoo-app-password")
+# What `check --explain` names for the consumer providers' recipes (relayd.providers).
+PROVIDER_LINES = {"outlook-com-xoauth2": "provider: Outlook.com",
+                  "outlook-com-graph": "who signs in: personal Microsoft accounts only",
+                  "icloud-app-password": "provider: Apple iCloud Mail",
+                  "yahoo-app-password": "provider: Yahoo Mail"}
 # What a test may change in an example to point it at a fake; nothing else is touched.
 POINTING_KEYS = frozenset({"host", "port", "endpoint", "authority", "ca_file",
                            "service_endpoint"})
@@ -101,6 +113,8 @@ def point_at_fakes(name: str, tmp_path: Path, routes: dict[str, dict[str, Any]])
     for section in ("journal", "auth"):
         if "path" in data.get(section, {}):
             data[section]["path"] = str(tmp_path / section)
+    if "key_file" in data.get("auth", {}):
+        data["auth"]["key_file"] = str(tmp_path / "token.key")
     for route_name, keys in routes.items():
         assert set(keys) <= POINTING_KEYS, f"{name}: a test may only repoint a route"
         data["routes"][route_name].update(keys)
@@ -138,6 +152,7 @@ class SmtpAccount(RecordingHandler):
     password: str = ""
     token_ok: Callable[[str, str], bool] | None = None
     xoauth2: list[tuple[str, bool]] = field(default_factory=list)
+    xoauth2_raw: list[str] = field(default_factory=list)  # each decoded initial response
 
     def authenticate(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                      mechanism: str, auth_data: Any) -> AuthResult:
@@ -151,7 +166,9 @@ class SmtpAccount(RecordingHandler):
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
         if self.token_ok is None or len(args) < 2:
             return AuthResult(success=False, handled=False, message="504 5.5.4 Not offered")
-        fields = base64.b64decode(args[1]).decode().split("\x01")
+        raw = base64.b64decode(args[1]).decode()
+        self.xoauth2_raw.append(raw)
+        fields = raw.split("\x01")
         user = fields[0].removeprefix("user=")
         token = fields[1].removeprefix("auth=Bearer ")
         ok = self.token_ok(user, token)
@@ -187,6 +204,7 @@ def smtp_pointing(up: Upstream) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("name", "route", "sender", "recipient"), [
     ("m365-hve", "hve", "notifications@business.com", "staff@business.com"),
+    ("icloud-app-password", "icloud", "office@icloud.com", "client@example.com"),
     ("azure-communication-services", "acs", "donotreply@notify.business.com",
      "customer@example.com"),
     ("gmail-app-password", "gmail", "office@business.com", "client@example.com"),
@@ -212,6 +230,69 @@ async def test_password_recipe_delivers_over_starttls(
     assert (got.mail_from, got.rcpt_tos, got.data) == (sender, [recipient], data)
     assert up.handler.logins == [keys["username"]]
     assert keys["tls"] == "starttls" and keys["port"] == 587
+
+
+async def test_yahoo_recipe_delivers_over_implicit_tls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1. the Yahoo recipe (port 465, tls = "implicit"), pointed at an upstream that speaks TLS
+    from the first byte with the test CA 2. one message in 3. the upstream saw AUTH as the
+    recipe's username with the app password, then the message."""
+    keys = load_example("yahoo-app-password")["routes"]["yahoo"]
+    assert (keys["port"], keys["tls"]) == (465, "implicit")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY",
+                       str(credentials(tmp_path, {keys["password_file"]: "app-pw"})))
+    handler = SmtpAccount(username=keys["username"], password="app-pw")
+    # aiosmtpd cannot tell that implicit TLS is TLS: AUTH is offered, not required (the
+    # recorded login below shows relayd used it).
+    up = Upstream(implicit_tls=shared_ca().server_context(), auth_require_tls=False,
+                  authenticator=handler.authenticate)
+    up.handler = handler
+    await up.start()
+    try:
+        cfg = point_at_fakes("yahoo-app-password", tmp_path, {"yahoo": smtp_pointing(up)})
+        sender = "office@yahoo.com"
+        data = message(sender=sender, to="client@example.com", subject="via Yahoo")
+        async with run_service(cfg) as svc:
+            assert await send(service_port(svc), sender, ["client@example.com"], data) == {}
+            await wait_for(lambda: len(up.messages) == 1, what="delivery through Yahoo")
+    finally:
+        await up.stop()
+    assert (up.messages[0].mail_from, up.messages[0].data) == (sender, data)
+    assert handler.logins == [keys["username"]]
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository as committed, cloned anew: what a new admin gets."""
+    dest = tmp_path_factory.mktemp("clone") / "relayd"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(dest)], check=True,
+                   capture_output=True, timeout=120)
+    return dest
+
+
+@pytest.mark.parametrize("name", RECIPES)
+async def test_recipe_loads_and_explains_in_a_fresh_clone(
+        tmp_path: Path, fresh_clone: Path, name: str) -> None:
+    """`relayd check --explain` on the recipe of a fresh clone, run there, with its secrets as
+    systemd credentials: exit 0, every route explained in plain words, no secret shown; the
+    consumer providers' recipes name what the provider refuses."""
+    path = fresh_clone / "conf" / "examples" / f"{name}.toml"
+    names = credential_names(load_example(name))
+    creds = credentials(tmp_path, {n: f"example-secret-{i}" for i, n in enumerate(names)})
+    # python -m relayd in the clone runs the clone's own code (its directory comes first).
+    result = await asyncio.to_thread(
+        subprocess.run, [*RELAYD, "check", "--explain", "-c", str(path)], cwd=fresh_clone,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds)})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert ": ok, " in out and "warning" not in result.stderr
+    for route in load_example(name)["routes"]:
+        assert f"route {route}: " in out
+    assert out.count("  who may send: ") == out.count("  as which account: ") >= 1
+    assert "example-secret" not in out + result.stderr
+    if name in PROVIDER_LINES:
+        assert PROVIDER_LINES[name] in out, out
 
 
 async def test_hve_recipe_refuses_an_external_recipient_at_rcpt(
