@@ -9,8 +9,11 @@ flow (relayd.auth.oauth.login), which Microsoft-managed Conditional Access now b
 tenants: it stays for the tenants that allow it.
 
 The signed-in account must be `--user` (case-insensitive), else nothing is stored: a delegated
-route sends only as the account that signed in. The token is stored where the daemon reads it
-(relayd.auth.tokencache.TokenStore), which picks up the new file without a restart.
+route sends only as the account that signed in. A Microsoft account is named by its id token's
+preferred_username or upn and, for a personal account (Outlook.com; tid 9188040d-...), also by
+`email`, which relayd asks for on routes personal accounts sign in to (`microsoft_names`).
+The token is stored where the daemon reads it (relayd.auth.tokencache.TokenStore), which picks
+up the new file without a restart.
 State and PKCE: msal generates and checks both for Microsoft; for Google this module does
 (`secrets.compare_digest` on state, S256 challenge). Rejected: a fixed port (another process may
 hold it) and an https loopback listener (a self-signed certificate the browser warns about; the
