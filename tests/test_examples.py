@@ -153,6 +153,7 @@ class SmtpAccount(RecordingHandler):
     token_ok: Callable[[str, str], bool] | None = None
     xoauth2: list[tuple[str, bool]] = field(default_factory=list)
     xoauth2_raw: list[str] = field(default_factory=list)  # each decoded initial response
+    refusal: str = ""  # the reply to a wrong password (aiosmtpd's 535 5.7.8 when empty)
 
     def authenticate(self, server: SMTP, session: SmtpSession, envelope: Envelope,
                      mechanism: str, auth_data: Any) -> AuthResult:
@@ -161,7 +162,7 @@ class SmtpAccount(RecordingHandler):
         if ok:
             self.logins.append(self.username)
         # handled=False, or aiosmtpd sends no 535 at all (FIELD-NOTES)
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, message=None if ok else self.refusal or None)
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
         if self.token_ok is None or len(args) < 2:

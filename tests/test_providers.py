@@ -117,3 +117,31 @@ async def test_icloud_535_names_the_app_specific_password_fix(
     assert f"fix: {ICLOUD_FIX}" in page
     assert up.messages == [] and up.handler.logins == []
     assert "the-apple-account-password" not in caplog.text + page
+
+
+async def test_outlook_com_basic_auth_refusal_names_the_xoauth2_recipe_in_send_test(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        smtp_account: Any) -> None:  # noqa: F811 - the fixture imported above
+    """A password route to an Outlook.com account (what every guide written before September
+    2024 gives), against an upstream answering as Outlook.com does now: send-test fails and
+    says this account needs the xoauth2 recipe."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials(tmp_path, {"outlook": "pw"})))
+    up = await smtp_account(username="alice@outlook.com", password="never", refusal=(
+        "535 5.7.139 Authentication unsuccessful, basic authentication is disabled. "
+        "[PN0PR01CA0024.INDPRD01.PROD.OUTLOOK.COM]"))
+    data = load_example("smarthost")
+    data["queue"]["path"] = str(tmp_path / "queue")
+    data["routes"] = {"outlook": {
+        "senders": ["alice@outlook.com"], "upstream": "smtp", "tls": "starttls",
+        "username": "alice@outlook.com", "password_file": "outlook", **smtp_pointing(up)}}
+    cfg = tmp_path / "outlook-password.toml"
+    cfg.write_text(toml_text(data))
+    result = await arelayd_cli("send-test", "-c", str(cfg), "--from", "alice@outlook.com",
+                               "--to", "client@example.com")
+    assert result.returncode == 1
+    assert "5.7.139" in result.stdout
+    assert "fix: Outlook.com (Microsoft personal account): this account needs the xoauth2 " \
+        "recipe" in result.stdout, result.stdout
+    explained = await arelayd_cli("check", "--explain", "-c", str(cfg))
+    assert "WARNING: this route logs in with a password, which Outlook.com refuses" in \
+        explained.stdout
