@@ -4,6 +4,7 @@ page's /signin), then its mail over SMTP XOAUTH2 and over Graph with its own tok
 
 from __future__ import annotations
 
+import io
 import tomllib
 import urllib.parse
 from collections.abc import Iterator
@@ -25,8 +26,10 @@ from test_examples import (  # noqa: F401 - smtp_account is a fixture
     toml_text,
 )
 
+from relayd.auth import make_token_provider
 from relayd.auth.login import microsoft_account, microsoft_names
-from relayd.auth.oauth import has_signed_in
+from relayd.auth.oauth import delegated_scopes, has_signed_in
+from relayd.auth.oauth import login as device_login
 from relayd.config import load_config
 
 ALICE = "alice@outlook.com"  # signs in with her phone number, as personal accounts may
@@ -193,6 +196,30 @@ def test_personal_account_of_another_mailbox_stores_nothing(
     assert rc == 1, out
     assert "nothing stored" in out and ALICE in out
     assert not list(tmp_path.glob("auth/*.token"))
+
+
+def test_device_code_sign_in_of_a_personal_account(tmp_path: Path,
+                                                   consumers: Consumers) -> None:
+    """`relayd auth login --device` at the consumers tenant, approved by Alice's phone-number
+    sign-in: stored for alice@outlook.com (the email scope was asked for), and the daemon's
+    token provider hands out her SMTP.Send token for that address."""
+    consumers.idp.device_user = ALICE_PHONE
+    cfg = point_at_fakes("outlook-com-xoauth2", tmp_path, {"outlook": {
+        "host": "127.0.0.1", "port": 25, "authority": consumers.idp_url,
+        "ca_file": str(shared_ca().ca_file)}})
+    config = load_config(cfg)
+    out = io.StringIO()
+    assert device_login(config, "outlook", ALICE, out) == 0, out.getvalue()
+    assert f"Signed in as {ALICE}" in out.getvalue()
+    [(_, form)] = [r for r in consumers.idp.requests if r[0] == "devicecode"]
+    assert "email" in form["scope"].split()
+    route = config.routes["outlook"]
+    tokens = make_token_provider(route, config, delegated_scopes(route))
+    try:
+        token = tokens.acquire(ALICE).token  # type: ignore[attr-defined]
+    finally:
+        tokens.close()
+    assert consumers.mailbox_of(token) == ALICE
 
 
 def test_which_claims_name_the_account() -> None:

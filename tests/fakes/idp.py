@@ -378,6 +378,8 @@ class IdpHandler(Handler):
             else:
                 with st.lock:
                     del st.device_codes[code]
+                    if "email" in (scope or "").split():
+                        st.email_consent.add(approved)
                 self.issue("user", approved, scope or "")
         else:
             self.error("unsupported_grant_type", f"grant {grant!r} is not supported")
