@@ -65,5 +65,11 @@ class UpstreamUnavailableError(TransientDeliveryError):
     delivery agent then holds its other messages for a while instead of trying each one."""
 
 
+class InDoubtError(TransientDeliveryError):
+    """The request that sends was written and its answer was lost (a timeout, a reset, a
+    gateway's 5xx): the upstream may have sent the message (relayd.delivery.doubt). Deferred
+    like any transient error; a `dedupe` route looks in Sent Items before sending again."""
+
+
 class PermanentDeliveryError(DeliveryError):
     """Never going to work (5xx, SendAsDenied, mailbox not found): fail and bounce."""

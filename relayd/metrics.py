@@ -44,6 +44,11 @@ class Metrics:
         self._bounced = Counter("relayd_messages_bounced",
                                 "Messages failed permanently (a bounce was sent)", ["route"],
                                 registry=r)
+        self._in_doubt = Counter("relayd_attempts_in_doubt",
+                                 "Attempts whose answer was lost after the request went out "
+                                 "(relayd.delivery.doubt); lookup=yes: the next attempt looks "
+                                 "in Sent Items, no: the resend may duplicate",
+                                 ["route", "lookup"], registry=r)
         self._failed_logins = Counter("relayd_failed_logins",
                                       "Failed SMTP AUTH attempts on the listener", registry=r)
         self._latency = Histogram("relayd_delivery_latency_seconds",
@@ -91,6 +96,9 @@ class Metrics:
 
     def bounced(self, route: str) -> None:
         self._of(self._bounced, route).inc()
+
+    def in_doubt(self, route: str, lookup: bool) -> None:
+        self._in_doubt.labels(route=route, lookup="yes" if lookup else "no").inc()
 
     def failed_login(self) -> None:
         self._failed_logins.inc()

@@ -119,6 +119,8 @@ class Entry:
     attempts: int = 0
     backoff: int = 0  # failed tries since the last retry request
     started: int = 0  # dedupe: the attempt that was sent and not yet reported (0: none)
+    doubt: str = ""  # dedupe: why that attempt may have gone out (relayd.delivery.doubt)
+    doubt_at: float = 0.0  # and when it ended (epoch seconds)
     next_attempt: float = 0.0
     last_error: str = ""
     rcpt: dict[str, RecipientState] = field(default_factory=dict)
@@ -149,10 +151,13 @@ class Entry:
         return env
 
     def state_json(self) -> dict[str, Any]:
-        return {"attempts": self.attempts, "backoff": self.backoff, "started": self.started,
-                "next_attempt": self.next_attempt, "last_error": self.last_error,
-                "rcpt": {r: {"status": s.status, "code": s.code, "text": s.text}
-                         for r, s in self.rcpt.items()}}
+        state = {"attempts": self.attempts, "backoff": self.backoff, "started": self.started,
+                 "next_attempt": self.next_attempt, "last_error": self.last_error,
+                 "rcpt": {r: {"status": s.status, "code": s.code, "text": s.text}
+                          for r, s in self.rcpt.items()}}
+        if self.doubt:
+            state["doubt"] = {"why": self.doubt, "at": self.doubt_at}
+        return state
 
     def summary(self) -> dict[str, Any]:
         """What `relayd queue list/show` print."""
@@ -831,6 +836,8 @@ class Spool:
         entry.attempts = int(state.get("attempts", 0))
         entry.backoff = int(state.get("backoff", entry.attempts))
         entry.started = int(state.get("started", 0))
+        doubt = state.get("doubt") or {}
+        entry.doubt, entry.doubt_at = _str(doubt.get("why", "")), float(doubt.get("at", 0))
         entry.next_attempt = float(state.get("next_attempt", 0))
         entry.last_error = _str(state.get("last_error", ""))
         for r, s in state.get("rcpt", {}).items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,9 +28,11 @@ from relayd.delivery import (
     Status,
     Upstream,
 )
+from relayd.delivery import doubt as doubts
 from relayd.errors import (
     AuthenticationError,
     DeliveryError,
+    InDoubtError,
     PermanentDeliveryError,
     TransientDeliveryError,
     UpstreamUnavailableError,
@@ -50,6 +53,12 @@ IDLE_SESSION_S = 5.0  # keep an upstream connection this long after the route ru
 ATTEMPT_GRACE_S = 30.0  # beyond the route's timeout, before an attempt is abandoned
 TIMED_OUT = Reply.local("delivery attempt timed out", "4.4.2")
 FOUND_IN_SENT = "found in the mailbox's Sent Items after a restart; not sent again"
+FOUND_AFTER_DOUBT = ("found in the mailbox's Sent Items after an attempt whose answer was lost; "
+                     "not sent again")
+# Upstreams whose sent copy can be looked up (dedupe): an attempt cut off mid-call there is
+# in doubt; elsewhere nothing can be done about it.
+LOOKUP_UPSTREAMS = frozenset({"ews", "graph"})
+CUT_OFF = "the attempt was cut off mid-call"
 INTERNAL = Reply.local("internal error in relayd", "4.3.0")
 STOPPED = Reply.local("the route's delivery agent stopped (reload or shutdown)", "4.3.0")
 
@@ -66,6 +75,10 @@ class Job:
     attempt: int = 1
     check_sent_since: float | None = None  # dedupe: look in Sent Items first (after a crash)
     spooled: SpooledBody | None = None  # a large message left in the spool (`data` is empty)
+    # dedupe: why an earlier attempt may have gone out (relayd.delivery.doubt), and when that
+    # attempt ended (epoch; None after a crash): the lookup waits for Sent Items' lag then.
+    doubt: str = ""
+    doubt_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,9 @@ class Report:
     unreachable: bool = False  # the upstream could not be reached (this job or the hold)
     problem: str = ""  # "authentication" when the route's credentials were refused
     found_in_sent: bool = False  # dedupe: already in Sent Items, not sent again
+    # The message may have gone out although the attempt failed (relayd.delivery.doubt):
+    # why. A dedupe route keeps it marked "started" and looks in Sent Items next time.
+    doubt: str = ""
 
 
 _Item = tuple[Job, "asyncio.Future[Report]"]  # a job and where its report goes
@@ -214,8 +230,8 @@ class DeliveryAgent:
                 await asyncio.wait(pending, timeout=5)
         while self._jobs:
             job, future = self._jobs.popleft()
-            if not future.done():
-                future.set_result(_deferred(job, STOPPED))
+            if not future.done():  # never started: a doubt stays as it was
+                future.set_result(dataclasses.replace(_deferred(job, STOPPED), doubt=job.doubt))
         with contextlib.suppress(Exception):
             await self.upstream.close()
 
@@ -242,10 +258,10 @@ class DeliveryAgent:
                     log.exception("%s: route %s: unexpected error; deferring", job.queue_id,
                                   self.route.name)
                     await _close_quietly(session)
-                    report = _deferred(job, INTERNAL)
+                    report = self._cut_off(job, INTERNAL)
                 except BaseException:
                     if not future.done():
-                        future.set_result(_deferred(job, STOPPED))
+                        future.set_result(self._cut_off(job, STOPPED))
                     raise
                 self.stats.record(report)
                 if not future.done():
@@ -286,15 +302,15 @@ class DeliveryAgent:
 
     async def _run(self, job: Job, session: Session) -> Report:
         held = self.held_s()
-        if held is not None:
-            return Report(held_s=held, held_reply=self._hold_reply)
+        if held is not None:  # nothing tried: a doubt stays as it was
+            return Report(held_s=held, held_reply=self._hold_reply, doubt=job.doubt)
         if self.limiter is not None:
             await self.limiter.acquire()
         message = OutboundMessage(job.queue_id, job.sender, job.recipients, job.data,
                                   job.mail_options, job.spooled)
-        if job.check_sent_since is not None and await self._found_in_sent(message,
-                                                                          job.check_sent_since):
-            reply = Reply(250, "2.0.0", FOUND_IN_SENT, self.route.upstream)
+        if job.check_sent_since is not None and await self._found_in_sent(job, message):
+            words = FOUND_AFTER_DOUBT if job.doubt_at is not None else FOUND_IN_SENT
+            reply = Reply(250, "2.0.0", words, self.route.upstream)
             return Report({r: RecipientResult(Status.DELIVERED, reply) for r in job.recipients},
                           found_in_sent=True)
         try:
@@ -309,6 +325,9 @@ class DeliveryAgent:
                 self._hold_until = time.monotonic() + self.hold_s
                 self._hold_reply = e.reply
             return Report(_all(job.recipients, Status.DEFERRED, e), unreachable=True)
+        except InDoubtError as e:
+            return Report(_all(job.recipients, Status.DEFERRED, e), retry_after=e.retry_after,
+                          doubt=e.reply.one_line())
         except TransientDeliveryError as e:
             auth = isinstance(e, AuthenticationError)
             log.log(logging.ERROR if auth else logging.INFO, "%s: route %s: %s%s", job.queue_id,
@@ -319,22 +338,49 @@ class DeliveryAgent:
             return Report(_all(job.recipients, Status.FAILED, e))
         except TimeoutError:
             await _close_quietly(session)
-            return _deferred(job, TIMED_OUT)
+            return self._cut_off(job, TIMED_OUT, mid_call=True)
         return Report(results)
 
+    # -- dedupe: an earlier attempt that may have gone out (relayd.delivery.doubt) ----------
 
-    async def _found_in_sent(self, message: OutboundMessage, since: float) -> bool:
-        """Whether an attempt interrupted by a crash already went out (dedupe)."""
-        try:
-            found = await asyncio.wait_for(self.upstream.find_sent(message, since),
-                                           self.route.timeout_s + ATTEMPT_GRACE_S)
-        except (DeliveryError, TimeoutError) as e:
-            log.warning("%s: route %s: cannot look in Sent Items (%s); sending it again",
-                        message.queue_id, self.route.name, e)
-            return False
-        log.info("%s: route %s: interrupted attempt %s in Sent Items", message.queue_id,
-                 self.route.name, "found" if found else "not found" if found is False
-                 else "cannot be looked up")
+    def _cut_off(self, job: Job, reply: Reply, *, mid_call: bool = False) -> Report:
+        """The report of an attempt stopped by relayd (timeout, shutdown, a bug). Where Sent
+        Items can be looked up it is in doubt: the request may have been written (EWS's
+        thread even goes on with it), or the lookup a doubt asked for did not finish."""
+        report = _deferred(job, reply)
+        if self.route.upstream not in LOOKUP_UPSTREAMS:
+            return report
+        why = f"{reply}: {CUT_OFF}" if mid_call or not job.doubt else job.doubt
+        return Report(report.results, doubt=why)
+
+    async def _found_in_sent(self, job: Job, message: OutboundMessage) -> bool:
+        """Whether an earlier attempt already went out: one interrupted by a crash, or one
+        whose answer was lost (`job.doubt_at`). After a doubt, a lookup that finds nothing
+        looks again every SENT_ITEMS_POLL_S until SENT_ITEMS_LAG_S after the doubtful attempt
+        ended (Sent Items lags the send), and only then says "not found"."""
+        assert job.check_sent_since is not None
+        deadline = (job.doubt_at + doubts.SENT_ITEMS_LAG_S) if job.doubt_at is not None \
+            else 0.0
+        looks = 0
+        while True:
+            try:
+                found = await asyncio.wait_for(
+                    self.upstream.find_sent(message, job.check_sent_since),
+                    self.route.timeout_s + ATTEMPT_GRACE_S)
+            except (DeliveryError, TimeoutError) as e:
+                log.warning("%s: route %s: cannot look in Sent Items (%s); sending it again",
+                            message.queue_id, self.route.name, e)
+                return False
+            looks += 1
+            left = deadline - time.time()
+            if found is not False or left <= 0:
+                break
+            await asyncio.sleep(min(doubts.SENT_ITEMS_POLL_S, left))
+        what = f"attempt in doubt ({job.doubt})" if job.doubt_at is not None \
+            else "interrupted attempt"
+        log.info("%s: route %s: %s %s in Sent Items%s", message.queue_id, self.route.name,
+                 what, "found" if found else "not found" if found is False
+                 else "cannot be looked up", f" ({looks} lookups)" if looks > 1 else "")
         return bool(found)
 
 

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import exchangelib  # type: ignore[import-untyped]
 import exchangelib.errors as ews_errors  # type: ignore[import-untyped]
 import requests
+import urllib3
 from exchangelib.protocol import BaseProtocol  # type: ignore[import-untyped]
 from exchangelib.version import EXCHANGE_2013_SP1  # type: ignore[import-untyped]
 from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
@@ -31,10 +33,12 @@ from relayd.delivery import (
     Upstream,
     all_results,
 )
+from relayd.delivery.doubt import http_in_doubt
 from relayd.delivery.mime import mailbox_for, restrict_to_envelope
 from relayd.errors import (
     AuthenticationError,
     DeliveryError,
+    InDoubtError,
     PermanentDeliveryError,
     TransientDeliveryError,
     UpstreamUnavailableError,
@@ -244,14 +248,22 @@ class EwsUpstream(Upstream):
                                       bcc_recipients=bcc or None)
             msg.send(save_copy=self.route.save_to_sent)
         except Exception as e:  # noqa: BLE001 - every library error is translated here
-            raise self.translate(e, mailbox) from None
+            raise self.translate(e, mailbox, sends=True) from None
 
-    def translate(self, e: Exception, mailbox: str) -> DeliveryError:
+    def translate(self, e: Exception, mailbox: str, *, sends: bool = False) -> DeliveryError:
         """exchangelib / requests / msal failures -> relayd's transient or permanent errors,
-        whose reply says it came from EWS (the SMTP codes are the equivalents relayd chose)."""
+        whose reply says it came from EWS (the SMTP codes are the equivalents relayd chose).
+        `sends`: the failure of a send, which a lost answer leaves in doubt."""
         if isinstance(e, DeliveryError):
             return e
-        error = self._translate(e, mailbox)
+        facts = _lost_answer(e) if sends else None
+        if facts is not None and http_in_doubt(facts[0], written=facts[1]):
+            text = (str(e).strip() or type(e).__name__)[:MAX_ERROR_TEXT]
+            error: DeliveryError = InDoubtError(
+                f"4.4.1 {type(e).__name__}: {text}; the request was sent: Exchange may have "
+                f"sent the message", 451)
+        else:
+            error = self._translate(e, mailbox)
         error.reply = dataclasses.replace(error.reply, source="ews")
         return error
 
@@ -296,6 +308,57 @@ class EwsUpstream(Upstream):
         for t in dropped:
             if t is not None:
                 t.account.protocol.close()
+
+
+# -- which failures leave a send in doubt (relayd.delivery.doubt) --------------------------------
+
+_STATUS_IN_TEXT = re.compile(r"\bCode: (\d{3})\b")  # exchangelib's MalformedResponseError
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and what it was raised from or while handling, outermost first. exchangelib
+    re-raises: a read timeout or reset becomes ErrorTimeoutExpired, a 503
+    ErrorInternalServerTransientError, and with several sessions either becomes
+    ErrorServerBusy ("Reraised from ..."), each with the original as its context."""
+    out: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and len(out) < 8:
+        out.append(x)
+        x = x.__cause__ or x.__context__
+    return out
+
+
+def _before_request(e: BaseException) -> bool:
+    """A requests failure that happened before the request reached a server: refused, no
+    such host, connect timeout, TLS handshake."""
+    if isinstance(e, (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError)):
+        return True
+    if isinstance(e, requests.exceptions.ConnectionError) and e.args:
+        reason = getattr(e.args[0], "reason", None)  # urllib3's MaxRetryError
+        return isinstance(reason, urllib3.exceptions.ConnectTimeoutError)  # NewConnectionError
+    return isinstance(e, ConnectionRefusedError)
+
+
+def _lost_answer(e: Exception) -> tuple[int | None, bool] | None:
+    """A failed send as doubt.http_in_doubt's facts: (the HTTP status, None when no status line
+    came; whether the request was written). None when Exchange answered with a response code
+    of its own (ErrorServerBusy's throttling, ErrorSendAsDenied, ...): nothing was sent."""
+    chain = _chain(e)
+    for x in chain:
+        if isinstance(x, (requests.exceptions.RequestException, OSError)):
+            return None, not _before_request(x)
+    for x in chain:
+        if isinstance(x, ews_errors.ErrorInternalServerTransientError) and "HTTP 503" in str(x):
+            return 503, True
+        if isinstance(x, ews_errors.MalformedResponseError) and \
+                (m := _STATUS_IN_TEXT.search(str(x))) is not None:
+            return int(m.group(1)), True
+        if isinstance(x, ews_errors.ErrorServerBusy) and "closed connection" in str(x):
+            return None, True  # a non-200 answer exchangelib did not read, connection closed
+    if any(isinstance(x, (ews_errors.ErrorTimeoutExpired, ews_errors.ErrorInternalServerError,
+                          ews_errors.ErrorInternalServerTransientError)) for x in chain):
+        return 500, True  # Exchange's own timeout or failure, mid-operation
+    return None
 
 
 class EwsSession(Session):

@@ -58,6 +58,7 @@ from relayd.delivery import (
     Upstream,
     all_results,
 )
+from relayd.delivery.doubt import http_in_doubt
 from relayd.delivery.mime import (
     Head,
     add_bcc,
@@ -68,6 +69,7 @@ from relayd.delivery.mime import (
 )
 from relayd.errors import (
     AuthenticationError,
+    InDoubtError,
     PermanentDeliveryError,
     TransientDeliveryError,
     UpstreamUnavailableError,
@@ -376,6 +378,10 @@ class _Http11Pool:
         try:
             conn = await self._connection((host, port))
             reusable = False
+            # Whether the whole request was handed to the connection: a lost answer after
+            # that leaves a send in doubt (relayd.delivery.doubt), before it does not. The
+            # Write*/Read* exception types below carry the difference.
+            written = False
             try:
                 async with asyncio.timeout(self.timeout_s):
                     wire = conn.http
@@ -384,12 +390,16 @@ class _Http11Pool:
                                       + wire.send(h11.EndOfMessage()))
                     if len(content) >= 65536:
                         await conn.writer.drain()
+                    written = True
                     response = await self._response(conn)
                 reusable = wire.our_state is h11.DONE and wire.their_state is h11.DONE
                 if reusable:
                     wire.start_next_cycle()
                 return response
             except TimeoutError:
+                if not written:
+                    raise httpx.WriteTimeout(f"cannot send to {host} within "
+                                             f"{self.timeout_s:g}s") from None
                 raise httpx.ReadTimeout(f"no answer from {host} within {self.timeout_s:g}s"
                                         ) from None
             except asyncio.IncompleteReadError:
@@ -398,6 +408,8 @@ class _Http11Pool:
             except (h11.ProtocolError, ValueError, zlib.error) as e:
                 raise httpx.RemoteProtocolError(f"malformed response: {e}") from None
             except OSError as e:
+                if not written:
+                    raise httpx.WriteError(f"{type(e).__name__}: {e}") from None
                 raise httpx.ReadError(f"{type(e).__name__}: {e}") from None
             finally:
                 if reusable and not self._closed:
@@ -667,8 +679,9 @@ class GraphUpstream(Upstream):
     async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
                       json_body: Mapping[str, Any] | None = None,
                       content_type: str | None = None, bearer: bool = True,
-                      headers: Mapping[str, str] | None = None) -> Answer:
-        """One Graph call for `mailbox`, with a token; a 401 renews the token once."""
+                      headers: Mapping[str, str] | None = None, sends: bool = False) -> Answer:
+        """One Graph call for `mailbox`, with a token; a 401 renews the token once. `sends`:
+        the call that sends the message, whose lost answer leaves it in doubt."""
         send_headers = dict(headers or {})
         if json_body is not None:
             content = json.dumps(json_body).encode()
@@ -696,12 +709,8 @@ class GraphUpstream(Upstream):
                 raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
                                                f"{type(e).__name__}: {e}", source="graph"
                                                ) from None
-            except httpx.TimeoutException as e:
-                raise TransientDeliveryError(f"Graph did not answer in time ({type(e).__name__})",
-                                             source="graph") from None
             except httpx.HTTPError as e:
-                raise TransientDeliveryError(f"cannot reach Graph at {self.endpoint}: {e}",
-                                             source="graph") from None
+                raise self._lost_answer(e, sends) from None
             if response.status_code == 401 and bearer:
                 self._forget_token(mailbox)
                 if attempt == 1:
@@ -712,8 +721,23 @@ class GraphUpstream(Upstream):
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def check(self, response: Answer, what: str) -> None:
-        """Raise the delivery error an unsuccessful answer means."""
+    def _lost_answer(self, e: httpx.HTTPError, sends: bool) -> TransientDeliveryError:
+        """A call that got no answer. A send whose request was written whole is in doubt
+        (relayd.delivery.doubt): httpx's Read* errors and RemoteProtocolError come after the
+        request went out (and _Http11Pool raises Write* ones before)."""
+        if isinstance(e, httpx.TimeoutException):
+            text = f"Graph did not answer in time ({type(e).__name__})"
+        else:
+            text = f"cannot reach Graph at {self.endpoint}: {e}"
+        written = isinstance(e, (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError))
+        if sends and http_in_doubt(None, written=written):
+            return InDoubtError(f"{text}; the request was sent: Graph may have sent the "
+                                f"message", source="graph")
+        return TransientDeliveryError(text, source="graph")
+
+    def check(self, response: Answer, what: str, *, sends: bool = False) -> None:
+        """Raise the delivery error an unsuccessful answer means. `sends`: the answer to the
+        call that sends, where a gateway's 5xx leaves the message in doubt."""
         status = response.status_code
         if 200 <= status < 300:
             return
@@ -721,7 +745,11 @@ class GraphUpstream(Upstream):
         if status == 413:
             raise _TooLarge(reason)
         permanent = status in _PERMANENT_STATUSES and status not in _THROTTLE_STATUSES
-        code, enhanced = _smtp_equivalent(status, _graph_error_code(response), permanent)
+        graph_code = _graph_error_code(response)
+        code, enhanced = _smtp_equivalent(status, graph_code, permanent)
+        if sends and http_in_doubt(status, written=True, error_code=graph_code):
+            raise InDoubtError(f"{reason} (Graph may have sent the message)", code,
+                               _retry_after(response), enhanced=enhanced, source="graph")
         if permanent:
             raise PermanentDeliveryError(reason, code, enhanced=enhanced, source="graph")
         raise TransientDeliveryError(reason, code, _retry_after(response), enhanced=enhanced,
@@ -763,8 +791,8 @@ class GraphSession(Session):
         """Returns Graph's request-id for the journal."""
         up = self.up
         response = await up.request("POST", up.url(mailbox, "sendMail"), mailbox,
-                                    content=body, content_type="text/plain")
-        up.check(response, "sendMail")
+                                    content=body, content_type="text/plain", sends=True)
+        up.check(response, "sendMail", sends=True)
         return str(response.headers.get("request-id", ""))
 
     async def _send_draft(self, mailbox: str, mime: bytes, queue_id: str) -> str:
@@ -802,8 +830,8 @@ class GraphSession(Session):
             for att in attachments:
                 await self._attach(mailbox, draft_id, att)
             response = await up.request("POST", up.url(mailbox, "messages", draft_id, "send"),
-                                        mailbox, content=b"")
-            up.check(response, "send draft")
+                                        mailbox, content=b"", sends=True)
+            up.check(response, "send draft", sends=True)
             sent = True
             return str(response.headers.get("request-id", ""))
         except _TooLarge as e:

@@ -15,9 +15,11 @@ from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
-from relayd.delivery.smtpclient import PipeliningSMTP
+from relayd.delivery.doubt import SMTP_DUPLICATE_RISK
+from relayd.delivery.smtpclient import PipeliningSMTP, UnansweredEndOfData
 from relayd.errors import (
     AuthenticationError,
+    InDoubtError,
     PermanentDeliveryError,
     TransientDeliveryError,
     UpstreamUnavailableError,
@@ -179,6 +181,9 @@ class SmtpSession(Session):
             self.account = account
         try:
             return await self._transaction(message)
+        except UnansweredEndOfData as e:
+            # Not once more on a new connection, as below: the server may have the message.
+            raise await self._in_doubt(e) from e
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e:
             await self.close()
             if not reused:
@@ -188,6 +193,8 @@ class SmtpSession(Session):
             self.account = account
             try:
                 return await self._transaction(message)
+            except UnansweredEndOfData as e2:
+                raise await self._in_doubt(e2) from e2
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as e2:
                 await self.close()
                 raise TransientDeliveryError(f"connection lost: {_why(e2)}") from e2
@@ -197,6 +204,10 @@ class SmtpSession(Session):
         except aiosmtplib.SMTPException as e:
             await self.close()
             raise TransientDeliveryError(f"SMTP error: {_why(e)}") from e
+
+    async def _in_doubt(self, e: UnansweredEndOfData) -> InDoubtError:
+        await self.close()
+        return InDoubtError(f"4.4.2 {SMTP_DUPLICATE_RISK} ({self.route.host}: {e.message})")
 
     async def _connect_mapped(self, account: str) -> PipeliningSMTP:
         try:

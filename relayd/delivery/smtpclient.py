@@ -41,6 +41,12 @@ from aiosmtplib.response import SMTPResponse
 READ_BUFFER_BYTES = 16 * 1024  # a connection's read buffer: replies are a few dozen bytes
 
 
+class UnansweredEndOfData(aiosmtplib.SMTPException):
+    """The message and its final "." were written and no reply came (a timeout, or the
+    connection lost): RFC 1047's window, in which the server may have taken the message
+    (relayd.delivery.doubt)."""
+
+
 @dataclass
 class Replies:
     """What the server said to one transaction. `data` is the reply to DATA (None when DATA
@@ -221,7 +227,11 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                     await self._command(protocol, b".\r\n", timeout)  # nothing to send
                     return replies
                 await self._write_body(protocol, body)
-                replies.final = await self._reply(protocol, timeout)
+                try:
+                    replies.final = await self._reply(protocol, timeout)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
+                    self.close()
+                    raise UnansweredEndOfData(str(e) or type(e).__name__) from e
                 return replies
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             self.close()

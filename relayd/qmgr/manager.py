@@ -50,6 +50,7 @@ from relayd.bounce import Failure, build_bounce
 from relayd.config import Config, RouteConfig
 from relayd.delivery import STREAMING_UPSTREAMS, RecipientResult, SpooledBody, Status, Upstream
 from relayd.delivery.agent import DeliveryAgent, Job, Report
+from relayd.delivery.doubt import DUPLICATE_RISK, INTERRUPTED
 from relayd.errors import QueueError, SpoolBusyError
 from relayd.journal import Journal
 from relayd.qmgr.outcome import Attempted, Outcome, Policy, decide
@@ -82,6 +83,7 @@ class Observer(Protocol):
     def deferred(self, route: str) -> None: ...
     def bounced(self, route: str) -> None: ...
     def observe_latency(self, route: str, seconds: float) -> None: ...
+    def in_doubt(self, route: str, lookup: bool) -> None: ...
 
 
 class NullObserver:
@@ -95,6 +97,9 @@ class NullObserver:
         pass
 
     def observe_latency(self, route: str, seconds: float) -> None:
+        pass
+
+    def in_doubt(self, route: str, lookup: bool) -> None:
         pass
 
 
@@ -560,15 +565,19 @@ class QueueManager:
                         return
                 route = agent.route
                 check_since = None
+                doubt, doubt_at = "", None
                 if route.dedupe and route.upstream in ("ews", "graph"):
                     if entry.started:
-                        # An attempt was under way when relayd stopped: did it go out?
+                        # An attempt was under way when relayd stopped, or its answer was
+                        # lost (relayd.delivery.doubt): did it go out?
                         check_since = entry.received
+                        doubt = entry.doubt or INTERRUPTED
+                        doubt_at = entry.doubt_at or None
                     # Durably "started" before sending, so a crash mid-send is known after.
                     entry.started = entry.attempts + 1
                     await self._save_state(entry)
                 job = Job(entry.id, entry.sender, recipients, data, entry.mail_options,
-                          entry.attempts + 1, check_since, spooled)
+                          entry.attempts + 1, check_since, spooled, doubt, doubt_at)
                 report = await agent.deliver(job)
                 self.observer.observe_latency(agent.route.name, time.monotonic() - started)
                 crashpoint.reached("reported")
@@ -609,9 +618,15 @@ class QueueManager:
         outcome = decide(Attempted(recipients, entry.received, entry.backoff, entry.is_bounce,
                                    queued.last_reply), report, now, self.policy)
         was_started, entry.started = entry.started, 0  # the attempt is reported; saved below
+        earlier_doubt = entry.doubt
+        doubt_note = self._note_doubt(entry, route, route_name, report, was_started,
+                                      outcome.tried)
         self._apply(queued, route_name, outcome)
         self._journal_outcome(queued, route, outcome, round(latency_s, 3),
-                              "found-in-sent-items" if report.found_in_sent else "delivered")
+                              "found-in-sent-items" if report.found_in_sent else "delivered",
+                              doubt=report.doubt if outcome.tried else "",
+                              earlier_doubt=earlier_doubt if report.found_in_sent else "",
+                              may_duplicate=bool(report.doubt) and not entry.started)
         bounce: Entry | None = None
         if queued.unbounced:
             if entry.is_bounce:
@@ -656,6 +671,7 @@ class QueueManager:
             # (At 100,000 queued with the upstream down, these saves were 62 % of the time.)
             delay = max(0.0, outcome.next_attempt - now)
             why = entry.last_error + "".join(f" ({h})" for h in dict.fromkeys(outcome.hints))
+            why += doubt_note
             if outcome.tried:
                 log.info("%s: deferred for %d recipient(s) via %s, next try in %ds: %s",
                          entry.id, len(entry.pending()), route_name, delay, why)
@@ -663,6 +679,29 @@ class QueueManager:
             self._defer(queued, outcome.next_attempt)
         if bounce is not None:
             self.submit(bounce)
+
+    def _note_doubt(self, entry: Entry, route: RouteConfig | None, route_name: str,
+                    report: Report, was_started: int, tried: bool) -> str:
+        """An attempt whose answer was lost (relayd.delivery.doubt). On a dedupe route the
+        message stays "started", as after a crash, so the next attempt looks in Sent Items
+        first; elsewhere the resend may duplicate. Counted either way; returns what the
+        deferral's log line adds."""
+        if not report.doubt:
+            entry.doubt, entry.doubt_at = "", 0.0
+            return ""
+        lookup = route is not None and route.dedupe and route.upstream in ("ews", "graph")
+        if tried:
+            self.observer.in_doubt(route_name, lookup)
+        if not lookup:
+            entry.doubt, entry.doubt_at = "", 0.0
+            if DUPLICATE_RISK in report.doubt:
+                return ""  # the reply says so already
+            return f" (in doubt: {DUPLICATE_RISK})"
+        entry.started = was_started or entry.attempts + 1
+        if tried:  # a new doubt (a held route tried nothing: the old one stands)
+            entry.doubt_at = time.time()
+        entry.doubt = report.doubt
+        return " (in doubt: the next attempt looks in Sent Items first)"
 
     def _apply(self, queued: Queued, route_name: str, outcome: Outcome) -> None:
         """The decision, in memory; failures wait in `unbounced` until their bounce is stored."""
@@ -690,17 +729,21 @@ class QueueManager:
             log.info("%s: delivered to %s via %s: %s", qid, rcpts, route_name, said)
 
     def _journal_outcome(self, queued: Queued, route: RouteConfig | None, outcome: Outcome,
-                         latency_s: float, delivered: str) -> None:
+                         latency_s: float, delivered: str, *, doubt: str = "",
+                         earlier_doubt: str = "", may_duplicate: bool = False) -> None:
+        """`doubt`: this attempt's answer was lost; `earlier_doubt`: the doubt a lookup in
+        Sent Items settled (found-in-sent-items)."""
         if self.journal is None or not outcome.tried:
             return
         attempt = queued.entry.attempts
         self._record_grouped(delivered, queued, route, outcome.delivered, attempt=attempt,
-                             latency_s=latency_s)
+                             latency_s=latency_s, doubt=earlier_doubt)
         failed = {r: f.reply for r, f in outcome.failed.items()}
         self._record_grouped("expired" if outcome.expired else "failed", queued, route, failed,
                              attempt=attempt, latency_s=latency_s)
         self._record_grouped("deferred", queued, route, outcome.pending, attempt=attempt,
-                             latency_s=latency_s, next_try=outcome.next_attempt)
+                             latency_s=latency_s, next_try=outcome.next_attempt, doubt=doubt,
+                             may_duplicate=may_duplicate or None)
 
     def _record_failed(self, queued: Queued) -> None:
         for rcpt, failure in queued.unbounced.items():

@@ -42,7 +42,9 @@ class EwsState:
     password: str = "s3cret-pw"
     require_impersonation: bool = False  # app-only tokens must carry ExchangeImpersonation
     # Scripted faults, consumed one per CreateItem: "busy", "sendas", "nomailbox", "badrecipient",
-    # "toolarge", "http500", "http401", "reset", "hang:<seconds>"
+    # "toolarge", "http500", "http502", "http503", "http504", "http401", "reset",
+    # "hang:<seconds>"; "keep-then-<fault>" keeps (sends) the message first, then answers with
+    # the fault, so the answer is lost although the mail went out (issue 30).
     faults: list[str] = field(default_factory=list)
     busy_back_off_ms: int = 30000
     sent: list[Sent] = field(default_factory=list)
@@ -252,7 +254,10 @@ class EwsHandler(Handler):
             st.block.wait(30)
         with st.lock:
             action = st.faults.pop(0) if st.faults else None
-        if action is not None and self.misbehave(action):
+        after_keep = None
+        if action is not None and action.startswith("keep-then-"):
+            after_keep = action.removeprefix("keep-then-")
+        elif action is not None and self.misbehave(action):
             return
         ns = {"t": T, "m": M}
         item = op.find("m:Items/t:Message", ns)
@@ -270,6 +275,8 @@ class EwsHandler(Handler):
             authorization=who)
         with st.lock:
             st.sent.append(record)
+        if after_keep is not None and self.misbehave(after_keep):
+            return
         if st.block is not None and st.record_then_block:
             st.block.wait(30)
             self.reset_connection()  # relayd is gone; the copy stays in Sent Items
@@ -290,6 +297,9 @@ class EwsHandler(Handler):
             self.soap(200, create_item_error(*ITEM_ERRORS[action]))
         elif action == "http500":
             self.reply(500, "Internal Server Error", "text/html")
+        elif action in ("http502", "http503", "http504"):  # a gateway's: no SOAP in it
+            self.reply(int(action[4:]), f"<html><body>{action[4:]} from the gateway</body>"
+                       "</html>", "text/html")
         elif action == "http401":
             self.deny("Bearer")
         elif action == "reset":

@@ -91,6 +91,13 @@ class GraphState:
     # message when `record_then_stall`, before it otherwise; `send_entered` says it is there.
     stall: threading.Event | None = None
     record_then_stall: bool = True
+    # What the next sendMails do after keeping the message, one each (issue 30: the answer is
+    # lost although the mail went out): "504", "502", "503" (a gateway's answer: an HTML body,
+    # no Graph error), "late:<seconds>" (answer 202 that much later), "reset" (a TCP RST).
+    after_keep: deque[str] = field(default_factory=deque)
+    # Sent Items shows a sent message only this long after it was sent (Exchange's lag).
+    sent_items_lag_s: float = 0.0
+    lookups: int = 0  # Sent Items lookups answered
     send_entered: threading.Event = field(default_factory=threading.Event)
     sent: list[Sent] = field(default_factory=list)
     requests: list[tuple[str, str, int]] = field(default_factory=list)  # method, path, status
@@ -317,6 +324,9 @@ class GraphHandler(Handler):
                 return
             with st.lock:
                 st.sent.append(Sent(mailbox, mime, recipients, token, "sendMail"))
+                after = st.after_keep.popleft() if st.after_keep else None
+            if after is not None and self.lose_answer(after):
+                return
             if stall is not None:
                 st.send_entered.set()
                 stall.wait(30)
@@ -327,6 +337,25 @@ class GraphHandler(Handler):
                 st.in_flight[key] -= 1
                 st.in_flight_all -= 1
         self.answer(202)
+
+    def lose_answer(self, action: str) -> bool:
+        """After the message was kept: answer as `GraphState.after_keep` says; False to go on
+        and answer 202."""
+        if action in ("502", "503", "504"):
+            with self.state.lock:
+                self.state.requests.append((self.command, self.path, int(action)))
+            phrase = {"502": "Bad Gateway", "503": "Service Unavailable",
+                      "504": "Gateway Timeout"}[action]
+            self.reply(int(action), f"<html><body><h1>{action} {phrase}</h1></body></html>",
+                       "text/html")
+            return True
+        if action == "reset":
+            self.reset_connection()
+            return True
+        if action.startswith("late:"):
+            time.sleep(float(action.split(":", 1)[1]))
+            return False
+        raise ValueError(f"unknown after_keep action {action!r}")
 
     def find_sent(self, mailbox: str) -> None:
         """GET .../mailFolders/sentitems/messages?$filter=internetMessageId eq '<id>'"""
@@ -341,9 +370,11 @@ class GraphHandler(Handler):
             self.error(400, "BadRequest", "unsupported $filter")
             return
         wanted = m.group(1).replace("''", "'")
+        shown_before = time.time() - st.sent_items_lag_s
         with st.lock:
+            st.lookups += 1
             found = [s for s in st.sent if s.mailbox.lower() == mailbox.lower() and
-                     message_id(s.mime) == wanted]
+                     message_id(s.mime) == wanted and s.at <= shown_before]
         self.answer(200, {"value": [
             {"id": f"AAMk{i}", "internetMessageId": wanted,
              "sentDateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.at))}
