@@ -406,6 +406,8 @@ class _Http11Pool:
                 raise httpx.RemoteProtocolError("server disconnected without sending a "
                                                 "complete response") from None
             except (h11.ProtocolError, ValueError, zlib.error) as e:
+                if not written:
+                    raise httpx.LocalProtocolError(f"cannot send the request: {e}") from None
                 raise httpx.RemoteProtocolError(f"malformed response: {e}") from None
             except OSError as e:
                 if not written:
