@@ -6,6 +6,7 @@ without keeping it; an aiosmtpd upstream takes the message and answers after the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -234,7 +235,57 @@ async def test_graph_refused_connection_is_not_in_doubt(genv: GraphEnv) -> None:
     assert genv.graph.sent == []
 
 
+async def test_the_doubt_survives_a_restart(genv: GraphEnv) -> None:
+    """1. Graph keeps the message and answers 504 2. relayd defers it in doubt and stops
+    before the next try 3. the state file holds the doubt 4. after the restart the next attempt
+    looks in Sent Items, finds it: one copy, journaled with the doubt."""
+    config = genv.config()
+    slow = dataclasses.replace(config, queue=dataclasses.replace(
+        config.queue, retry_min_s=3.0, retry_max_s=3.0))
+    genv.graph.after_keep.append("504")
+    async with run_service(slow) as svc:
+        assert await send(service_port(svc), SENDER, [RCPT], message(SENDER, RCPT)) == {}
+        await wait_for(lambda: any(q.entry.doubt for q in svc.qmgr.messages.values()),
+                       what="the attempt in doubt")
+    [state_file] = (genv.tmp_path / "queue" / "state").iterdir()
+    state = json.loads(state_file.read_text())
+    assert state["started"] and "504" in state["doubt"]["why"]
+    await relay_one_queued(config, genv.tmp_path)
+    assert len(genv.graph.sent) == 1
+    [found] = [e for e in journal(genv.tmp_path) if e["event"] == "found-in-sent-items"]
+    assert "504" in found["doubt"]
+
+
+async def relay_one_queued(config: Config, tmp_path: Path) -> None:
+    async with run_service(config):
+        await wait_for(lambda: not list((tmp_path / "queue" / "msg").iterdir()), timeout=30,
+                       what="the spool empty")
+
+
 # -- EWS ---------------------------------------------------------------------------------------
+
+
+async def test_ews_refused_connection_is_not_in_doubt(tmp_path: Path, idp: HttpsServer) -> None:
+    """exchangelib re-raises a refused connection as ErrorTimeoutExpired, like a read timeout:
+    relayd tells them apart, and a refused one is unreachable, not in doubt."""
+    from conftest import dead_port
+    from fakes.config import staff_config
+
+    config = staff_config(tmp_path, ews_route_keys(
+        tmp_path, idp, f"https://127.0.0.1:{dead_port()}{EWS_PATH}"))
+    up = make_upstream(config.routes["staff"], config)
+    session = up.session()
+    try:
+        with pytest.raises(TransientDeliveryError) as caught:
+            await session.deliver(OutboundMessage("Q1", ALICE, ["bob@example.com"],
+                                                  message(ALICE, "bob@example.com")))
+        assert isinstance(caught.value, UpstreamUnavailableError), caught.value
+        assert not isinstance(caught.value, InDoubtError)
+    finally:
+        await session.close()
+        await up.close()
+
+
 
 
 @pytest.mark.parametrize("fault", ["keep-then-hang:2.5", "keep-then-http504",

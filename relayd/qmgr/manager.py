@@ -577,7 +577,8 @@ class QueueManager:
                     entry.started = entry.attempts + 1
                     await self._save_state(entry)
                 job = Job(entry.id, entry.sender, recipients, data, entry.mail_options,
-                          entry.attempts + 1, check_since, spooled, doubt, doubt_at)
+                          entry.attempts + 1, check_since, spooled, doubt=doubt,
+                          doubt_at=doubt_at)
                 report = await agent.deliver(job)
                 self.observer.observe_latency(agent.route.name, time.monotonic() - started)
                 crashpoint.reached("reported")
