@@ -79,10 +79,11 @@ SENT_ITEMS_POLL_S = 5.0  # between lookups within that bound
 # The HTTP statuses that say a gateway or the service failed while the request may have
 # been acted on.
 DOUBTFUL_STATUSES = frozenset({500, 502, 503, 504})
-# Graph's error codes for "throttled, not processed" (Graph throttling guidance): with one of
-# these in the body, a 503 proves nothing was sent.
-THROTTLING_CODES = frozenset({"TooManyRequests", "ApplicationThrottled", "MailboxConcurrency",
-                              "ThrottledRequest", "ErrorServerBusy"})
+# Graph's error codes for "throttled, not processed" (Graph's throttling guidance; the Outlook
+# service answers `ApplicationThrottled` with "MailboxConcurrency" in the message): with one of
+# these in the body, a 503 proves nothing was sent. Only codes known to mean that: a code
+# wrongly listed here would send a message twice.
+THROTTLING_CODES = frozenset({"TooManyRequests", "ApplicationThrottled", "MailboxConcurrency"})
 
 # What the log and the journal say of a doubt that no lookup can settle, and of SMTP's.
 DUPLICATE_RISK = "the resend may duplicate it"
