@@ -258,7 +258,8 @@ def format_event(e: Mapping[str, Any]) -> str:
                        ("subject", "subject"), ("bounce", "bounce"),
                        ("bounce_for", "bounce_for"), ("status", "status"),
                        ("latency_s", "latency"), ("next_try", "next_try"),
-                       ("reply", "reply")):
+                       ("reply", "reply"), ("doubt", "doubt"),
+                       ("may_duplicate", "may_duplicate")):
         value = e.get(key)
         if value in (None, "", []):
             continue

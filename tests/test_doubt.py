@@ -39,6 +39,7 @@ from relayd.delivery import OutboundMessage, doubt, make_upstream
 from relayd.delivery.doubt import http_in_doubt
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import InDoubtError, TransientDeliveryError, UpstreamUnavailableError
+from relayd.journal import format_event
 from relayd.metrics import Metrics
 
 SENDER = "casemanager@business.com"
@@ -361,6 +362,8 @@ async def test_smtp_timeout_after_the_end_of_data_says_the_resend_may_duplicate(
     [deferred] = [e for e in journal(tmp_path) if e["event"] == "deferred"]
     assert deferred["may_duplicate"] is True
     assert "RFC 1047" in deferred["doubt"] and "may duplicate" in deferred["reply"]
+    line = format_event(deferred)  # what `relayd log` prints
+    assert "may_duplicate=True" in line and 'doubt="4.4.2 no reply after the end of DATA' in line
     lines = [r.getMessage() for r in caplog.records if "deferred" in r.getMessage()]
     assert len(lines) == 1 and "the resend may duplicate it" in lines[0]
     text = metrics.render().decode()
