@@ -42,6 +42,7 @@ TOKEN_HEALTH_GAUGE_S = 60.0  # token health metrics are read this often (token s
 KEEP_FRESH_FIRST_S = 60.0  # after start, before the first background token refresh round
 KEEP_FRESH_INTERVAL_S = 600.0  # between rounds; each token is refreshed at most weekly
 RECOVER_BATCH = 2000  # recovered entries queued per turn of the event loop
+UNREADABLE_LOG_S = 60.0  # reported ids that cannot be read yet: one line a minute
 
 
 @dataclass
@@ -113,6 +114,8 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._recovery_stop = threading.Event()
         self.recovered = asyncio.Event()  # the spool's entries are all with the queue manager
+        self._unreadable = 0  # reported ids not read yet since the last line about them
+        self._unreadable_logged_at = -UNREADABLE_LOG_S
 
     # -- what the listener and the workers call ------------------------------------------------
 
@@ -141,10 +144,15 @@ class Service:
         try:
             entry, data = self.spool.load_accepted(queue_id)
         except SpoolBusyError as e:
-            # Not lost: read again shortly, and the scan of msg/ would find it anyway.
-            log.warning("a worker reported %s, which cannot be read yet (%s); trying again",
-                        queue_id, e)
+            # Not lost: read again shortly, and the scan of msg/ would find it anyway. Out of
+            # descriptors, every report fails alike: one line a minute, not one a message.
             self.qmgr.read_later(queue_id)
+            self._unreadable += 1
+            now = time.monotonic()
+            if now - self._unreadable_logged_at >= UNREADABLE_LOG_S:
+                log.warning("%d reported message(s) cannot be read yet, the latest %s (%s); "
+                            "they are read again shortly", self._unreadable, queue_id, e)
+                self._unreadable_logged_at, self._unreadable = now, 0
             return
         except QueueError as e:
             log.error("a worker reported %s, which cannot be read: %s", queue_id, e)
