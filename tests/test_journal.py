@@ -180,3 +180,52 @@ async def test_expiry_is_recorded_with_the_last_reply(tmp_path: Path, upstream: 
                                                                               "bounced"]
     assert "last error: 451 4.2.0 mailbox busy" in got[-2]["reply"]
     assert upstream.messages[0].mail_from == ""  # the bounce
+
+
+async def test_the_journal_is_in_time_order_with_listener_workers(
+        tmp_path: Path, upstream: Upstream) -> None:
+    """1. `relayd serve` in the default layout of a two-CPU machine (workers = 2: a listener
+    process and the main process that delivers) 2. 200 messages, every third also to a
+    recipient the upstream defers 3. SIGTERM (the journal is flushed) 4. `relayd log`: each
+    message's events are in time order with `accepted` first, and `--since` lists every event
+    in time order."""
+    from conftest import daemon
+
+    later = "later@example.com"
+    upstream.handler.rcpt_replies[later] = "451 4.2.0 mailbox busy"
+    port = free_port()
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                       listen=f"127.0.0.1:{port}", server="workers = 2")
+    count = 200
+    gate = asyncio.Semaphore(8)
+
+    async def one(i: int) -> None:
+        rcpts = [f"r{i}@example.com"] + ([later] if i % 3 == 0 else [])
+        async with gate:
+            await asyncio.wait_for(send(port, ALICE, rcpts, message(subject=f"m{i}")), 30)
+
+    async with daemon(cfg, port, tmp_path / "relayd.log") as proc:
+        await asyncio.gather(*(one(i) for i in range(count)))
+        await wait_for(lambda: len(upstream.messages) == count, timeout=60,
+                       what="every message delivered to its first recipient")
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        assert proc.returncode == 0, (tmp_path / "relayd.log").read_text()[-3000:]
+
+    out = await arelayd_cli("log", "--json", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for e in got:
+        by_id.setdefault(e["id"], []).append(e)
+    assert len(by_id) == count
+    deferred = 0
+    for qid, evs in by_id.items():
+        assert evs[0]["event"] == "accepted", (qid, [e["event"] for e in evs])
+        times = [e["time"] for e in evs]
+        assert times == sorted(times), (qid, evs)
+        deferred += any(e["event"] == "deferred" for e in evs)
+    assert deferred == len(range(0, count, 3))  # the mix: some deferred, all delivered once
+    out = await arelayd_cli("log", "--since", "1h", "--json", "-c", str(cfg))
+    times = [json.loads(line)["time"] for line in out.stdout.splitlines()]
+    assert len(times) == len(got) and times == sorted(times)
