@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -22,6 +23,7 @@ from relayd.escape import json_line, visible
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PIPE = 128 + 13  # as a shell reports a process that SIGPIPE ended (SIGPIPE is 13)
 CONTROL_WAIT_S = 10.0
 LIST_CHUNK = 500  # lines of `queue list` written to stdout at once
 
@@ -526,6 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A reader that goes away (`relayd log | head`, `less` quit early) ends
+    it quietly, once, here: exit with the status a shell gives a process that SIGPIPE ended
+    (141), no traceback, nothing on stderr; what is still buffered goes to /dev/null, so
+    the interpreter's last flush does not complain either."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
         # installed as /usr/sbin/sendmail (a symlink to relayd): behave as sendmail

@@ -103,3 +103,38 @@ def test_queue_list_skips_a_message_that_leaves_while_it_lists(
     assert out.splitlines()[-1] == "2 message(s) in the queue"
     assert "0AAAAAAAAAAAAAAA" not in out + err
     assert "0BBBBBBBBBBBBBBB: unreadable" in err
+
+
+def test_commands_piped_into_head_end_quietly(tmp_path: Path) -> None:
+    """`relayd log | head -1`, `relayd queue list | head -1`, `relayd check --explain | head
+    -1`, each with more output than a pipe holds: exit 0 or the shell's SIGPIPE status (141),
+    and nothing on stderr (no BrokenPipeError traceback)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from relayd.config import load_config
+    from relayd.journal import Journal
+
+    many = "\n".join(f'[routes.r{i}]\nsenders = ["user{i}@business.com"]\nupstream = "outbox"\n'
+                     f'path = "{tmp_path / "outbox"}"\n' for i in range(400))
+    cfg = write_config(tmp_path, smtp_route("staff", '["*"]', dead_port()) + many)
+    spool = Spool(tmp_path / "queue")
+    spool.create()
+    rcpts = [f"recipient{i}@example.com" for i in range(40)]
+    for _ in range(100):  # about 1 KB a line: 100 KB of `queue list`
+        spool.accept_sync("a@business.com", rcpts, message())
+    journal = Journal(load_config(cfg).journal)
+    for i in range(2000):
+        journal.record("accepted", f"ID{i:014d}", **{"from": "a@business.com"}, to=rcpts[:3],
+                       route="staff", subject="piped")
+    journal.close()
+    for command in ("log", "queue list", "check --explain"):
+        line = (f"{shlex.quote(sys.executable)} -m relayd {command} -c {shlex.quote(str(cfg))}"
+                " | head -1 >/dev/null; exit ${PIPESTATUS[0]}")
+        done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=REPO,
+                              timeout=60)
+        assert done.returncode in (0, 141), (command, done.returncode, done.stderr)
+        assert done.stderr == "", (command, done.stderr)
