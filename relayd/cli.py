@@ -113,15 +113,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    # --explain explains what it can even when secrets cannot be read (the examples, read
+    # outside the systemd unit that hands them over), then lists those as problems.
+    config = load_config(config_path(args.config), secrets_optional=args.explain)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{config.source}: ok, {len(config.routes)} route(s): "
+    print(f"{config.source}: {'ok, ' if not config.secret_problems else ''}"
+          f"{len(config.routes)} route(s): "
           + ", ".join(f"{r.name} ({r.upstream})" for r in config.routes.values()))
     if args.explain:
         from relayd.explain import explain
 
         print("\n".join(explain(config)))
+    if config.secret_problems:
+        sys.stdout.flush()
+        _print_problems(ConfigError(list(config.secret_problems), config.source), sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -240,11 +240,43 @@ class Config:
     journal: JournalConfig = JournalConfig()
     notify: NotifyConfig | None = None  # None: no [notify] section, nobody is mailed
     web: WebConfig = WebConfig()
+    secret_problems: tuple[str, ...] = ()  # load_config(secrets_optional=True) only
+
+
+# Microsoft's switch-offs (FIELD-NOTES; Microsoft: "Deprecation of Basic authentication in
+# Exchange Online", "EWS retirement in Exchange Online"). Named where an admin looks: `relayd
+# check` (and --explain), the start-up log and the status page all show Config.warnings.
+EXCHANGE_ONLINE_SMTP_HOSTS = ("smtp.office365.com", "outlook.office365.com")
+EXCHANGE_ONLINE_EWS_HOSTS = ("outlook.office365.com", "outlook.office.com")
+BASIC_SMTP_AUTH_OFF = "the end of December 2026"
+EWS_BLOCKED, EWS_GONE = "2026-10-01", "2027-04-01"
+GRAPH_EXAMPLE = "conf/examples/m365-graph-app.toml"
+
+
+def switch_off_warnings(r: RouteConfig) -> list[str]:
+    """The provider switch-offs that will stop (or have stopped) route `r`."""
+    if r.upstream == "smtp" and r.auth == "password" and \
+            ascii_lower(r.host or "") in EXCHANGE_ONLINE_SMTP_HOSTS:
+        return [f"routes.{r.name}: basic SMTP AUTH (a password) at Exchange Online "
+                f"({r.host}): Microsoft turns it off by default in existing tenants at "
+                f"{BASIC_SMTP_AUTH_OFF}; the refusal (550 5.7.30, 535 5.7.139) defers this "
+                f'route\'s mail until it is moved to upstream = "graph" ({GRAPH_EXAMPLE}) or '
+                'auth = "xoauth2" with provider = "microsoft" (docs/graph.md)']
+    if r.upstream == "ews":
+        host = ascii_lower(r.server or r.service_endpoint or "")
+        host = host.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        if host in EXCHANGE_ONLINE_EWS_HOSTS:
+            return [f"routes.{r.name}: EWS at Exchange Online ({host}) is blocked since "
+                    f"{EWS_BLOCKED} unless the tenant sets EWSEnabled and allows this app "
+                    f"(EWSAllowedAppIDs), and gone for good on {EWS_GONE}; move this route "
+                    f'to upstream = "graph" ({GRAPH_EXAMPLE}, docs/graph.md)']
+    return []
 
 
 def _warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
     out = []
     for r in routes.values():
+        out.extend(switch_off_warnings(r))
         if r.upstream == "graph" and not r.save_to_sent:
             out.append(f"routes.{r.name}.save_to_sent: Graph sendMail with a MIME body always "
                        "saves a copy in Sent Items; false has no effect")
@@ -369,35 +401,46 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: 
                dict: "a table", float: "a number"}
 
 
+class SecretProblem(str):
+    """A problem with a secret's value (a file that cannot be read, a variable not set), as
+    opposed to the config's shape. `relayd check --explain` explains a config whose only
+    problems are these (the examples outside the systemd unit), then lists them."""
+
+
+# What a route holds for a secret that could not be read: the route is complete (for --explain)
+# and such a config is never served (load_config raises unless secrets_optional).
+UNREADABLE = Secret("")
+
+
 def _read_secret_file(path_text: str, key: str, problems: list[str]) -> Secret | None:
     """Read a secret from a file that only its owner can read.
 
     A relative path is looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=).
     """
+
+    def bad(text: str) -> Secret:
+        problems.append(SecretProblem(f"{key}: {text}"))
+        return UNREADABLE
+
     path = Path(path_text)
     if not path.is_absolute():
         cred_dir = os.environ.get(CREDENTIALS_ENV)
         if not cred_dir:
-            problems.append(f"{key}: relative path {path_text!r} needs ${CREDENTIALS_ENV} "
-                            "(systemd LoadCredential=); give an absolute path otherwise")
-            return None
+            return bad(f"relative path {path_text!r} needs ${CREDENTIALS_ENV} (systemd "
+                       "LoadCredential=); give an absolute path otherwise")
         path = Path(cred_dir) / path
     try:
         st = path.stat()
     except OSError as e:
-        problems.append(f"{key}: cannot read {path}: {e.strerror}")
-        return None
+        return bad(f"cannot read {path}: {e.strerror}")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        problems.append(f"{key}: {path} is readable by group or others; chmod 600 it")
-        return None
+        return bad(f"{path} is readable by group or others; chmod 600 it")
     try:
         value = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        problems.append(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}")
-        return None
+        return bad(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
     if not value:
-        problems.append(f"{key}: {path} is empty")
-        return None
+        return bad(f"{path} is empty")
     return Secret(value)
 
 
@@ -414,8 +457,9 @@ def _secret(section: _Section, base: str, *, required: bool, what: str) -> Secre
     if env is not None:
         value = os.environ.get(env)
         if not value:
-            section.problem(env_key, f"environment variable {env} is not set")
-            return None
+            section.problems.append(SecretProblem(f"{section.key(env_key)}: environment "
+                                                  f"variable {env} is not set"))
+            return UNREADABLE
         return Secret(value)
     if required:
         section.problems.append(f"{section.key(file_key)}: required ({what}; or {env_key})")
@@ -684,6 +728,10 @@ _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What admins write first (a Windows admin's first try): the secret itself, in the file.
+_INLINE_SECRETS = ("password", "client_secret", "refresh_token")
+
+
 def _parse_oauth(s: _Section, values: dict[str, Any], *, provider: str = "microsoft") -> None:
     """The OAuth keys shared by ews (auth = oauth), graph and smtp (auth = xoauth2)."""
     values["flow"] = s.text("flow", "app", choices=("app", "device"))
@@ -784,11 +832,15 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
             continue
         if key in allowed:
             s.problem(key, "does not apply with this route's other settings (auth, flow, tls)")
+        elif key in _INLINE_SECRETS:
+            s.problem(key, f"unknown key: relayd does not read secrets from its config file; "
+                      f"put it in a file only relayd can read and give {key}_file, or name an "
+                      f"environment variable with {key}_env")
         elif any(key in keys for keys in _UPSTREAM_KEYS.values()):
             s.problem(key, f'unknown key for upstream = "{upstream}"')
         else:
             s.problem(key, "unknown key")
-    if len(problems) > start:
+    if any(not isinstance(p, SecretProblem) for p in problems[start:]):
         return None
     return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
                        recipients=tuple(ascii_lower(p) for p in recipients),
@@ -811,6 +863,11 @@ def _parse_smtp_route(s: _Section, v: dict[str, Any]) -> None:
         has_pw = s.has("password_file") or s.has("password_env")
         v["auth"] = "password" if has_pw else "none"
     v["username"] = s.text("username")
+    if v["auth"] == "none" and v["username"] is not None:
+        # Without this relayd would send without SMTP AUTH, and the upstream would refuse the
+        # mail (or relay it as anyone's) long after `relayd check` said ok.
+        s.problem("username", "given without a password: add password_file (or password_env) "
+                  'for SMTP AUTH, or remove username to send without AUTH')
     if v["auth"] == "password":
         if v["username"] is None:
             s.problem("username", 'required with auth = "password"')
@@ -905,8 +962,11 @@ def _check_patterns(claimed: Mapping[str, Sequence[str]], problems: list[str]) -
                 owner[pattern] = name
 
 
-def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
-    """Build a Config from parsed TOML, or raise ConfigError listing every problem."""
+def parse_config(data: Mapping[str, Any], source: str = "", *,
+                 secrets_optional: bool = False) -> Config:
+    """Build a Config from parsed TOML, or raise ConfigError listing every problem. With
+    `secrets_optional`, secrets that cannot be read are not an error: the Config lacks them
+    and lists them in `secret_problems` (for `relayd check --explain`, never for serving)."""
     problems: list[str] = []
     top = _Section(data, "", problems)
 
@@ -944,12 +1004,17 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
             and server.null_sender_route not in table("routes"):
         problems.append(f"server.null_sender_route: no route named "
                         f"{server.null_sender_route!r} (give the name of a [routes.NAME] table)")
-    if notify is not None and not any(p.startswith("routes.") for p in problems):
+    if notify is not None and not any(p.startswith("routes.") and not isinstance(
+            p, SecretProblem) for p in problems):
         _check_notify(notify, routes, problems)
+    secret_problems = tuple(str(p) for p in problems if isinstance(p, SecretProblem))
+    if secrets_optional and len(secret_problems) == len(problems):
+        problems = []
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError([str(p) for p in problems], source)
     return Config(server, queue, metrics, auth, MappingProxyType(routes), source,
-                  _warnings(routes), journal, web=web, notify=notify)
+                  _warnings(routes), journal, web=web, notify=notify,
+                  secret_problems=secret_problems if secrets_optional else ())
 
 
 def config_path(explicit: str | None) -> str:
@@ -970,9 +1035,9 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError([f"{source}: not valid TOML: {e}"], source) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, secrets_optional: bool = False) -> Config:
     """Read and validate a config file; ConfigError names the file and every bad key."""
-    return parse_config(read_toml(path), str(path))
+    return parse_config(read_toml(path), str(path), secrets_optional=secrets_optional)
 
 
 def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:

@@ -8,7 +8,7 @@ config: nothing is contacted, no secret is shown (a secret is named by where it 
 
 from __future__ import annotations
 
-from relayd.config import Config, RouteConfig
+from relayd.config import Config, RouteConfig, switch_off_warnings
 from relayd.delivery.mime import fixed_mailbox
 from relayd.router import matches_any
 
@@ -102,9 +102,15 @@ def _asked(route: RouteConfig) -> str:
         account = route.username or mailbox
         if account and "*" not in "".join(route.senders) and route.senders == (account,):
             parts.append("send as its own account")
+        elif route.auth == "xoauth2" and mailbox is None:
+            # mailbox = "sender": each message goes with a token for its own sender (a
+            # Google service account's delegation, or a Microsoft token per sender)
+            parts.append("send each message as its own sender, with a token for that sender")
+        elif route.auth == "none":
+            parts.append("relay each sender's From unchanged (no login: the upstream must "
+                         "accept mail from this host for these senders)")
         else:
-            parts.append(f"relay each sender's From unchanged (the provider must let "
-                         f"{account or 'the account'} send as them: Send As or Send on Behalf)")
+            parts.append(f"relay each sender's From unchanged ({_send_as(route, account)})")
     elif mailbox:
         parts.append(f"send from {mailbox} with each sender's From unchanged (needs Send As or "
                      f"Send on Behalf on {mailbox})")
@@ -142,6 +148,23 @@ def _provider(route: RouteConfig) -> list[str]:
     return out
 
 
+def _send_as(route: RouteConfig, account: str | None) -> str:
+    """Who must allow `account` to send with other From addresses, in the provider's words:
+    "Send As" is Exchange's; Azure Communication Services, Gmail and ISP smarthosts have
+    their own rules."""
+    host = (route.host or "").lower()
+    who = account or "the account"
+    if host.endswith((".office365.com", ".outlook.com", ".hve.mx.microsoft")):
+        return f"Exchange must let {who} send as them: Send As or Send on Behalf"
+    if host.endswith(".azurecomm.net"):
+        return ("Azure Communication Services sends only from MailFrom addresses of the email "
+                "domain connected to the resource")
+    if host.endswith((".gmail.com", ".googlemail.com")):
+        return (f"Gmail rewrites From to {who} unless the address is one of its verified "
+                "\"Send mail as\" addresses")
+    return f"the provider must accept these From addresses from {who}"
+
+
 def explain(config: Config) -> list[str]:
     lines = []
     for route in config.routes.values():
@@ -152,6 +175,7 @@ def explain(config: Config) -> list[str]:
         lines.append(f"  {_account(route)}")
         lines.append(f"  {_asked(route)}")
         lines.extend(f"  {line}" for line in _provider(route))
+        lines.extend(f"  warning: {w.split(': ', 1)[1]}" for w in switch_off_warnings(route))
     if config.server.null_sender_route:
         lines.append(f"null-sender mail (bounces from a front MTA) goes through route "
                      f"{config.server.null_sender_route}")

@@ -95,7 +95,8 @@ class Service:
                                  router=self.policy.router, journal=self.journal)
         # A listener worker journals nothing itself: its `accepted` would come from a second
         # writer, batched apart from the main process's `delivered` (see worker_accepted).
-        self.intake = Intake(self.spool, self._hand_on, None if report is not None else self.journal,
+        self.intake = Intake(self.spool, self._hand_on,
+                             None if report is not None else self.journal,
                              self._message_id_host)
         # [notify] runs where the queue manager does: the main process, not a listener worker.
         self.notifier: Notifier | None = None

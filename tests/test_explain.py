@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import relayd_cli, write_config
+from conftest import REPO, relayd_cli, write_config
 
 from relayd.config import load_config
 from relayd.explain import explain
@@ -67,6 +67,10 @@ rate_limit = "30/min"
         "  the upstream is asked to: send from each sender's own mailbox as that sender; keep "
         "no copy in Sent Items; dedupe cannot look without a Sent Items copy: at least once; "
         "at most 30 messages per 60 s",
+        "  warning: EWS at Exchange Online (outlook.office365.com) is blocked since "
+        "2026-10-01 unless the tenant sets EWSEnabled and allows this app (EWSAllowedAppIDs), "
+        'and gone for good on 2027-04-01; move this route to upstream = "graph" '
+        "(conf/examples/m365-graph-app.toml, docs/graph.md)",
     ]),
     "delegated": ('''
 [routes.m365]
@@ -116,3 +120,78 @@ def test_check_explain_prints_it_with_the_logins_that_may_use_a_route(
     assert ("  who may send: alice@business.com; listener logins that may use these "
             "addresses: casemanager") in out.stdout.splitlines()
     assert "not-shown" not in out.stdout
+
+
+def test_check_refuses_a_username_without_a_password_and_points_password_to_password_file(
+        tmp_path: Path) -> None:
+    """1. `username` with no password: relayd would send without AUTH; exit 2 naming the key
+    2. `password = "x"` (a Windows admin's first try): the hint to password_file/_env."""
+    route = ('[routes.staff]\nsenders = ["*@business.com"]\nupstream = "smtp"\n'
+             'host = "smtp.isp.example"\nusername = "relay@business.com"\n')
+    cfg = write_config(tmp_path, route)
+    out = relayd_cli("check", "-c", str(cfg))
+    assert out.returncode == 2 and ": ok" not in out.stdout
+    [line] = out.stderr.splitlines()
+    assert line.startswith("routes.staff.username: given without a password")
+    assert "password_file" in line
+    cfg = write_config(tmp_path, route + 'password = "x"\n')
+    out = relayd_cli("check", "-c", str(cfg))
+    assert out.returncode == 2
+    [line] = [p for p in out.stderr.splitlines() if p.startswith("routes.staff.password:")]
+    assert "password_file" in line and "password_env" in line
+    assert '"x"' not in out.stderr  # the secret is not echoed
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf/examples").glob("*.toml")))
+def test_check_explain_explains_each_example_without_its_secrets(name: str) -> None:
+    """An example read where its secrets are not (outside the systemd unit, a fresh clone):
+    every route is explained, then the secrets that cannot be read are listed, exit 2."""
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    path = REPO / "conf/examples" / f"{name}.toml"
+    routes = tomllib.loads(path.read_text())["routes"]
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    out = subprocess.run([sys.executable, "-m", "relayd", "check", "--explain", "-c",
+                          str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env, cwd=REPO, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 2, out.stdout
+    problems = [i for i, line in enumerate(lines) if "needs $CREDENTIALS_DIRECTORY" in line]
+    assert problems and problems == list(range(problems[0], len(lines))), out.stdout
+    for route in routes:
+        explained = [i for i, line in enumerate(lines) if line.startswith(f"route {route}: ")]
+        assert explained and explained[0] < problems[0], (route, out.stdout)
+        block = lines[explained[0]:explained[0] + 5]
+        assert [b.split(":")[0].strip() for b in block[1:]] == [
+            "who may send", "to whom", "as which account", "the upstream is asked to"], block
+
+
+def test_office365_basic_auth_warning_on_the_system_email_example(tmp_path: Path) -> None:
+    """conf/examples/system-email.toml sends with a password to smtp.office365.com: `check`
+    and `check --explain` name the December 2026 switch-off and the Graph example (the start-up
+    log and the status page: tests/test_web.py)."""
+    path = REPO / "conf/examples/system-email.toml"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("system", "staff"):
+        (creds / name).write_text("example-secret")
+        (creds / name).chmod(0o600)
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    out = relayd_cli("check", "-c", str(path), env=env)
+    assert out.returncode == 0, out.stderr
+    [warning] = out.stderr.splitlines()
+    assert warning.startswith("warning: routes.system: basic SMTP AUTH")
+    for words in ("smtp.office365.com", "end of December 2026", 'upstream = "graph"',
+                  "conf/examples/m365-graph-app.toml", 'auth = "xoauth2"'):
+        assert words in warning
+    assert (REPO / "conf/examples/m365-graph-app.toml").is_file()
+    out = relayd_cli("check", "--explain", "-c", str(path), env=env)
+    lines = out.stdout.splitlines()
+    system = lines.index("route system: SMTP to smtp.office365.com:587 (STARTTLS)")
+    staff = next(i for i, line in enumerate(lines) if line.startswith("route staff:"))
+    [here] = [line for line in lines[system:staff] if line.startswith("  warning: ")]
+    assert "end of December 2026" in here and "m365-graph-app.toml" in here
+    assert not any("warning" in line for line in lines[staff:])
