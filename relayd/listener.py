@@ -695,7 +695,18 @@ class RelaySMTP(SMTP):
         if arg:
             parts = arg.split(maxsplit=1)
             arg = " ".join([parts[0].upper(), *parts[1:]])
-        await super().smtp_AUTH(arg)
+        session = self.session
+        if session is None or session.extended_smtp or not session.host_name:
+            await super().smtp_AUTH(arg)
+            return
+        # AUTH after HELO (old printers and scanners): Postfix takes it, and so does relayd;
+        # aiosmtpd answers "500 command 'AUTH' not recognized". Only for this command: the
+        # session stays a HELO session (no ESMTP parameters on MAIL FROM).
+        session.extended_smtp = True
+        try:
+            await super().smtp_AUTH(arg)
+        finally:
+            session.extended_smtp = False
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._verify(await super().auth_PLAIN(_, args))

@@ -43,6 +43,28 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_ADDRESS_RE = re.compile(r"[\x00-\x20\x7f<>()\[\],;\"\\]")
 
 
+USAGE = f"""usage: {PROG} [-t] [-i] [-f ADDR] [-F NAME] [-C FILE] [--] [RCPT ...]
+
+Read one message on stdin and hand it to relayd's first listener (server.listen), as
+sendmail does for cron, scripts and legacy tools.
+
+  -t        also send to the To, Cc and Bcc addresses of the message (Bcc is removed)
+  -i, -oi   a line with a single dot does not end the message (read to end of input)
+  -f ADDR   envelope sender (also -r); default: the From header, else USER@server.hostname
+  -F NAME   full name for a From header relayd adds
+  -C FILE   relayd's config file (default: $RELAYD_CONFIG, then /etc/relayd/relayd.toml)
+  -h, --help  this help
+
+Accepted and ignored: -oX..., -v, -U, -G, -n, -m, -e, -bm, -B, -N, -R, -L, -X, -O, -V, -hN.
+Exit codes (sysexits): 0 taken; 64 bad usage; 65 bad message; 75 relayd cannot take it now
+(try again later); 78 bad config. More: docs/sendmail.md.
+"""
+
+
+class _Help(Exception):
+    """-h alone or --help: print USAGE, exit 0."""
+
+
 class _Exit(Exception):
     """Stop with an exit code and a one-line message."""
 
@@ -72,6 +94,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         if arg == "--":
             opts.recipients.extend(argv[i:])
             break
+        if arg == "--help" or (arg == "-h" and i >= len(argv)):
+            raise _Help()  # -h N (a hop count, which sendmail takes) is still ignored
         if not arg.startswith("-") or arg == "-":
             opts.recipients.extend(argv[i - 1:])
             break
@@ -348,6 +372,9 @@ def main(argv: list[str], stdin: BinaryIO, config_path: str | None) -> int:
     """Run `relayd sendmail ARGV`; print at most one line to stderr; return a sysexits code."""
     try:
         _run(argv, stdin, config_path)
+    except _Help:
+        sys.stdout.write(USAGE)
+        return EX_OK
     except _Exit as e:
         print(f"{PROG}: {e.message}", file=sys.stderr)
         return e.code

@@ -187,6 +187,17 @@ async def test_paste_completes_the_exchange_and_the_next_message_uses_the_token(
     await assert_next_message_uses_token_of(env, ALICE)
 
 
+async def test_auth_login_output_has_no_python_warning(env: Env) -> None:
+    """msal warns "response_mode='form_post' is recommended" whenever a sign-in starts; that is
+    for web apps, and an admin at `relayd auth login` sees no Python warning (as run, with
+    Python's default warning filters: stderr is part of the output read here)."""
+    login = Login(env.config_file(), ALICE, "paste")
+    login.paste(sign_in_by_hand(login.url(), env.ca_file, ALICE))
+    rc, out = login.finish()
+    assert rc == 0, out
+    assert "Warning" not in out and "form_post" not in out and "warn" not in out.lower(), out
+
+
 async def test_wrong_account_stores_nothing(env: Env) -> None:
     login = Login(env.config_file(), ALICE, "paste")
     login.paste(sign_in_by_hand(login.url(), env.ca_file, "mallory@business.com"))

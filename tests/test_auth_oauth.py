@@ -194,6 +194,22 @@ async def test_device_login_stores_an_encrypted_cache_used_by_the_daemon(
     assert "at-" not in text and "rt-" not in text
 
 
+async def test_an_expired_device_code_says_so(tmp_path: Path, idp: HttpsServer) -> None:
+    """1. `relayd auth login --device` 2. nobody enters the code before it expires 3. exit 1,
+    "expired" and what to do, not msal's last poll answer (authorization_pending)."""
+    config = make_config(tmp_path, idp, flow="device")
+    idp.state.device_expires_s = 2
+    idp.state.device_user = None
+    out = io.StringIO()
+    rc = await asyncio.to_thread(login, config, "staff", ALICE, out)
+    text = out.getvalue()
+    assert rc == 1, text
+    assert "the code expired before anyone signed in with it" in text
+    assert "relayd auth login staff --device" in text
+    assert "authorization_pending" not in text
+    assert not has_signed_in(config, config.routes["staff"], ALICE)
+
+
 async def test_login_as_another_account_stores_nothing(tmp_path: Path, idp: HttpsServer) -> None:
     config = make_config(tmp_path, idp, flow="device")
     idp.state.device_user = "mallory@contoso.com"

@@ -397,3 +397,30 @@ senders = ["<>"]""")
         await wait_for(lambda: len(upstream.messages) == 1, what="the DSN delivered")
         await asyncio.sleep(0.5)
     assert [(m.mail_from, m.rcpt_tos) for m in upstream.messages] == [("", ["alice@business.com"])]
+
+
+async def test_auth_after_helo_is_answered_as_postfix_does(tmp_path: Path, upstream: Upstream,
+                                                           password_hash: str) -> None:
+    """An old printer says HELO, not EHLO, then AUTH LOGIN: Postfix answers 334 and takes the
+    login; so does relayd (aiosmtpd alone: 500 command 'AUTH' not recognized). The session
+    stays a HELO session, and its mail goes out."""
+    import base64
+
+    from conftest import smtp_exchange
+
+    def b64(text: str) -> bytes:
+        return base64.b64encode(text.encode()) + b"\r\n"
+
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        replies = await smtp_exchange(svc.addresses[0][1], [
+            b"HELO printer.business.local\r\n", b"AUTH LOGIN\r\n", b64("scanner"),
+            b64(PASSWORD), b"MAIL FROM:<scanner@business.com>\r\n",
+            b"RCPT TO:<x@example.com>\r\n", b"DATA\r\n",
+            message(sender="scanner@business.com") + b".\r\n", b"QUIT\r\n"])
+        assert replies[1].startswith(b"250 ")
+        assert replies[2].startswith(b"334 ") and replies[3].startswith(b"334 ")
+        assert replies[4].startswith(b"235 "), replies
+        assert [r[:3] for r in replies[5:9]] == [b"250", b"250", b"354", b"250"]
+        await wait_for(lambda: len(upstream.messages) == 1, what="delivered")
+    assert upstream.messages[0].mail_from == "scanner@business.com"

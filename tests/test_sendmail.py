@@ -345,3 +345,22 @@ async def test_module_entry_point(upstream: Upstream) -> None:
     [msg] = upstream.recorder.messages
     assert msg.recipients == ["alice@business.com"]
 
+
+
+def test_sendmail_help_prints_usage_and_exits_0() -> None:
+    """`relayd --help` points at `relayd sendmail -h`: it and --help print the usage (exit 0,
+    nothing read from stdin, nothing submitted); `-h N` stays sendmail's ignored hop count."""
+    import subprocess
+
+    from conftest import REPO, RELAYD
+
+    for flag in ("-h", "--help"):
+        done = subprocess.run([*RELAYD, "sendmail", flag], capture_output=True, text=True,
+                              cwd=REPO, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage: relayd sendmail ") and "-t" in done.stdout
+        assert done.stderr == ""
+    top = subprocess.run([*RELAYD, "--help"], capture_output=True, text=True, cwd=REPO,
+                         timeout=30)
+    assert "relayd sendmail -h" in top.stdout
+    assert sendmail.parse_args(["-h", "5", "bob@example.com"]).recipients == ["bob@example.com"]

@@ -32,6 +32,7 @@ import secrets
 import sys
 import threading
 import time
+import warnings
 import webbrowser
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,8 +169,14 @@ class MicrosoftFlow(_Flow):
         self.app = msal.PublicClientApplication(
             route.client_id, authority=authority, http_client=self.http,
             instance_discovery=False if custom else None, token_cache=self.cache)
-        self.flow = self.app.initiate_auth_code_flow(signin_scopes(route),
-                                                     redirect_uri=redirect_uri, login_hint=user)
+        # The answer comes in the redirect's query (response_mode "query"): --paste has the
+        # admin paste the address the browser ended on, which a form post would not put in
+        # it, and --browser's redirect goes to this machine's loopback. msal warns that
+        # form_post is "recommended" on every sign-in; the warning is for web apps, not this.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="response_mode='form_post'")
+            self.flow = self.app.initiate_auth_code_flow(
+                signin_scopes(route), redirect_uri=redirect_uri, login_hint=user)
         self.auth_uri = str(self.flow["auth_uri"])
 
     def finish(self, query: dict[str, str]) -> Outcome:

@@ -417,6 +417,19 @@ def has_signed_in(config: Config, route: RouteConfig, account: str) -> bool:
     return TokenStore(config).exists(route.name, account.lower())
 
 
+# The token endpoint's answers for a device code whose time is up (RFC 8628 3.5; Entra:
+# AADSTS70019 "code expired" is expired_token, older answers say code_expired).
+DEVICE_CODE_EXPIRED = ("expired_token", "code_expired")
+
+
+def _minutes(seconds: object) -> str:
+    try:
+        value = float(str(seconds))
+    except ValueError:
+        return "a few minutes"
+    return f"{value / 60:.0f} minutes" if value >= 120 else f"{value:.0f} seconds"
+
+
 def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int:
     """`relayd auth login ROUTE [--user ADDR]`: device-code sign-in, stored encrypted."""
     route = config.routes.get(route_name)
@@ -458,6 +471,15 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     finally:
         http.close()
     if "access_token" not in result:
+        if result.get("error") in DEVICE_CODE_EXPIRED or (
+                result.get("error") in ("authorization_pending", "slow_down")
+                and float(flow.get("expires_at", 0)) <= time.time()):
+            # msal stops polling when the code's time is up and hands back the last answer,
+            # "authorization_pending", which reads as if the sign-in were still under way.
+            out.write(f"relayd: the code expired before anyone signed in with it (a device "
+                      f"code lasts {_minutes(flow.get('expires_in'))}); run `relayd auth login "
+                      f"{route_name} --device` again, or use --browser or --paste\n")
+            return 1
         out.write(f"relayd: sign-in failed: {result.get('error')}: "
                   f"{_first_line(result.get('error_description'))}\n")
         return 1

@@ -79,6 +79,7 @@ class IdpState:
     refresh_in_s: int | None = None  # tells msal to renew early (proactive refresh)
     device_user: str | None = None  # device codes are approved for this user on first poll
     device_interval_s: int = 1
+    device_expires_s: int = 60  # a device code's lifetime (Entra: 15 minutes)
     fail_token_status: int | None = None  # answer every token request with this HTTP status
     # (grant type or "devicecode", form) of each token and device-code request
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
@@ -297,7 +298,8 @@ class IdpHandler(Handler):
             st.device_codes[code] = [None, form.get("scope", "")]
         self.json(200, {
             "device_code": code, "user_code": user_code,
-            "verification_uri": f"{st.base_url}/devicelogin", "expires_in": 60,
+            "verification_uri": f"{st.base_url}/devicelogin",
+            "expires_in": st.device_expires_s,
             "interval": st.device_interval_s,
             "message": f"To sign in, open {st.base_url}/devicelogin and enter {user_code}.",
         })
