@@ -365,8 +365,21 @@ def describe_tls_failure(hello: bytes, error: BaseException | None,
         return (f"it offered {name} at most; relayd takes TLS 1.2 and later "
                 "(server.tls_legacy = true also allows TLS 1.0 and 1.1)")
     # OpenSSL's reason code (NO_SHARED_CIPHER), never the exception's text with its internals.
-    reason = str(getattr(error, "reason", None) or type(error).__name__)
-    return f"it offered {name}: {reason.replace('_', ' ').lower()}"
+    reason = getattr(error, "reason", None)
+    trust = ("give server.tls_cert a certificate the client trusts, for the name it connects "
+             "to" if server.tls_cert else "relayd's own certificate is self-signed: give "
+             "server.tls_cert one the client trusts, or make the client trust this one")
+    if isinstance(reason, str) and "ALERT" in reason and ("CERTIFICATE" in reason
+                                                          or "UNKNOWN_CA" in reason):
+        # the client's alert: "tlsv1 alert unknown ca", "sslv3 alert bad certificate"
+        alert = reason.split("ALERT_", 1)[-1].replace("_", " ").lower()
+        return f"the client refused relayd's certificate ({alert}; it offered {name}); {trust}"
+    if reason is None and isinstance(error, (ConnectionError, EOFError, ssl.SSLEOFError)):
+        # .NET and others just close the connection when they do not trust the certificate
+        return (f"the client closed the connection during the handshake (it offered {name}); "
+                f"most often it does not trust the certificate: {trust}")
+    text = str(reason or type(error).__name__)
+    return f"it offered {name}: {text.replace('_', ' ').lower()}"
 
 
 class SessionLimits:

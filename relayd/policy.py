@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relayd.config import Config, RouteConfig, ServerUser
+from relayd.config import Address, Config, RouteConfig, ServerUser
 from relayd.delivery.mime import fixed_mailbox
 from relayd.router import Router, matches_any
 
@@ -92,5 +92,15 @@ class SenderPolicy:
         account = fixed_mailbox(route) or sender
         if TokenStore(self.config).exists(route.name, account.lower()):
             return None
-        return (f"550 5.7.1 {account} has not signed in for route {route.name}; an "
-                f"administrator must run `relayd auth login {route.name} --user {account}`")
+        command = f"`relayd auth login {route.name} --user {account}`"
+        web = self.config.web
+        if web.listen is None:
+            return (f"550 5.7.1 {account} has not signed in for route {route.name}; an "
+                    f"administrator must run {command}")
+        # The user can do it themselves on the web page (DESIGN: /signin, self-service).
+        host = web.listen.host
+        if host in ("0.0.0.0", "::"):
+            host = self.config.server.hostname
+        url = f"{'http' if web.loopback else 'https'}://{Address(host, web.listen.port)}/signin"
+        return (f"550 5.7.1 {account} has not signed in for route {route.name}; sign in at "
+                f"{url} (or an administrator runs {command})")

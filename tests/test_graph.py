@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from fakes.https import HttpsServer
 from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, IdpState, start_idp
 from mimeutil import CORPUS, assert_mime_equivalent, parse, without_headers
 
-from relayd.config import Config, parse_config
+from relayd.config import Address, Config, WebConfig, parse_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
@@ -386,6 +387,12 @@ async def test_delegated_route_refuses_senders_that_have_not_signed_in(env: Env)
     config = env.config(flow="device")
     refusal = SenderPolicy(config).not_signed_in(config.routes["m365"], "alice@business.com")
     assert refusal is not None and refusal.startswith("550 5.7.1")
+    assert "relayd auth login m365 --user alice@business.com" in refusal
+    assert "/signin" not in refusal  # no [web]: the command is the only way
+    # With [web], the user can sign in there: the refusal names the page first.
+    web = dataclasses.replace(config, web=WebConfig(Address("127.0.0.1", 8025)))
+    refusal = SenderPolicy(web).not_signed_in(web.routes["m365"], "alice@business.com")
+    assert refusal is not None and "sign in at http://127.0.0.1:8025/signin" in refusal
     assert "relayd auth login m365 --user alice@business.com" in refusal
     app_only = env.config()
     assert SenderPolicy(app_only).check("alice@business.com", None).refusal is None

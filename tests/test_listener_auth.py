@@ -424,3 +424,24 @@ async def test_auth_after_helo_is_answered_as_postfix_does(tmp_path: Path, upstr
         assert [r[:3] for r in replies[5:9]] == [b"250", b"250", b"354", b"250"]
         await wait_for(lambda: len(upstream.messages) == 1, what="delivered")
     assert upstream.messages[0].mail_from == "scanner@business.com"
+
+
+async def test_a_client_that_refuses_the_certificate_is_logged_as_such(
+        tmp_path: Path, upstream: Upstream, password_hash: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A client that checks certificates meets relayd's self-signed one: the log says the
+    client refused the certificate and what to do, not "it offered TLS 1.x: <exception>"."""
+    cfg = auth_config(tmp_path, upstream, password_hash)
+    async with run_service(cfg) as svc:
+        strict = ssl.create_default_context()  # verifies: the self-signed one fails
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.to_thread(smtplib.SMTP_SSL, "127.0.0.1", svc.tls_addresses[0][1],
+                                    context=strict, timeout=10)
+        await wait_for(lambda: "TLS handshake with" in caplog.text, what="the log line")
+        await asyncio.sleep(0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    [line] = [r.getMessage() for r in caplog.records if "TLS handshake with" in r.getMessage()]
+    assert "refused relayd's certificate" in line and "server.tls_cert" in line, line
+    assert "error" not in line.lower(), line

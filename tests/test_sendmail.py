@@ -352,7 +352,7 @@ def test_sendmail_help_prints_usage_and_exits_0() -> None:
     nothing read from stdin, nothing submitted); `-h N` stays sendmail's ignored hop count."""
     import subprocess
 
-    from conftest import REPO, RELAYD
+    from conftest import RELAYD, REPO
 
     for flag in ("-h", "--help"):
         done = subprocess.run([*RELAYD, "sendmail", flag], capture_output=True, text=True,
