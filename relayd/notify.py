@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd.auth import TokenHealth
 from relayd.config import Config, RouteConfig
-from relayd.delivery.agent import RouteStats
+from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
 from relayd.errors import QueueError
 from relayd.escape import visible
 from relayd.qmgr.manager import DEFERRED
@@ -159,9 +159,13 @@ def route_conditions(stats: Mapping[str, RouteStats], routes: Mapping[str, Route
                      failing_after_s: float) -> list[Condition]:
     out = []
     for name, st in sorted(stats.items()):
-        if st.failing_since is None or now - st.failing_since <= failing_after_s:
-            continue
+        # Refused credentials do not heal by themselves (and defer, never bounce, until
+        # queue.max_age: relayd.delivery.agent.auth_refused_advice): reported at once.
         route = routes.get(name)
+        password = route is not None and route.auth in PASSWORD_AUTHS
+        after_s = 0.0 if st.failing_kind == "authentication" and password else failing_after_s
+        if st.failing_since is None or now - st.failing_since <= after_s:
+            continue
         waiting = queued.get(name, (0, 0, None))[0]
         since = f"Since: {when(st.failing_since, now)}"
         last = f"Last reply: {st.last_failure_reply or '-'}"
@@ -170,6 +174,8 @@ def route_conditions(stats: Mapping[str, RouteStats], routes: Mapping[str, Route
         if st.failing_kind == "authentication":
             subject = f"route {name} is failing authentication"
             what = f'Route "{name}" cannot log in to {_upstream_words(route)}.'
+            what += (" relayd defers its mail, as Postfix does, and retries it until it is "
+                     "older than queue.max_age, when it bounces.")
             todo = [
                 f"Check the route's credentials (routes.{name}: the password file, or the app "
                 "registration's client secret or certificate and its permissions).",

@@ -30,6 +30,17 @@ class Decision:
     pin: bool = False  # record the route with the message: its sender does not find it
 
 
+def is_delegated(route: RouteConfig) -> bool:
+    """Whether the route sends with users' own sign-ins (`relayd auth login`, /signin)."""
+    if route.flow != "device" or route.upstream == "outbox":
+        return False
+    if route.upstream == "ews" and route.auth != "oauth":
+        return False
+    # not a password route, nor one Google refresh token from a file
+    return not (route.upstream == "smtp" and (route.auth != "xoauth2" or
+                                              route.refresh_token is not None))
+
+
 class SenderPolicy:
     """Built once per config (and per process); immutable."""
 
@@ -76,14 +87,7 @@ class SenderPolicy:
     def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:
         """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
         rather than queue mail that can only defer until it expires."""
-        if route.flow != "device" or not sender:
-            return None
-        if route.upstream == "ews" and route.auth != "oauth":
-            return None
-        if route.upstream == "smtp" and (route.auth != "xoauth2" or
-                                         route.refresh_token is not None):
-            return None  # a password route, or one Google refresh token from a file
-        if route.upstream == "outbox":
+        if not sender or not is_delegated(route):
             return None
         # Imported here: the token store pulls in cryptography, which a relay without
         # delegated routes (or a listener worker) need not load.

@@ -318,8 +318,11 @@ class Service:
 
     async def web_snapshot(self) -> Any:
         """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
+        from relayd.delivery.agent import PASSWORD_AUTHS, auth_refused_advice
+        from relayd.policy import is_delegated
         from relayd.providers import fix_for
-        from relayd.web.pages import RouteRow, Snapshot, TokenRow
+        from relayd.qmgr.manager import DEFERRED
+        from relayd.web.pages import DEFERRED_LISTED, DeferredRow, RouteRow, Snapshot, TokenRow
 
         counts = self.qmgr.route_counts()
         routes: list[RouteRow] = []
@@ -328,17 +331,43 @@ class Service:
             agent = self.qmgr.agent_for(route)
             st = agent.stats
             queued, deferred, _ = counts.get(route.name, (0, 0, None))
+            advice = (auth_refused_advice(route.name, st.last_failure_reply)
+                      if st.failing_kind == "authentication" and route.auth in PASSWORD_AUTHS
+                      else "")
             routes.append(RouteRow(route.name, route.upstream_name, st.last_success,
                                    st.last_failure, st.last_failure_reply, st.failing_since,
                                    st.failing_kind, queued, deferred,
                                    fix_for(route, st.last_failure_reply)
-                                   if st.last_failure_reply else ""))
-            tokens.extend(TokenRow(**dataclasses.asdict(h))
-                          for h in agent.upstream.token_health())
+                                   if st.last_failure_reply else "", advice))
+            health = agent.upstream.token_health()
+            tokens.extend(TokenRow(**dataclasses.asdict(h)) for h in health)
+            if not health and is_delegated(route):
+                # Nobody has signed in: the route refuses every sender at MAIL FROM.
+                how = ("each user signs in at /signin, or an administrator runs"
+                       if self.config.web.listen is not None else "an administrator runs")
+                tokens.append(TokenRow(
+                    route.name, "(nobody signed in)", None, None, True,
+                    "nobody has signed in to this route yet: its senders are refused "
+                    "(550 5.7.1)", f"{how} `relayd auth login {route.name} --user ADDRESS`",
+                    None))
+        waiting = sorted((q for q in self.qmgr.messages.values()
+                          if q.state == DEFERRED and q.entry.attempts),
+                         key=lambda q: q.entry.received)
+        listed = []
+        for q in waiting[:DEFERRED_LISTED]:
+            ent = q.entry
+            route_cfg = self.qmgr.route_for(ent)
+            listed.append(DeferredRow(ent.id, route_cfg.name if route_cfg else "-", ent.sender,
+                                      ent.pending(), ent.received, ent.attempts,
+                                      ent.next_attempt, ent.last_error))
         oldest = [o for _, _, o in counts.values() if o is not None]
         signin = [r.name for r in self.config.routes.values() if r.flow == "device"]
+        expiry_warning_s = (self.config.notify.expiry_warning_s if self.config.notify
+                            else Snapshot.expiry_warning_s)
         return Snapshot(self.config.server.hostname, time.time(), routes, tokens,
-                        min(oldest) if oldest else None, len(self.qmgr.messages), signin)
+                        min(oldest) if oldest else None, len(self.qmgr.messages), signin,
+                        warnings=self.config.warnings, deferred=listed,
+                        deferred_total=len(waiting), expiry_warning_s=expiry_warning_s)
 
     async def _report_queue(self) -> None:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""

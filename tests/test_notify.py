@@ -522,3 +522,58 @@ def test_listener_workers_do_not_notify(tmp_path: Path) -> None:
     main = Service(cfg)
     assert main.notifier is not None and main.qmgr.on_bounce == main.notifier.on_bounce
     assert Service(cfg, report=lambda line: None).notifier is None
+
+
+async def test_a_wrong_upstream_password_is_deferred_and_said_once_loudly(
+        tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """The decision for 535 5.7.8 (a wrong password): deferred, as Postfix does, until
+    queue.max_age; said once, loudly: 1. three messages, each tried and refused at AUTH
+    2. one ERROR line for the run of failures naming the decision and the fix 3. the status
+    page's "Needs attention" and the route's row say it 4. one notice, at once (not after
+    the 15 minutes an unreachable upstream waits), saying it too."""
+    from typing import Any
+
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope
+    from aiosmtpd.smtp import Session as SmtpSession
+
+    from relayd.web.pages import status_page
+
+    def refuse(server: SMTP, session: SmtpSession, envelope: Envelope, mechanism: str,
+               auth_data: Any) -> AuthResult:
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Error: authentication failed")
+
+    wrong = Upstream(auth_require_tls=False, authenticator=refuse)
+    await wrong.start()
+    secret = tmp_path / "pw"
+    secret.write_text("wrong\n")
+    secret.chmod(0o600)
+    cfg = write_config(
+        tmp_path, smtp_route("staff", '["*@business.com"]', wrong.port,
+                             f'username = "{ALICE}"\npassword_file = "{secret}"')
+        + smtp_route("system", f'["{SENDER}"]', upstream.port),
+        queue='retry_min = "1s"\nretry_max = "1s"',
+        extra=f'[notify]\nto = ["{ADMIN}"]\nsender = "{SENDER}"\n')
+    try:
+        async with run_service(cfg) as svc:
+            for i in range(3):
+                await send(service_port(svc), ALICE, [BOB], message(subject=f"m{i}"))
+            await wait_for(lambda: sum(q.entry.attempts for q in svc.qmgr.messages.values()
+                                       if q.entry.sender == ALICE) >= 5, what="tried again")
+            page = status_page(await svc.web_snapshot()).decode()
+            await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
+            await asyncio.sleep(0.5)  # further checks send nothing more
+            assert all(q.entry.attempts for q in svc.qmgr.messages.values())
+    finally:
+        await wrong.stop()
+    loud = [r for r in caplog.records if r.levelname == "ERROR"
+            and "as Postfix does" in r.getMessage()]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    text = loud[0].getMessage()
+    assert "535 5.7.8" in text and "queue.max_age" in text and "routes.staff" in text
+    assert "relayd queue retry --all" in text
+    assert "Needs attention" in page and "as Postfix does" in page
+    [notice] = notices(upstream)
+    assert notice["Subject"] == SUBJECT + "route staff is failing authentication"
+    assert "as Postfix does" in body(notice) and "queue.max_age" in body(notice)
+    assert wrong.messages == []

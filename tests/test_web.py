@@ -225,3 +225,88 @@ async def test_signin_page_with_google(tmp_path: Path, monkeypatch: pytest.Monke
     finally:
         await up.stop()
         server.stop()
+
+
+async def test_status_page_shows_what_needs_a_person_in_chromium(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status page read by headless Chromium (selenium): 1. a delegated route nobody has
+    signed in to has a row saying so 2. a client secret expiring in 26 days (inside the 30-day
+    warning) is highlighted, not "ok" 3. a deferred message is listed with its recipient and
+    reply 4. every time carries UTC 5. the failing route's row is emphasised 6. the basic SMTP
+    AUTH switch-off of an smtp.office365.com route is named."""
+    import datetime as dt
+    import re
+
+    from conftest import dead_port
+    from selenium.webdriver.common.by import By
+    from test_auth_login import headless_chromium
+
+    monkeypatch.setenv("WEB_TEST_SECRET", "s3cret")
+    upstream.handler.rcpt_replies["later@example.com"] = "451 4.2.0 mailbox busy"
+    expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=26)).date().isoformat()
+    routes = (smtp_route("staff", '["*@business.com"]', upstream.port)
+              + smtp_route("down", '["down@business.com"]', dead_port())
+              + f"""
+[routes.people]
+senders = ["*@people.business.com"]
+upstream = "graph"
+tenant_id = "tenant"
+client_id = "people-client"
+flow = "device"
+
+[routes.app]
+senders = ["app@business.com"]
+upstream = "graph"
+tenant_id = "tenant"
+client_id = "app-client"
+client_secret_env = "WEB_TEST_SECRET"
+client_secret_expires = "{expires}"
+
+[routes.system]
+senders = ["casemanager@business.com"]
+upstream = "smtp"
+host = "smtp.office365.com"
+username = "casemanager@business.com"
+password_env = "WEB_TEST_SECRET"
+""")
+    cfg = write_config(tmp_path, routes, queue='retry_min = "1h"\nretry_max = "2h"',
+                       extra=f'[web]\nlisten = "127.0.0.1:0"\n[auth]\npath = '
+                             f'"{tmp_path / "tokens"}"\nkey_file = "{tmp_path / "token.key"}"\n')
+    async with run_service(cfg) as svc:
+        port = service_port(svc)
+        await send(port, "alice@business.com", ["bob@example.com", "later@example.com"],
+                   message())
+        await send(port, "down@business.com", ["carol@example.com"], message())
+        await wait_for(lambda: sum(1 for q in svc.qmgr.messages.values() if q.attempts) == 2,
+                       what="both messages deferred")
+        [deferred_id] = [q for q, m in svc.qmgr.messages.items()
+                         if "later@example.com" in m.entry.pending()]
+        url = f"http://127.0.0.1:{svc.web_port}/"
+
+        def read_page() -> dict[str, Any]:
+            with headless_chromium(tmp_path) as driver:
+                driver.get(url)
+                rows = driver.find_elements(By.CSS_SELECTOR, "tr")
+                return {
+                    "rows": [r.text for r in rows],
+                    "failing": [r.text for r in
+                                driver.find_elements(By.CSS_SELECTOR, "tr.failing")],
+                    "warn": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".warn")],
+                    "deferred": driver.find_element(By.ID, "deferred").text,
+                    "attention": driver.find_element(By.CSS_SELECTOR, "ul.attention").text,
+                    "text": driver.find_element(By.TAG_NAME, "body").text,
+                }
+
+        got = await asyncio.to_thread(read_page)
+    [people] = [r for r in got["rows"] if r.startswith("people (nobody signed in)")]
+    assert "needs sign-in" in people and "relayd auth login people" in people
+    [app] = [r for r in got["rows"] if r.startswith("app (app)")]
+    assert "ok" not in app.split() and "expires in 26 d" in app, app
+    assert any(expires in w for w in got["warn"]) and any("expires" in w for w in got["warn"])
+    assert deferred_id in got["deferred"] and "later@example.com" in got["deferred"]
+    assert "451 4.2.0 mailbox busy" in got["deferred"] and "carol@example.com" in got["deferred"]
+    stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: UTC)?", got["text"])
+    assert len(stamps) >= 5 and all(t.endswith(" UTC") for t in stamps), stamps
+    assert [r.split()[0] for r in got["failing"]] == ["down"]
+    assert "end of December 2026" in got["attention"] and "m365-graph-app.toml" in \
+        got["attention"]

@@ -101,6 +101,23 @@ class Report:
 _Item = tuple[Job, "asyncio.Future[Report]"]  # a job and where its report goes
 
 
+PASSWORD_AUTHS = ("password", "basic", "ntlm")  # a refused login is a wrong password
+
+
+def auth_refused_advice(route: str, reply: str) -> str:
+    """What relayd does when the upstream refuses a route's credentials (535 5.7.8, a wrong
+    password), said once per run of failures in the log, on the status page and in a notice.
+
+    The decision: defer, as Postfix does (its smtp client treats a refused login as a
+    temporary failure), so that mail waits while an admin corrects the password, rather than
+    bouncing every message of a route for a mistake in one file. The cost is that nobody
+    learns of it from a bounce, hence the loud line."""
+    return (f"the upstream refused the login ({reply}). relayd defers this route's mail, as "
+            f"Postfix does, and retries it until it is older than queue.max_age, when it "
+            f"bounces: correct routes.{route}'s credentials (password_file, or the app's "
+            f"secret), then run `relayd queue retry --all`")
+
+
 @dataclass
 class RouteStats:
     """What the status page and [notify] read of a route (epoch seconds)."""
@@ -111,23 +128,26 @@ class RouteStats:
     failing_since: float | None = None  # first of the current run of auth/unreachable failures
     failing_kind: str = ""  # "authentication" or "unreachable"
 
-    def record(self, report: Report) -> None:
+    def record(self, report: Report) -> bool:
+        """Take in one attempt's report; True when it starts a run of failures."""
         now = time.time()
         statuses = {r.status for r in report.results.values()}
         if Status.DELIVERED in statuses:
             self.last_success = now
             self.failing_since, self.failing_kind = None, ""
-            return
+            return False
         if report.held_s is not None or not report.results:
-            return
+            return False
         self.last_failure = now
         self.last_failure_reply = str(next(iter(report.results.values())).reply)
         kind = "unreachable" if report.unreachable else report.problem
         if kind:
             if self.failing_since is None or self.failing_kind != kind:
                 self.failing_since, self.failing_kind = now, kind
+                return True
         elif Status.FAILED in statuses:
             pass  # a message refused for good says nothing about the route
+        return False
 
 
 class RateLimiter:
@@ -263,7 +283,10 @@ class DeliveryAgent:
                     if not future.done():
                         future.set_result(self._cut_off(job, STOPPED))
                     raise
-                self.stats.record(report)
+                if self.stats.record(report) and self.stats.failing_kind == "authentication" \
+                        and self.route.auth in PASSWORD_AUTHS:
+                    log.error("route %s: %s", self.route.name, auth_refused_advice(
+                        self.route.name, self.stats.last_failure_reply))
                 if not future.done():
                     future.set_result(report)
         finally:

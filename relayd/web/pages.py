@@ -2,6 +2,12 @@
 
 Every value that comes from outside (addresses, replies, route names) goes through
 `html.escape`. No secret or token is ever part of a snapshot, so none can reach a page.
+
+The status page puts first what needs a person: provider switch-offs and refused logins
+("Needs attention"), a failing route's row in red, a delegated route nobody has signed in to,
+a client secret or certificate inside the expiry warning (`notify.expiry_warning`, 30 days),
+and the deferred messages one by one. Every time is UTC and says so (an admin reads the page
+beside logs and mail headers from other machines).
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em;color:#222}"
          "padding:.3em .6em;text-align:left;vertical-align:top}th{background:#eee}"
          ".bad{color:#a00;font-weight:bold}.ok{color:#070}a.button{display:inline-block;"
          "padding:.5em 1em;border:1px solid #0067b8;color:#0067b8;text-decoration:none;"
-         "margin:.3em 0}")
+         "margin:.3em 0}tr.failing td{background:#fdd}.warn{background:#ffd966;"
+         "font-weight:bold;padding:0 .2em}ul.attention li{color:#a00;margin:.3em 0}")
+DEFERRED_LISTED = 100  # deferred messages listed one by one; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class RouteRow:
     queued: int
     deferred: int
     fix: str = ""  # the provider's fix for the last failure (relayd.providers)
+    advice: str = ""  # what to do about its failure, shown with it (a refused password)
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,20 @@ class TokenRow:
 
 
 @dataclass(frozen=True)
+class DeferredRow:
+    """A message that was tried and waits for its next try."""
+
+    queue_id: str
+    route: str
+    sender: str
+    recipients: Sequence[str]  # those still pending
+    received: float
+    attempts: int
+    next_attempt: float
+    last_error: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     hostname: str
     now: float
@@ -54,6 +77,10 @@ class Snapshot:
     oldest_deferred: float | None = None  # when the oldest deferred message was received
     queued: int = 0
     signin_routes: Sequence[str] = field(default_factory=tuple)
+    warnings: Sequence[str] = field(default_factory=tuple)  # the config's (switch-offs)
+    deferred: Sequence[DeferredRow] = field(default_factory=tuple)  # oldest first
+    deferred_total: int = 0  # all deferred messages, listed or not
+    expiry_warning_s: float = 30 * 86400.0  # credentials expiring within this are shown
 
 
 def _e(text: object) -> str:
@@ -64,7 +91,7 @@ def _when(ts: float | None, now: float) -> str:
     if ts is None:
         return "never"
     ago = now - ts
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
     if ago >= 0:
         return f"{stamp} ({_span(ago)} ago)"
     return f"{stamp} (in {_span(-ago)})"
@@ -86,9 +113,16 @@ def page(title: str, body: str) -> bytes:
 def status_page(s: Snapshot) -> bytes:
     parts = [f"<h1>relayd on {_e(s.hostname)}</h1>",
              f"<p>{s.queued} message(s) in the queue; oldest deferred: "
-             f"{_e(_when(s.oldest_deferred, s.now)) if s.oldest_deferred else 'none'}.</p>",
-             "<h2>Routes</h2><table><tr><th>route</th><th>upstream</th><th>last success</th>"
-             "<th>last failure</th><th>queued</th><th>deferred</th></tr>"]
+             f"{_e(_when(s.oldest_deferred, s.now)) if s.oldest_deferred else 'none'}. "
+             f"Times are UTC; now {_e(_when(s.now, s.now).split(' (')[0])}.</p>"]
+    attention = [_e(w) for w in s.warnings]
+    attention += [f"route {_e(r.name)}: {_e(r.advice)}" for r in s.routes
+                  if r.failing_since is not None and r.advice]
+    if attention:
+        parts.append('<h2>Needs attention</h2><ul class="attention">'
+                     + "".join(f"<li>{a}</li>" for a in attention) + "</ul>")
+    parts.append("<h2>Routes</h2><table><tr><th>route</th><th>upstream</th><th>last success"
+                 "</th><th>last failure</th><th>queued</th><th>deferred</th></tr>")
     for r in s.routes:
         failure = _e(_when(r.last_failure, s.now))
         if r.last_failure is not None and r.last_failure_reply:
@@ -98,25 +132,38 @@ def status_page(s: Snapshot) -> bytes:
         if r.failing_since is not None:
             failure += (f'<br><span class="bad">{_e(r.failing_kind)} failing since '
                         f"{_e(_when(r.failing_since, s.now))}</span>")
-        parts.append(f"<tr><td>{_e(r.name)}</td><td>{_e(r.upstream)}</td>"
-                     f"<td>{_e(_when(r.last_success, s.now))}</td><td>{failure}</td>"
-                     f"<td>{r.queued}</td><td>{r.deferred}</td></tr>")
-    parts.append("</table><h2>Tokens and credentials</h2>")
+        failing = ' class="failing"' if r.failing_since is not None else ""
+        name = f"<strong>{_e(r.name)}</strong>" if failing else _e(r.name)
+        parts.append(f'<tr{failing} id="route-{_e(r.name)}"><td>{name}</td>'
+                     f"<td>{_e(r.upstream)}</td><td>{_e(_when(r.last_success, s.now))}</td>"
+                     f"<td>{failure}</td><td>{r.queued}</td><td>{r.deferred}</td></tr>")
+    parts.append("</table>")
+    parts.append(_deferred_table(s))
+    parts.append("<h2>Tokens and credentials</h2>")
     if not s.tokens:
         parts.append("<p>No OAuth credentials in use.</p>")
     else:
         parts.append("<table><tr><th>route</th><th>account</th><th>token expires</th>"
                      "<th>last refreshed</th><th>credential expires</th><th>state</th></tr>")
         for t in s.tokens:
+            expiring = (t.credential_expires_at is not None
+                        and t.credential_expires_at - s.now <= s.expiry_warning_s)
             if t.needs_signin:
                 state = (f'<span class="bad">needs sign-in</span>: {_e(t.problem)}'
                          f"<br>{_e(t.fix)}")
             elif t.problem:
                 state = f'<span class="bad">{_e(t.problem)}</span>'
+            elif expiring:
+                assert t.credential_expires_at is not None
+                left = t.credential_expires_at - s.now
+                state = (f'<span class="warn">the credential expires '
+                         f"{'in ' + _span(left) if left > 0 else 'now'}</span>: renew it")
             else:
                 state = '<span class="ok">ok</span>'
             cred = _e(_when(t.credential_expires_at, s.now)) if t.credential_expires_at \
                 else "-"
+            if expiring:
+                cred = f'<span class="warn">{cred}</span>'
             parts.append(f"<tr><td>{_e(t.route)}</td><td>{_e(t.account or '(app)')}</td>"
                          f"<td>{_e(_when(t.expires_at, s.now))}</td>"
                          f"<td>{_e(_when(t.last_refreshed, s.now))}</td><td>{cred}</td>"
@@ -125,6 +172,25 @@ def status_page(s: Snapshot) -> bytes:
     if s.signin_routes:
         parts.append('<p><a href="/signin">Sign-in page for users of delegated routes</a></p>')
     return page(f"relayd on {s.hostname}", "".join(parts))
+
+
+def _deferred_table(s: Snapshot) -> str:
+    if not s.deferred_total:
+        return "<h2>Deferred messages</h2><p>None.</p>"
+    rows = ["<h2>Deferred messages</h2><table id=\"deferred\"><tr><th>queue id</th>"
+            "<th>route</th><th>from</th><th>to (waiting)</th><th>received</th><th>tries</th>"
+            "<th>next try</th><th>last reply</th></tr>"]
+    for d in s.deferred:
+        rows.append(f"<tr><td>{_e(d.queue_id)}</td><td>{_e(d.route)}</td>"
+                    f"<td>{_e(d.sender or '<>')}</td><td>{_e(', '.join(d.recipients))}</td>"
+                    f"<td>{_e(_when(d.received, s.now))}</td><td>{d.attempts}</td>"
+                    f"<td>{_e(_when(d.next_attempt, s.now))}</td><td>{_e(d.last_error)}</td>"
+                    "</tr>")
+    rows.append("</table>")
+    if s.deferred_total > len(s.deferred):
+        rows.append(f"<p>and {s.deferred_total - len(s.deferred)} more: "
+                    "<code>relayd queue list</code></p>")
+    return "".join(rows)
 
 
 def signin_page(hostname: str, choices: Sequence[tuple[str, str]], note: str = "") -> bytes:
