@@ -169,7 +169,7 @@ def prune(path: Path, keep_s: float, now: float) -> list[Path]:
 class Query:
     queue_id: str | None = None
     message_id: str | None = None
-    sender: str | None = None
+    sender: str | None = None  # "" selects the null sender's events
     recipient: str | None = None
     route: str | None = None
     since: float | None = None  # epoch seconds
@@ -189,7 +189,8 @@ class Query:
             return False
         if self.message_id and _mid(self.message_id) != _mid(str(e.get("message_id", ""))):
             return False
-        if self.sender and self.sender.lower() != str(e.get("from", "")).lower():
+        # sender "" is the null sender (bounces), whose events carry no "from"
+        if self.sender is not None and self.sender.lower() != str(e.get("from", "")).lower():
             return False
         if self.recipient:
             rcpts = [str(r).lower() for r in e.get("to", [])]

@@ -495,6 +495,14 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
     config = load_config(path)
     for warning in config.warnings:
         log.warning("config: %s", warning)
+    for route in config.routes.values():
+        if route.upstream == "outbox":
+            # the bundled conf/relayd.toml is one: say that nothing leaves, and where it goes
+            where = str(route.path or ".")
+            if not os.path.isabs(where):
+                where += f" ({os.path.abspath(where)})"
+            log.warning("route %s is a dry run: its mail (%s) is written as .eml files to %s "
+                        "and delivered nowhere", route.name, ", ".join(route.senders), where)
     use_cpu_scheduling(config.server.cpu_scheduling)
     # With workers, the SMTP sessions are theirs and this process schedules and delivers.
     listeners = bind_listeners(config.server) if config.server.workers > 1 else None

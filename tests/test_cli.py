@@ -78,6 +78,8 @@ def test_queue_list_json_keeps_the_layout_of_one_json_dump(tmp_path: Path) -> No
         assert listed.returncode == 0, listed.stderr
         entries = json.loads(listed.stdout)
         assert [e["id"] for e in entries] == spool.ids()
+        # the route, as `queue show --json` gives it (not the entry's pinned one, null)
+        assert all(e["route"] == "staff" and e["route_pinned"] is False for e in entries)
         assert listed.stdout == json.dumps(entries, indent=2) + "\n"
     text = relayd_cli("queue", "list", "-c", str(cfg))
     assert text.stdout.splitlines()[-1] == "3 message(s) in the queue"
@@ -138,3 +140,12 @@ def test_commands_piped_into_head_end_quietly(tmp_path: Path) -> None:
                               timeout=60)
         assert done.returncode in (0, 141), (command, done.returncode, done.stderr)
         assert done.stderr == "", (command, done.stderr)
+
+
+def test_route_takes_an_address_in_angle_brackets(tmp_path: Path) -> None:
+    """`relayd route '<alice@business.com>'`, as the address appears in MAIL FROM and logs."""
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', dead_port()))
+    for written in ("<alice@business.com>", " <alice@business.com> ", "alice@business.com"):
+        out = relayd_cli("route", "-c", str(cfg), written)
+        assert out.returncode == 0, out.stdout
+        assert out.stdout.startswith("alice@business.com: route staff ")

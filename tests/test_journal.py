@@ -105,6 +105,14 @@ async def test_each_event_of_a_message_is_recorded_and_found_again(
     assert out.returncode == 0 and len(out.stdout.splitlines()) >= 9
     out = await arelayd_cli("log", "--id", "NOSUCHID00000000", "-c", str(cfg))
     assert out.returncode == 1 and "no matching events" in out.stderr
+    # --from "" (or "<>") selects the null sender's events: the bounce's, and nothing else
+    for null in ("", "<>"):
+        out = await arelayd_cli("log", "--from", null, "--json", "-c", str(cfg))
+        assert out.returncode == 0, out.stderr
+        got = [json.loads(line) for line in out.stdout.splitlines()]
+        assert got and all("from" not in e for e in got)
+        assert {e["id"] for e in got} == {bounced["bounce"]}
+        assert "delivered" in {e["event"] for e in got}
 
 
 def test_a_torn_last_line_is_skipped_and_old_files_go(tmp_path: Path) -> None:

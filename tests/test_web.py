@@ -308,5 +308,7 @@ password_env = "WEB_TEST_SECRET"
     stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?: UTC)?", got["text"])
     assert len(stamps) >= 5 and all(t.endswith(" UTC") for t in stamps), stamps
     assert [r.split()[0] for r in got["failing"]] == ["down"]
+    assert "cannot connect to 127.0.0.1:" in got["failing"][0]
+    assert "Error connecting to" not in got["text"]  # said once, not twice
     assert "end of December 2026" in got["attention"] and "m365-graph-app.toml" in \
         got["attention"]

@@ -213,3 +213,23 @@ def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
         "server.cpu_scheduling: SCHED_BATCH refused (Operation not permitted); running with "
         "the normal policy"]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+async def test_reload_is_logged_once_and_a_dry_run_is_named_at_start(tmp_path: Path) -> None:
+    """workers = 2, with the bundled config's outbox route: 1. the start-up log says the route
+    is a dry run and where its .eml files go 2. SIGHUP: "reload: config applied" once, not once
+    per process."""
+    port = free_port()
+    routes = ('[routes.dryrun]\nsenders = ["*"]\nupstream = "outbox"\n'
+              f'path = "{tmp_path / "outbox"}"\n')
+    cfg = write_config(tmp_path, routes, listen=f"127.0.0.1:{port}", server="workers = 2")
+    log = tmp_path / "relayd.log"
+    async with daemon(cfg, port, log) as proc:
+        await wait_for(lambda: len(worker_pids(log)) == 1, what="worker start")
+        text = log.read_text()
+        assert (f"route dryrun is a dry run: its mail (*) is written as .eml files to "
+                f"{tmp_path / 'outbox'} and delivered nowhere") in text
+        proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: "reload: config applied" in log.read_text(), what="reload")
+        await asyncio.sleep(1.0)  # the worker's reload, had it logged, is in by now
+        assert log.read_text().count("reload: config applied") == 1

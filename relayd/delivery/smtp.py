@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import ssl
 from collections.abc import Callable, Sequence
 
@@ -334,10 +335,16 @@ def _tls_info(client: aiosmtplib.SMTP) -> str:
             + (f" for {name}" if name else ""))
 
 
+_CONNECTING_RE = re.compile(r"^Error connecting to \S+ on port \d+:?\s*")
+
+
 def _why(e: BaseException) -> str:
     """The error in one line, with its cause: aiosmtplib's "Error connecting to host on port
     N:" alone does not tell an admin whether it was refused, timed out or a TLS failure."""
     text = " ".join((str(e) or type(e).__name__).split())
+    # aiosmtplib's "Error connecting to H on port P: ..." repeats what relayd's own message
+    # says before it ("cannot connect to H:P: "): keep what follows it
+    text = _CONNECTING_RE.sub("", text) or text
     cause = e.__cause__ or e.__context__
     if cause is not None and str(cause) and str(cause) not in text:
         text = f"{text.rstrip(':')}: {' '.join(str(cause).split())}"
