@@ -215,13 +215,19 @@ def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
-async def test_reload_is_logged_once_and_a_dry_run_is_named_at_start(tmp_path: Path) -> None:
-    """workers = 2, with the bundled config's outbox route: 1. the start-up log says the route
-    is a dry run and where its .eml files go 2. SIGHUP: "reload: config applied" once, not once
-    per process."""
+async def test_reload_is_logged_once_and_a_dry_run_is_named_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers = 2, with the bundled config's outbox route and the System Email's basic SMTP
+    AUTH to smtp.office365.com: 1. the start-up log says the route is a dry run and where its
+    .eml files go, and names the December 2026 switch-off 2. SIGHUP: "reload: config applied"
+    once, not once per process."""
+    monkeypatch.setenv("WORKERS_TEST_SECRET", "s3cret")
     port = free_port()
     routes = ('[routes.dryrun]\nsenders = ["*"]\nupstream = "outbox"\n'
-              f'path = "{tmp_path / "outbox"}"\n')
+              f'path = "{tmp_path / "outbox"}"\n'
+              '[routes.system]\nsenders = ["casemanager@business.com"]\nupstream = "smtp"\n'
+              'host = "smtp.office365.com"\nusername = "casemanager@business.com"\n'
+              'password_env = "WORKERS_TEST_SECRET"\n')
     cfg = write_config(tmp_path, routes, listen=f"127.0.0.1:{port}", server="workers = 2")
     log = tmp_path / "relayd.log"
     async with daemon(cfg, port, log) as proc:
@@ -229,6 +235,9 @@ async def test_reload_is_logged_once_and_a_dry_run_is_named_at_start(tmp_path: P
         text = log.read_text()
         assert (f"route dryrun is a dry run: its mail (*) is written as .eml files to "
                 f"{tmp_path / 'outbox'} and delivered nowhere") in text
+        [switch_off] = [line for line in text.splitlines() if "routes.system: basic" in line]
+        assert "WARNING" in switch_off and "end of December 2026" in switch_off
+        assert "m365-graph-app.toml" in switch_off and "s3cret" not in text
         proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: "reload: config applied" in log.read_text(), what="reload")
         await asyncio.sleep(1.0)  # the worker's reload, had it logged, is in by now
