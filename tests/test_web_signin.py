@@ -18,12 +18,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Upstream, run_service, smtp_route, wait_for, write_config
 from fakes.https import shared_ca
 from test_auth_login import headless_chromium, login_env
 
-from relayd.auth.passwords import hash_password
+from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import WebConfig, load_config
+from relayd.web import server as web_server
 from relayd.web.server import MAX_PENDING_SIGNINS_PER_CLIENT, SIGNIN_COOKIE
 
 HEADERS = {"Content-Security-Policy", "X-Frame-Options", "Referrer-Policy",
@@ -169,12 +171,13 @@ def provider_answer(url: str, ca_file: Path, user: str) -> dict[str, str]:
 
 
 async def test_admin_login_back_off_per_address_and_headers_on_every_response(
-        tmp_path: Path, upstream: Upstream) -> None:
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
     """The page as served off loopback (HTTPS, admins). 1. a wrong password from 127.0.0.2:
     401; its next try, even with the right password, gets 429 with Retry-After until the
     back-off ends 2. 127.0.0.3 logs in at once 3. an unknown name is refused like a wrong
-    password 4. every answer, the standard library's own errors (a bad request line, an
-    unknown method) included, carries the security headers."""
+    password, after the same one scrypt check (counted, not timed) 4. every answer, the
+    standard library's own errors (a bad request line, an unknown method) included, carries
+    the security headers."""
     ca = shared_ca()
     cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
     ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
@@ -187,6 +190,13 @@ async def test_admin_login_back_off_per_address_and_headers_on_every_response(
     config = load_config(cfg)
     config = dataclasses.replace(config, web=WebConfig(config.web.listen, ("it",),
                                                        loopback=False))
+    checks: list[str] = []
+
+    def counted(password: str, stored: str) -> bool:
+        checks.append(stored)
+        return verify_password(password, stored)
+
+    monkeypatch.setattr(web_server, "verify_password", counted)  # a spy: the real check runs
     async with run_service(config) as svc:
         port = svc.web_port
         assert port is not None
@@ -214,8 +224,12 @@ async def test_admin_login_back_off_per_address_and_headers_on_every_response(
         assert_security_headers(headers)
         status, _, body = await asyncio.to_thread(request, "it:admin-pw", "127.0.0.3")
         assert status == 200 and "<td>staff</td>" in body
+        checks.clear()
         status, _, _ = await asyncio.to_thread(request, "nobody:admin-pw", "127.0.0.4")
         assert status == 401
+        status, _, _ = await asyncio.to_thread(request, "it:wrong", "127.0.0.6")
+        assert status == 401
+        assert len(checks) == 2 and all(c.startswith("scrypt$") for c in checks)
         await asyncio.sleep(1.1)  # the first back-off (1 s) is over
         status, _, _ = await asyncio.to_thread(request, "it:admin-pw", "127.0.0.2")
         assert status == 200
