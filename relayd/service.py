@@ -321,16 +321,18 @@ class Service:
         from relayd.delivery.agent import PASSWORD_AUTHS, auth_refused_advice
         from relayd.policy import is_delegated
         from relayd.providers import fix_for
-        from relayd.qmgr.manager import DEFERRED
+        from relayd.qmgr.view import RouteCount
         from relayd.web.pages import DEFERRED_LISTED, DeferredRow, RouteRow, Snapshot, TokenRow
 
-        counts = self.qmgr.route_counts()
+        view = self.qmgr.view
+        counts = view.route_counts()
         routes: list[RouteRow] = []
         tokens: list[TokenRow] = []
         for route in self.config.routes.values():
             agent = self.qmgr.agent_for(route)
             st = agent.stats
-            queued, deferred, _ = counts.get(route.name, (0, 0, None))
+            count = counts.get(route.name, RouteCount())
+            queued, deferred = count.queued, count.deferred
             advice = (auth_refused_advice(route.name, st.last_failure_reply)
                       if st.failing_kind == "authentication" and route.auth in PASSWORD_AUTHS
                       else "")
@@ -350,24 +352,21 @@ class Service:
                     "nobody has signed in to this route yet: its senders are refused "
                     "(550 5.7.1)", f"{how} `relayd auth login {route.name} --user ADDRESS`",
                     None))
-        waiting = sorted((q for q in self.qmgr.messages.values()
-                          if q.state == DEFERRED and q.entry.attempts),
-                         key=lambda q: q.entry.received)
-        listed = []
-        for q in waiting[:DEFERRED_LISTED]:
-            ent = q.entry
-            route_cfg = self.qmgr.route_for(ent)
-            listed.append(DeferredRow(ent.id, route_cfg.name if route_cfg else "-", ent.sender,
-                                      ent.pending(), ent.received, ent.attempts,
-                                      ent.next_attempt, ent.last_error))
-        oldest = [o for _, _, o in counts.values() if o is not None]
+        waiting, waiting_total = view.deferred(DEFERRED_LISTED)
+        listed = [DeferredRow(m.id, m.route, m.summary["sender"],
+                              [r for r, rs in m.summary["rcpt"].items()
+                               if rs["status"] == "pending"],
+                              m.summary["received"], m.summary["attempts"],
+                              m.summary["next_attempt"], m.summary["last_error"])
+                  for m in waiting]
+        oldest = [c.oldest_deferred for c in counts.values() if c.oldest_deferred is not None]
         signin = [r.name for r in self.config.routes.values() if r.flow == "device"]
         expiry_warning_s = (self.config.notify.expiry_warning_s if self.config.notify
                             else Snapshot.expiry_warning_s)
         return Snapshot(self.config.server.hostname, time.time(), routes, tokens,
-                        min(oldest) if oldest else None, len(self.qmgr.messages), signin,
+                        min(oldest) if oldest else None, view.depth()[0], signin,
                         warnings=self.config.warnings, deferred=listed,
-                        deferred_total=len(waiting), expiry_warning_s=expiry_warning_s)
+                        deferred_total=waiting_total, expiry_warning_s=expiry_warning_s)
 
     async def _report_queue(self) -> None:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""
@@ -376,7 +375,7 @@ class Service:
         set_journal = getattr(self.observer, "set_journal", None)
         health_read = 0.0
         while set_queue is not None:
-            set_queue(*self.qmgr.stats())
+            set_queue(*self.qmgr.view.depth())
             if set_journal is not None:
                 set_journal(self.journal.dropped)
             now = time.time()

@@ -54,6 +54,7 @@ from relayd.delivery.doubt import DUPLICATE_RISK, INTERRUPTED
 from relayd.errors import QueueError, SpoolBusyError
 from relayd.journal import Journal
 from relayd.qmgr.outcome import Attempted, Outcome, Policy, decide
+from relayd.qmgr.view import QueueView
 from relayd.queue import DELIVERED, FAILED, Entry, RecipientState, Spool
 from relayd.reply import Reply
 from relayd.router import Router
@@ -197,6 +198,8 @@ class QueueManager:
         self._last_scan = time.monotonic()  # the first scan comes one interval after start
         self._unread: set[str] = set()  # reported, but could not be read yet (temporary)
         self.on_found: Callable[[Entry], None] | None = None  # a found entry: count it
+        self._deleted_by: dict[str, str] = {}  # qid -> admin, a delete asked while active
+        self.view = QueueView(self)  # the read side: status page, console, notify, metrics
 
     # -- policy --------------------------------------------------------------------------------
 
@@ -827,9 +830,10 @@ class QueueManager:
         log.info("%s: removed from the queue: %s", entry.id, why)
 
     def _forget(self, queued: Queued, why: str) -> None:
+        admin = self._deleted_by.pop(queued.id, None)
         if why == "deleted by the admin":
             self._record("deleted", queued, self.route_for(queued.entry),
-                         queued.entry.pending())
+                         queued.entry.pending(), admin=admin)
         self._release(queued)
         self.messages.pop(queued.id, None)
         self._remove(queued.entry, why)
@@ -917,27 +921,45 @@ class QueueManager:
             return
         self._forget(queued, "deleted by the admin")
 
+    def retry_ids(self, ids: list[str], admin: str) -> int:
+        """The web console's retry, by an admin: as `relayd queue retry` for each id still
+        queued, and a `retry` journal event naming the admin. How many were queued."""
+        done = 0
+        for qid in ids:
+            queued = self.messages.get(qid)
+            if queued is None:
+                continue
+            self._record("retry", queued, self.route_for(queued.entry),
+                         queued.entry.pending(), admin=admin)
+            self.retry(queued, quiet=len(ids) > 1)
+            done += 1
+        if len(ids) > 1:
+            log.info("queue: retry requested by %s for %d message(s)", admin, done)
+        return done
+
+    def delete_ids(self, ids: list[str], admin: str) -> int:
+        """The web console's delete, by an admin: as `relayd queue delete`; the `deleted`
+        journal event names the admin. How many were queued."""
+        done = 0
+        for qid in ids:
+            queued = self.messages.get(qid)
+            if queued is None:
+                continue
+            self._deleted_by[qid] = admin
+            log.info("%s: delete requested by %s", qid, admin)
+            self.delete(queued)
+            done += 1
+        return done
+
     def route_counts(self) -> dict[str, tuple[int, int, float | None]]:
         """Route name -> (messages queued, of which deferred, when the oldest deferred one was
         received), for the status page and [notify]. "-" holds messages without a route."""
-        out: dict[str, tuple[int, int, float | None]] = {}
-        for queued in self.messages.values():
-            route = self.route_for(queued.entry)
-            name = route.name if route else "-"
-            total, deferred, oldest = out.get(name, (0, 0, None))
-            if queued.state == DEFERRED and queued.entry.attempts:
-                deferred += 1
-                received = queued.entry.received
-                oldest = received if oldest is None else min(oldest, received)
-            out[name] = (total + 1, deferred, oldest)
-        return out
+        return {name: (c.queued, c.deferred, c.oldest_deferred)
+                for name, c in self.view.route_counts().items()}
 
     def stats(self) -> tuple[int, float]:
         """Queue depth and the age in seconds of the oldest message."""
-        if not self.messages:
-            return 0, 0.0
-        oldest = min(q.entry.received for q in self.messages.values())
-        return len(self.messages), max(0.0, self.clock() - oldest)
+        return self.view.depth()
 
     async def drain(self, timeout: float) -> None:
         """Stop handing out jobs; let attempts in flight finish within `timeout`, then cancel."""

@@ -1,0 +1,174 @@
+"""The queue manager's read side: what the status page, the web console, [notify] and the
+metrics see of the queue, through one public interface that changes nothing.
+
+Rules:
+- Read on the event loop, where the manager owns the state (a web request thread asks through
+  `asyncio.run_coroutine_threadsafe`); every answer is a copy (frozen rows, plain dicts), so
+  nothing a reader holds can change a message, and nothing the manager does later changes what
+  a reader was given.
+- No disk I/O: everything comes from the manager's memory (`QueueManager.messages`, one
+  `Queued` per message). At 100,000 queued a page of the queue is one pass over that dict
+  with a cheap filter, and rows (`Entry.summary()`, the `relayd queue list --json` item) are
+  built for the page's messages only.
+- The rows carry what `relayd queue list --json` and `queue show --json` print, plus the
+  manager's own knowledge: the state (due / active / deferred) and the last reply per
+  recipient, which only memory has.
+Rejected alternative: the console reading the spool files as `relayd queue list` does. With
+100,000 queued that is 100,000 file reads a page view (seconds), and it shows the state as of
+the last write, not the manager's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from relayd.queue import Entry
+
+if TYPE_CHECKING:
+    from relayd.qmgr.manager import Queued, QueueManager
+
+STATES = ("due", "active", "deferred")  # QueueManager's DUE, ACTIVE, DEFERRED
+PAGE_MAX = 500  # rows in one page at most
+
+
+@dataclass(frozen=True)
+class RouteCount:
+    queued: int = 0
+    deferred: int = 0  # tried at least once and waiting for the next try
+    oldest_deferred: float | None = None  # when the oldest deferred one was received
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which messages a page shows; empty fields match everything. Addresses match as a
+    case-insensitive substring (a domain finds all its addresses)."""
+
+    route: str = ""
+    sender: str = ""
+    recipient: str = ""
+    min_age_s: float = 0.0  # received at least this long ago
+    state: str = ""  # one of STATES
+
+    def accepts(self, queued: Queued, route_name: str, now: float) -> bool:
+        entry = queued.entry
+        if self.route and route_name != self.route:
+            return False
+        if self.state and queued.state != self.state:
+            return False
+        if self.min_age_s and now - entry.received < self.min_age_s:
+            return False
+        if self.sender and self.sender.lower() not in entry.sender.lower():
+            return False
+        if self.recipient:
+            needle = self.recipient.lower()
+            if not any(needle in r.lower() for r in entry.recipients):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One message as the console shows it: `summary` is `relayd queue show --json`'s object
+    (the entry's envelope and state, plus route and route_pinned)."""
+
+    id: str
+    route: str  # "-" when no route of the current config sends it
+    state: str
+    summary: Mapping[str, Any]
+    last_reply: Mapping[str, str] = field(default_factory=dict)  # recipient -> upstream reply
+    entry: Entry | None = None  # a copy, for reading the bytes (message page only)
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: tuple[MessageRow, ...]
+    matching: int  # messages the filter accepts
+    offset: int
+    limit: int
+    queued: int  # all messages in the queue
+
+
+class QueueView:
+    """Read-only questions to one queue manager (call on its event loop)."""
+
+    def __init__(self, manager: QueueManager) -> None:
+        self._manager = manager
+
+    def _routed(self) -> Iterator[tuple[Queued, str]]:
+        manager = self._manager
+        for queued in manager.messages.values():
+            route = manager.route_for(queued.entry)
+            yield queued, route.name if route else "-"
+
+    def route_counts(self) -> dict[str, RouteCount]:
+        """Route name -> its counts; "-" holds messages without a route."""
+        totals: dict[str, list[Any]] = {}
+        for queued, name in self._routed():
+            item = totals.setdefault(name, [0, 0, None])
+            item[0] += 1
+            if queued.state == "deferred" and queued.entry.attempts:
+                item[1] += 1
+                received = queued.entry.received
+                item[2] = received if item[2] is None else min(item[2], received)
+        return {name: RouteCount(*item) for name, item in totals.items()}
+
+    def depth(self) -> tuple[int, float]:
+        """Queue depth and the age in seconds of the oldest message."""
+        messages = self._manager.messages
+        if not messages:
+            return 0, 0.0
+        oldest = min(q.entry.received for q in messages.values())
+        return len(messages), max(0.0, self._manager.clock() - oldest)
+
+    def page(self, flt: Filter, offset: int = 0, limit: int = 50) -> Page:
+        """The matching messages [offset, offset + limit), in the order they were queued."""
+        limit = max(1, min(limit, PAGE_MAX))
+        offset = max(0, offset)
+        now = self._manager.clock()
+        rows: list[MessageRow] = []
+        matching = 0
+        for queued, name in self._routed():
+            if not flt.accepts(queued, name, now):
+                continue
+            if offset <= matching < offset + limit:
+                rows.append(self._row(queued, name, with_entry=False))
+            matching += 1
+        return Page(tuple(rows), matching, offset, limit, len(self._manager.messages))
+
+    def ids(self, flt: Filter) -> list[str]:
+        now = self._manager.clock()
+        return [q.id for q, name in self._routed() if flt.accepts(q, name, now)]
+
+    def message(self, queue_id: str) -> MessageRow | None:
+        queued = self._manager.messages.get(queue_id)
+        if queued is None:
+            return None
+        route = self._manager.route_for(queued.entry)
+        return self._row(queued, route.name if route else "-", with_entry=True)
+
+    def deferred(self, limit: int) -> tuple[list[MessageRow], int]:
+        """The deferred messages (tried, waiting), oldest first: up to `limit`, and how many."""
+        waiting = [(q, name) for q, name in self._routed()
+                   if q.state == "deferred" and q.entry.attempts]
+        waiting.sort(key=lambda item: item[0].entry.received)
+        return [self._row(q, name, with_entry=False) for q, name in waiting[:limit]], \
+            len(waiting)
+
+    @staticmethod
+    def _row(queued: Queued, route_name: str, *, with_entry: bool) -> MessageRow:
+        entry = queued.entry
+        # Through JSON: a deep copy, and exactly what `queue show --json` would print.
+        summary = json.loads(json.dumps({
+            **entry.summary(), "route": None if route_name == "-" else route_name,
+            "route_pinned": entry.route is not None}))
+        copy = None
+        if with_entry:
+            copy = dataclasses.replace(entry, recipients=list(entry.recipients),
+                                       rcpt={r: dataclasses.replace(s)
+                                             for r, s in entry.rcpt.items()})
+        return MessageRow(entry.id, route_name, queued.state, summary,
+                          {r: str(reply) for r, reply in queued.last_reply.items()}, copy)
