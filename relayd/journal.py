@@ -238,6 +238,57 @@ def read(path: Path, query: Query) -> Iterator[dict[str, Any]]:
                 yield event
 
 
+def read_back(path: Path, query: Query, before: str | None,
+              limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of matching events, newest first: at most `limit`, from before the cursor
+    `before` ("YYYY-MM-DD:LINE", the page's last event, as returned), and the cursor of the next
+    page (None: no older events). Only the day files the page reaches are read: paging
+    through a year reads each day once, not the year on every page (the web console's /log)."""
+    try:
+        names = sorted((n for n in os.listdir(path) if FILE_RE.match(n)), reverse=True)
+    except FileNotFoundError:
+        return [], None
+    first_day = day_of(query.since) if query.since is not None else ""
+    stop_day, stop_line = "9999-99-99", -1
+    if before:
+        day, _, line = before.partition(":")
+        if FILE_RE.match(day + ".jsonl") and line.isdigit():
+            stop_day, stop_line = day, int(line)
+    needle = query.needle()
+    if needle and query.message_id:
+        needle = _mid(query.message_id)
+    out: list[dict[str, Any]] = []
+    for name in names:
+        day = name[:10]
+        if day > stop_day:
+            continue
+        if day < first_day:
+            break
+        try:
+            with open(path / name, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError as e:
+            log.warning("journal: cannot read %s: %s", path / name, e.strerror)
+            continue
+        end = stop_line if day == stop_day and stop_line >= 0 else len(lines)
+        for index in range(min(end, len(lines)) - 1, -1, -1):
+            raw = lines[index]
+            if not raw:
+                continue
+            if needle is not None and needle not in raw.decode("utf-8",
+                                                               "surrogateescape").lower():
+                continue
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and query.matches(event):
+                out.append(event)
+                if len(out) >= limit:
+                    return out, f"{day}:{index}"
+    return out, None
+
+
 def parse_since(text: str, now: float) -> float:
     """`2h`, `3d`, `45m`, or a date `2026-11-30` (UTC midnight)."""
     m = re.fullmatch(r"(\d+)\s*([smhd])", text.strip())

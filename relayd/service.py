@@ -313,7 +313,8 @@ class Service:
         if self.config.web.listen is not None:
             from relayd.web.server import WebServer
 
-            self.web = WebServer(self.config, self.web_snapshot)
+            self.web = WebServer(self.config, self.web_snapshot, self.qmgr,
+                                 lambda: self.journal.healthy)
             self.web_port = await self.web.start()
 
     async def web_snapshot(self) -> Any:

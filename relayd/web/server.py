@@ -70,11 +70,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import Config, RouteConfig
 from relayd.router import Router
+from relayd.web.console import Console, Request, is_console_path
 from relayd.web.pages import (
     Snapshot,
     address_page,
@@ -83,6 +84,9 @@ from relayd.web.pages import (
     signin_page,
     status_page,
 )
+
+if TYPE_CHECKING:
+    from relayd.qmgr.manager import QueueManager
 
 log = logging.getLogger(__name__)
 
@@ -380,9 +384,14 @@ class LoginFailures:
 
 class WebServer:
     def __init__(self, config: Config,
-                 snapshot: Callable[[], Coroutine[Any, Any, Snapshot]]) -> None:
+                 snapshot: Callable[[], Coroutine[Any, Any, Snapshot]],
+                 qmgr: QueueManager | None = None,
+                 journal_healthy: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.take_snapshot = snapshot
+        self.qmgr = qmgr  # the console's queue (relayd.web.console); None: status page only
+        self.journal_healthy = journal_healthy
+        self.console: Console | None = None
         self.port: int | None = None
         self._httpd: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -395,6 +404,9 @@ class WebServer:
         assert web.listen is not None
         self._loop = asyncio.get_running_loop()
         context = None
+        if self.qmgr is not None:
+            self.console = Console(self.config, self._loop, self.qmgr, self.snapshot,
+                                   self.admin, self.journal_healthy)
         if not web.loopback:
             server = self.config.server
             assert server.tls_cert is not None and server.tls_key is not None
@@ -626,9 +638,41 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib naming
         self.do_GET()
 
+    def console(self, method: str, url: urllib.parse.SplitResult) -> bool:
+        """A console page or action (relayd.web.console), answered; False: not the console's."""
+        console = self.server_app.console
+        if console is None or not is_console_path(url.path):
+            return False
+        form: dict[str, str] = {}
+        if method == "POST":
+            length_text = self.headers.get("Content-Length") or "0"
+            length = int(length_text) if length_text.isdigit() else 0
+            if length > MAX_FORM_BYTES:
+                self.send(413, message_page("Too large", "The form was too large.", False))
+                return True
+            body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+            form = {k: v[0] for k, v in urllib.parse.parse_qs(body).items()}
+        query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+        try:
+            answer = console.handle(Request(method, url.path, query,
+                                            self.headers.get("Authorization"),
+                                            self.headers.get("Accept") or "", form,
+                                            self.client_address[0]))
+        except Exception as e:  # noqa: BLE001 - one line and a page, never a traceback
+            log.warning("web: %s %s failed: %s: %s", method, url.path, type(e).__name__, e)
+            self.send(503, message_page("Unavailable", "relayd is busy or stopping; try "
+                                        "again.", False))
+            return True
+        self.send(answer.status, answer.body,
+                  {**answer.headers, "Content-Type": answer.content_type})
+        return True
+
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
-        """The identity provider's answer to a sign-in (response_mode=form_post)."""
+        """The identity provider's answer to a sign-in (response_mode=form_post), or a
+        console action."""
         app = self.server_app
+        if self.console("POST", urllib.parse.urlsplit(self.path)):
+            return
         if urllib.parse.urlsplit(self.path).path != "/signin/callback" or app.signins is None:
             self.send(404, message_page("Not found", "Try / or /signin.", False))
             return
@@ -684,6 +728,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         params = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
         hostname = app.config.server.hostname
+        if self.console("GET", url):
+            return
         try:
             if url.path == "/":
                 allowed = app.admin(self.headers.get("Authorization"), self.client_address[0])
