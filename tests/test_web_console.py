@@ -77,14 +77,39 @@ def shoot(driver: Any, path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+# Every selenium call runs on a thread: the driver waits for a page to load, and the page
+# needs this event loop (the console reads the queue on it).
+
+
 async def open_page(driver: Any, url: str) -> str:
-    await asyncio.to_thread(driver.get, url)
-    return str(driver.find_element("tag name", "body").text)
+    def go() -> str:
+        driver.get(url)
+        return str(driver.find_element("tag name", "body").text)
+
+    return await asyncio.to_thread(go)
 
 
-async def click(driver: Any, element_id: str) -> str:
-    await asyncio.to_thread(driver.find_element("id", element_id).click)
-    return str(driver.find_element("tag name", "body").text)
+async def click(driver: Any, how: str, what: str = "") -> str:
+    """Click the element with id `how` (or found by `how`, `what`), which leads to another
+    page; that page's text."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def go() -> str:
+        old = driver.find_element("tag name", "html")
+        driver.find_element(*((how, what) if what else ("id", how))).click()
+        WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
+        return str(driver.find_element("tag name", "body").text)
+
+    return await asyncio.to_thread(go)
+
+
+async def type_into(driver: Any, element_id: str, text: str) -> None:
+    await asyncio.to_thread(lambda: driver.find_element("id", element_id).send_keys(text))
+
+
+async def source(driver: Any) -> str:
+    return str(await asyncio.to_thread(lambda: driver.page_source))
 
 
 async def journal_events(path: Path, predicate: Any) -> list[dict[str, Any]]:
@@ -132,29 +157,29 @@ async def test_console_queue_message_retry_delete_in_chromium(tmp_path: Path,
             assert "route staff: unreachable failing since" in text
             assert "route other: unreachable failing since" in text
             assert "3 message(s) in the queue" in text
-            shoot(driver, tmp_path / "overview.png")
+            await asyncio.to_thread(shoot, driver, tmp_path / "overview.png")
 
             await open_page(driver, base + "/queue")
             from selenium.webdriver.support.ui import Select
 
-            Select(driver.find_element("id", "f-route")).select_by_value("staff")
+            await asyncio.to_thread(lambda: Select(driver.find_element("id", "f-route"))
+                                    .select_by_value("staff"))
             text = await click(driver, "apply")
             assert "2 of 3 queued message(s) match" in text
             assert by_rcpt["bob@example.com"] in text and by_rcpt["carol@example.com"] in text
             assert by_rcpt["dave@example.com"] not in text
-            shoot(driver, tmp_path / "queue.png")
+            await asyncio.to_thread(shoot, driver, tmp_path / "queue.png")
 
             bob = by_rcpt["bob@example.com"]
-            await asyncio.to_thread(driver.find_element("link text", bob).click)
-            text = driver.find_element("tag name", "body").text
+            text = await click(driver, "link text", bob)
             assert f"Message {bob}" in text and "<alice@business.com>" in text
             assert "bob@example.com pending" in text and "cannot connect" in text
             # The Subject, escaped: its markup is text, its controls visible escapes.
             assert "<b>bold</b> & <script>alert(1)</script> \\x1b[2J\\x07bell" in text
-            source = driver.page_source
-            assert "<script>alert" not in source and "\x1b" not in source
-            assert not driver.find_elements("tag name", "script")
-            shoot(driver, tmp_path / "message.png")
+            html_source = await source(driver)
+            assert "<script>alert" not in html_source and "\x1b" not in html_source
+            assert "<script" not in html_source
+            await asyncio.to_thread(shoot, driver, tmp_path / "message.png")
 
             carol = by_rcpt["carol@example.com"]
             await open_page(driver, f"{base}/queue/{carol}")
@@ -216,13 +241,13 @@ async def test_journal_query_for_a_recipient_across_two_day_files(tmp_path: Path
         async with run_service(cfg) as svc:
             base = f"http://127.0.0.1:{svc.web_port}"
             await open_page(driver, base + "/log")
-            driver.find_element("id", "f-to").send_keys("dave@example.com")
+            await type_into(driver, "f-to", "dave@example.com")
             text = await click(driver, "apply")
             assert "2 event(s)" in text
             assert text.index("NEWQUEUEID01") < text.index("OLDQUEUEID01")  # newest first
             assert "250 2.0.0 old accepted" in text and "250 2.0.0 new accepted" in text
             assert "erin" not in text
-            shoot(driver, tmp_path / "log.png")
+            await asyncio.to_thread(shoot, driver, tmp_path / "log.png")
 
             text = await open_page(driver, base + "/log?to=dave%40example.com&limit=1")
             assert "NEWQUEUEID01" in text and "OLDQUEUEID01" not in text
@@ -253,16 +278,16 @@ async def test_send_test_and_route_lookup_in_chromium(tmp_path: Path,
             base = f"http://127.0.0.1:{svc.web_port}"
             text = await open_page(driver, base + "/routes")
             assert "route staff:" in text
-            driver.find_element("id", "f-address").send_keys("alice@business.com")
+            await type_into(driver, "f-address", "alice@business.com")
             text = await click(driver, "lookup")
             assert "alice@business.com: route staff (upstream smtp" in text
-            driver.find_element("id", "test-from").send_keys("alice@business.com")
-            driver.find_element("id", "test-to").send_keys("bob@example.com")
+            await type_into(driver, "test-from", "alice@business.com")
+            await type_into(driver, "test-to", "bob@example.com")
             text = await click(driver, "send-test")
             assert "delivered (exit status 0)" in text
             assert "1. route: staff (upstream smtp)" in text
             assert "4. <bob@example.com>: delivered" in text
-            shoot(driver, tmp_path / "send-test.png")
+            await asyncio.to_thread(shoot, driver, tmp_path / "send-test.png")
     assert [m.rcpt_tos for m in upstream.messages] == [["bob@example.com"]]
     cli = await arelayd_cli("send-test", "-c", str(cfg), "--from", "alice@business.com",
                             "--to", "bob@example.com")
@@ -287,10 +312,12 @@ async def test_token_page_shows_an_expiring_secret(tmp_path: Path, upstream: Ups
             text = await open_page(driver, base + "/tokens")
             assert f"app client secret {expires} 00:00:00 UTC (expires in" in text
             assert "renew it" in text
-            warn = driver.find_elements("css selector", "#credentials .warn")
-            assert len(warn) == 1 and "renew it" in warn[0].text
-            assert "s3cret" not in driver.page_source
-            shoot(driver, tmp_path / "tokens.png")
+            warn = await asyncio.to_thread(
+                lambda: [w.text for w in driver.find_elements("css selector",
+                                                              "#credentials .warn")])
+            assert len(warn) == 1 and "renew it" in warn[0]
+            assert "s3cret" not in await source(driver)
+            await asyncio.to_thread(shoot, driver, tmp_path / "tokens.png")
             text = await open_page(driver, base + "/")
             assert f"route app: its client secret or certificate expires on {expires}" in text
             status, _, body = await asyncio.to_thread(get, base + "/api/tokens")
@@ -409,15 +436,17 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
         base = f"https://127.0.0.1:{svc.web_port}"
         paths = ["/", "/queue", f"/queue/{entry.id}", "/log", "/log/export?format=csv",
                  "/routes", "/tokens", f"/confirm?action=delete&id={entry.id}"]
-        tries = [(p, None) for p in paths + ["/api" + p for p in paths]]
-        # A wrong login waits a second (server.FAILED_LOGIN_DELAY_S): two pages each.
-        tries += [(p, login) for p in ("/queue", "/api/log")
-                  for login in ("scanner:scan-pw", "it:wrong")]
-        for path, login in tries:
+        for path in paths + ["/api" + p for p in paths]:
+            status, _, body = await asyncio.to_thread(get, base + path, context=context)
+            assert status == 401, path
+            assert "dave@example.com" not in body
+        # A wrong login makes the address wait (server.FAILED_LOGIN_DELAY_S, doubling).
+        for path, login, pause in (("/queue", "scanner:scan-pw", 1.1),
+                                   ("/api/log", "it:wrong", 2.1)):
             status, _, body = await asyncio.to_thread(get, base + path, auth=login,
                                                       context=context)
-            assert status == 401, (path, login)
-            assert "dave@example.com" not in body
+            assert status == 401 and "dave@example.com" not in body, (path, login)
+            await asyncio.sleep(pause)
         status, _ = await asyncio.to_thread(post, base + "/action",
                                             {"action": "delete", "id": entry.id},
                                             context=context)

@@ -7,7 +7,8 @@ Rules:
   route names, what a CLI command printed) goes through `_t`: its control characters made
   visible first (relayd.escape.visible, the one escaping function: CR, LF, ESC, C1, bidi
   controls and line separators as `\\r`, `\\n`, `\\xNN`, `\\uXXXX`), then `html.escape`.
-  Nothing reaches a page unescaped, so a Subject of `<script>` or `\\x1b[2J` shows as those characters.
+  Nothing reaches a page unescaped, so a Subject of `<script>` or `\\x1b[2J` shows as those
+  characters.
 - Times are UTC and say so.
 """
 
