@@ -144,7 +144,8 @@ def queue_page(data: Mapping[str, Any], params: Mapping[str, str], routes: Seque
     body = (form + shown + retry_route
             + _table(["queue id", "route", "state", "from", "to (pending)", "received",
                       "tries", "next try", "last error"], rows, "messages")
-            + _pager("/queue", params, data["offset"], data["limit"], data["matching"]))
+            + _pager("/queue", {k: v for k, v in params.items() if k != "done"},
+                     data["offset"], data["limit"], data["matching"]))
     return page("Queue", body, hostname, notice=params.get("done", ""))
 
 
