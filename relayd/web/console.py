@@ -206,13 +206,14 @@ class Console:
         from relayd.web.pages import status_page
 
         snap = self.snapshot()
-        attention = self.attention(snap)
+        snap = dataclasses.replace(snap, attention=self.attention(snap))
         if as_json:
-            return self._json({**dataclasses.asdict(snap), "attention": attention})
-        return Response(200, pages.with_menu(status_page(snap), attention))
+            return self._json(dataclasses.asdict(snap))
+        return Response(200, pages.with_menu(status_page(snap)))
 
     def attention(self, snap: Any) -> list[str]:
-        """What needs a person, most urgent first."""
+        """What needs a person, most urgent first; the status page lists it before the
+        config's warnings (basic-auth switch-offs) and a refused password's advice."""
         out: list[str] = []
         for t in snap.tokens:
             if t.needs_signin:
@@ -228,7 +229,6 @@ class Console:
             if r.failing_since is not None:
                 out.append(f"route {r.name}: {r.failing_kind} failing since "
                            f"{pages.utc(r.failing_since)}: {r.last_failure_reply}")
-        out.extend(self.config.warnings)
         if not self.journal_healthy():
             out.append(f"the journal {self.config.journal.path} cannot be written")
         try:

@@ -70,14 +70,10 @@ def page(title: str, body: str, hostname: str, *, notice: str = "") -> bytes:
             f"<h1>{_t(title)}</h1>{body}</body></html>").encode()
 
 
-def with_menu(status_html: bytes, attention: Sequence[str]) -> bytes:
-    """The overview: relayd.web.pages' status page, with the console's menu and what needs a
-    person on top."""
+def with_menu(status_html: bytes) -> bytes:
+    """The overview: relayd.web.pages' status page, with the console's menu on top."""
     menu = "".join(f'<a href="{p}">{label}</a>' for p, label in MENU)
     top = f"<style>{CONSOLE_STYLE}</style><nav>{menu}</nav>"
-    if attention:
-        top += ('<h2>Needs a person</h2><ul class="attention" id="attention">'
-                + "".join(f"<li>{_t(a)}</li>" for a in attention) + "</ul>")
     return status_html.replace(b"<body>", b"<body>" + top.encode(), 1)
 
 

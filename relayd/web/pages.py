@@ -1,12 +1,15 @@
 """The HTML of the status and sign-in pages: plain server-rendered pages, no JavaScript.
 
 Every value that comes from outside (addresses, replies, route names) goes through
-`html.escape`. No secret or token is ever part of a snapshot, so none can reach a page.
+`relayd.escape.visible` (control characters as visible escapes) and then `html.escape`. No
+secret or token is ever part of a snapshot, so none can reach a page.
 
-The status page puts first what needs a person: provider switch-offs and refused logins
-("Needs attention"), a failing route's row in red, a delegated route nobody has signed in to,
-a client secret or certificate inside the expiry warning (`notify.expiry_warning`, 30 days),
-and the deferred messages one by one. Every time is UTC and says so (an admin reads the page
+The status page (the web console's overview) puts first what needs a person ("Needs
+attention"): what the console found (`Snapshot.attention`: sign-ins needed, secrets expiring,
+failing routes, the journal or the spool's disk), provider switch-offs and refused logins; then
+a failing route's row in red, a delegated route nobody has signed in to, a client secret or
+certificate inside the expiry warning (`notify.expiry_warning`, 30 days), and the deferred
+messages one by one. Every time is UTC and says so (an admin reads the page
 beside logs and mail headers from other machines).
 """
 
@@ -16,6 +19,8 @@ import html
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from relayd.escape import visible
 
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:70em;color:#222}"
          "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;"
@@ -81,10 +86,11 @@ class Snapshot:
     deferred: Sequence[DeferredRow] = field(default_factory=tuple)  # oldest first
     deferred_total: int = 0  # all deferred messages, listed or not
     expiry_warning_s: float = 30 * 86400.0  # credentials expiring within this are shown
+    attention: Sequence[str] = field(default_factory=tuple)  # more that needs a person, first
 
 
 def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(visible(str(text)), quote=True)
 
 
 def _when(ts: float | None, now: float) -> str:
@@ -115,7 +121,7 @@ def status_page(s: Snapshot) -> bytes:
              f"<p>{s.queued} message(s) in the queue; oldest deferred: "
              f"{_e(_when(s.oldest_deferred, s.now)) if s.oldest_deferred else 'none'}. "
              f"Times are UTC; now {_e(_when(s.now, s.now).split(' (')[0])}.</p>"]
-    attention = [_e(w) for w in s.warnings]
+    attention = [_e(a) for a in s.attention] + [_e(w) for w in s.warnings]
     attention += [f"route {_e(r.name)}: {_e(r.advice)}" for r in s.routes
                   if r.failing_since is not None and r.advice]
     if attention:
