@@ -163,6 +163,7 @@ class WebConfig:
     listen: Address | None = None
     admins: tuple[str, ...] = ()  # [server.users] names that may see the status page
     loopback: bool = True  # listen is a loopback address: plain HTTP, no login
+    viewers: tuple[str, ...] = ()  # [server.users] names that may see every page, not act
 
 
 @dataclass(frozen=True)
@@ -628,10 +629,12 @@ def _parse_web(data: Mapping[str, Any], server: ServerConfig,
     s = _Section(data, "web", problems)
     listen = s.convert("listen", lambda t: parse_address(t, allow_zero=True))
     admins = s.string_list("admins")
+    viewers = s.string_list("viewers")
     s.unknown()
-    for name in admins:
-        if name not in server.users:
-            s.problem("admins", f"{name!r} is not a [server.users] name")
+    for key, names in (("admins", admins), ("viewers", viewers)):
+        for name in names:
+            if name not in server.users:
+                s.problem(key, f"{name!r} is not a [server.users] name")
     loopback = True
     if listen is not None:
         try:
@@ -644,7 +647,7 @@ def _parse_web(data: Mapping[str, Any], server: ServerConfig,
         if not loopback and not admins:
             s.problem("admins", f"required when listen ({listen}) is not a loopback address: "
                       "the [server.users] names that may see the status page")
-    return WebConfig(listen, admins, loopback)
+    return WebConfig(listen, admins, loopback, viewers)
 
 
 def _parse_notify(data: Mapping[str, Any], problems: list[str]) -> NotifyConfig | None:

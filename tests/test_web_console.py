@@ -32,7 +32,7 @@ from fakes.https import shared_ca
 from test_auth_login import headless_chromium
 
 from relayd.auth.passwords import hash_password
-from relayd.config import WebConfig, load_config
+from relayd.config import ConfigError, WebConfig, load_config
 
 SUBJECT = "<b>bold</b> & <script>alert(1)</script> \x1b[2J\x07bell"
 WEB = '[web]\nlisten = "127.0.0.1:0"\n'
@@ -415,13 +415,16 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
              f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
              'senders = ["*@business.com"]\n'
              f'[server.users.scanner]\npassword_hash = "{hash_password("scan-pw")}"\n'
-             'senders = ["scanner@business.com"]\n')
+             'senders = ["scanner@business.com"]\n'
+             f'[server.users.helpdesk]\npassword_hash = "{hash_password("look-pw")}"\n'
+             'senders = ["helpdesk@business.com"]\n')
     cfg = write_config(tmp_path, routes(upstream.port, dead_port()), server=users,
-                       extra=WEB + 'admins = ["it"]\n',
+                       extra=WEB + 'admins = ["it"]\nviewers = ["helpdesk"]\n',
                        queue='retry_min = "1h"\nretry_max = "2h"')
     config = load_config(cfg)
+    assert config.web.viewers == ("helpdesk",)
     config = dataclasses.replace(config, web=WebConfig(config.web.listen, ("it",),
-                                                       loopback=False))
+                                                       loopback=False, viewers=("helpdesk",)))
     context = ca.client_context()
     async with run_service(config) as svc:
         from relayd.queue import Spool
@@ -463,3 +466,35 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
                                                       "admin": "it"}
         events = await journal_events(tmp_path / "journal", lambda e: e["event"] == "deleted")
         assert events[0]["admin"] == "it"
+
+        # [web] viewers: every page, no action.
+        other = Spool(tmp_path / "queue").accept_sync("x@other.test", ["erin@example.com"],
+                                                      message("x@other.test"))
+        svc.qmgr.submit(other)
+        viewer = "helpdesk:look-pw"
+        for path in ("/", "/queue", f"/queue/{other.id}", "/log", "/routes", "/tokens",
+                     "/api/queue"):
+            status, _, body = await asyncio.to_thread(get, base + path, auth=viewer,
+                                                      context=context)
+            assert status == 200, path
+        _, _, page = await asyncio.to_thread(get, base + f"/queue/{other.id}", auth=viewer,
+                                             context=context)
+        assert "erin@example.com" in page and "Retry now" not in page and "csrf" not in page
+        _, _, page = await asyncio.to_thread(get, base + "/routes", auth=viewer,
+                                             context=context)
+        assert "send-test" not in page
+        status, _, _ = await asyncio.to_thread(
+            get, base + f"/confirm?action=delete&id={other.id}", auth=viewer, context=context)
+        assert status == 403
+        status, _ = await asyncio.to_thread(post, base + "/action",
+                                            {"action": "delete", "id": other.id,
+                                             "csrf": token}, auth=viewer, context=context)
+        assert status == 403 and other.id in svc.qmgr.messages
+
+
+def test_viewers_must_be_users(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 2525),
+                       extra=WEB + 'viewers = ["nobody"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert "web.viewers: 'nobody' is not a [server.users] name" in e.value.problems

@@ -5,8 +5,9 @@ Rules:
 - `handle` is a pure request -> Response function run on the web server's request thread;
   relayd.web.server only parses HTTP and writes the answer. Authorization is the status
   page's: on a loopback address no login (the admin is then "loopback"), elsewhere HTTP Basic
-  over TLS by one of `[web] admins`, or of `[web] viewers` (read-only: every page, no action).
-  Without it every page and API answers 401.
+  over TLS by one of `[web] admins`, or of `[web] viewers` (read-only: every page and export,
+  no action: their POSTs answer 403, and the pages offer none). Without a login every page
+  and API answers 401.
 - The queue is read through the queue manager's read side (relayd.qmgr.view.QueueView) and
   changed through its public methods (`retry_ids`, `delete_ids`), all called on the event loop,
   never from this thread directly. Each action is a POST carrying a CSRF token (an HMAC of the
@@ -105,7 +106,7 @@ def is_console_path(path: str) -> bool:
 class Console:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, qmgr: QueueManager,
                  snapshot: Callable[[], Any],
-                 admin: Callable[[str | None, str], bool | float],
+                 admin: Callable[[str | None, str, tuple[str, ...]], bool | float],
                  journal_healthy: Callable[[], bool] = lambda: True) -> None:
         self.config = config
         self.loop = loop
@@ -133,12 +134,12 @@ class Console:
         web = self.config.web
         if web.loopback:
             return LOOPBACK_ADMIN, True
-        allowed = self.admin(authorization, client)
+        allowed = self.admin(authorization, client, web.admins + web.viewers)
         if allowed is not True:
             return None if allowed is False else float(allowed)
         assert authorization is not None
         login = base64.b64decode(authorization[6:]).decode().partition(":")[0]
-        return login, True
+        return login, login in web.admins
 
     # -- entry ---------------------------------------------------------------------------------
 
@@ -177,17 +178,19 @@ class Console:
         if path == "/":
             return self.overview(as_json)
         if path == "/queue":
-            return self.queue(req.query, as_json)
+            return self.queue(req.query, as_json, may_act)
         if path.startswith("/queue/"):
-            return self.message(path[len("/queue/"):], req.query, as_json)
+            return self.message(path[len("/queue/"):], req.query, as_json, may_act)
         if path == "/confirm":
+            if not may_act:
+                return self._error(403, "Refused", "This login may look, not act.", as_json)
             return self.confirm(req.query, name)
         if path == "/log":
             return self.log(req.query, as_json)
         if path == "/log/export":
             return self.export(req.query)
         if path == "/routes":
-            return self.routes(req.query, name, as_json)
+            return self.routes(req.query, name if may_act else "", as_json)
         if path == "/tokens":
             return self.tokens(as_json)
         return self._error(404, "Not found", "Try the menu above.", as_json)
@@ -242,7 +245,7 @@ class Console:
 
     # -- queue ---------------------------------------------------------------------------------
 
-    def queue(self, q: Mapping[str, str], as_json: bool) -> Response:
+    def queue(self, q: Mapping[str, str], as_json: bool, may_act: bool = True) -> Response:
         try:
             min_age = journal_age(q.get("age", ""))
         except ValueError as e:
@@ -262,9 +265,10 @@ class Console:
         params = {k: v for k, v in q.items() if k in ("route", "sender", "recipient", "age",
                                                       "state", "limit", "done")}
         return Response(200, pages.queue_page(data, params, list(self.config.routes),
-                                              self.config.server.hostname))
+                                              self.config.server.hostname, may_act))
 
-    def message(self, qid: str, q: Mapping[str, str], as_json: bool) -> Response:
+    def message(self, qid: str, q: Mapping[str, str], as_json: bool,
+                may_act: bool = True) -> Response:
         view = self.qmgr.view
         row = self.on_loop(lambda: view.message(qid))
         if row is None:
@@ -295,7 +299,7 @@ class Console:
                   "now": time.time()}
         return Response(200, pages.message_detail(detail, headers, body_text,
                                                   self.config.server.hostname,
-                                                  q.get("done", "")))
+                                                  q.get("done", ""), may_act))
 
     def confirm(self, q: Mapping[str, str], who: str) -> Response:
         action = q.get("action", "")
@@ -405,6 +409,7 @@ class Console:
         return done.returncode, done.stdout + done.stderr
 
     def routes(self, q: Mapping[str, str], who: str, as_json: bool) -> Response:
+        """`who` "": a viewer, offered no send-test."""
         from relayd.explain import explain
 
         data: dict[str, Any] = {"explain": explain(self.config), "route": None}
@@ -417,7 +422,7 @@ class Console:
             data["route"] = {"address": address, "exit_status": status, "output": output}
         if as_json:
             return self._json(data)
-        return Response(200, pages.routes_page(data, q, self.csrf(who),
+        return Response(200, pages.routes_page(data, q, self.csrf(who) if who else "",
                                                self.config.server.hostname))
 
     def send_test(self, form: Mapping[str, str], as_json: bool) -> Response:

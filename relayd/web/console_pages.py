@@ -105,7 +105,7 @@ def _pager(path: str, params: Mapping[str, Any], offset: int, limit: int, matchi
 
 
 def queue_page(data: Mapping[str, Any], params: Mapping[str, str], routes: Sequence[str],
-               hostname: str) -> bytes:
+               hostname: str, may_act: bool = True) -> bytes:
     states = "".join(f'<option value="{s}"{" selected" if params.get("state") == s else ""}>'
                      f"{s or 'any'}</option>" for s in ("", "due", "active", "deferred"))
     route_opts = "".join(
@@ -133,7 +133,7 @@ def queue_page(data: Mapping[str, Any], params: Mapping[str, str], routes: Seque
              f"showing {data['offset'] + 1 if rows else 0}-{data['offset'] + len(rows)}.</p>")
     route = params.get("route", "")
     retry_route = ""
-    if route and data["matching"]:
+    if route and data["matching"] and may_act:
         url = _link("/confirm", {"action": "retry-route", "route": route})
         retry_route = (f'<p><a href="{url}" id="retry-route">Retry all messages of route '
                        f"{_t(route)}</a></p>")
@@ -146,7 +146,8 @@ def queue_page(data: Mapping[str, Any], params: Mapping[str, str], routes: Seque
 
 
 def message_detail(m: Mapping[str, Any], headers: Sequence[tuple[str, str]],
-                   body_text: str | None, hostname: str, notice: str = "") -> bytes:
+                   body_text: str | None, hostname: str, notice: str = "",
+                   may_act: bool = True) -> bytes:
     s = m["summary"]
     now = m["now"]
     facts = [("queue id", _t(s["id"])), ("state", _t(m["state"])),
@@ -170,8 +171,12 @@ def message_detail(m: Mapping[str, Any], headers: Sequence[tuple[str, str]],
     qid = s["id"]
     retry = _link("/confirm", {"action": "retry", "id": qid})
     delete = _link("/confirm", {"action": "delete", "id": qid})
-    parts.append(f'<p><a href="{retry}" id="retry">Retry now</a> <a href="{delete}" '
-                 f'id="delete">Delete</a> <a href="{_link("/log", {"id": qid})}">Journal</a></p>')
+    journal = f'<a href="{_link("/log", {"id": qid})}">Journal</a>'
+    if may_act:
+        parts.append(f'<p><a href="{retry}" id="retry">Retry now</a> <a href="{delete}" '
+                     f'id="delete">Delete</a> {journal}</p>')
+    else:
+        parts.append(f"<p>{journal}</p>")
     parts.append("<h2>Headers</h2>")
     parts.append(_table(["name", "value"], [[_t(k), _t(v)] for k, v in headers], "headers"))
     if body_text is None:
@@ -238,6 +243,8 @@ def routes_page(data: Mapping[str, Any], params: Mapping[str, str], csrf: str,
              + '<button type="submit" id="lookup">Look up</button></p></form>']
     if data.get("route") is not None:
         parts.append(f'<pre id="route-result">{_lines(data["route"]["output"])}</pre>')
+    if not csrf:  # a viewer: no actions
+        return page("Routes", "".join(parts), hostname)
     parts.append("<h2>Send a test message (relayd send-test)</h2>"
                  '<form method="post" action="/routes/send-test" id="send-test-form"><p>'
                  + _field("from", "from", params.get("from", ""), ident="test-from")

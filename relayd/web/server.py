@@ -437,9 +437,11 @@ class WebServer:
         return asyncio.run_coroutine_threadsafe(self.take_snapshot(), self._loop).result(
             SNAPSHOT_TIMEOUT_S)
 
-    def admin(self, authorization: str | None, client: str = "") -> bool | float:
+    def admin(self, authorization: str | None, client: str = "",
+              names: tuple[str, ...] | None = None) -> bool | float:
         """Whether a request may see the status page: True, False, or the seconds `client`
-        must still wait after its failed logins (its login is not even looked at)."""
+        must still wait after its failed logins (its login is not even looked at). `names`:
+        the logins allowed (default `[web] admins`; the console adds `[web] viewers`)."""
         web = self.config.web
         if web.loopback:
             return True
@@ -453,7 +455,8 @@ class WebServer:
         except ValueError:
             login, password = "", ""
         user = self.config.server.users.get(login)
-        is_admin = any(hmac.compare_digest(login.encode(), a.encode()) for a in web.admins)
+        allowed = web.admins if names is None else names
+        is_admin = any(hmac.compare_digest(login.encode(), a.encode()) for a in allowed)
         # Always one scrypt: an unknown or non-admin name costs what a wrong password does.
         stored = user.password_hash.reveal() if user is not None and is_admin else _dummy_hash()
         if verify_password(password, stored) and user is not None and is_admin:
