@@ -49,7 +49,6 @@ from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
 from relayd.errors import QueueError
 from relayd.escape import visible
-from relayd.qmgr.manager import DEFERRED
 from relayd.queue import Entry, write_atomic
 
 if TYPE_CHECKING:
@@ -437,27 +436,14 @@ class Notifier:
         return out
 
     def _deferred(self, now: float, after_s: float) -> dict[str, DeferredRoute]:
-        """Messages deferred longer than `after_s`, per route; notices and the bounces of
-        notices are left out (they must not report themselves)."""
-        out: dict[str, DeferredRoute] = {}
-        for queued in list(self.qmgr.messages.values()):
-            entry = queued.entry
-            if queued.state != DEFERRED or not entry.attempts or now - entry.received <= after_s:
-                continue
-            if entry.client == NOTICE_CLIENT or entry.id in self.state.quiet:
-                continue
-            route = self.qmgr.route_for(entry)
-            name = route.name if route else "-"
-            d = out.get(name)
-            if d is None:
-                out[name] = DeferredRoute(1, entry.id, entry.sender, entry.received,
-                                          entry.last_error)
-                continue
-            d.count += 1
-            if entry.received < d.oldest_received:
-                d.oldest_id, d.oldest_sender = entry.id, entry.sender
-                d.oldest_received, d.last_error = entry.received, entry.last_error
-        return out
+        """Messages deferred longer than `after_s`, per route (the queue manager's read side,
+        relayd.qmgr.view); notices and the bounces of notices are left out (they must not
+        report themselves)."""
+        quiet = self.state.quiet
+        groups = self.qmgr.view.deferred_by_route(
+            now, after_s, lambda qid, client: client == NOTICE_CLIENT or qid in quiet)
+        return {name: DeferredRoute(g.count, g.oldest_id, g.oldest_sender, g.oldest_received,
+                                    g.last_error) for name, g in groups.items()}
 
     async def _send(self, cond: Condition) -> bool:
         """Store the notice and hand it to the queue manager; False (logged) if it cannot be

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,17 @@ class RouteCount:
     queued: int = 0
     deferred: int = 0  # tried at least once and waiting for the next try
     oldest_deferred: float | None = None  # when the oldest deferred one was received
+
+
+@dataclass(frozen=True)
+class DeferredGroup:
+    """A route's messages deferred longer than some time ([notify]'s deferred_after)."""
+
+    count: int
+    oldest_id: str
+    oldest_sender: str
+    oldest_received: float
+    last_error: str
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,25 @@ class QueueView:
         waiting.sort(key=lambda item: item[0].entry.received)
         return [self._row(q, name, with_entry=False) for q, name in waiting[:limit]], \
             len(waiting)
+
+    def deferred_by_route(self, now: float, older_than_s: float,
+                          skip: Callable[[str, str], bool]) -> dict[str, DeferredGroup]:
+        """Per route, the messages tried and waiting that were received more than
+        `older_than_s` before `now`, leaving out those `skip(queue_id, client)` names."""
+        groups: dict[str, list[Any]] = {}
+        for queued, name in self._routed():
+            entry = queued.entry
+            if queued.state != "deferred" or not entry.attempts or \
+                    now - entry.received <= older_than_s or skip(entry.id, entry.client):
+                continue
+            group = groups.get(name)
+            if group is None:
+                groups[name] = [1, entry.id, entry.sender, entry.received, entry.last_error]
+                continue
+            group[0] += 1
+            if entry.received < group[3]:
+                group[1:] = [entry.id, entry.sender, entry.received, entry.last_error]
+        return {name: DeferredGroup(*g) for name, g in groups.items()}
 
     @staticmethod
     def _row(queued: Queued, route_name: str, *, with_entry: bool) -> MessageRow:

@@ -187,7 +187,8 @@ def _deferred_table(s: Snapshot) -> str:
             "<th>route</th><th>from</th><th>to (waiting)</th><th>received</th><th>tries</th>"
             "<th>next try</th><th>last reply</th></tr>"]
     for d in s.deferred:
-        rows.append(f"<tr><td>{_e(d.queue_id)}</td><td>{_e(d.route)}</td>"
+        rows.append(f'<tr><td><a href="/queue/{_e(d.queue_id)}">{_e(d.queue_id)}</a></td>'
+                    f"<td>{_e(d.route)}</td>"
                     f"<td>{_e(d.sender or '<>')}</td><td>{_e(', '.join(d.recipients))}</td>"
                     f"<td>{_e(_when(d.received, s.now))}</td><td>{d.attempts}</td>"
                     f"<td>{_e(_when(d.next_attempt, s.now))}</td><td>{_e(d.last_error)}</td>"
@@ -195,6 +196,7 @@ def _deferred_table(s: Snapshot) -> str:
     rows.append("</table>")
     if s.deferred_total > len(s.deferred):
         rows.append(f"<p>and {s.deferred_total - len(s.deferred)} more: "
+                    '<a href="/queue?state=deferred">the queue</a>, or '
                     "<code>relayd queue list</code></p>")
     return "".join(rows)
 
