@@ -182,6 +182,10 @@ class RouteConfig:
     recipients: tuple[str, ...] = ()  # RCPT outside these is refused; () allows any
     rate_limit: RateLimit | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # per sending mailbox (relayd.qmgr.pacing): None takes the provider's default, a count of
+    # 0 (a rate of 0) none
+    mailbox_rate_limit: RateLimit | None = None
+    mailbox_daily_recipients: int | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     ca_file: Path | None = None
     # smtp
@@ -474,6 +478,18 @@ def _parse_rate(text: str) -> RateLimit:
     return RateLimit(int(m.group(1)), float(_RATE_UNITS[m.group(2)]))
 
 
+NO_RATE = RateLimit(0, 1.0)  # mailbox_rate_limit = 0: no limit, not the provider's default
+
+
+def _parse_rate_or_none(value: str | int) -> RateLimit:
+    """A rate, or 0 for none (NO_RATE)."""
+    if value in (0, "0"):
+        return NO_RATE
+    if isinstance(value, int):
+        raise ValueError('must be a rate such as "30/min" or "2/s", or 0 for none')
+    return _parse_rate(value)
+
+
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -718,7 +734,7 @@ def _parse_auth(data: Mapping[str, Any], problems: list[str]) -> AuthConfig:
 
 # Keys each upstream takes, beyond the ones every route has.
 _COMMON_KEYS = ("senders", "recipients", "upstream", "rate_limit", "max_connections",
-                "timeout", "ca_file")
+                "timeout", "ca_file", "mailbox_rate_limit", "mailbox_daily_recipients")
 _OAUTH_KEYS = ("tenant_id", "client_id", "client_secret_file", "client_secret_env",
                "certificate_file", "thumbprint", "flow", "authority", "client_secret_expires")
 _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
@@ -808,6 +824,10 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
         return None
     v: dict[str, Any] = {}
     v["rate_limit"] = s.convert("rate_limit", _parse_rate)
+    v["mailbox_rate_limit"] = s.convert("mailbox_rate_limit", _parse_rate_or_none, (str, int))
+    v["mailbox_daily_recipients"] = s.get("mailbox_daily_recipients", int, None)
+    if v["mailbox_daily_recipients"] is not None and v["mailbox_daily_recipients"] < 0:
+        s.problem("mailbox_daily_recipients", "must be 0 (no budget) or more")
     v["max_connections"] = s.get("max_connections", int, DEFAULT_MAX_CONNECTIONS_GRAPH
                                  if upstream == "graph" else DEFAULT_MAX_CONNECTIONS)
     if not 1 <= v["max_connections"] <= 100:

@@ -5,6 +5,8 @@ Layout under `queue.path` (Postfix keeps a similar split between content and sta
               received; written once to tmp/, fsynced, renamed into msg/, msg/ fsynced.
   state/ID    per-recipient delivery state (JSON), replaced atomically after an attempt that
               leaves work to do. No state file means every recipient is still pending.
+  state/mailboxes  each sending mailbox's recent recipient counts (relayd.qmgr.pacing),
+              written by the writer thread at most once a second while they change.
   corrupt/    entries that could not be read, moved aside with a .why file beside them.
   control/    requests from `relayd queue retry|delete` while the daemon runs.
   tmp/        files being written, and spent message files kept for reuse (`Spares`);
@@ -60,6 +62,7 @@ SCRUB_NAME = "scrub"  # tmp/scrub.PID.N: a spare claimed for emptying
 REMOVE_DELAY_S = 0.02  # delivered files wait this long for others, to be removed together
 REMOVE_BATCH = 32  # ... or until this many wait
 REMOVED_KEEP_S = 30.0  # ids removed this recently are never taken for unknown entries (scan)
+USAGE_FILE = "mailboxes"  # in state/: the mailboxes' counts (not a queue id: recover skips it)
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -183,6 +186,7 @@ class _GroupCommit:
         self._pending: list[tuple[str, bytes | Draft, asyncio.Future[None]]] = []
         self._unlinks: list[tuple[str, int | None]] = []  # (path, size if known)
         self._unlinks_since = 0.0  # when the oldest file in _unlinks was handed over
+        self._side: dict[str, bytes] = {}  # path -> the newest bytes to write there (put)
         self._msg_prefix = os.path.join(msg_dir, "")
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -218,6 +222,17 @@ class _GroupCommit:
                 self._wake.notify()  # the first starts the clock (_next); a batch is due
         return True
 
+    def put(self, path: str, data: bytes) -> bool:
+        """Write a small file atomically on the writer thread, the newest bytes given for a
+        path replacing older ones not yet written; nobody waits. False after close."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._side[path] = data
+            self._start()
+            self._wake.notify()
+        return True
+
     def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -237,7 +252,7 @@ class _GroupCommit:
         emptied (Spares.scrub). Waking this thread for every delivered message was a futex
         wake-up and a GIL hand-over a message; removals wait for no one, so they are
         gathered."""
-        while not self._pending and not self._closed:
+        while not self._pending and not self._closed and not self._side:
             now = time.monotonic()
             due = math.inf
             if self._unlinks:
@@ -256,10 +271,11 @@ class _GroupCommit:
                 self._next()
                 batch, self._pending = self._pending, []
                 unlinks, self._unlinks = self._unlinks, []
+                side, self._side = self._side, {}
                 # Stop only with nothing left: removals handed over while the last ones were
                 # being done are done too (a file left in msg/ is delivered again after the
                 # restart). After close, discard and submit take nothing more.
-                if self._closed and not batch and not unlinks:
+                if self._closed and not batch and not unlinks and not side:
                     if self.spares is not None:
                         self.spares.scrub(math.inf, None)  # no delivered message's bytes stay
                     return
@@ -269,6 +285,11 @@ class _GroupCommit:
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+            for path, data in side.items():
+                try:
+                    write_atomic(path, data, self.tmp_dir)
+                except OSError as e:
+                    log.warning("queue: cannot write %s: %s", path, e)
             if self.spares is not None:
                 # A few at a time: messages being stored wait for this thread.
                 self.spares.scrub(time.monotonic(), REMOVE_BATCH)
@@ -724,6 +745,20 @@ class Spool:
         data = json.dumps(entry.state_json(), separators=(",", ":")).encode()
         write_atomic(self.state_dir / entry.id, data, self.tmp_dir, spares=self.spares)
         entry.has_state = True
+
+    def save_usage(self, data: bytes) -> None:
+        """The mailboxes' counts (relayd.qmgr.pacing), written on the writer thread; at once
+        if it has stopped."""
+        path = self._state_prefix + USAGE_FILE
+        if not self._commit.put(path, data):
+            write_atomic(path, data, self.tmp_dir)
+
+    def read_usage(self) -> bytes | None:
+        try:
+            with open(self._state_prefix + USAGE_FILE, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def remove(self, queue_id: str, *, has_state: bool = True, size: int | None = None) -> None:
         """Forget an entry. The state file goes last so a crash in between leaves a finished

@@ -84,6 +84,15 @@ class Reinterpretation:
 
 HOUR_S = 3600.0
 DAY_S = 86400.0
+BLOCKED_SENDER = (r"\b5\.1\.8\b.*(outbound sender|denied)|bad outbound sender|"
+                  r"(sender|user|mailbox|account)\b[^.]{0,60}\brestricted\b|"
+                  r"restricted (sender|from sending)|OutboundSpamException")
+BLOCKED_HINT = ("the provider has blocked this mailbox for sending (Exchange Online: "
+                "Restricted entities, after it passed a sending limit); an admin releases it "
+                "in the Microsoft Defender portal (Email & collaboration > Review > Restricted "
+                "entities) or with Remove-BlockedSenderAddress -SenderAddress MAILBOX, then "
+                "`relayd queue retry --all`")
+_BLOCKED_RE = re.compile(BLOCKED_SENDER, re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,12 @@ PROVIDER_REPLIES: tuple[_Row, ...] = (
     # EWS: ErrorServerBusy (EWS throttling in Exchange), whatever response class it comes
     # with; its own BackOffMilliseconds decides the next try.
     _row(r"ErrorServerBusy", 0.0, "Exchange is throttling this account"),
+    # Exchange Online: a mailbox on the tenant's Restricted entities list (it passed a sending
+    # limit, or looked compromised) answers "550 5.1.8 Access denied, bad outbound sender" over
+    # SMTP (Exchange Online NDR 5.1.8) and ErrorAccessDenied with the same words through Graph
+    # and EWS. It sends nothing, not even from Outlook, until an admin releases it: not the
+    # message's fault, so it waits rather than bounce.
+    _row(BLOCKED_SENDER, HOUR_S, BLOCKED_HINT),
 )
 
 
@@ -134,3 +149,8 @@ def reinterpret(reply: Reply) -> Reinterpretation | None:
         if row.pattern.search(words):
             return row.meaning
     return None
+
+
+def blocked_for_sending(reply: Reply) -> bool:
+    """Whether the provider says the sending mailbox is blocked (BLOCKED_SENDER)."""
+    return _BLOCKED_RE.search(str(reply)) is not None

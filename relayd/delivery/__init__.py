@@ -123,6 +123,14 @@ class Upstream(abc.ABC):
         while the others' mail waits. None (the default): only `max_connections` counts."""
         return None
 
+    def sending_mailbox(self, sender: str, recipients: Sequence[str]) -> str | None:
+        """The mailbox a message is sent as or from, whose provider limits it counts against
+        (relayd.qmgr.pacing): the route's fixed mailbox, else the sender's own. None when the
+        envelope names none (a bounce to several recipients)."""
+        from relayd.delivery.mime import sending_mailbox
+
+        return sending_mailbox(self.route, sender, recipients)
+
     def token_expiries(self) -> dict[str, float]:
         """Account -> expiry (epoch seconds) of the OAuth tokens this route holds."""
         return {}

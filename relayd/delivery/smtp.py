@@ -85,6 +85,9 @@ class SmtpUpstream(Upstream):
     def account_for(self, message: OutboundMessage) -> str:
         """Who the connection authenticates as: the username, a fixed mailbox, or the sender
         (a bounce authenticates as the mailbox it returns to)."""
+        return self._account(message.sender, message.recipients)
+
+    def _account(self, sender: str, recipients: Sequence[str]) -> str:
         route = self.route
         if route.auth == "password":
             return route.username or ""
@@ -92,7 +95,12 @@ class SmtpUpstream(Upstream):
             return route.mailbox
         if route.username:
             return route.username
-        return message.sender or (message.recipients[0] if message.recipients else "")
+        return sender or (recipients[0] if recipients else "")
+
+    def sending_mailbox(self, sender: str, recipients: Sequence[str]) -> str | None:
+        """The account the connection signs in as submits the message, and is the mailbox
+        the provider counts (and restricts); without a login, the sender."""
+        return self._account(sender, recipients) or None
 
 
 class SmtpSession(Session):
