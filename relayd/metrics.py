@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relayd.auth import TokenHealth
 from relayd.config import Address
+
+if TYPE_CHECKING:
+    from relayd.qmgr.pacing import MailboxUse
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,16 @@ class Metrics:
         self._journal_dropped = Gauge("relayd_journal_dropped_events",
                                       "Journal events that could not be written since start",
                                       registry=r)
+        labels = ["route", "mailbox"]
+        self._mailbox_used = Gauge("relayd_mailbox_recipients_used",
+                                   "Recipients a busy sending mailbox sent to within its daily "
+                                   "budget's window (with those under way)", labels, registry=r)
+        self._mailbox_budget = Gauge("relayd_mailbox_recipients_budget",
+                                     "The sending mailbox's daily recipient budget (0: none)",
+                                     labels, registry=r)
+        self._mailbox_waiting = Gauge("relayd_mailbox_waiting_messages",
+                                      "Messages waiting for the sending mailbox's rate or "
+                                      "budget", labels, registry=r)
         self._children: dict[tuple[int, str], Any] = {}
         self._server: asyncio.Server | None = None
         self._healthy: HealthCheck = lambda: True
@@ -122,6 +135,15 @@ class Metrics:
 
     def set_token_expiry(self, route: str, account: str, seconds: float) -> None:
         self._token_expiry.labels(route=route, account=account).set(seconds)
+
+    def set_mailboxes(self, uses: Sequence[MailboxUse]) -> None:
+        """The busy sending mailboxes now (relayd.qmgr.pacing); the others are dropped."""
+        for gauge in (self._mailbox_used, self._mailbox_budget, self._mailbox_waiting):
+            gauge.clear()
+        for use in uses:
+            self._mailbox_used.labels(route=use.route, mailbox=use.mailbox).set(use.used)
+            self._mailbox_budget.labels(route=use.route, mailbox=use.mailbox).set(use.budget)
+            self._mailbox_waiting.labels(route=use.route, mailbox=use.mailbox).set(use.waiting)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every figure."""

@@ -11,7 +11,11 @@ condition is not reported twice within `notify.repeat`:
   within `notify.expiry_warning` (TokenHealth.credential_expires_at);
 - `deferred:ROUTE`: a message deferred for longer than `notify.deferred_after`;
 - `bounce:ROUTE`: bounces sent; each is remembered (queue id, sender, recipients, replies) and
-  one notice per route per `repeat` lists all of them since the last one.
+  one notice per route per `repeat` lists all of them since the last one;
+- `budget:ROUTE:MAILBOX`: a sending mailbox has spent `pacing.NOTICE_SHARE` (80 %) of its
+  daily recipient budget (relayd.qmgr.pacing), so once a day at most with the default repeat;
+- `blocked:MAILBOX`: the provider answered that a mailbox is blocked for sending (Exchange
+  Online's Restricted entities), with the admin action that releases it.
 
 A notice is mail like any other: stored in the spool by the intake (so it is durable, journaled
 and retried) and delivered through the route of `notify.sender`. The last time each key was
@@ -49,7 +53,9 @@ from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
 from relayd.errors import QueueError
 from relayd.escape import visible
+from relayd.qmgr import pacing
 from relayd.queue import Entry, write_atomic
+from relayd.reply import BLOCKED_HINT
 
 if TYPE_CHECKING:
     from relayd.intake import Intake
@@ -287,6 +293,45 @@ def bounce_condition(route: str, bounces: Sequence[Mapping[str, Any]], dropped: 
                      _body(what, f"Since: {when(first, now)}", lines, todo))
 
 
+def mailbox_conditions(uses: Sequence[pacing.MailboxUse],
+                       blocked: Mapping[str, tuple[str, float, str]], now: float,
+                       window_s: float) -> list[Condition]:
+    """Mailboxes near their daily budget, and mailboxes the provider blocked for sending."""
+    out = []
+    for use in uses:
+        if not use.budget or use.used < pacing.NOTICE_SHARE * use.budget:
+            continue
+        share = round(100 * use.used / use.budget)
+        what = (f'Mailbox {use.mailbox} (route "{use.route}") has sent to {use.used} of its '
+                f"{use.budget} recipients in the last {duration(window_s)} ({share} %). "
+                "Past the budget its mail waits (deferred, not bounced) until the oldest "
+                "counts leave the window, so the provider never has to block it.")
+        details = [f"{use.waiting} message(s) waiting for this mailbox."] if use.waiting else []
+        if use.frees_at is not None:
+            details.append(f"The oldest counts leave the window: {when(use.frees_at, now)}")
+        todo = ["Usually nothing: mail waits for the budget and goes out as it frees. If this "
+                "mailbox sends mass mail, spread it over the day, or send it from another "
+                "mailbox. If the provider allows this mailbox more, raise the budget:",
+                f"    routes.{use.route}.mailbox_daily_recipients",
+                "See what waits:", "    relayd queue list"]
+        out.append(Condition(f"budget:{use.route}:{use.mailbox}",
+                             f"mailbox {visible(use.mailbox)} has spent {share} % of its "
+                             "daily budget",
+                             _body(what, f"Noticed: {when(now, now)}", details, todo)))
+    for mailbox, (route, at, reply) in sorted(blocked.items()):
+        what = (f'The provider refuses mail from mailbox {mailbox} (route "{route}"): it is '
+                "blocked for sending. Its mail is deferred, not bounced.")
+        todo = ["An admin releases it: " + BLOCKED_HINT.replace("MAILBOX", visible(mailbox))
+                + ".",
+                "Find out why it was blocked first (a sending limit passed, or a compromised "
+                "account: check its sign-ins and reset its password)."]
+        out.append(Condition(f"blocked:{mailbox}",
+                             f"mailbox {visible(mailbox)} is blocked for sending",
+                             _body(what, f"Since: {when(at, now)}", [f"Reply: {reply}"],
+                                   todo)))
+    return out
+
+
 def _body(what: str, since: str, details: Sequence[str], todo: Sequence[str]) -> str:
     # What happened carries upstreams' replies and clients' addresses (relayd.escape).
     parts = ["What happened:", visible(what), "", visible(since)]
@@ -429,6 +474,11 @@ class Notifier:
         out += token_conditions(health, routes, now, notify.expiry_warning_s)
         out += deferred_conditions(self._deferred(now, notify.deferred_after_s), now,
                                    notify.deferred_after_s)
+        # A blocked reply older than `repeat` is not reported: only if the provider says so again.
+        blocked = {m: b for m, b in self.qmgr.view.blocked().items()
+                   if now - b[1] <= notify.repeat_s}
+        out += mailbox_conditions(self.qmgr.view.mailboxes(), blocked, now,
+                                  self.qmgr.ledger.window_s)
         for route, bounces in sorted(self.state.bounces.items()):
             dropped = self.state.bounces_dropped.get(route, 0)
             if bounces or dropped:

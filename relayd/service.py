@@ -323,7 +323,14 @@ class Service:
         from relayd.policy import is_delegated
         from relayd.providers import fix_for
         from relayd.qmgr.view import RouteCount
-        from relayd.web.pages import DEFERRED_LISTED, DeferredRow, RouteRow, Snapshot, TokenRow
+        from relayd.web.pages import (
+            DEFERRED_LISTED,
+            DeferredRow,
+            MailboxRow,
+            RouteRow,
+            Snapshot,
+            TokenRow,
+        )
 
         view = self.qmgr.view
         counts = view.route_counts()
@@ -364,10 +371,14 @@ class Service:
         signin = [r.name for r in self.config.routes.values() if r.flow == "device"]
         expiry_warning_s = (self.config.notify.expiry_warning_s if self.config.notify
                             else Snapshot.expiry_warning_s)
+        mailboxes = [MailboxRow(u.route, u.mailbox, u.used, u.budget,
+                                f"{u.rate.count}/{u.rate.per_s:g}s" if u.rate else "",
+                                u.frees_at, u.waiting) for u in view.mailboxes()]
         return Snapshot(self.config.server.hostname, time.time(), routes, tokens,
                         min(oldest) if oldest else None, view.depth()[0], signin,
                         warnings=self.config.warnings, deferred=listed,
-                        deferred_total=waiting_total, expiry_warning_s=expiry_warning_s)
+                        deferred_total=waiting_total, expiry_warning_s=expiry_warning_s,
+                        mailboxes=mailboxes)
 
     async def _report_queue(self) -> None:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""
@@ -377,6 +388,9 @@ class Service:
         health_read = 0.0
         while set_queue is not None:
             set_queue(*self.qmgr.view.depth())
+            set_mailboxes = getattr(self.observer, "set_mailboxes", None)
+            if set_mailboxes is not None:
+                set_mailboxes(self.qmgr.view.mailboxes())
             if set_journal is not None:
                 set_journal(self.journal.dropped)
             now = time.time()

@@ -868,6 +868,8 @@ class QueueManager:
             self._log_delivered(entry.id, route_name, delivered)
             assert outcome.next_attempt is not None
             entry.next_attempt = outcome.next_attempt
+            if outcome.hints:  # what the reply means, in the queue too (`queue list`)
+                entry.last_error += "".join(f" ({h})" for h in dict.fromkeys(outcome.hints))
             if outcome.tried or was_started or bounce is not None:
                 await self._save_state(entry)
             # else the route was held and nothing was tried: no try counted, no backoff, no
@@ -875,8 +877,7 @@ class QueueManager:
             # time is new, and an older one on disk just means an earlier try after a crash.
             # (At 100,000 queued with the upstream down, these saves were 62 % of the time.)
             delay = max(0.0, outcome.next_attempt - now)
-            why = entry.last_error + "".join(f" ({h})" for h in dict.fromkeys(outcome.hints))
-            why += doubt_note
+            why = entry.last_error + doubt_note
             if outcome.tried:
                 log.info("%s: deferred for %d recipient(s) via %s, next try in %ds: %s",
                          entry.id, len(entry.pending()), route_name, delay, why)

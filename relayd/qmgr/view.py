@@ -30,6 +30,7 @@ from relayd.queue import Entry
 
 if TYPE_CHECKING:
     from relayd.qmgr.manager import Queued, QueueManager
+    from relayd.qmgr.pacing import MailboxUse
 
 STATES = ("due", "active", "deferred")  # QueueManager's DUE, ACTIVE, DEFERRED
 PAGE_MAX = 500  # rows in one page at most
@@ -126,6 +127,16 @@ class QueueView:
                 received = queued.entry.received
                 item[2] = received if item[2] is None else min(item[2], received)
         return {name: RouteCount(*item) for name, item in totals.items()}
+
+    def mailboxes(self) -> list[MailboxUse]:
+        """Each busy sending mailbox: its budget's use, rate and messages waiting for it
+        (relayd.qmgr.pacing; frozen rows)."""
+        return self._manager.mailbox_use()
+
+    def blocked(self) -> dict[str, tuple[str, float, str]]:
+        """Mailboxes the provider said are blocked for sending: mailbox -> (route, when,
+        reply), a copy."""
+        return dict(self._manager.blocked)
 
     def depth(self) -> tuple[int, float]:
         """Queue depth and the age in seconds of the oldest message."""

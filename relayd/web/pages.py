@@ -74,6 +74,19 @@ class DeferredRow:
 
 
 @dataclass(frozen=True)
+class MailboxRow:
+    """A busy sending mailbox (relayd.qmgr.pacing.MailboxUse)."""
+
+    route: str
+    mailbox: str
+    used: int
+    budget: int  # 0: none
+    rate: str  # e.g. "30/60s"; "" for none
+    frees_at: float | None
+    waiting: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     hostname: str
     now: float
@@ -87,6 +100,7 @@ class Snapshot:
     deferred_total: int = 0  # all deferred messages, listed or not
     expiry_warning_s: float = 30 * 86400.0  # credentials expiring within this are shown
     attention: Sequence[str] = field(default_factory=tuple)  # more that needs a person, first
+    mailboxes: Sequence[MailboxRow] = field(default_factory=tuple)
 
 
 def _e(text: object) -> str:
@@ -175,6 +189,7 @@ def status_page(s: Snapshot) -> bytes:
                          f"<td>{_e(_when(t.last_refreshed, s.now))}</td><td>{cred}</td>"
                          f"<td>{state}</td></tr>")
         parts.append("</table>")
+    parts.append(_mailboxes(s))
     if s.signin_routes:
         parts.append('<p><a href="/signin">Sign-in page for users of delegated routes</a></p>')
     return page(f"relayd on {s.hostname}", "".join(parts))
@@ -199,6 +214,26 @@ def _deferred_table(s: Snapshot) -> str:
                     '<a href="/queue?state=deferred">the queue</a>, or '
                     "<code>relayd queue list</code></p>")
     return "".join(rows)
+
+
+def _mailboxes(s: Snapshot) -> str:
+    """Each busy sending mailbox's use of its daily budget and rate."""
+    if not s.mailboxes:
+        return ""
+    parts = ["<h2>Sending mailboxes</h2><table><tr><th>route</th><th>mailbox</th>"
+             "<th>recipients in 24 h</th><th>rate</th><th>waiting</th></tr>"]
+    for m in s.mailboxes:
+        used = f"{m.used} of {m.budget}" if m.budget else f"{m.used} (no budget)"
+        if m.budget and m.used >= m.budget:
+            used = f'<span class="bad">{used}</span>'
+        if m.frees_at is not None:
+            used += f"<br>oldest leave {_e(_when(m.frees_at, s.now))}"
+        waiting = (f"{m.waiting} waiting for mailbox {_e(m.mailbox)}'s budget or rate"
+                   if m.waiting else "none")
+        parts.append(f"<tr><td>{_e(m.route)}</td><td>{_e(m.mailbox)}</td><td>{used}</td>"
+                     f"<td>{_e(m.rate or '-')}</td><td>{waiting}</td></tr>")
+    parts.append("</table>")
+    return "".join(parts)
 
 
 def signin_page(hostname: str, choices: Sequence[tuple[str, str]], note: str = "") -> bytes:

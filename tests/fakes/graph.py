@@ -112,6 +112,9 @@ class GraphState:
     # answered 429 (`throttled` counts them per mailbox). None: no limit, only recorded.
     max_concurrent_per_mailbox: int | None = None
     throttled: dict[str, int] = field(default_factory=dict)
+    # Per-mailbox message rate and recipient budget (fakes.limits), enforced on sendMail with
+    # a 429 as Graph's throttling does; None: none.
+    limits: Any = None
     in_flight_all: int = 0  # sendMail in flight over all mailboxes, and its peak
     max_in_flight_all: int = 0
     # Delegated calls to /me: the mailbox of the account a token was issued to (for example
@@ -295,6 +298,11 @@ class GraphHandler(Handler):
             self.error(400, "ErrorInvalidRecipients", "At least one recipient isn't valid.")
             return
         if not self.check_send_as(mailbox, mime):
+            return
+        if st.limits is not None and st.limits.admit(mailbox, len(recipients)) is not None:
+            self.answer(429, {"error": {"code": "ErrorExceededMessageLimit",
+                                        "message": "Mailbox is over its sending limit."}},
+                        {"Retry-After": "1"})
             return
         key = mailbox.lower()
         with st.lock:
