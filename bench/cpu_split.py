@@ -3,6 +3,8 @@
     .venv/bin/python bench/cpu_split.py                         # workers = 1, 5,000 messages
     .venv/bin/python bench/cpu_split.py --workers 2 --messages 2000
     .venv/bin/python bench/cpu_split.py --pythonpath /tmp/old   # an export of another revision
+    .venv/bin/python bench/cpu_split.py --route 'mailbox_daily_recipients = 1000000'
+                                                    # extra keys for the route (TOML lines)
 
 Starts smtp-sink (as nobody, output discarded: a pipe nobody reads fills and stalls it) and
 `relayd serve` (one `*` route to the sink, spool under --workdir), runs smtp-source (20 sessions,
@@ -104,6 +106,8 @@ def main() -> int:
     ap.add_argument("--pythonpath", default="", help="run relayd/ from here instead")
     ap.add_argument("--workdir", default="/var/tmp", help="where the spool goes (a disk)")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--route", action="append", default=[],
+                    help="a TOML line added to the route (repeatable)")
     ap.add_argument("--callgrind", action="store_true",
                     help="count instructions a message under valgrind instead (see above)")
     args = ap.parse_args()
@@ -147,7 +151,7 @@ host = "127.0.0.1"
 port = {sink_port}
 tls = "none"
 max_connections = 8
-""")
+""" + "".join(line + "\n" for line in args.route))
     env = dict(os.environ)
     if args.pythonpath:
         env["PYTHONPATH"] = args.pythonpath

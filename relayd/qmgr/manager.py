@@ -76,6 +76,7 @@ SCAN_INTERVAL_S = 15.0  # msg/ is scanned for entries nobody scheduled this ofte
 SCAN_MIN_AGE_S = 5.0  # ... that were last written at least this long ago
 SCAN_ERROR_LOG_S = 60.0
 SCAN_LOG_IDS = 10  # ids named in the scan's log line
+USAGE_PRUNE_S = 60.0  # mailboxes with nothing counted are forgotten this often
 
 DUE = "due"
 ACTIVE = "active"
@@ -215,6 +216,7 @@ class QueueManager:
         self._budget_waits: dict[str, str] = {}  # qid -> the mailbox whose budget it waits for
         self.blocked: dict[str, tuple[str, float, str]] = {}  # mailbox -> (route, when, reply)
         self._usage_saved = 0.0  # monotonic
+        self._usage_pruned = 0.0  # monotonic
         self._load_usage()
 
     # -- policy --------------------------------------------------------------------------------
@@ -500,6 +502,8 @@ class QueueManager:
             reserved = pacing.take(usage, limits, count, now)
             if reserved:
                 self._reserved[queued.id] = (lane.mailbox, reserved)
+            if lane.waiting and limits.rate is not None:
+                self._arm(key, lane, usage.next_slot - now)  # the next one's slot
         lane.busy += 1
         queued.lane = key
         return True
@@ -1058,6 +1062,9 @@ class QueueManager:
             if time.monotonic() - last_control >= CONTROL_POLL_S:
                 last_control = time.monotonic()
                 self._save_usage()
+                if last_control - self._usage_pruned >= USAGE_PRUNE_S:
+                    self._usage_pruned = last_control
+                    self.ledger.forget_idle(now)
                 await self._control()
                 if time.monotonic() - self._last_scan >= SCAN_INTERVAL_S:
                     self._last_scan = time.monotonic()
