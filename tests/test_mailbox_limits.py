@@ -299,3 +299,33 @@ async def test_a_blocked_mailbox_is_named_deferred_and_reported(
     assert "Remove-BlockedSenderAddress -SenderAddress merge@business.com" in content
     assert "Restricted entities" in content
     assert not [m for m in upstream.messages if m.mail_from == ""]  # not bounced
+
+
+async def test_graph_restricted_sender_is_named_as_blocked(
+        tmp_path: Path, graph: tuple[Any, Any]) -> None:
+    """1. Graph answers sendMail 403 ErrorAccessDenied with the restricted-sender words 2. the
+    message is deferred, not bounced, its reason names the block and the way to release it, and
+    the mailbox is kept for the [notify] notice."""
+    idp_server, graph_server = graph
+    state: GraphState = graph_server.state
+    state.fail_next(403, "ErrorAccessDenied",
+                    "Access is denied. The user account is restricted from sending mail.",
+                    times=100)
+    config = parse_config({
+        "server": {"listen": ["127.0.0.1:0"], "hostname": "relay.test", "workers": 1},
+        "queue": {"path": str(tmp_path / "queue"), "retry_min": "1s", "retry_max": "2s"},
+        "auth": {"path": str(tmp_path / "tokens")},
+        "routes": {"m365": {"senders": ["*@business.com"], "upstream": "graph",
+                            "endpoint": graph_server.base_url, "tenant_id": TENANT,
+                            "client_id": CLIENT_ID, "client_secret_env": "GRAPH_SECRET",
+                            "authority": idp_server.base_url,
+                            "ca_file": str(graph_server.ca_file)}}})
+    async with run_service(config) as svc:
+        await send(service_port(svc), MERGE, ["bob@example.net"], numbered(MERGE, 0))
+        await wait_for(lambda: MERGE in svc.qmgr.blocked, what="the blocked mailbox")
+        [queued] = svc.qmgr.messages.values()
+        assert queued.state == "deferred" and queued.entry.attempts == 1
+        assert "ErrorAccessDenied" in queued.entry.last_error
+        assert "blocked this mailbox for sending" in queued.entry.last_error
+        assert "Remove-BlockedSenderAddress" in queued.entry.last_error
+    assert state.sent == []
