@@ -77,6 +77,7 @@ SCAN_MIN_AGE_S = 5.0  # ... that were last written at least this long ago
 SCAN_ERROR_LOG_S = 60.0
 SCAN_LOG_IDS = 10  # ids named in the scan's log line
 USAGE_PRUNE_S = 60.0  # mailboxes with nothing counted are forgotten this often
+BLOCKED_KEEP_S = 7 * 86400.0  # a mailbox's "blocked for sending" reply is kept this long
 
 DUE = "due"
 ACTIVE = "active"
@@ -1065,6 +1066,9 @@ class QueueManager:
                 if last_control - self._usage_pruned >= USAGE_PRUNE_S:
                     self._usage_pruned = last_control
                     self.ledger.forget_idle(now)
+                    for mailbox, (_, at, _) in list(self.blocked.items()):
+                        if now - at > BLOCKED_KEEP_S:
+                            del self.blocked[mailbox]
                 await self._control()
                 if time.monotonic() - self._last_scan >= SCAN_INTERVAL_S:
                     self._last_scan = time.monotonic()
