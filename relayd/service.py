@@ -319,7 +319,8 @@ class Service:
 
     async def web_snapshot(self) -> Any:
         """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
-        from relayd.delivery.agent import PASSWORD_AUTHS, auth_refused_advice
+        from relayd.auth.oauth import route_token_health
+        from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats, auth_refused_advice
         from relayd.policy import is_delegated
         from relayd.providers import fix_for
         from relayd.qmgr.view import RouteCount
@@ -337,8 +338,10 @@ class Service:
         routes: list[RouteRow] = []
         tokens: list[TokenRow] = []
         for route in self.config.routes.values():
-            agent = self.qmgr.agent_for(route)
-            st = agent.stats
+            # Only agents that exist: a route no message has used since start is read from
+            # auth/ (its token store, its app credential), without building its upstream.
+            agent = self.qmgr.agents.get(route.name)
+            st = agent.stats if agent is not None else RouteStats()
             count = counts.get(route.name, RouteCount())
             queued, deferred = count.queued, count.deferred
             advice = (auth_refused_advice(route.name, st.last_failure_reply)
@@ -349,7 +352,8 @@ class Service:
                                    st.failing_kind, queued, deferred,
                                    fix_for(route, st.last_failure_reply)
                                    if st.last_failure_reply else "", advice))
-            health = agent.upstream.token_health()
+            health = (agent.upstream.token_health() if agent is not None
+                      else route_token_health(self.config, route))
             tokens.extend(TokenRow(**dataclasses.asdict(h)) for h in health)
             if not health and is_delegated(route):
                 # Nobody has signed in: the route refuses every sender at MAIL FROM.

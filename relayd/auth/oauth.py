@@ -523,13 +523,13 @@ def _cache_summary(cache_json: str) -> tuple[float | None, bool]:
     return (max(expiries) if expiries else None), bool(doc.get("RefreshToken"))
 
 
-def _token_providers(config: Config) -> list[Any]:
+def _token_providers(config: Config, routes: Sequence[RouteConfig] | None = None) -> list[Any]:
     """A token provider per OAuth route, built only to read its health (no network)."""
     from relayd.auth import make_token_provider
     from relayd.auth.login import is_delegated
 
     out = []
-    for route in config.routes.values():
+    for route in config.routes.values() if routes is None else routes:
         if is_microsoft_oauth(route):
             scopes = delegated_scopes(route) if route.flow == "device" else app_scopes(route)
         elif route.provider == "google" and route.auth == "xoauth2" and route.client_id:
@@ -537,6 +537,19 @@ def _token_providers(config: Config) -> list[Any]:
         else:
             continue
         out.append((route, is_delegated(route), make_token_provider(route, config, scopes)))
+    return out
+
+
+def route_token_health(config: Config, route: RouteConfig) -> list[TokenHealth]:
+    """One route's credentials as `relayd auth status` reads them (the token store, the app
+    credential), without building the route's upstream: for the status page's routes that no
+    message has used since relayd started."""
+    out: list[TokenHealth] = []
+    for _, _, provider in _token_providers(config, [route]):
+        try:
+            out.extend(provider.health())
+        finally:
+            provider.close()
     return out
 
 
