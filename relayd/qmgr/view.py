@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +164,10 @@ class QueueView:
     def ids(self, flt: Filter) -> list[str]:
         now = self._manager.clock()
         return [q.id for q, name in self._routed() if flt.accepts(q, name, now)]
+
+    def queued(self, queue_ids: Iterable[str]) -> list[str]:
+        """Those of `queue_ids` still in the queue."""
+        return [qid for qid in queue_ids if qid in self._manager.messages]
 
     def message(self, queue_id: str) -> MessageRow | None:
         queued = self._manager.messages.get(queue_id)

@@ -362,8 +362,7 @@ class Console:
                                         limit)
         ids = {str(e.get("id")) for e in events}
         view = self.qmgr.view
-        queued = self.on_loop(lambda: [i for i in ids if view.message(i) is not None]) \
-            if ids else []
+        queued = self.on_loop(lambda: view.queued(ids)) if ids else []
         data = {"events": events, "next": nxt, "queued": sorted(queued)}
         if as_json:
             return self._json(data)
