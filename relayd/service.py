@@ -333,6 +333,10 @@ class Service:
             TokenRow,
         )
 
+        def held_until(agent: Any) -> float | None:
+            held = agent.held_s() if agent is not None else None
+            return None if held is None else time.time() + held
+
         view = self.qmgr.view
         counts = view.route_counts()
         routes: list[RouteRow] = []
@@ -351,7 +355,8 @@ class Service:
                                    st.last_failure, st.last_failure_reply, st.failing_since,
                                    st.failing_kind, queued, deferred,
                                    fix_for(route, st.last_failure_reply)
-                                   if st.last_failure_reply else "", advice))
+                                   if st.last_failure_reply else "", advice,
+                                   held_until(agent)))
             health = (agent.upstream.token_health() if agent is not None
                       else route_token_health(self.config, route))
             tokens.extend(TokenRow(**dataclasses.asdict(h)) for h in health)

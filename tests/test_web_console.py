@@ -157,6 +157,7 @@ async def test_console_queue_message_retry_delete_in_chromium(tmp_path: Path,
             assert "route staff: unreachable failing since" in text
             assert "route other: unreachable failing since" in text
             assert "3 message(s) in the queue" in text
+            assert text.count("held until") == 2  # both routes' mail waits for the hold
             await asyncio.to_thread(shoot, driver, tmp_path / "overview.png")
 
             await open_page(driver, base + "/queue")
@@ -366,6 +367,8 @@ async def test_json_of_each_page_is_the_clis(tmp_path: Path, upstream: Upstream)
     overview = pages["/"]
     assert {r["name"]: (r["queued"], r["deferred"]) for r in overview["routes"]} == {
         "staff": (0, 0), "other": (1, 1)}
+    held = {r["name"]: r["held_until"] for r in overview["routes"]}
+    assert held["staff"] is None and held["other"] > time.time() + 3000
     assert any(a.startswith("route other: unreachable failing since")
                for a in overview["attention"])
     assert any(line.startswith("route staff:") for line in pages["/routes"]["explain"])

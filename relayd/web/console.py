@@ -39,6 +39,7 @@ import email.policy
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ BODY_SHOWN_MAX = 1024 * 1024  # bytes of a message shown on its page
 HEAD_READ_BYTES = 64 * 1024  # bytes read for a message's headers
 DISK_FREE_WARN = 0.05  # warn when the spool's file system has less than this fraction free
 EXPIRY_WARNING_S = 30 * 86400.0  # as [notify] expiry_warning's default
-MAX_POST_BYTES = 16 * 1024
+EXPORT_MAX_EVENTS = 200_000  # one export at most (it is built in memory); narrow the search
 HTML = "text/html; charset=utf-8"
 JSON = "application/json"
 LOOPBACK_ADMIN = "loopback"
@@ -373,7 +374,11 @@ class Console:
             query = self._query(q)
         except ValueError as e:
             return self._error(400, "Bad filter", str(e), False)
-        events = journal.read(self.config.journal.path, query)
+        events = list(itertools.islice(journal.read(self.config.journal.path, query),
+                                       EXPORT_MAX_EVENTS + 1))
+        cut = len(events) > EXPORT_MAX_EVENTS
+        extra = {"X-Relayd-Truncated": f"first {EXPORT_MAX_EVENTS} events"} if cut else {}
+        del events[EXPORT_MAX_EVENTS:]
         if q.get("format") == "csv":
             out = io.StringIO()
             writer = csv.writer(out)
@@ -387,10 +392,12 @@ class Console:
                     row.append(" ".join(value) if isinstance(value, list) else str(value))
                 writer.writerow(row)
             return Response(200, out.getvalue().encode(), "text/csv; charset=utf-8",
-                            {"Content-Disposition": 'attachment; filename="relayd-log.csv"'})
+                            {"Content-Disposition": 'attachment; filename="relayd-log.csv"',
+                             **extra})
         body = "".join(json_line(ev) + "\n" for ev in events)  # as `relayd log --json`
         return Response(200, body.encode(), "application/x-ndjson; charset=utf-8",
-                        {"Content-Disposition": 'attachment; filename="relayd-log.jsonl"'})
+                        {"Content-Disposition": 'attachment; filename="relayd-log.jsonl"',
+                         **extra})
 
     # -- routes --------------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class RouteRow:
     deferred: int
     fix: str = ""  # the provider's fix for the last failure (relayd.providers)
     advice: str = ""  # what to do about its failure, shown with it (a refused password)
+    held_until: float | None = None  # its agent holds its mail (upstream unreachable) until
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def status_page(s: Snapshot) -> bytes:
         parts.append('<h2>Needs attention</h2><ul class="attention">'
                      + "".join(f"<li>{a}</li>" for a in attention) + "</ul>")
     parts.append("<h2>Routes</h2><table><tr><th>route</th><th>upstream</th><th>last success"
-                 "</th><th>last failure</th><th>queued</th><th>deferred</th></tr>")
+                 "</th><th>last failure</th><th>queued</th><th>deferred</th><th>health</th>"
+                 "</tr>")
     for r in s.routes:
         failure = _e(_when(r.last_failure, s.now))
         if r.last_failure is not None and r.last_failure_reply:
@@ -154,9 +156,17 @@ def status_page(s: Snapshot) -> bytes:
                         f"{_e(_when(r.failing_since, s.now))}</span>")
         failing = ' class="failing"' if r.failing_since is not None else ""
         name = f"<strong>{_e(r.name)}</strong>" if failing else _e(r.name)
+        if r.held_until is not None:
+            health = (f'<span class="bad">held until {_e(_when(r.held_until, s.now))}</span>'
+                      "<br>no attempts until then; a retry releases it")
+        elif r.failing_since is not None:
+            health = f'<span class="bad">{_e(r.failing_kind)} failing</span>'
+        else:
+            health = '<span class="ok">ok</span>'
         parts.append(f'<tr{failing} id="route-{_e(r.name)}"><td>{name}</td>'
                      f"<td>{_e(r.upstream)}</td><td>{_e(_when(r.last_success, s.now))}</td>"
-                     f"<td>{failure}</td><td>{r.queued}</td><td>{r.deferred}</td></tr>")
+                     f"<td>{failure}</td><td>{r.queued}</td><td>{r.deferred}</td>"
+                     f"<td>{health}</td></tr>")
     parts.append("</table>")
     parts.append(_deferred_table(s))
     parts.append("<h2>Tokens and credentials</h2>")
