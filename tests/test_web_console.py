@@ -313,6 +313,7 @@ async def test_token_page_shows_an_expiring_secret(tmp_path: Path, upstream: Ups
             text = await open_page(driver, base + "/tokens")
             assert f"app client secret {expires} 00:00:00 UTC (expires in" in text
             assert "renew it" in text
+            assert "Routes without OAuth tokens" in text
             warn = await asyncio.to_thread(
                 lambda: [w.text for w in driver.find_elements("css selector",
                                                               "#credentials .warn")])
@@ -324,6 +325,7 @@ async def test_token_page_shows_an_expiring_secret(tmp_path: Path, upstream: Ups
             status, _, body = await asyncio.to_thread(get, base + "/api/tokens")
     data = json.loads(body)
     assert status == 200 and [c["route"] for c in data["credentials"]] == ["app"]
+    assert data["without_tokens"] == [{"route": "staff", "upstream": "smtp", "auth": "none"}]
     assert data["credentials"][0]["expires_at"] == dt.datetime(
         expires.year, expires.month, expires.day, tzinfo=dt.UTC).timestamp()
 

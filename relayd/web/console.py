@@ -456,10 +456,16 @@ class Console:
                 continue
             credentials.append({"route": route.name, "kind": kind,
                                 "expires_at": credential_expiry(route)})
+        with_tokens = {t.route for t in snap.tokens}
+        # Routes with no token at all: what they sign in with instead (never the secret).
+        others = [{"route": r.name, "upstream": r.upstream,
+                   "auth": ("password" if r.password is not None else r.auth or "none")}
+                  for r in self.config.routes.values()
+                  if r.name not in with_tokens and r.client_id is None]
         data = {"now": snap.now, "expiry_warning_s": getattr(snap, "expiry_warning_s",
                                                              EXPIRY_WARNING_S),
                 "tokens": [dataclasses.asdict(t) for t in snap.tokens],
-                "credentials": credentials,
+                "credentials": credentials, "without_tokens": others,
                 "signin_url": "/signin" if snap.signin_routes else ""}
         if as_json:
             return self._json(data)

@@ -294,4 +294,9 @@ def tokens_page(data: Mapping[str, Any], hostname: str) -> bytes:
             cell = f'<span class="warn">{cell} ({left}): renew it</span>'
         crow.append([_t(c["route"]), _t(c["kind"]), cell])
     parts.append(_table(["route", "credential", "expires"], crow, "credentials"))
+    if data["without_tokens"]:
+        parts.append("<h2>Routes without OAuth tokens</h2>")
+        parts.append(_table(["route", "upstream", "signs in with"],
+                            [[_t(r["route"]), _t(r["upstream"]), _t(r["auth"])]
+                             for r in data["without_tokens"]], "without-tokens"))
     return page("Tokens and credentials", "".join(parts), hostname)
