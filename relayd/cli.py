@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from typing import Any, TextIO
 
 from relayd import __version__
-from relayd.config import Config, config_path, load_config
+from relayd.config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
 from relayd.escape import json_line, visible
 
@@ -396,6 +396,47 @@ def _queue_act(spool: Any, action: str, target: str, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`relayd reload`: the config is checked here first (a bad one is refused with its
+    problems, exit 2), then the running daemon is asked through control/ (every platform;
+    SIGHUP does the same on POSIX)."""
+    from relayd.queue import Spool
+
+    config = _load(args)
+    spool = Spool(config.queue.path)
+    if not spool.daemon_running():
+        print(f"relayd reload: no relayd is running on the queue {config.queue.path}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    path = spool.request("reload", "config")
+    deadline = time.monotonic() + CONTROL_WAIT_S
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if path.exists():
+        with contextlib.suppress(OSError):
+            path.unlink()
+        print(f"relayd reload: the daemon did not take the request within "
+              f"{CONTROL_WAIT_S:.0f}s", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"reload: {config.source} taken by the running daemon (its log says what changed)")
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """`relayd service install|uninstall`: the Windows service (relayd.winservice)."""
+    from relayd.platform import WINDOWS
+
+    if not WINDOWS:
+        print("relayd service: Windows only; on Linux run relayd under systemd "
+              "(systemd/relayd.service) or in a container", file=sys.stderr)
+        return EXIT_USAGE
+    from relayd import winservice
+
+    if args.service_cmd == "install":
+        return winservice.install(config_path(args.config), args.name, args.start)
+    return winservice.uninstall(args.name)
+
+
 def cmd_auth(args: argparse.Namespace) -> int:
     from relayd.auth import login, oauth
 
@@ -465,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text,
                             epilog=f"config keys read: {READS[name]}" if name in READS else None)
         sp.add_argument("-c", "--config", metavar="FILE",
-                        help="config file (default: $RELAYD_CONFIG, then /etc/relayd/relayd.toml)")
+                        help=f"config file (default: $RELAYD_CONFIG, then {DEFAULT_CONFIG_PATH})")
         return sp
 
     sp = add("serve", "run the daemon in the foreground")
@@ -512,6 +553,21 @@ def build_parser() -> argparse.ArgumentParser:
     action(qsub, "delete", "remove a message from the queue without delivering it").add_argument(
         "id")
     sp.set_defaults(func=cmd_queue)
+
+    sp = add("reload", "ask the running daemon to re-read its config (as SIGHUP; every "
+             "platform); the config is checked first")
+    sp.set_defaults(func=cmd_reload)
+
+    sp = add("service", "Windows: register or remove relayd as a Windows service "
+             "(elsewhere: use systemd)")
+    ssub = sp.add_subparsers(dest="service_cmd", required=True, metavar="ACTION")
+    s = action(ssub, "install", "install the service (it runs `relayd serve -c FILE`)")
+    s.add_argument("--name", default="relayd")
+    s.add_argument("--start", choices=["auto", "manual"], default="auto",
+                   help="auto: delayed automatic start (default); manual: started by the admin")
+    action(ssub, "uninstall", "stop and remove the service").add_argument(
+        "--name", default="relayd")
+    sp.set_defaults(func=cmd_service)
 
     sp = add("auth", "OAuth sign-in for delegated routes")
     asub = sp.add_subparsers(dest="auth_cmd", required=True, metavar="ACTION")
@@ -581,6 +637,11 @@ def _main(argv: Sequence[str] | None) -> int:
         from relayd.workers import worker_main
 
         return worker_main(args_list[1:])
+    if args_list[:1] == ["_service"]:
+        # the Windows service process (relayd service install registers it); not for people
+        from relayd.winservice import service_main
+
+        return service_main(args_list[1:])
     if args_list[:1] == ["sendmail"]:
         # sendmail's own option syntax (-oi, -f addr, -t) does not fit argparse.
         from relayd.sendmail import main as sendmail_main

@@ -6,7 +6,6 @@ import datetime
 import ipaddress
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,9 +13,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from relayd import platform
 from relayd.errors import ConfigError
+from relayd.platform import fs, proc
 
-DEFAULT_CONFIG_PATH = "/etc/relayd/relayd.toml"
+DEFAULT_CONFIG_PATH = platform.CONFIG_PATH
 CONFIG_ENV = "RELAYD_CONFIG"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 
@@ -127,7 +128,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class QueueConfig:
-    path: Path = Path("/var/lib/relayd/queue")
+    path: Path = platform.STATE_DIR / "queue"
     max_age_s: float = 5 * 86400
     retry_min_s: float = 60
     retry_max_s: float = 3600
@@ -135,7 +136,7 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class JournalConfig:
-    path: Path = Path("/var/lib/relayd/journal")  # default: beside queue.path
+    path: Path = platform.STATE_DIR / "journal"  # default: beside queue.path
     keep_s: float = 90 * 86400
     subjects: bool = True
 
@@ -168,7 +169,7 @@ class WebConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    path: Path = Path("/var/lib/relayd/tokens")
+    path: Path = platform.STATE_DIR / "tokens"
     key_file: Path | None = None
 
 
@@ -438,10 +439,12 @@ def _read_secret_file(path_text: str, key: str, problems: list[str]) -> Secret |
         st = path.stat()
     except OSError as e:
         return bad(f"cannot read {path}: {e.strerror}")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return bad(f"{path} is readable by group or others; chmod 600 it")
+    private = fs.secret_problem(path, st)
+    if private is not None:
+        return bad(private)
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        # utf-8-sig: Notepad and PowerShell 5 start the file with a byte order mark.
+        value = path.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as e:
         return bad(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
     if not value:
@@ -554,9 +557,12 @@ def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     # processes plus the delivering one, three busy processes on two CPUs (bench/README.md).
     workers = s.get("workers", (int, str), "auto")
     if workers == "auto":
-        workers = min(MAX_WORKERS, usable_cpus())
+        workers = min(MAX_WORKERS, usable_cpus()) if proc.WORKERS else 1
     elif not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
         s.problem("workers", f'must be 1-{MAX_WORKERS} or "auto"')
+        workers = 1
+    elif workers > 1 and not proc.WORKERS:
+        s.problem("workers", 'listener workers run on POSIX only; use 1 or "auto" here')
         workers = 1
     max_sessions = s.get("max_sessions", int, DEFAULT_MAX_SESSIONS)
     if not 1 <= max_sessions <= 100_000:
@@ -1049,7 +1055,11 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = str(path)
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
+        # A UTF-8 byte order mark (Notepad, PowerShell 5) is not TOML: drop it.
+        return tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: not UTF-8: {e}"], source) from None
     except FileNotFoundError:
         raise ConfigError([f"{source}: file not found"], source) from None
     except OSError as e:

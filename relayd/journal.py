@@ -37,6 +37,7 @@ from typing import Any
 
 from relayd.config import JournalConfig
 from relayd.escape import json_line, visible
+from relayd.platform import fs
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Journal:
         data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
         try:
             self.settings.path.mkdir(mode=0o750, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | fs.O_BINARY, FILE_MODE)
             try:
                 view = memoryview(data)
                 while view:

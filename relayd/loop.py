@@ -7,12 +7,21 @@ of relayd's CPU a message away for the same figures otherwise. relayd uses only 
 public interface, so it runs the same on either; where the two loops behave differently
 (accept() out of descriptors) relayd does the work itself (relayd.accept). The variable is
 the way back to asyncio's loop should a uvloop bug ever show, without a new release.
+
+On Windows (no uvloop there) the loop is asyncio's SelectorEventLoop, not the default
+ProactorEventLoop: relayd's accept path (relayd.accept) waits for a listening socket to become
+readable (add_reader) so that it can leave connections in the backlog when out of resources,
+and the Proactor loop has no add_reader. Rejected: asyncio's own server on the Proactor loop,
+which is the accept-failure behaviour relayd.accept exists to avoid. The cost: select() on
+Windows takes at most 512 sockets (CPython's FD_SETSIZE there), so one process serves about
+500 SMTP sessions at once, five times server.max_sessions' default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -23,7 +32,9 @@ ENV = "RELAYD_EVENT_LOOP"
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's new_event_loop, or None for asyncio's default (RELAYD_EVENT_LOOP=asyncio,
-    or uvloop not installed)."""
+    or uvloop not installed); on Windows asyncio's SelectorEventLoop (module docstring)."""
+    if sys.platform == "win32":
+        return asyncio.SelectorEventLoop
     if os.environ.get(ENV, "").strip().lower() == "asyncio":
         return None
     try:

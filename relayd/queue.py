@@ -11,7 +11,10 @@ Layout under `queue.path` (Postfix keeps a similar split between content and sta
   control/    requests from `relayd queue retry|delete` while the daemon runs.
   tmp/        files being written, and spent message files kept for reuse (`Spares`);
               anything left here after a crash was never acknowledged.
-  lock        held (flock) by the running daemon.
+  lock        held by the running daemon (relayd.platform.fs: flock; on Windows a byte lock).
+
+Every file is closed before it is renamed or removed (NTFS refuses both on an open file;
+relayd.platform.fs has the checker that the tests switch on).
 
 Whether a message is being delivered, held or deferred is the queue manager's, in memory
 (relayd.qmgr), so after a crash every entry is simply due again: at most the message that was
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import json
 import logging
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from relayd.errors import QueueError, SpoolBusyError
+from relayd.platform import fs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ REMOVE_DELAY_S = 0.02  # delivered files wait this long for others, to be remove
 REMOVE_BATCH = 32  # ... or until this many wait
 REMOVED_KEEP_S = 30.0  # ids removed this recently are never taken for unknown entries (scan)
 USAGE_FILE = "mailboxes"  # in state/: the mailboxes' counts (not a queue id: recover skips it)
+
+QUEUE_ACTIONS = ("retry", "delete")  # control/ requests the queue manager takes
+CONTROL_ACTIONS = (*QUEUE_ACTIONS, "reload")  # and the daemon's lifecycle ("reload")
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -283,8 +289,12 @@ class _GroupCommit:
                 if self.spares is not None and path.startswith(self._msg_prefix) and \
                         self.spares.keep(path, size):
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                try:
+                    fs.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:  # the thread goes on; the file is seen again at start
+                    log.error("queue: cannot remove %s: %s", path, e)
             for path, data in side.items():
                 try:
                     write_atomic(path, data, self.tmp_dir)
@@ -334,11 +344,8 @@ def _settle(batch: list[tuple[str, bytes | Draft, asyncio.Future[None]]],
 
 
 def fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Make renames into `path` durable (relayd.platform.fs.sync_dir)."""
+    fs.sync_dir(path)
 
 
 _tmp_serial = itertools.count()
@@ -403,7 +410,7 @@ class Spares:
             return False
         spare = _tmp_name(self.tmp_dir, SPARE_NAME)
         try:
-            os.rename(path, spare)
+            fs.replace(path, spare)
         except OSError:
             return False  # the caller unlinks it (if it is still there: tmp/ may be gone)
         full = size is not None and size <= SPARE_FULL_MAX
@@ -412,7 +419,7 @@ class Spares:
                 os.truncate(spare, 0)
             except OSError:
                 with contextlib.suppress(OSError):
-                    os.unlink(spare)
+                    fs.unlink(spare)
                 return True
         with self._lock:
             self._known.append(spare)
@@ -453,15 +460,15 @@ class Spares:
             done += 1
             claimed = _tmp_name(self.tmp_dir, SCRUB_NAME)
             try:
-                os.rename(spare, claimed)
+                fs.replace(spare, claimed)
             except OSError:
                 continue  # taken since the listing
             try:
                 os.truncate(claimed, 0)
-                os.rename(claimed, spare)
+                fs.replace(claimed, spare)
             except OSError:
                 with contextlib.suppress(OSError):
-                    os.unlink(claimed)
+                    fs.unlink(claimed)
 
     def take(self, name: str) -> tuple[int, str] | None:
         """A spare claimed as tmp/`name`.PID.N and open for writing, or None: not emptied (its
@@ -479,15 +486,15 @@ class Spares:
                     spare = self._known.pop()
                     target = _tmp_name(self.tmp_dir, name)
                     try:
-                        os.rename(spare, target)
+                        fs.replace(spare, target)
                     except OSError:
                         missed = True  # another process took it
                         continue
                     try:
-                        return os.open(target, os.O_WRONLY), target
+                        return fs.open_fd(target, os.O_WRONLY), target
                     except OSError:
                         with contextlib.suppress(OSError):
-                            os.unlink(target)
+                            fs.unlink(target)
                 if not missed:
                     break
                 look = True
@@ -513,7 +520,7 @@ def _create_tmp(tmp_dir: Path, name: str,
             return *taken, True
     tmp = _tmp_name(tmp_dir, name)
     try:
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
+        return fs.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
     except FileNotFoundError:
         if tmp_dir.exists():
             raise
@@ -521,7 +528,7 @@ def _create_tmp(tmp_dir: Path, name: str,
         # message from now on.
         tmp_dir.mkdir(mode=0o700, exist_ok=True)
         log.warning("queue: %s was missing and has been made again", tmp_dir)
-        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
+        return fs.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp, False
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -560,15 +567,15 @@ def _seal(fd: int, tmp: str, path: Path | str, length: int | None) -> None:
     except BaseException:
         _drop(fd, tmp)
         raise
-    os.close(fd)
-    os.rename(tmp, path)
+    fs.close_fd(fd)
+    fs.replace(tmp, path)
 
 
 def _drop(fd: int, tmp: str) -> None:
     """Close and remove a tmp/ file that will not be put in place."""
-    os.close(fd)
+    fs.close_fd(fd)
     with contextlib.suppress(OSError):
-        os.unlink(tmp)
+        fs.unlink(tmp)
 
 
 class Draft:
@@ -641,15 +648,14 @@ class Spool:
     def lock(self) -> None:
         """Take the daemon's lock; QueueError if another daemon holds it."""
         fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not fs.try_lock(fd):
             os.close(fd)
-            raise QueueError(f"another relayd is using the queue {self.path}") from None
+            raise QueueError(f"another relayd is using the queue {self.path}")
         self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            fs.unlock(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -660,9 +666,9 @@ class Spool:
         except FileNotFoundError:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            if not fs.try_lock(fd):
+                return True
+            fs.unlock(fd)
         finally:
             os.close(fd)
         return False
@@ -671,7 +677,7 @@ class Spool:
         """Files in tmp/ were never acknowledged to a client: remove them."""
         for p in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
-                p.unlink()
+                fs.unlink(p)
 
     def writable(self) -> bool:
         """For /healthz: can a file be created and synced in the spool right now?"""
@@ -773,7 +779,7 @@ class Spool:
             return
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                fs.unlink(path)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -783,7 +789,7 @@ class Spool:
 
     def read_data(self, entry: Entry, limit: int = -1) -> bytes:
         """The message bytes (at most `limit` of them when it is given)."""
-        with open(self.data_path(entry), "rb") as f:
+        with fs.reading(self.data_path(entry)) as f:
             f.seek(entry.data_offset)
             return f.read(limit)
 
@@ -817,7 +823,7 @@ class Spool:
         if not ID_RE.match(queue_id):
             raise QueueError(f"{queue_id!r} is not a queue id")
         try:
-            fd = os.open(self._msg_prefix + queue_id, os.O_RDONLY)
+            fd = fs.open_fd(self._msg_prefix + queue_id, os.O_RDONLY)
         except FileNotFoundError:
             raise QueueError(f"no message {queue_id} in the queue") from None
         except OSError as e:
@@ -827,7 +833,7 @@ class Spool:
         except OSError as e:
             raise SpoolBusyError(f"{queue_id}: cannot read: {e.strerror}") from e
         finally:
-            os.close(fd)
+            fs.close_fd(fd)
         try:
             env = json.loads(header)
             entry = Entry(id=queue_id, sender=_intern(env["sender"]),
@@ -854,7 +860,7 @@ class Spool:
 
     def _load_state(self, entry: Entry) -> None:
         try:
-            fd = os.open(self._state_prefix + entry.id, os.O_RDONLY)
+            fd = fs.open_fd(self._state_prefix + entry.id, os.O_RDONLY)
         except FileNotFoundError:
             return
         except OSError as e:
@@ -864,7 +870,7 @@ class Spool:
             while chunk := os.read(fd, STATE_READ_BYTES):
                 chunks.append(chunk)
         finally:
-            os.close(fd)
+            fs.close_fd(fd)
         raw = b"".join(chunks)
         entry.has_state = True
         state = json.loads(raw)
@@ -888,7 +894,7 @@ class Spool:
         for sub in ("msg", "state"):
             src = self.path / sub / queue_id
             with contextlib.suppress(FileNotFoundError):
-                os.rename(src, self.corrupt_dir / f"{queue_id}.{sub}")
+                fs.replace(src, self.corrupt_dir / f"{queue_id}.{sub}")
         with contextlib.suppress(OSError):
             (self.corrupt_dir / f"{queue_id}.why").write_text(why + "\n", encoding="utf-8")
 
@@ -922,7 +928,7 @@ class Spool:
         for name in states:
             if ID_RE.match(name) and name not in listed and not (self.msg_dir / name).exists():
                 with contextlib.suppress(OSError):
-                    os.unlink(self.state_dir / name)
+                    fs.unlink(self.state_dir / name)
 
     def removing(self, queue_id: str) -> None:
         """This process is removing `queue_id` (or moving it aside): `unknown` must not take
@@ -968,7 +974,10 @@ class Spool:
         write_atomic(path, b"", self.tmp_dir)
         return path
 
-    def take_requests(self) -> list[tuple[str, str]]:
+    def take_requests(self, actions: Sequence[str] = QUEUE_ACTIONS) -> list[tuple[str, str]]:
+        """The requests for `actions`, oldest first, each removed as it is taken. The queue
+        manager takes QUEUE_ACTIONS (and anything unknown, which it drops); the daemon's
+        lifecycle takes "reload" (`relayd reload`), so one never eats the other's."""
         try:
             names = sorted(os.listdir(self.control_dir))
         except FileNotFoundError:
@@ -976,9 +985,11 @@ class Spool:
         out = []
         for name in names:
             parts = name.split(".")
+            if parts[0] in CONTROL_ACTIONS and parts[0] not in actions:
+                continue  # another taker's
             with contextlib.suppress(OSError):
-                os.unlink(self.control_dir / name)
-            if len(parts) == 3 and parts[0] in ("retry", "delete"):
+                fs.unlink(self.control_dir / name)
+            if len(parts) == 3 and parts[0] in actions:
                 out.append((parts[0], parts[1]))
         return out
 
@@ -987,11 +998,11 @@ def _read_header(fd: int) -> tuple[bytes, int, bytes | None]:
     """A message file's envelope line (up to MAX_HEADER_BYTES), the size of what follows, and
     all that was read when that is the whole file (else None), with positional reads: one
     for a small message, whose whole file fits in the first."""
-    chunk = os.pread(fd, HEADER_READ_BYTES, 0)
+    chunk = fs.pread(fd, HEADER_READ_BYTES, 0)
     eof = len(chunk) < HEADER_READ_BYTES
     end = chunk.find(b"\n")
     while end < 0 and not eof and len(chunk) < MAX_HEADER_BYTES:
-        more = os.pread(fd, HEADER_READ_BYTES, len(chunk))
+        more = fs.pread(fd, HEADER_READ_BYTES, len(chunk))
         eof = len(more) < HEADER_READ_BYTES
         found = more.find(b"\n")
         end = -1 if found < 0 else len(chunk) + found

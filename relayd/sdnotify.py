@@ -22,7 +22,7 @@ MAX_STATUS_CHARS = 200
 
 def _socket_address() -> str | bytes | None:
     path = os.environ.get(NOTIFY_SOCKET_ENV)
-    if not path:
+    if not path or not hasattr(socket, "SOCK_CLOEXEC"):  # systemd's: POSIX only
         return None
     if path.startswith("@"):
         # Abstract namespace: a leading NUL byte instead of '@'.

@@ -7,9 +7,6 @@ cannot take the message now, so that callers which retry, retry.
 
 from __future__ import annotations
 
-import getpass
-import os
-import pwd
 import re
 import smtplib
 import sys
@@ -20,6 +17,7 @@ from typing import BinaryIO
 
 from relayd.config import Address, ServerConfig, config_path, load_server_config
 from relayd.errors import ConfigError
+from relayd.platform import proc
 
 EX_OK = 0
 EX_USAGE = 64
@@ -222,10 +220,7 @@ def split_message(data: bytes) -> _Message:
 
 
 def _login_name() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return getpass.getuser()
+    return proc.user_name()
 
 
 def _check_address(addr: str, what: str) -> str:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from relayd.journal import Journal
 from relayd.listener import Handler, LoginGuard, RelaySMTP, make_protocol_factory
 from relayd.metrics import Metrics
 from relayd.notify import Notifier
+from relayd.platform import proc
 from relayd.policy import SenderPolicy
 from relayd.qmgr import NullObserver, Observer, QueueManager, UpstreamFactory
 from relayd.queue import Entry, Spool
@@ -44,6 +44,7 @@ KEEP_FRESH_FIRST_S = 60.0  # after start, before the first background token refr
 KEEP_FRESH_INTERVAL_S = 600.0  # between rounds; each token is refreshed at most weekly
 RECOVER_BATCH = 2000  # recovered entries queued per turn of the event loop
 UNREADABLE_LOG_S = 60.0  # reported ids that cannot be read yet: one line a minute
+RELOAD_POLL_S = 0.5  # control/ is looked at this often for `relayd reload` requests
 
 
 @dataclass
@@ -555,11 +556,11 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
             log.warning("%s again: exiting now", signame)
             os._exit(1)
         log.info("%s: draining and stopping", signame)
-        sdnotify.stopping("draining")
+        proc.stopping("draining")
         stop.set()
 
     def on_reload() -> None:
-        sdnotify.reloading()
+        proc.reloading()
         try:
             new = load_config(path)
         except ConfigError as e:
@@ -568,25 +569,40 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
             service.reload(new)
             if pool is not None:
                 pool.reload()
-        sdnotify.ready()
+        proc.ready()
 
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    requests = proc.Requests(loop, on_stop, on_reload)
+    requests.install()
     log.info("relayd started with %s (event loop: %s)", path, relayd_loop.name())
-    sdnotify.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
+    proc.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
     watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
+    reloads = asyncio.create_task(_reload_requests(service.spool, on_reload), name="reloads")
     if ready is not None:
         ready(service)
     try:
         await stop.wait()
     finally:
+        reloads.cancel()
         if pool is not None:
             await pool.stop(SESSION_DRAIN_S + 5)  # their sessions drain; their ids come in
         await service.stop()
         watchdog.cancel()
-        await asyncio.gather(watchdog, return_exceptions=True)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        await asyncio.gather(watchdog, reloads, return_exceptions=True)
+        requests.remove()
     log.info("relayd stopped")
     return 0
+
+
+async def _reload_requests(spool: Spool, on_reload: Callable[[], None]) -> None:
+    """`relayd reload`: its request in control/ reloads as SIGHUP does (the only way on
+    Windows). Several waiting at once are one reload."""
+    while True:
+        await asyncio.sleep(RELOAD_POLL_S)
+        try:
+            taken = await asyncio.to_thread(spool.take_requests, ("reload",))
+        except OSError as e:
+            log.debug("cannot read reload requests: %s", e)
+            continue
+        if taken:
+            log.info("reload requested (relayd reload)")
+            on_reload()

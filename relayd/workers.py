@@ -8,6 +8,8 @@ process accepts first. A worker stores each message durably like any listener, t
 its queue id on its stdout ("A ID", or "L" for a failed login) before answering 250. The main
 process owns the rest: queue manager, queue lock, recovery, control requests, metrics, systemd.
 A worker that dies is started again; a worker whose main process is gone stops.
+POSIX only (relayd.platform.proc.WORKERS): the sockets go to the workers through pass_fds and
+the requests to them as signals; on Windows server.workers is 1.
 
 Why N - 1 listeners and not N: the main process is busy too (about a third of the CPU of each
 message goes to scheduling and delivering it), so N listeners plus it were one busy process
@@ -33,6 +35,7 @@ from collections.abc import Callable, Sequence
 from relayd import loop as relayd_loop
 from relayd.config import load_config
 from relayd.errors import ConfigError
+from relayd.platform.proc import Requests
 from relayd.service import SESSION_DRAIN_S, Listeners, Service
 
 log = logging.getLogger(__name__)
@@ -189,9 +192,7 @@ async def _run_worker(path: str, listeners: Listeners, index: int, parent: int) 
         except ConfigError as e:
             log.error("worker %d: reload refused: %s", index, "; ".join(e.problems))
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    Requests(loop, lambda _why: stop.set(), on_reload).install()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)

@@ -38,9 +38,22 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
     from relayd.loop import loop_factory
 
     factory = loop_factory()
+    if sys.platform == "win32":  # relayd's loop there is asyncio's SelectorEventLoop
+        return {"selector": asyncio.SelectorEventLoop}
     if factory is None or item.get_closest_marker("stdlib_loop") is not None:
         return {"asyncio": asyncio.new_event_loop}
     return {"uvloop": factory}
+
+
+@pytest.fixture(autouse=True)
+def _ntfs_open_files() -> Iterator[None]:
+    """With RELAYD_CHECK_OPEN_FILES=1: no test may rename or remove a file relayd still holds
+    open (NTFS refuses; relayd.platform.fs), on any thread."""
+    from relayd.platform import fs
+
+    seen = len(fs.violations)
+    yield
+    assert fs.violations[seen:] == [], "renamed or removed while open (NTFS refuses)"
 
 
 # -- a recording upstream ----------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from relayd.config import CREDENTIALS_ENV, Config
 from relayd.errors import AuthenticationError
+from relayd.platform import fs
 
 CREDENTIAL_NAME = "token-key"  # systemd LoadCredential= name
 MIN_KEY_BYTES = 16
@@ -66,7 +66,7 @@ def load_key(config: Config, *, create: bool = False) -> Fernet:
             f"no token cache key: set auth.key_file or the systemd credential {CREDENTIAL_NAME!r}")
     if create and config.auth.key_file is not None and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | fs.O_BINARY, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
             f.flush()
@@ -133,10 +133,13 @@ class TokenStore:
         self._ensure_root()
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            fs.lock(fd)
+            try:
+                yield
+            finally:
+                fs.unlock(fd)
         finally:
-            os.close(fd)  # closing releases the lock
+            os.close(fd)
 
     def _ensure_root(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -215,21 +218,17 @@ class TokenStore:
 
 def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | fs.O_BINARY, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             if sync:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fs.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if sync:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fs.sync_dir(path.parent)

@@ -1,0 +1,282 @@
+"""The file system as the spool, the token cache and the config use it, the same on POSIX and
+on Windows: opening and closing spool files, durable replace, directory sync, the exclusive
+lock, positional reads, and whether a secret file is private.
+
+Durability ("250 only after stable storage"), per platform:
+- POSIX: write, fsync the file, rename it into place, fsync the directory. The rename lives in
+  the directory, and only the directory's fsync puts that entry on disk.
+- Windows (NTFS): `os.fsync` is FlushFileBuffers, which writes the file's data and its own
+  metadata through to the disk. The rename is MoveFileExW(MOVEFILE_REPLACE_EXISTING |
+  MOVEFILE_WRITE_THROUGH): NTFS journals a rename as a metadata transaction in its log, and
+  write-through makes the call return only once that is on disk. A rename that returned is
+  then durable, which is what the directory fsync is for on POSIX; Windows has no directory
+  fsync (FlushFileBuffers takes a file or a volume, and a volume flush needs Administrator
+  rights and flushes everything), so `sync_dir` does nothing there. Rejected: plain
+  `os.replace` (MoveFileExW without write-through), which leaves the rename in the cached log.
+  `os.replace`, not `os.rename`: Windows' rename refuses an existing target.
+
+NTFS refuses to rename or delete a file that another handle holds open (Python opens files
+without FILE_SHARE_DELETE), and Wine on ext4 and Linux do not, so neither can catch it. The
+spool therefore closes every file before it renames or removes it, and with
+RELAYD_CHECK_OPEN_FILES=1 in the environment this module keeps count of the files opened
+through it and fails a `replace` or `unlink` of one still open (`OpenFileViolation`, also
+kept in `violations` for the tests to assert on, since it may happen on a thread). On Windows,
+a removal that meets another process's handle (a `relayd queue show --body` reading the
+message) is tried again for up to SHARING_RETRY_S before it fails.
+
+Secret files: on POSIX, readable by nobody but the owner (mode bits; the hint is chmod 600).
+On Windows, the DACL may give read access only to SYSTEM, Administrators and the account
+relayd runs as; the hint is icacls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from relayd.platform import WINDOWS
+
+CHECK_ENV = "RELAYD_CHECK_OPEN_FILES"
+CHECK = os.environ.get(CHECK_ENV, "") == "1"
+SHARING_RETRY_S = 2.0  # Windows: how long a removal waits for another process's handle
+_SHARING_ERRORS = (32, 5)  # ERROR_SHARING_VIOLATION, ERROR_ACCESS_DENIED (delete pending)
+
+PathLike = str | os.PathLike[str]
+O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: os.open is in text mode (\n -> \r\n) without it
+
+
+class OpenFileViolation(RuntimeError):
+    """A rename or removal of a file this process still holds open (NTFS would refuse it)."""
+
+
+violations: list[str] = []
+_open_lock = threading.Lock()
+_open_paths: dict[str, int] = {}  # normalized path -> handles open through this module
+_fd_paths: dict[int, str] = {}
+
+
+def _key(path: PathLike) -> str:
+    return os.path.normcase(os.path.abspath(os.fspath(path)))
+
+
+def _check(op: str, *paths: PathLike) -> None:
+    with _open_lock:
+        held = [os.fspath(p) for p in paths if _open_paths.get(_key(p))]
+    if held:
+        what = f"{op} of {', '.join(held)} while it is open (NTFS refuses this)"
+        violations.append(what)
+        raise OpenFileViolation(what)
+
+
+def open_fd(path: PathLike, flags: int, mode: int = 0o600) -> int:
+    """os.open, counted by the checker when it is on. Close with `close_fd`."""
+    fd = os.open(path, flags | O_BINARY, mode)
+    if CHECK:
+        key = _key(path)
+        with _open_lock:
+            _open_paths[key] = _open_paths.get(key, 0) + 1
+            _fd_paths[fd] = key
+    return fd
+
+
+def close_fd(fd: int) -> None:
+    if CHECK:
+        with _open_lock:
+            key = _fd_paths.pop(fd, None)
+            if key is not None:
+                left = _open_paths.get(key, 1) - 1
+                if left > 0:
+                    _open_paths[key] = left
+                else:
+                    _open_paths.pop(key, None)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def reading(path: PathLike) -> Iterator[IO[bytes]]:
+    """A file open for reading in binary, counted by the checker, closed on exit."""
+    fd = open_fd(path, os.O_RDONLY)
+    f = os.fdopen(fd, "rb", closefd=False)
+    try:
+        yield f
+    finally:
+        f.close()
+        close_fd(fd)
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    """A read at `offset`. Windows has no pread: a seek and a read, fine on a descriptor only
+    its caller uses."""
+    if not WINDOWS:
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
+
+
+if WINDOWS:
+    import ctypes
+
+    _MOVEFILE_REPLACE_EXISTING = 0x1
+    _MOVEFILE_WRITE_THROUGH = 0x8
+
+    def _move(src: str, dst: str) -> None:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        if not kernel32.MoveFileExW(src, dst,
+                                    _MOVEFILE_REPLACE_EXISTING | _MOVEFILE_WRITE_THROUGH):
+            code = ctypes.get_last_error()  # type: ignore[attr-defined]
+            raise ctypes.WinError(code)  # type: ignore[attr-defined]
+else:
+    def _move(src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+
+def replace(src: PathLike, dst: PathLike) -> None:
+    """Rename `src` to `dst`, replacing a file there (atomic on both; see the docstring for
+    what makes it durable)."""
+    if CHECK:
+        _check("rename", src, dst)
+    _move(os.fspath(src), os.fspath(dst))
+
+
+def unlink(path: PathLike) -> None:
+    """Remove a file (FileNotFoundError if it is gone). On Windows another process's open
+    handle is waited for, up to SHARING_RETRY_S."""
+    if CHECK:
+        _check("removal", path)
+    if not WINDOWS:
+        os.unlink(path)
+        return
+    deadline = time.monotonic() + SHARING_RETRY_S
+    while True:
+        try:
+            os.unlink(path)
+            return
+        except PermissionError as e:
+            if getattr(e, "winerror", None) not in _SHARING_ERRORS or \
+                    time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def sync_dir(path: PathLike) -> None:
+    """Make the renames into a directory durable: fsync the directory on POSIX; nothing on
+    Windows, where the rename itself was written through (module docstring)."""
+    if WINDOWS:
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- the exclusive lock (queue's daemon lock, token cache writers) ----------------------------
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive lock on an open file without waiting; False if another holds it.
+    POSIX: flock. Windows: a lock on the file's first byte (msvcrt.locking, LockFile)."""
+    if WINDOWS:
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EDEADLK):
+                return False
+            raise
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock(fd: int, poll_s: float = 0.02) -> None:
+    """Take the exclusive lock, waiting as long as it takes."""
+    if not WINDOWS:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    while not try_lock(fd):
+        time.sleep(poll_s)
+
+
+def unlock(fd: int) -> None:
+    """Release the lock before the file is closed (POSIX releases it on close anyway)."""
+    if WINDOWS:
+        import msvcrt
+
+        os.lseek(fd, 0, os.SEEK_SET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+
+
+# -- secret files ------------------------------------------------------------------------------
+
+
+def secret_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why `path` is not private enough to hold a secret, as one line ending in the command
+    that fixes it; None when it is private."""
+    if WINDOWS:
+        return _dacl_problem(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by group or others; chmod 600 it"
+    return None
+
+
+_READ_BITS = 0x1 | 0x80000000 | 0x10000000  # FILE_READ_DATA, GENERIC_READ, GENERIC_ALL
+_TRUSTED_SIDS = ("S-1-5-18", "S-1-5-32-544")  # SYSTEM, Administrators
+_ACCESS_ALLOWED = (0, 5)  # ACCESS_ALLOWED_ACE_TYPE, ACCESS_ALLOWED_OBJECT_ACE_TYPE
+
+
+def _dacl_problem(path: Path) -> str | None:
+    """Windows: the accounts other than SYSTEM, Administrators and relayd's own that the file's
+    DACL lets read it."""
+    import win32api
+    import win32security
+
+    fix = (f'icacls "{path}" /inheritance:r /grant:r SYSTEM:F Administrators:F '
+           f'"{win32api.GetUserName()}":R')
+    sd = win32security.GetFileSecurity(str(path), win32security.DACL_SECURITY_INFORMATION)
+    dacl = sd.GetSecurityDescriptorDacl()
+    if dacl is None:
+        return f"{path} has no access list, so everyone can read it; {fix}"
+    token = win32security.OpenProcessToken(win32api.GetCurrentProcess(),
+                                           win32security.TOKEN_QUERY)
+    me = win32security.GetTokenInformation(token, win32security.TokenUser)[0]
+    trusted = {win32security.ConvertSidToStringSid(me), *_TRUSTED_SIDS}
+    readers: list[str] = []
+    for i in range(dacl.GetAceCount()):
+        ace: Any = dacl.GetAce(i)
+        (ace_type, _flags), mask, sid = ace[0], ace[1], ace[-1]
+        if ace_type not in _ACCESS_ALLOWED or not mask & _READ_BITS:
+            continue
+        if win32security.ConvertSidToStringSid(sid) in trusted:
+            continue
+        readers.append(_account(sid))
+    if readers:
+        return f"{path} is readable by {', '.join(sorted(set(readers)))}; {fix}"
+    return None
+
+
+def _account(sid: Any) -> str:
+    import win32security
+
+    try:
+        name, domain, _ = win32security.LookupAccountSid(None, sid)
+    except Exception:  # an orphaned SID: show it as it is
+        return str(win32security.ConvertSidToStringSid(sid))
+    return f"{domain}\\{name}" if domain else str(name)
