@@ -45,6 +45,63 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> Any:
     return {"uvloop": factory}
 
 
+if sys.platform == "win32":
+    class _SlashPath(type(Path())):  # type: ignore[misc]
+        """A Windows path whose text has forward slashes: the tests put paths into TOML basic
+        strings, where a backslash starts an escape ("Invalid hex value"); Windows takes
+        either slash. (relayd's own handling of backslashes: TOML literal strings,
+        tests/test_platform.py.)"""
+
+        def __str__(self) -> str:
+            return super().__str__().replace("\\", "/")
+
+        def chmod(self, mode: int, *, follow_symlinks: bool = True) -> None:
+            """The tests' chmod 600 / 644 of secret files, as access lists (os.chmod on
+            Windows only sets the read-only flag)."""
+            from relayd.platform import fs
+
+            if self.is_file() and mode & 0o077 == 0:
+                if _UNDER_WINE:
+                    _wine_private(self)
+                else:
+                    fs.make_private(self)
+            elif self.is_file() and mode & 0o044:
+                fs.make_world_readable(self)
+            else:
+                super().chmod(mode, follow_symlinks=follow_symlinks)
+
+    def _under_wine() -> bool:
+        import ctypes
+
+        return hasattr(ctypes.WinDLL("ntdll"), "wine_get_version")
+
+    _UNDER_WINE = _under_wine()
+
+    def _wine_private(path: Path) -> None:
+        """fs.make_private's access list with a last entry denying Everyone: Wine keeps a
+        file's access list as its Unix mode, and leaves the others' bits as they were unless
+        an entry names Everyone."""
+        import ntsecuritycon
+        import win32api
+        import win32security
+
+        token = win32security.OpenProcessToken(win32api.GetCurrentProcess(),
+                                               win32security.TOKEN_QUERY)
+        me = win32security.GetTokenInformation(token, win32security.TokenUser)[0]
+        dacl = win32security.ACL()
+        dacl.AddAccessAllowedAce(win32security.ACL_REVISION, ntsecuritycon.FILE_ALL_ACCESS, me)
+        dacl.AddAccessDeniedAce(win32security.ACL_REVISION, ntsecuritycon.FILE_GENERIC_READ,
+                                win32security.ConvertStringSidToSid("S-1-1-0"))
+        win32security.SetNamedSecurityInfo(
+            str(path), win32security.SE_FILE_OBJECT,
+            win32security.DACL_SECURITY_INFORMATION
+            | win32security.PROTECTED_DACL_SECURITY_INFORMATION, None, None, dacl, None)
+
+    @pytest.fixture
+    def tmp_path(tmp_path: Path) -> Path:
+        return _SlashPath(tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def _ntfs_open_files() -> Iterator[None]:
     """With RELAYD_CHECK_OPEN_FILES=1: no test may rename or remove a file relayd still holds

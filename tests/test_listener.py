@@ -8,6 +8,7 @@ import smtplib
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def data_segments_in(sock: socket.socket) -> int:
     return int(struct.unpack_from("I", info, 152)[0])
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="reads Linux's TCP_INFO")
 async def test_the_ehlo_reply_comes_in_one_segment(cfg: Path) -> None:
     """aiosmtpd writes each EHLO line on its own: a segment and a client wake-up a line."""
     async with run_service(cfg) as svc:

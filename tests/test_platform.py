@@ -112,11 +112,16 @@ def test_config_and_secret_with_a_utf8_bom_and_windows_path_forms(tmp_path: Path
     cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
     password = load_config(cfg).routes["staff"].password
     assert password is not None and password.reveal() == "s3cret"
-    # A literal string keeps backslashes as they are (the Windows form; here a file name).
+    # A literal string keeps backslashes as they are: on Windows the separator, elsewhere
+    # part of a file name.
     odd = tmp_path / "a\\b"
+    if sys.platform == "win32":
+        odd = tmp_path / "b"
     odd.write_text("x")
     odd.chmod(0o600)
-    text = cfg.read_text(encoding="utf-8-sig").replace(f"'{secret}'", f"'{odd}'")
+    backslashed = os.path.normpath(odd) if sys.platform == "win32" else str(odd)
+    assert "\\" in backslashed
+    text = cfg.read_text(encoding="utf-8-sig").replace(f"'{secret}'", f"'{backslashed}'")
     cfg.write_text(text)
     password = load_config(cfg).routes["staff"].password
     assert password is not None and password.reveal() == "x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ def test_accept_recover_and_state_round_trip(tmp_path: Path) -> None:
     assert again.id == entry.id and again.pending() == ["z@y.com"]
     assert again.attempts == 2 and again.mail_options == ["BODY=8BITMIME"]
     assert spool.read_data(again) == b"Subject: s\r\n\r\nhi\r\n"
-    assert os.stat(spool.msg_dir / entry.id).st_mode & 0o077 == 0
+    if sys.platform != "win32":  # Windows: the folder's access list, not mode bits
+        assert os.stat(spool.msg_dir / entry.id).st_mode & 0o077 == 0
 
 
 def test_corrupt_entries_are_moved_aside_not_fatal(tmp_path: Path) -> None:
@@ -269,7 +271,8 @@ async def test_spent_message_files_are_reused_not_recreated(
     async with run_service(cfg) as svc:
         port = service_port(svc)
         first = await _deliver_into_spares(port, upstream, queue, sent[:10])
-        assert all(st.st_mode & 0o777 == 0o600 for st in first.values())
+        assert sys.platform == "win32" or all(st.st_mode & 0o777 == 0o600
+                                              for st in first.values())
         # The same files, emptied in place.
         await wait_for(lambda: _emptied(queue) and set(_spares(queue)) == set(first),
                        timeout=5, what="the spares emptied")
@@ -407,6 +410,7 @@ async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
                       if not p.name.startswith("spare.")) == []
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="listener workers are POSIX only")
 async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
                                                             upstream: Upstream) -> None:
     """workers = 3: the main process delivers and keeps the spent files; the two listener

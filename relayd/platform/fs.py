@@ -32,7 +32,6 @@ relayd runs as; the hint is icacls.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import threading
@@ -180,19 +179,28 @@ def sync_dir(path: PathLike) -> None:
 # -- the exclusive lock (queue's daemon lock, token cache writers) ----------------------------
 
 
+_ERROR_LOCK_VIOLATION = 33
+_ERROR_IO_PENDING = 997
+
+
 def try_lock(fd: int) -> bool:
     """Take the exclusive lock on an open file without waiting; False if another holds it.
-    POSIX: flock. Windows: a lock on the file's first byte (msvcrt.locking, LockFile)."""
+    POSIX: flock. Windows: LockFileEx on the file's first byte (held until unlock or close;
+    msvcrt.locking was rejected: under Wine its failure carries no errno to tell "held"
+    from a real error)."""
     if WINDOWS:
-        import msvcrt
+        import pywintypes
+        import win32con
+        import win32file
 
-        os.lseek(fd, 0, os.SEEK_SET)
         try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EDEADLK):
+            win32file.LockFileEx(_handle(fd), win32con.LOCKFILE_EXCLUSIVE_LOCK
+                                 | win32con.LOCKFILE_FAIL_IMMEDIATELY, 1, 0,
+                                 pywintypes.OVERLAPPED())
+        except pywintypes.error as e:
+            if e.winerror in (_ERROR_LOCK_VIOLATION, _ERROR_IO_PENDING):
                 return False
-            raise
+            raise OSError(e.winerror, e.strerror) from None
         return True
     import fcntl
 
@@ -217,11 +225,17 @@ def lock(fd: int, poll_s: float = 0.02) -> None:
 def unlock(fd: int) -> None:
     """Release the lock before the file is closed (POSIX releases it on close anyway)."""
     if WINDOWS:
-        import msvcrt
+        import pywintypes
+        import win32file
 
-        os.lseek(fd, 0, os.SEEK_SET)
-        with contextlib.suppress(OSError):
-            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        with contextlib.suppress(pywintypes.error):
+            win32file.UnlockFileEx(_handle(fd), 1, 0, pywintypes.OVERLAPPED())
+
+
+def _handle(fd: int) -> int:
+    import msvcrt
+
+    return int(msvcrt.get_osfhandle(fd))  # type: ignore[attr-defined]
 
 
 # -- secret files ------------------------------------------------------------------------------
@@ -235,6 +249,44 @@ def secret_problem(path: Path, st: os.stat_result) -> str | None:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         return f"{path} is readable by group or others; chmod 600 it"
     return None
+
+
+def make_private(path: PathLike) -> None:
+    """Make a file readable by its owner only: POSIX mode 0600; Windows a protected DACL
+    (no inherited entries) giving SYSTEM, Administrators and this process's account full
+    control, what `icacls` with /inheritance:r would set."""
+    if not WINDOWS:
+        os.chmod(path, 0o600)
+        return
+    _set_dacl(path, everyone_reads=False)
+
+
+def _set_dacl(path: PathLike, *, everyone_reads: bool) -> None:
+    import ntsecuritycon
+    import win32api
+    import win32security
+
+    token = win32security.OpenProcessToken(win32api.GetCurrentProcess(),
+                                           win32security.TOKEN_QUERY)
+    me = win32security.GetTokenInformation(token, win32security.TokenUser)[0]
+    dacl = win32security.ACL()
+    for sid in (me, *(win32security.ConvertStringSidToSid(s) for s in _TRUSTED_SIDS)):
+        dacl.AddAccessAllowedAce(win32security.ACL_REVISION, ntsecuritycon.FILE_ALL_ACCESS, sid)
+    if everyone_reads:
+        dacl.AddAccessAllowedAce(win32security.ACL_REVISION, ntsecuritycon.FILE_GENERIC_READ,
+                                 win32security.ConvertStringSidToSid("S-1-1-0"))
+    win32security.SetNamedSecurityInfo(
+        os.fspath(path), win32security.SE_FILE_OBJECT,
+        win32security.DACL_SECURITY_INFORMATION
+        | win32security.PROTECTED_DACL_SECURITY_INFORMATION, None, None, dacl, None)
+
+
+def make_world_readable(path: PathLike) -> None:
+    """The opposite, for tests of the refusal: POSIX 0644; Windows Everyone may read."""
+    if not WINDOWS:
+        os.chmod(path, 0o644)
+        return
+    _set_dacl(path, everyone_reads=True)
 
 
 _READ_BITS = 0x1 | 0x80000000 | 0x10000000  # FILE_READ_DATA, GENERIC_READ, GENERIC_ALL
