@@ -573,7 +573,8 @@ async def serve(path: str, *, ready: Callable[[Service], None] | None = None,
 
     requests = proc.Requests(loop, on_stop, on_reload)
     requests.install()
-    log.info("relayd started with %s (event loop: %s)", path, relayd_loop.name())
+    log.info("relayd started with %s (event loop: %s), pid %d", path, relayd_loop.name(),
+             os.getpid())
     proc.ready("listening on " + ", ".join(str(Address(h, p)) for h, p in service.addresses))
     watchdog = asyncio.create_task(sdnotify.watchdog_loop(), name="watchdog")
     reloads = asyncio.create_task(_reload_requests(service.spool, on_reload), name="reloads")

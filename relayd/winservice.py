@@ -65,6 +65,7 @@ def install(config: str, name: str, start: str) -> int:
             _configure(handle, start)
         finally:
             win32service.CloseServiceHandle(handle)
+        _event_source(name, add=True)
     finally:
         win32service.CloseServiceHandle(scm)
     print(f"service {name} installed ({start} start, account NT SERVICE\\{name}); it runs "
@@ -94,6 +95,21 @@ def _configure(handle: Any, start: str) -> None:
             print(f"warning: service setting {level} not applied: {_why(e)}", file=sys.stderr)
 
 
+def _event_source(name: str, *, add: bool) -> None:
+    """The Event Log source NAME, with servicemanager's message texts (without them the Event
+    Viewer shows "the description cannot be found")."""
+    import servicemanager
+    import win32evtlogutil
+
+    try:
+        if add:
+            win32evtlogutil.AddSourceToRegistry(name, servicemanager.__file__)
+        else:
+            win32evtlogutil.RemoveSourceFromRegistry(name)
+    except Exception as e:
+        print(f"warning: Event Log source {name}: {_why(e)}", file=sys.stderr)
+
+
 def uninstall(name: str) -> int:
     import win32service
     import win32serviceutil
@@ -108,6 +124,7 @@ def uninstall(name: str) -> int:
     except Exception as e:
         print(f"relayd service uninstall: {_why(e)}", file=sys.stderr)
         return 1
+    _event_source(name, add=False)
     print(f"service {name} removed (config, queue and tokens are kept)")
     return 0
 
@@ -128,7 +145,7 @@ def service_main(argv: Sequence[str]) -> int:
     ap.add_argument("-c", "--config", required=True)
     args = ap.parse_args(list(argv))
     cls = _service_class(args.name, args.config)
-    servicemanager.Initialize(args.name, None)
+    servicemanager.Initialize(args.name, servicemanager.__file__)
     servicemanager.PrepareToHostSingle(cls)
     servicemanager.StartServiceCtrlDispatcher()
     return 0

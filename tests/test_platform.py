@@ -100,6 +100,50 @@ def test_secret_readable_by_others_names_the_fix(tmp_path: Path) -> None:
     assert fs.secret_problem(secret, secret.stat()) is None
 
 
+def test_a_secret_readable_by_everyone_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    """chmod 644 (on Windows: an access list that lets Everyone read, which is what Wine makes
+    of mode 644): `relayd check` refuses it in one line naming the command that fixes it,
+    icacls on Windows, chmod 600 elsewhere."""
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret")
+    secret.chmod(0o644)
+    route = smtp_route("staff", '["*@business.com"]', 25,
+                       f'username = "u@business.com"\npassword_file = "{secret}"')
+    cfg = write_config(tmp_path, route)
+    done = relayd_cli("check", "-c", str(cfg))
+    assert done.returncode == 2
+    [line] = done.stdout.splitlines() + done.stderr.splitlines()
+    assert line.startswith("routes.staff.password_file: ")
+    if sys.platform == "win32":
+        assert "readable by Everyone" in line and 'icacls "' in line
+    else:
+        assert line.endswith("chmod 600 it")
+    assert "s3cret" not in line
+    secret.chmod(0o600)
+    assert relayd_cli("check", "-c", str(cfg)).returncode == 0
+
+
+@pytest.mark.skipif(not fs.DPAPI, reason="DPAPI is Windows'")
+def test_the_dpapi_protected_key_round_trips_a_token_cache(tmp_path: Path) -> None:
+    """No auth.key_file on Windows: `auth login`'s store makes a key protected by DPAPI
+    (machine scope) in auth.path; a second store (the daemon) reads the cache back with it;
+    the key file holds no key material in the clear."""
+    from relayd.auth.tokencache import DPAPI_KEY_NAME, TokenStore
+
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 25),
+                       extra=f'[auth]\npath = "{tmp_path / "tokens"}"\n')
+    config = load_config(cfg)
+    writer = TokenStore(config)
+    writer.fernet(create=True)
+    with writer.locked():
+        writer.save("staff", "a@business.com", '{"AccessToken": {}}')
+    key = tmp_path / "tokens" / DPAPI_KEY_NAME
+    blob = key.read_bytes()
+    assert len(blob) > 64 and fs.unprotect(blob).strip() not in blob
+    stored = TokenStore(load_config(cfg)).load("staff", "a@business.com")
+    assert stored is not None and stored.cache == '{"AccessToken": {}}'
+
+
 def test_config_and_secret_with_a_utf8_bom_and_windows_path_forms(tmp_path: Path) -> None:
     """Notepad's byte order mark in the config and in a secret file is accepted; a path as a
     TOML literal string with backslashes, or with forward slashes, reads the same file."""

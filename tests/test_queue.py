@@ -283,7 +283,9 @@ async def test_spent_message_files_are_reused_not_recreated(
         await wait_for(lambda: len(_spares(queue)) == 10, what="the five back as spares")
         assert set(_spares(queue)) == set(first)
     assert sorted(m.data for m in upstream.messages[:10]) == sorted(sent[:10])
-    assert [m.data for m in upstream.messages[10:]] == sent[10:]
+    # Each stored after the one before was acknowledged, but delivered concurrently: the
+    # order of arrival is not the point (under Wine n3 once overtook n2), the bytes are.
+    assert sorted(m.data for m in upstream.messages[10:]) == sorted(sent[10:])
 
 
 async def test_a_spare_reused_before_it_is_emptied_keeps_nothing_of_its_last_message(

@@ -28,6 +28,7 @@ MIN_KEY_BYTES = 16
 TOKEN_SUFFIX = ".token"
 STATE_SUFFIX = ".state"
 LOCK_NAME = ".lock"
+DPAPI_KEY_NAME = "token-key.dpapi"  # Windows, no key_file: the key, DPAPI-protected, in auth.path
 _SAFE_RE = re.compile(r"^[A-Za-z0-9@._+-]{1,200}$")
 
 
@@ -40,12 +41,15 @@ def _safe(part: str) -> str:
 
 
 def key_path(config: Config) -> Path | None:
-    """Where the cache key lives: auth.key_file, else the systemd credential, else nowhere."""
+    """Where the cache key lives: auth.key_file, else the systemd credential, else (Windows)
+    auth.path/token-key.dpapi, protected by DPAPI in machine scope, else nowhere."""
     if config.auth.key_file is not None:
         return config.auth.key_file
     cred_dir = os.environ.get(CREDENTIALS_ENV)
     if cred_dir:
         return Path(cred_dir) / CREDENTIAL_NAME
+    if fs.DPAPI:
+        return config.auth.path / DPAPI_KEY_NAME
     return None
 
 
@@ -64,15 +68,22 @@ def load_key(config: Config, *, create: bool = False) -> Fernet:
     if path is None:
         raise AuthenticationError(
             f"no token cache key: set auth.key_file or the systemd credential {CREDENTIAL_NAME!r}")
-    if create and config.auth.key_file is not None and not path.exists():
+    dpapi = config.auth.key_file is None and path.name == DPAPI_KEY_NAME
+    if create and (config.auth.key_file is not None or dpapi) and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        material = secrets.token_urlsafe(32).encode() + b"\n"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | fs.O_BINARY, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(fs.protect(material) if dpapi else material)
             f.flush()
             os.fsync(f.fileno())
+        fs.make_private(path)  # Windows: mode bits mean nothing there; the access list does
     try:
-        secret = path.read_bytes().strip()
+        secret = path.read_bytes()
+        if dpapi:
+            secret = fs.unprotect(secret)
+        # utf-8-sig's mark: a key file written with Notepad or PowerShell 5.
+        secret = secret.removeprefix(b"\xef\xbb\xbf").strip()
     except OSError as e:
         raise AuthenticationError(f"cannot read token cache key {path}: {e.strerror}") from None
     if len(secret) < MIN_KEY_BYTES:

@@ -251,6 +251,34 @@ def secret_problem(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
+DPAPI = WINDOWS  # the token cache's key may be protected by the system (protect/unprotect)
+
+
+def protect(data: bytes) -> bytes:
+    """Windows: DPAPI in machine scope (CryptProtectData with CRYPTPROTECT_LOCAL_MACHINE), so
+    that the service account and an Administrator running `relayd auth login` on the same
+    machine can both read it, and no other machine can; the file's access list keeps other
+    local accounts out."""
+    import win32crypt
+
+    return bytes(win32crypt.CryptProtectData(data, "relayd token cache key", None, None,
+                                             None, _CRYPTPROTECT_LOCAL_MACHINE))
+
+
+def unprotect(blob: bytes) -> bytes:
+    """protect's inverse; OSError when this machine cannot open it (copied from another)."""
+    import pywintypes
+    import win32crypt
+
+    try:
+        return bytes(win32crypt.CryptUnprotectData(blob, None, None, None, 0)[1])
+    except pywintypes.error as e:
+        raise OSError(e.winerror, f"DPAPI cannot open it: {e.strerror}") from None
+
+
+_CRYPTPROTECT_LOCAL_MACHINE = 0x4
+
+
 def make_private(path: PathLike) -> None:
     """Make a file readable by its owner only: POSIX mode 0600; Windows a protected DACL
     (no inherited entries) giving SYSTEM, Administrators and this process's account full
