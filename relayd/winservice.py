@@ -214,8 +214,12 @@ def run_service(config: str, svc: Any) -> int:
     handler.setFormatter(root.handlers[0].formatter)
     root.handlers[:] = [handler, _EventLogHandler()]
 
+    started = False
+
     def status(state: str, text: str) -> None:
-        if state == "ready":
+        nonlocal started
+        if state == "ready" and not started:  # later ones follow a reload
+            started = True
             svc.ReportServiceStatus(win32service.SERVICE_RUNNING)
             servicemanager.LogInfoMsg(f"relayd started: {text}" if text else "relayd started")
 

@@ -292,6 +292,14 @@ def service(box: Box, keepalive: str) -> None:
                      "relayd stopped"):
             assert line in text, f"{line!r} not in the service log:\n{text[-3000:]}"
         step(f"service log {log.name} has start, reload, drain and stop lines")
+        # Wine keeps no Event Log: ReportEventW writes its trace channel, which run.sh sends
+        # from the prefix's services (WINEDEBUG=+eventlog) to this file.
+        trace = os.environ.get("RELAYD_EVENTLOG_TRACE")
+        if trace:
+            events = Path(trace).read_text(errors="replace")
+            for line in ("relayd started: listening on 127.0.0.1:", f"{name}: stopped (exit 0)"):
+                assert line in events, f"{line!r} not in the Event Log trace:\n{events[-2000:]}"
+            step("Event Log: the start and stop lines (Wine's eventlog trace)")
 
 
 def service_logs(drive_c: Path) -> list[Path]:

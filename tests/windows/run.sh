@@ -107,7 +107,16 @@ timeout 180 "$LINUX_PY" "$HERE/e2e.py" foreground "$PY/python.exe" "$WINEPREFIX/
 lap "end to end, foreground"
 timeout 180 "$LINUX_PY" "$HERE/e2e.py" kill "$PY/python.exe" "$WINEPREFIX/drive_c/relayd-kill"
 lap "taskkill /F under load"
-wine_keepalive 300  # services die with the prefix's last ordinary process
+# Services die with the prefix's last ordinary process: a sleeping python.exe holds it. It
+# starts the prefix's services.exe afresh, with Wine's Event Log trace on for the services.
+wine_stop
+export RELAYD_EVENTLOG_TRACE=$WORK/eventlog.trace
+rm -f "$RELAYD_EVENTLOG_TRACE"
+WINEDEBUG=-all,+eventlog wine_bg "$WORK/keepalive.pid" "$RELAYD_EVENTLOG_TRACE" \
+    "$PY/python.exe" -c "import time; time.sleep(300)"
+for _ in $(seq 50); do [ -s "$WORK/keepalive.pid" ] && break; sleep 0.1; done
+WINE_KEEPALIVE_PID=$(cat "$WORK/keepalive.pid")
+sleep 2
 timeout 180 "$LINUX_PY" "$HERE/e2e.py" service "$PY/python.exe" "$WINEPREFIX/drive_c/relayd-svc"
 lap "the service"
 
