@@ -153,7 +153,8 @@ def _remove_from_path(target: Path) -> None:
         winreg.SetValueEx(key, "Path", 0, kind, ";".join(keep))
 
 
-def uninstall() -> int:
+def uninstall(*, keep_files: bool = False) -> int:
+    """`keep_files`: the MSI's uninstall, which removes the program's files itself."""
     target = program_dir()
     if _service_state() is not None:
         from relayd.winservice import uninstall as remove_service
@@ -162,7 +163,9 @@ def uninstall() -> int:
             return 1
     _remove_from_path(target)
     here = Path(sys.executable).resolve().parent.parent
-    if here == target.resolve():
+    if keep_files:
+        pass
+    elif here == target.resolve():
         print(f"remove {target} by hand (this installer runs from it)")
     else:
         shutil.rmtree(target, ignore_errors=True)
@@ -176,11 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     i = sub.add_parser("install")
     i.add_argument("--from", dest="source", required=True, help="the unpacked zip's folder")
     i.add_argument("--no-start", action="store_true")
-    sub.add_parser("uninstall")
+    u = sub.add_parser("uninstall")
+    u.add_argument("--keep-files", action="store_true", help="the MSI removes them")
     args = ap.parse_args(argv)
     if args.cmd == "install":
         return install(Path(args.source), start=not args.no_start)
-    return uninstall()
+    return uninstall(keep_files=args.keep_files)
 
 
 if __name__ == "__main__":

@@ -116,10 +116,17 @@ def uninstall(name: str) -> int:
 
     try:
         status = win32serviceutil.QueryServiceStatus(name)[1]
-        if status != win32service.SERVICE_STOPPED:
+    except Exception as e:
+        print(f"relayd service uninstall: {_why(e)}", file=sys.stderr)
+        return 1
+    if status != win32service.SERVICE_STOPPED:
+        try:  # it drains; one still starting cannot be told to stop, and is removed anyway
             win32serviceutil.StopService(name)
             win32serviceutil.WaitForServiceStatus(name, win32service.SERVICE_STOPPED,
                                                   STOP_WAIT_HINT_MS // 1000)
+        except Exception as e:
+            print(f"warning: service {name} not stopped: {_why(e)}", file=sys.stderr)
+    try:
         win32serviceutil.RemoveService(name)
     except Exception as e:
         print(f"relayd service uninstall: {_why(e)}", file=sys.stderr)
@@ -185,6 +192,8 @@ def _service_class(name: str, config: str) -> type:
             self.ReportServiceStatus(win32service.SERVICE_START_PENDING,
                                      waitHint=START_WAIT_HINT_MS)
             self.SvcDoRun()
+            # As pywin32's own: the host reports STOPPED once this returns.
+            self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
 
         def SvcDoRun(self) -> None:  # noqa: N802
             code = run_service(config, self)

@@ -11,6 +11,7 @@
 #      under load, then a restart: 0 acknowledged messages lost
 #   5. the zip (windows/build-zip.sh) from this checkout, unpacked into a fresh prefix and
 #      installed by install.ps1's steps (tests/windows/zip_install.py); relayd check and serve
+#   6. the MSI (windows/build-msi.sh, wixl) under msiexec in a fresh prefix (msi_install.py)
 # When Wine is missing and cannot be installed (no root, apt fails), it says so and exits 0:
 # only then. Any other failure exits 1.
 #   RELAYD_WINE_WORK=DIR  keep the prefix there (reused by the next run: only what is missing
@@ -127,4 +128,14 @@ lap "the zip built"
 rm -rf "$WORK/zip-prefix"
 timeout 300 "$LINUX_PY" "$HERE/zip_install.py" "$WORK"/dist/relayd-*-win-amd64.zip "$WORK/zip-prefix"
 lap "the zip installed and run in a fresh prefix"
+
+# 6. The MSI of the same files (Debian's wixl), under Wine's msiexec.
+if command -v wixl >/dev/null 2>&1; then
+    timeout 120 bash "$ROOT/windows/build-msi.sh" "$WORK"/dist/relayd-*-win-amd64.zip "$WORK/dist" | tail -n 1
+    rm -rf "$WORK/msi-prefix"
+    timeout 300 "$LINUX_PY" "$HERE/msi_install.py" "$WORK"/dist/relayd-*-x64.msi "$WORK/msi-prefix"
+    lap "the MSI installed and removed by msiexec"
+else
+    echo "[windows] wixl is not installed: the MSI was not built or tested"
+fi
 lap "all Windows tests passed"
