@@ -192,6 +192,7 @@ async def test_expiry_is_recorded_with_the_last_reply(tmp_path: Path, upstream: 
     assert upstream.messages[0].mail_from == ""  # the bounce
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="listener workers are POSIX only")
 async def test_the_journal_is_in_time_order_with_listener_workers(
         tmp_path: Path, upstream: Upstream) -> None:
     """1. `relayd serve` in the default layout of a two-CPU machine (workers = 2: a listener
