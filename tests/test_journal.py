@@ -240,3 +240,41 @@ async def test_the_journal_is_in_time_order_with_listener_workers(
     out = await arelayd_cli("log", "--since", "1h", "--json", "-c", str(cfg))
     times = [json.loads(line)["time"] for line in out.stdout.splitlines()]
     assert len(times) == len(got) and times == sorted(times)
+
+
+def test_read_back_pages_newest_first_across_day_files(tmp_path: Path) -> None:
+    """The web console's journal pages: newest first, `limit` at a time, each page going on
+    from the cursor the last one gave, through three day files; `since` stops at its day."""
+    import calendar
+
+    from relayd.journal import Query, read_back
+
+    days = {"2026-11-01": 3, "2026-11-02": 0, "2026-11-03": 4}
+    for day, count in days.items():
+        start = calendar.timegm(time.strptime(day + " 12", "%Y-%m-%d %H"))
+        lines = [json.dumps({"time": start + i, "event": "delivered", "id": f"{day}-{i}",
+                             "to": ["dave@example.com" if i % 2 == 0 else "x@example.com"]})
+                 for i in range(count)]
+        (tmp_path / f"{day}.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+    (tmp_path / "notes.txt").write_text("not a day file\n")
+
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        events, cursor = read_back(tmp_path, Query(), cursor, 3)
+        seen += [e["id"] for e in events]
+        pages += 1
+        if cursor is None:
+            break
+    assert seen == ["2026-11-03-3", "2026-11-03-2", "2026-11-03-1", "2026-11-03-0",
+                    "2026-11-01-2", "2026-11-01-1", "2026-11-01-0"]
+    assert pages == 3
+    events, cursor = read_back(tmp_path, Query(recipient="dave@example.com"), None, 10)
+    assert [e["id"] for e in events] == ["2026-11-03-2", "2026-11-03-0", "2026-11-01-2",
+                                         "2026-11-01-0"] and cursor is None
+    since = calendar.timegm(time.strptime("2026-11-02", "%Y-%m-%d"))
+    events, _ = read_back(tmp_path, Query(since=since), None, 10)
+    assert [e["id"][:10] for e in events] == ["2026-11-03"] * 4
+    assert read_back(tmp_path, Query(), "garbage", 2)[0][0]["id"] == "2026-11-03-3"
+    assert read_back(tmp_path / "missing", Query(), None, 5) == ([], None)
