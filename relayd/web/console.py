@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd import journal
 from relayd.config import Config
-from relayd.escape import json_line
+from relayd.escape import json_line, visible
 from relayd.qmgr.view import Filter
 from relayd.web import console_pages as pages
 
@@ -113,7 +113,7 @@ class Console:
         self.loop = loop
         self.qmgr = qmgr
         self.snapshot = snapshot  # relayd.web.pages.Snapshot, taken on the loop
-        self.admin = admin  # the status page's login check (an admin of [web] admins)
+        self.admin = admin  # the status page's login check, given the names allowed
         self.journal_healthy = journal_healthy
         self._csrf_key = secrets.token_bytes(32)
 
@@ -165,8 +165,8 @@ class Console:
         name, may_act = who
         if req.method == "POST":
             if not hmac.compare_digest(req.form.get("csrf", ""), self.csrf(name)):
-                log.warning("web console: %s %s refused: no or a wrong CSRF token (%s)",
-                            req.method, path, name)
+                log.warning("web console: POST %s refused: no or a wrong CSRF token (%s)",
+                            visible(path, 200), name)
                 return self._error(403, "Refused", "This form is stale or was not sent by "
                                    "this console; nothing was changed.", as_json)
             if not may_act:
