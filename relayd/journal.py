@@ -5,7 +5,8 @@ Rules:
 - Files by day (UTC), `YYYY-MM-DD.jsonl` under `journal.path`, mode 0640. Each line is one event:
   `accepted`, `delivered`, `deferred`, `failed`, `bounced`, `expired`, `deleted`,
   `found-in-sent-items`, `retry` (asked in the web console; it and `deleted` from there name the
-  `admin`), with the time, queue id, Message-ID, envelope sender, the recipients it
+  `admin`; a retry of all of a route's messages is one event, queue id `*`, with `count`),
+  with the time, queue id, Message-ID, envelope sender, the recipients it
   concerns, the route, and the upstream's answer where there is one.
 - Written off the event loop, by one thread, in batches (every `FLUSH_S` or `BATCH_EVENTS`), with
   no fsync: a crash may lose the last second of records, never mail, and never corrupts an
@@ -313,7 +314,8 @@ def format_event(e: Mapping[str, Any]) -> str:
                        ("bounce_for", "bounce_for"), ("status", "status"),
                        ("latency_s", "latency"), ("next_try", "next_try"),
                        ("reply", "reply"), ("doubt", "doubt"),
-                       ("may_duplicate", "may_duplicate"), ("admin", "admin")):
+                       ("may_duplicate", "may_duplicate"), ("admin", "admin"),
+                       ("count", "count")):
         value = e.get(key)
         if value in (None, "", []):
             continue

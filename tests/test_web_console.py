@@ -92,14 +92,18 @@ async def open_page(driver: Any, url: str) -> str:
 async def click(driver: Any, how: str, what: str = "") -> str:
     """Click the element with id `how` (or found by `how`, `what`), which leads to another
     page; that page's text."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     def go() -> str:
         old = driver.find_element("tag name", "html")
         driver.find_element(*((how, what) if what else ("id", how))).click()
-        WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
-        return str(driver.find_element("tag name", "body").text)
+        # While the next page replaces this one, an element found a moment before may be
+        # gone ("stale", "does not belong to the document"): read again until it holds.
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,))
+        wait.until(expected_conditions.staleness_of(old))
+        return str(wait.until(lambda d: d.find_element("tag name", "body").text))
 
     return await asyncio.to_thread(go)
 
@@ -503,3 +507,38 @@ def test_viewers_must_be_users(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     assert "web.viewers: 'nobody' is not a [server.users] name" in e.value.problems
+
+
+async def test_retry_all_of_a_route(tmp_path: Path, upstream: Upstream) -> None:
+    """1. route other's upstream is down: two messages wait (one tried, one held) 2. the
+    upstream comes up on that port 3. "Retry all messages of route other", confirmed: both are
+    delivered; one journal event names the route, the admin and the count."""
+    down = Upstream()
+    down.port = dead_port()
+    cfg = write_config(tmp_path, routes(upstream.port, down.port), extra=WEB,
+                       queue='retry_min = "1h"\nretry_max = "2h"')
+    async with run_service(cfg) as svc:
+        for rcpt in ("dave@example.com", "erin@example.com"):
+            await send(service_port(svc), "x@other.test", [rcpt], message("x@other.test"))
+        await wait_for(lambda: len(svc.qmgr.messages) == 2 and any(
+            q.attempts for q in svc.qmgr.messages.values()), what="the route held")
+        base = f"http://127.0.0.1:{svc.web_port}"
+        _, _, listing = await asyncio.to_thread(get, base + "/queue?route=other")
+        assert "Retry all messages of route other" in listing
+        _, _, confirm = await asyncio.to_thread(
+            get, base + "/confirm?action=retry-route&route=other")
+        assert "Retry every queued message of route other now?" in confirm
+        token = confirm.split('name="csrf" value="')[1].split('"')[0]
+        await down.start()
+        try:
+            status, body = await asyncio.to_thread(
+                post, base + "/api/action", {"action": "retry-route", "route": "other",
+                                             "csrf": token})
+            assert status == 200 and json.loads(body)["done"] == 2
+            await wait_for(lambda: len(down.messages) == 2, what="both delivered")
+        finally:
+            await down.stop()
+        assert not svc.qmgr.messages
+        events = await journal_events(tmp_path / "journal", lambda e: e["event"] == "retry")
+        assert [(e["id"], e["route"], e["admin"], e["count"]) for e in events] == [
+            ("*", "other", "loopback", 2)]

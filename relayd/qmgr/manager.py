@@ -1136,20 +1136,28 @@ class QueueManager:
             return
         self._forget(queued, "deleted by the admin")
 
-    def retry_ids(self, ids: list[str], admin: str) -> int:
+    def retry_ids(self, ids: list[str], admin: str, route: str | None = None) -> int:
         """The web console's retry, by an admin: as `relayd queue retry` for each id still
-        queued, and a `retry` journal event naming the admin. How many were queued."""
+        queued, journaled as `retry` naming the admin: one event a message, or, for all of a
+        `route`'s messages, one event for the route (its queue id `*`, with the count: 100,000
+        events at once would overrun the journal's queue). How many were queued."""
         done = 0
+        if route is not None and route in self.agents:
+            self.agents[route].release_hold()  # first, as `queue retry --all` does
         for qid in ids:
             queued = self.messages.get(qid)
             if queued is None:
                 continue
-            self._record("retry", queued, self.route_for(queued.entry),
-                         queued.entry.pending(), admin=admin)
-            self.retry(queued, quiet=len(ids) > 1)
+            if route is None:
+                self._record("retry", queued, self.route_for(queued.entry),
+                             queued.entry.pending(), admin=admin)
+            self.retry(queued, release_route=route is None, quiet=len(ids) > 1)
             done += 1
-        if len(ids) > 1:
-            log.info("queue: retry requested by %s for %d message(s)", admin, done)
+        if route is not None and self.journal is not None:
+            self.journal.record("retry", "*", route=route, admin=admin, count=done)
+        if len(ids) > 1 or route is not None:
+            log.info("queue: retry requested by %s for %d message(s)%s", admin, done,
+                     f" of route {route}" if route else "")
         return done
 
     def delete_ids(self, ids: list[str], admin: str) -> int:

@@ -332,8 +332,11 @@ class Console:
             ids = self.on_loop(lambda: qmgr.view.ids(flt))
         else:
             return self._error(400, "Unknown action", "Nothing was changed.", as_json)
-        act = qmgr.delete_ids if action == "delete" else qmgr.retry_ids
-        done = self.on_loop(lambda: act(ids, who))
+        if action == "delete":
+            done = self.on_loop(lambda: qmgr.delete_ids(ids, who))
+        else:
+            route = form["route"] if action == "retry-route" else None
+            done = self.on_loop(lambda: qmgr.retry_ids(ids, who, route))
         text = f"{action}: {done} message(s)" + ("" if done else " (no longer queued)")
         log.info("web console: %s by %s: %d message(s)", action, who, done)
         if as_json:
