@@ -1,7 +1,9 @@
-"""The listener's TLS: the configured certificate, or a self-signed one made on first start."""
+"""The listener's TLS: the configured certificate, or a self-signed one made on first start;
+what a failed handshake is told in the log (what the client offered, and the hint)."""
 
 from __future__ import annotations
 
+import asyncio.sslproto as sslproto
 import datetime
 import ipaddress
 import logging
@@ -16,6 +18,7 @@ from relayd.queue import write_atomic
 log = logging.getLogger(__name__)
 
 SELF_SIGNED_DAYS = 3650
+HELLO_PEEK_BYTES = 11  # TLS record header + ClientHello header up to its legacy_version
 # TLS 1.2: forward-secret AEAD suites only (TLS 1.3's are AEAD anyway and set apart).
 MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # tls_legacy adds TLS 1.0/1.1 for old printers and .NET Framework apps, with the ECDHE AES-CBC
@@ -78,3 +81,66 @@ def ensure_self_signed(hostname: str, state_dir: Path) -> tuple[Path, Path]:
                 "at %s (clients must not verify it, or set tls_cert and tls_key)",
                 hostname, cert_path)
     return cert_path, key_path
+
+
+class HelloRecorder(sslproto.SSLProtocol):
+    """asyncio's TLS layer, keeping the first bytes the client sent, so that a failed
+    handshake can say what the client offered."""
+
+    hello = b""
+    _view: memoryview | None = None
+
+    def get_buffer(self, n: int) -> memoryview:
+        self._view = super().get_buffer(n)
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if len(self.hello) < HELLO_PEEK_BYTES and self._view is not None:
+            self.hello += bytes(self._view[:min(nbytes, HELLO_PEEK_BYTES - len(self.hello))])
+        super().buffer_updated(nbytes)
+
+
+# ClientHello legacy_version -> name; TLS 1.3 clients also say 0x0303 there.
+_TLS_NAMES = {0x0300: "SSL 3.0", 0x0301: "TLS 1.0", 0x0302: "TLS 1.1", 0x0303: "TLS 1.2/1.3"}
+
+
+def offered_version(hello: bytes) -> int | None:
+    """The legacy_version of a TLS ClientHello (0x0301 for TLS 1.0), or None when the bytes
+    are not the start of one. TLS 1.3 clients say 0x0303 here too, which is fine: only
+    versions below 1.2 fail for their version."""
+    if len(hello) < HELLO_PEEK_BYTES or hello[0] != 0x16 or hello[5] != 0x01:
+        return None
+    return int.from_bytes(hello[9:11], "big")
+
+
+def describe_tls_failure(hello: bytes, error: BaseException | None,
+                         server: ServerConfig, where: str = "after STARTTLS") -> str:
+    """One line on why a handshake failed, with the hint an admin needs."""
+    version = offered_version(hello)
+    if version is None:
+        if not hello:
+            return "no TLS hello from the client (it closed the connection or timed out)"
+        return f"the client did not start a TLS handshake {where}"
+    minimum = ssl.TLSVersion.TLSv1 if server.tls_legacy else ssl.TLSVersion.TLSv1_2
+    name = _TLS_NAMES.get(version, f"version 0x{version:04x}")
+    if version < minimum:
+        if server.tls_legacy:
+            return f"it offered {name} at most, below TLS 1.0 (server.tls_legacy = true)"
+        return (f"it offered {name} at most; relayd takes TLS 1.2 and later "
+                "(server.tls_legacy = true also allows TLS 1.0 and 1.1)")
+    # OpenSSL's reason code (NO_SHARED_CIPHER), never the exception's text with its internals.
+    reason = getattr(error, "reason", None)
+    trust = ("give server.tls_cert a certificate the client trusts, for the name it connects "
+             "to" if server.tls_cert else "relayd's own certificate is self-signed: give "
+             "server.tls_cert one the client trusts, or make the client trust this one")
+    if isinstance(reason, str) and "ALERT" in reason and ("CERTIFICATE" in reason
+                                                          or "UNKNOWN_CA" in reason):
+        # the client's alert: "tlsv1 alert unknown ca", "sslv3 alert bad certificate"
+        alert = reason.split("ALERT_", 1)[-1].replace("_", " ").lower()
+        return f"the client refused relayd's certificate ({alert}; it offered {name}); {trust}"
+    if reason is None and isinstance(error, (ConnectionError, EOFError, ssl.SSLEOFError)):
+        # .NET and others just close the connection when they do not trust the certificate
+        return (f"the client closed the connection during the handshake (it offered {name}); "
+                f"most often it does not trust the certificate: {trust}")
+    text = str(reason or type(error).__name__)
+    return f"it offered {name}: {text.replace('_', ' ').lower()}"

@@ -435,7 +435,7 @@ async def test_curl_smtps_with_login_on_the_implicit_tls_port(
 
 def test_describe_tls_failure_names_what_the_client_offered() -> None:
     from relayd.config import ServerConfig
-    from relayd.listener import describe_tls_failure, offered_version
+    from relayd.tls import describe_tls_failure, offered_version
 
     def hello(version: int) -> bytes:  # record header, then the ClientHello's first bytes
         return bytes([0x16, 0x03, 0x01, 0x00, 0x80, 0x01, 0x00, 0x00, 0x7C]) + \

@@ -155,7 +155,7 @@ def test_plain_path_fast_path_gives_the_parsers_answer() -> None:
     import random
     from email._header_value_parser import get_angle_addr
 
-    from relayd.listener import plain_path
+    from relayd.smtpaddr import plain_path
 
     rng = random.Random(9)
     alphabet = "abcdefgh.......-_+=!#$%&'*/?^`{|}~09@@@ <>\"()[],;:\\\t\xe9"

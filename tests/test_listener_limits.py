@@ -32,7 +32,7 @@ from relayd.config import (
     ServerConfig,
     load_config,
 )
-from relayd.listener import (
+from relayd.limits import (
     IDLE_GIVE_WAY_S,
     REPLY_TOO_MANY_FROM_YOU,
     REPLY_TOO_MANY_SESSIONS,

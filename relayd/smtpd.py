@@ -1,0 +1,583 @@
+"""relayd's aiosmtpd protocol, one per connection (RelaySMTP): the connection check, session
+limits, AUTH against [server.users], DATA read in chunks into the intake, TLS that says why a
+handshake failed, and bookkeeping for a clean shutdown. The handler's hooks (the policy at each
+command) are relayd.listener's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
+from typing import Any, AnyStr, Protocol, cast
+
+import aiosmtpd.smtp
+from aiosmtpd.smtp import (
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    _AuthMechAttr,
+    syntax,
+)
+
+from relayd import clients
+from relayd.auth.passwords import hash_password, verify_password
+from relayd.config import ServerConfig, ServerUser
+from relayd.escape import SHOWN_COMMAND_MAX, visible
+from relayd.intake import Incoming
+from relayd.limits import LoginGuard, SessionLimits
+from relayd.smtpaddr import UNPARSABLE, plain_path
+from relayd.smtpdata import Decoder, read_chunks
+from relayd.tls import HelloRecorder, describe_tls_failure
+
+# The listener's log lines keep the listener's name, as before relayd.listener was split.
+log = logging.getLogger("relayd.listener")
+
+REPLY_ACCESS_DENIED = "554 5.7.1 Access denied: your address is not allowed to use this relay"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_START_DATA = "354 End data with <CR><LF>.<CR><LF>"
+REPLY_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down; try again later"
+REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins; closing connection"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded; closing connection"
+REPLY_GIVE_WAY = "421 4.7.0 Server busy: closing an idle session; try again later"
+
+# Postfix's and Exchange's AUTH LOGIN prompts; some printers (Xerox) hang up on aiosmtpd's
+# "User Name\0". RFC 4954 leaves the text free, so the ones every client has seen win.
+AUTH_LOGIN_USER_PROMPT = "Username:"
+AUTH_LOGIN_PASSWORD_PROMPT = "Password:"
+AUTH_FAILURES_PER_SESSION = 3
+# How far the reader looks for a command's end, and how large a DATA chunk gets (commands longer
+# than this get 500; DATA has no line length limit: relayd.smtpdata).
+LINE_LENGTH_LIMIT = 1024 * 1024
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the login is unknown, so both cases cost the same scrypt time."""
+    return hash_password("relayd-no-such-user")
+
+
+class DataHandler(Protocol):
+    """What RelaySMTP's DATA needs of its handler (relayd.listener.Handler)."""
+
+    def start_data(self, session: Session, envelope: Envelope) -> Incoming: ...
+
+    async def end_data(self, session: Session, incoming: Incoming) -> str: ...
+
+
+def _capture(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+             auth_data: Any) -> AuthResult:
+    """aiosmtpd's authenticator is synchronous; scrypt is too slow for the event loop. So this
+    only hands the decoded login back, and RelaySMTP verifies it in a thread."""
+    return AuthResult(success=True, handled=False, auth_data=auth_data)
+
+
+class _RelaySession(Session):
+    """aiosmtpd's Session without the "login_data is deprecated" WARNING that its own AUTH
+    code triggers on every successful login (relayd never reads login_data)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd's sanitized_log, which its command loop calls twice for every command line
+    (at DEBUG and INFO), masks AUTH data in the line with a regular expression and only then
+    lets the logger see that it is off (relayd keeps aiosmtpd's log at WARNING: relayd.cli).
+    This asks the logger first: the same lines when they are on, no work when they are off."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and \
+            not logger.isEnabledFor(level):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _sanitized_log  # the module global its command loop calls
+
+
+def _shorten_commands(record: logging.LogRecord) -> bool:
+    """aiosmtpd's own lines quote a client's command ("unrecognised: ..."): at most
+    SHOWN_COMMAND_MAX characters of it, escaped (relayd.escape), in the daemon log."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(visible(a, SHOWN_COMMAND_MAX) if isinstance(a, str) else
+                            repr(a)[:SHOWN_COMMAND_MAX] if isinstance(a, bytes) else a
+                            for a in record.args)
+    return True
+
+
+logging.getLogger("mail.log").addFilter(_shorten_commands)
+
+
+class _Unlisted:
+    """Stands in for the handler while aiosmtpd's __init__ runs: nothing in it to list."""
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_UNLISTED = _Unlisted()
+
+
+class _Tables:
+    """What aiosmtpd's __init__ works out again for every new connection, made once per
+    listener: the command methods and AUTH mechanisms (from dir() and inspect.getmembers() on
+    the protocol and the handler), the handler's hooks, and which of handle_EHLO's two forms
+    the handler has (from inspect.signature). None of it depends on the connection, and it
+    was most of the cost of a new protocol (31-35 us, 17-21 us with the tables kept; timeit
+    on the bench machine).
+
+    The listener's first protocol is built by aiosmtpd's own code, and its tables are kept.
+    Each later one runs aiosmtpd's __init__ with nothing to list (RelaySMTP.__dir__ and the
+    stand-in handler) and then gets the kept tables: its own methods bound to itself, the
+    handler's the same bound methods for all (aiosmtpd only reads _handle_hooks).
+    """
+
+    def __init__(self, first: RelaySMTP) -> None:
+        self.commands = [(name, method.__func__)
+                         for name, method in first._smtp_methods.items()]
+        # A builtin mechanism is a method of the protocol, to bind to each one; the others
+        # are the handler's, already bound.
+        self.auth: list[tuple[str, Any, bool]] = []
+        for name, impl in first._auth_methods.items():
+            method: Any = impl.method
+            self.auth.append((name, method.__func__ if impl.is_builtin else method,
+                              impl.is_builtin))
+        self.hooks = first._handle_hooks
+        self.ehlo = first._ehlo_hook_ver
+
+    def apply(self, protocol: RelaySMTP) -> None:
+        protocol._smtp_methods = {name: func.__get__(protocol)
+                                  for name, func in self.commands}
+        protocol._auth_methods = {
+            name: _AuthMechAttr(func.__get__(protocol) if builtin else func, builtin)
+            for name, func, builtin in self.auth}
+        protocol._handle_hooks = self.hooks
+        protocol._ehlo_hook_ver = self.ehlo
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with a connection check, session limits, AUTH against [server.users]
+    and bookkeeping for a clean shutdown.
+
+    It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
+    _handle_client, _reset_timeout, _timeout_cb), sets the tables its __init__ builds
+    (_smtp_methods, _auth_methods, _handle_hooks, _ehlo_hook_ver: _Tables), copies
+    smtp_STARTTLS and replaces the module's sanitized_log; pyproject pins aiosmtpd to 1.4.x
+    for that reason.
+    """
+
+    line_length_limit = LINE_LENGTH_LIMIT
+    AuthLoginUsernameChallenge = AUTH_LOGIN_USER_PROMPT
+    AuthLoginPasswordChallenge = AUTH_LOGIN_PASSWORD_PROMPT
+
+    def __init__(self, handler: DataHandler, *, allowed: Sequence[Any],
+                 sessions: set[RelaySMTP], users: Mapping[str, ServerUser],
+                 guard: LoginGuard, limits: SessionLimits, server: ServerConfig,
+                 implicit_tls: ssl.SSLContext | None = None, tables: _Tables | None = None,
+                 **kwargs: Any) -> None:
+        if tables is None:
+            super().__init__(handler, authenticator=_capture, **kwargs)
+        else:
+            self._unlisted = True
+            super().__init__(_UNLISTED, authenticator=_capture, **kwargs)
+            self._unlisted = False
+            self.event_handler = handler
+            tables.apply(self)
+        self._allowed = allowed
+        self._sessions = sessions
+        self._users = users
+        self._guard = guard
+        self._limits = limits
+        self._server = server
+        self._implicit_tls = implicit_tls is not None
+        self._implicit_context = implicit_tls  # the handshake is this protocol's to start
+        self._failed_here = 0
+        self._refusal: str | None = None
+        self.client = ""
+
+    _unlisted = False  # True while aiosmtpd's __init__ runs with the tables given (_Tables)
+
+    def __dir__(self) -> list[str]:
+        return [] if self._unlisted else list(super().__dir__())
+
+    def _create_session(self) -> Session:
+        return _RelaySession(self.loop)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's own parsing (the email package's get_angle_addr / get_addr_spec), without
+        the typing-only class it defines on every call (most of the cost of MAIL and RCPT),
+        and for the plain `<local@domain>` form a regular expression that gives the parser's
+        answer (tests/test_listener_input.py compares them) at a tenth of its cost.
+        What the parser cannot read becomes UNPARSABLE for the handler to refuse: it raises
+        IndexError or AttributeError, not only HeaderParseError, on input such as `<`."""
+        if not arg:
+            return "", ""
+        plain = plain_path(arg)
+        if plain is not None:
+            if self.local_part_limit and len(plain[0].rpartition("@")[0]) > self.local_part_limit:
+                return None, None
+            return plain
+        address: Any
+        try:
+            if arg.lstrip().startswith("<"):
+                address, rest = get_angle_addr(arg)
+            else:
+                address, rest = get_addr_spec(arg)
+            addr: str = address.addr_spec
+        except (HeaderParseError, IndexError, AttributeError, ValueError):
+            return UNPARSABLE, ""
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._implicit_context is not None:
+            self._start_implicit_tls(transport)  # then called again with the TLS transport
+            return
+        first = self._original_transport is None  # called again after STARTTLS
+        super().connection_made(transport)
+        if not first or self.session is None:
+            return
+        self.client = clients.address(self.session)
+        loopback = clients.on_loopback(self.session)
+        self._refusal = self._limits.refusal(self._sessions, self.client)
+        if self._refusal is None:
+            self._sessions.add(self)  # counted only once admitted
+        # AUTH only over TLS, or from this machine (loopback never leaves it).
+        self._auth_require_tls = not (self._implicit_tls or loopback)
+        if not self._users and not loopback:
+            self._auth_methods = {}  # nothing to log in to
+
+    def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
+        """The TLS layer of an implicit-TLS port, set up here rather than by the server
+        (create_server(ssl=...)), so that a failed handshake is one WARNING line saying what
+        the client offered; asyncio's own says nothing outside debug mode."""
+        context, self._implicit_context = self._implicit_context, None
+        assert context is not None
+        client = clients.host(transport.get_extra_info("peername"))
+        # cast, not isinstance: uvloop's transports are not asyncio's classes (relayd.loop).
+        tls, waiter = self._layer_tls(cast(asyncio.Transport, transport), context)
+
+        def done(future: asyncio.Future[None]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                # A connection that sends nothing (a port check) is not worth a warning.
+                log.log(logging.WARNING if tls.hello else logging.INFO,
+                        "TLS handshake with %s failed: %s", client,
+                        describe_tls_failure(tls.hello, error, self._server,
+                                             "on the implicit-TLS port"))
+
+        waiter.add_done_callback(done)
+
+    def _layer_tls(self, transport: asyncio.Transport, context: ssl.SSLContext
+                   ) -> tuple[HelloRecorder, asyncio.Future[None]]:
+        """A server-side TLS layer between `transport` and this protocol, which keeps the
+        client's first bytes (describe_tls_failure); the future completes with the handshake."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        tls = HelloRecorder(self.loop, self, context, waiter, server_side=True)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        return tls, waiter
+
+    # One timer per session, its deadline moved on (aiosmtpd cancels its timer and makes a
+    # new one for every command and, here, every DATA read: a TimerHandle, a heap push and a
+    # cancelled entry left in the loop's heap each time).
+    _timer_at: float | None = None  # when the armed timer fires; None: none armed
+    _deadline = 0.0
+
+    active_at = 0.0  # loop time of the session's last command or DATA read
+
+    def idle_for(self) -> float:
+        """Seconds since the last command, or 0 while a transaction is in progress (a
+        session idle mid-transaction is a client at work, not one to close first)."""
+        envelope = self.envelope
+        if envelope is not None and envelope.mail_from is not None:
+            return 0.0
+        return self.loop.time() - self.active_at
+
+    def give_way(self) -> None:
+        """Closed to admit a new session (server.max_sessions reached; SessionLimits)."""
+        transport = self._open_transport()
+        if transport is not None:
+            transport.write(REPLY_GIVE_WAY.encode() + b"\r\n")
+            transport.close()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        self.active_at = now = self.loop.time()
+        self._deadline = deadline = now + (duration or self._timeout_duration)
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return  # the armed timer fires first, then looks at the deadline
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        self._timer_at = when
+        self._timeout_handle = self.loop.call_at(when, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer_at = None
+        if self.loop.time() < self._deadline:
+            self._arm(self._deadline)  # the session went on since: sleep until then
+        else:
+            self._timeout_cb()
+
+    def _timeout_cb(self) -> None:
+        """Tell the client why before closing an idle or slow session (server.session_timeout),
+        as Postfix does."""
+        transport = self._open_transport()
+        if transport is not None:
+            log.info("session from %s timed out", self.client)
+            transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Mechanism names are case-insensitive (RFC 4954); .NET's SmtpClient sends
+        `AUTH login`, which aiosmtpd's exact lookup refuses."""
+        if arg:
+            parts = arg.split(maxsplit=1)
+            arg = " ".join([parts[0].upper(), *parts[1:]])
+        session = self.session
+        if session is None or session.extended_smtp or not session.host_name:
+            await super().smtp_AUTH(arg)
+            return
+        # AUTH after HELO (old printers and scanners): Postfix takes it, and so does relayd;
+        # aiosmtpd answers "500 command 'AUTH' not recognized". Only for this command: the
+        # session stays a HELO session (no ESMTP parameters on MAIL FROM).
+        session.extended_smtp = True
+        try:
+            await super().smtp_AUTH(arg)
+        finally:
+            session.extended_smtp = False
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _verify(self, result: AuthResult) -> AuthResult:
+        if not result.success or not isinstance(result.auth_data, LoginPassword):
+            return result
+        assert self.session is not None
+        peer = clients.address(self.session)
+        if not self._users and clients.on_loopback(self.session):
+            # Many apps always send the login typed into their settings. Without
+            # [server.users] loopback sends without one anyway, so taking it grants nothing.
+            log.info("login from %s accepted without checking: no [server.users], and "
+                     "loopback needs no login", peer)
+            return AuthResult(success=True, auth_data=None)
+        login = result.auth_data.login.decode("utf-8", "replace")
+        password = result.auth_data.password.decode("utf-8", "replace")
+        user = self._users.get(login)
+        stored = user.password_hash.reveal() if user else _dummy_hash()
+        # Verify even for unknown users, so timing does not tell which logins exist.
+        ok = await asyncio.to_thread(verify_password, password, stored)
+        if ok and user is not None:
+            self._guard.succeeded(peer)
+            self.session.relayd_user = user  # type: ignore[attr-defined]
+            log.info("login %s from %s", user.name, peer)
+            return AuthResult(success=True, auth_data=user.name)
+        self._guard.failed(peer)
+        self._failed_here += 1
+        log.warning("failed login for %r from %s", login[:64], peer)
+        await asyncio.sleep(self._guard.delay(peer))
+        if self._failed_here >= AUTH_FAILURES_PER_SESSION:
+            await self.push(REPLY_TOO_MANY_FAILURES)
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """aiosmtpd's, with its reply written in one piece. aiosmtpd pushes each line of it on
+        its own: a system call, a TCP segment and a wake-up of the client a line, eight of each
+        for one EHLO here, where Postfix writes the reply at once. Its lines are gathered by
+        a stand-in for push while it runs (an override of push would cost every reply of
+        every session a coroutine more)."""
+        lines: list[bytes] = []
+
+        async def gather(status: AnyStr) -> None:  # encoded as aiosmtpd's push does
+            lines.append(status if isinstance(status, bytes) else
+                         status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
+
+        self.push = gather  # type: ignore[method-assign]
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            del self.push
+        if lines:
+            await self.push(b"\r\n".join(lines))
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's checks and replies, then the message read in chunks into the intake as it
+        arrives (relayd.smtpdata), instead of line by line into memory."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(REPLY_NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler = cast(DataHandler, self.event_handler)
+        incoming = handler.start_data(self.session, self.envelope)
+        await self.push(REPLY_START_DATA)
+        decoder = Decoder()
+        limit = self.data_size_limit
+        received = 0
+        try:
+            async for raw in read_chunks(self._reader, self.line_length_limit):
+                self._reset_timeout()  # a slow client times out per read, as in Postfix
+                received += len(raw)
+                if limit and received > limit:
+                    incoming.discard()  # read on to the end, as RFC 5321 4.2.5 implies
+                    continue
+                incoming.write(decoder.feed(raw))
+            incoming.write(decoder.finish())
+        except (asyncio.IncompleteReadError, asyncio.CancelledError) as e:
+            # The client went away (aiosmtpd cancels the session at EOF), or relayd stops.
+            incoming.discard()
+            log.info("connection from %s lost during DATA; nothing was queued", self.client)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            if self.transport is not None:
+                self.transport.close()
+            return
+        except BaseException:
+            incoming.discard()
+            raise
+        if limit and received > limit:
+            log.info("refused a message from %s: larger than server.max_message_size (%d)",
+                     self.client, limit)
+            reply = REPLY_TOO_BIG
+        else:
+            reply = await handler.end_data(self.session, incoming)
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(reply)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd 1.4.6's, with a TLS layer that keeps the client's first bytes so that a
+        failed handshake is one WARNING line saying what the client offered."""
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        if not self.tls_context:
+            await self.push("454 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        tls, waiter = self._layer_tls(cast(asyncio.Transport, self._original_transport),
+                                      self.tls_context)
+        self._tls_protocol = tls
+        self.transport = tls._app_transport
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("TLS handshake with %s failed: %s", self.client,
+                        describe_tls_failure(tls.hello, error, self._server))
+            raise TLSSetupException() from error
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            return ""  # already logged; aiosmtpd closes the connection and sends nothing
+        return await super().handle_exception(error)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+        # A client's reset leaves its error on the stream's "closed" future, which nobody
+        # awaits; asyncio would log "Future exception was never retrieved" with a traceback
+        # when it is collected (aiosmtpd's __del__ that should prevent it may run too late).
+        closed = getattr(self, "_closed", None)
+        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
+            closed.exception()
+
+    _spoke = False  # the client has sent something on this connection
+
+    def data_received(self, data: bytes) -> None:
+        """A TLS ClientHello as the first bytes on a plain port is a client set up for
+        implicit TLS: one line that says so and names the fix, and the connection closed,
+        rather than its binary hello parsed as SMTP commands and quoted in the log."""
+        if not self._spoke:
+            self._spoke = True
+            if data[:2] == b"\x16\x03" and not self._implicit_tls:
+                log.warning("client %s started a TLS handshake on a plain SMTP port: use a "
+                            "listen_tls port or STARTTLS", self.client)
+                transport = self._open_transport()
+                if transport is not None:
+                    transport.close()
+                return
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        """The client ended its side: aiosmtpd cancels the session's task and keeps the
+        transport open for a reply nobody will write. Its task closes the transport on the
+        way out, but only once it has run: uvloop can deliver an EOF that was waiting in the
+        listen backlog before the task's first step, and the connection then stayed half
+        open, a descriptor and a session slot, until relayd stopped. Close it here: after an
+        EOF there is nothing left to say (Postfix's smtpd ends the session too)."""
+        super().eof_received()
+        return False
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        peer = self.client
+        ip = clients.ip(peer)
+        allowed = ip is not None and any(ip in net for net in self._allowed)
+        if not allowed:
+            log.warning("refused connection from %s: not in server.allowed_clients", peer)
+            await self.push(REPLY_ACCESS_DENIED)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if self._refusal is not None:
+            self._limits.refused(peer, self._refusal)
+            await self.push(self._refusal)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def close_gracefully(self) -> None:
+        """Tell an idle client we are going away (used after the drain timeout)."""
+        transport = self._open_transport()
+        if transport is not None:
+            transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
+            transport.close()
+
+    def _open_transport(self) -> asyncio.WriteTransport | None:
+        """The session's transport while it is open. Told by is_closing(), not isinstance:
+        uvloop's transports are not asyncio's classes (relayd.loop)."""
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        return None if transport is None or transport.is_closing() else transport
