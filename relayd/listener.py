@@ -21,7 +21,8 @@ from relayd.limits import LoginGuard, SessionLimits
 from relayd.policy import SenderPolicy
 from relayd.router import recipient_allowed
 from relayd.smtpaddr import address_refusal
-from relayd.smtpd import RelaySMTP, _Tables
+from relayd.smtpd import RelaySMTP
+from relayd.smtpfast import Tables
 
 # What the service builds a listener from (relayd.service).
 __all__ = ["Handler", "LoginGuard", "Relay", "RelaySMTP", "make_protocol_factory"]
@@ -152,7 +153,7 @@ def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelayS
     again). `sessions` is shared by all listeners, so server.max_sessions counts them all."""
     server = config.server
     limits = SessionLimits(server)
-    tables: _Tables | None = None  # from the listener's first protocol
+    tables: Tables | None = None  # from the listener's first protocol
 
     def factory() -> RelaySMTP:
         nonlocal tables
@@ -165,7 +166,7 @@ def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelayS
             loop=asyncio.get_running_loop(),  # aiosmtpd's own lookup goes through warnings
             tables=tables)
         if tables is None:
-            tables = _Tables(protocol)
+            tables = Tables(protocol)
         return protocol
 
     return factory

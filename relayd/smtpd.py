@@ -1,7 +1,28 @@
 """relayd's aiosmtpd protocol, one per connection (RelaySMTP): the connection check, session
 limits, AUTH against [server.users], DATA read in chunks into the intake, TLS that says why a
 handshake failed, and bookkeeping for a clean shutdown. The handler's hooks (the policy at each
-command) are relayd.listener's.
+command) are relayd.listener's; the speed-ups kept are relayd.smtpfast's.
+
+Private names of other libraries used here; aiosmtpd's are guarded by the pin
+aiosmtpd>=1.4.6,<1.5 in pyproject.toml (each as aiosmtpd 1.4.6 defines it), the standard
+library's by the suite on Python 3.11 and 3.13 (.ci/run). relayd.smtpfast lists its own.
+
+| private name (library)                  | used for                                           |
+|-----------------------------------------|----------------------------------------------------|
+| SMTP._getaddr (override)                | MAIL and RCPT refuse an unparsable address each    |
+|                                         | with its own reply; the plain form without parser  |
+| SMTP._handle_client (override)          | allowed_clients and the limits before the greeting |
+| SMTP._reset_timeout (override; called   | when the session last spoke (SessionLimits); a     |
+|   per DATA read)                        | slow DATA times out per read                       |
+| SMTP._timeout_cb (override)             | 421 before closing a timed-out session (Postfix)   |
+| SMTP._auth_require_tls, _auth_methods   | AUTH over TLS or from loopback only; none offered  |
+|   (set in connection_made)              | without [server.users]                             |
+| SMTP._reader                            | DATA read in chunks (relayd.smtpdata)              |
+| SMTP._original_transport, _tls_protocol | smtp_STARTTLS, aiosmtpd 1.4.6's copied, with a TLS |
+|   (set by smtp_STARTTLS)                | layer that keeps the hello (tls.HelloRecorder)     |
+| asyncio StreamReaderProtocol._closed    | a reset's error retrieved (no "never retrieved")   |
+| asyncio SSLProtocol._app_transport      | the TLS transport, as aiosmtpd's STARTTLS takes it |
+| email._header_value_parser              | the address parser aiosmtpd's _getaddr uses        |
 """
 
 from __future__ import annotations
@@ -10,12 +31,11 @@ import asyncio
 import functools
 import logging
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, AnyStr, Protocol, cast
+from typing import Any, Protocol, cast
 
-import aiosmtpd.smtp
 from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
@@ -23,7 +43,6 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
-    _AuthMechAttr,
     syntax,
 )
 
@@ -35,6 +54,7 @@ from relayd.intake import Incoming
 from relayd.limits import LoginGuard, SessionLimits
 from relayd.smtpaddr import UNPARSABLE, plain_path
 from relayd.smtpdata import Decoder, read_chunks
+from relayd.smtpfast import FastSMTP, Tables
 from relayd.tls import HelloRecorder, describe_tls_failure
 
 # The listener's log lines keep the listener's name, as before relayd.listener was split.
@@ -81,39 +101,6 @@ def _capture(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
     return AuthResult(success=True, handled=False, auth_data=auth_data)
 
 
-class _RelaySession(Session):
-    """aiosmtpd's Session without the "login_data is deprecated" WARNING that its own AUTH
-    code triggers on every successful login (relayd never reads login_data)."""
-
-    @property
-    def login_data(self) -> Any:
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._login_data = value
-
-
-_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
-_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
-
-
-def _sanitized_log(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
-    """aiosmtpd's sanitized_log, which its command loop calls twice for every command line
-    (at DEBUG and INFO), masks AUTH data in the line with a regular expression and only then
-    lets the logger see that it is off (relayd keeps aiosmtpd's log at WARNING: relayd.cli).
-    This asks the logger first: the same lines when they are on, no work when they are off."""
-    logger = getattr(func, "__self__", None)
-    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
-    if isinstance(logger, logging.Logger) and level is not None and \
-            not logger.isEnabledFor(level):
-        return
-    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
-
-
-aiosmtpd.smtp.sanitized_log = _sanitized_log  # the module global its command loop calls
-
-
 def _shorten_commands(record: logging.LogRecord) -> bool:
     """aiosmtpd's own lines quote a client's command ("unrecognised: ..."): at most
     SHOWN_COMMAND_MAX characters of it, escaped (relayd.escape), in the daemon log."""
@@ -124,66 +111,20 @@ def _shorten_commands(record: logging.LogRecord) -> bool:
     return True
 
 
+def _no_login_data_warning(record: logging.LogRecord) -> bool:
+    """aiosmtpd's own AUTH code sets Session.login_data on every successful login, and its
+    setter logs "Session.login_data is deprecated" at WARNING each time; relayd never reads
+    login_data, so the line says nothing to an admin."""
+    return not (isinstance(record.msg, str) and record.msg.startswith("Session.login_data"))
+
+
+logging.getLogger("mail.log").addFilter(_no_login_data_warning)
 logging.getLogger("mail.log").addFilter(_shorten_commands)
 
 
-class _Unlisted:
-    """Stands in for the handler while aiosmtpd's __init__ runs: nothing in it to list."""
-
-    def __dir__(self) -> list[str]:
-        return []
-
-
-_UNLISTED = _Unlisted()
-
-
-class _Tables:
-    """What aiosmtpd's __init__ works out again for every new connection, made once per
-    listener: the command methods and AUTH mechanisms (from dir() and inspect.getmembers() on
-    the protocol and the handler), the handler's hooks, and which of handle_EHLO's two forms
-    the handler has (from inspect.signature). None of it depends on the connection, and it
-    was most of the cost of a new protocol (31-35 us, 17-21 us with the tables kept; timeit
-    on the bench machine).
-
-    The listener's first protocol is built by aiosmtpd's own code, and its tables are kept.
-    Each later one runs aiosmtpd's __init__ with nothing to list (RelaySMTP.__dir__ and the
-    stand-in handler) and then gets the kept tables: its own methods bound to itself, the
-    handler's the same bound methods for all (aiosmtpd only reads _handle_hooks).
-    """
-
-    def __init__(self, first: RelaySMTP) -> None:
-        self.commands = [(name, method.__func__)
-                         for name, method in first._smtp_methods.items()]
-        # A builtin mechanism is a method of the protocol, to bind to each one; the others
-        # are the handler's, already bound.
-        self.auth: list[tuple[str, Any, bool]] = []
-        for name, impl in first._auth_methods.items():
-            method: Any = impl.method
-            self.auth.append((name, method.__func__ if impl.is_builtin else method,
-                              impl.is_builtin))
-        self.hooks = first._handle_hooks
-        self.ehlo = first._ehlo_hook_ver
-
-    def apply(self, protocol: RelaySMTP) -> None:
-        protocol._smtp_methods = {name: func.__get__(protocol)
-                                  for name, func in self.commands}
-        protocol._auth_methods = {
-            name: _AuthMechAttr(func.__get__(protocol) if builtin else func, builtin)
-            for name, func, builtin in self.auth}
-        protocol._handle_hooks = self.hooks
-        protocol._ehlo_hook_ver = self.ehlo
-
-
-class RelaySMTP(SMTP):
+class RelaySMTP(FastSMTP):
     """aiosmtpd's SMTP with a connection check, session limits, AUTH against [server.users]
-    and bookkeeping for a clean shutdown.
-
-    It overrides a few of aiosmtpd's underscore methods (_getaddr, _create_session,
-    _handle_client, _reset_timeout, _timeout_cb), sets the tables its __init__ builds
-    (_smtp_methods, _auth_methods, _handle_hooks, _ehlo_hook_ver: _Tables), copies
-    smtp_STARTTLS and replaces the module's sanitized_log; pyproject pins aiosmtpd to 1.4.x
-    for that reason.
-    """
+    and bookkeeping for a clean shutdown (the private names it uses: the module docstring)."""
 
     line_length_limit = LINE_LENGTH_LIMIT
     AuthLoginUsernameChallenge = AUTH_LOGIN_USER_PROMPT
@@ -192,16 +133,9 @@ class RelaySMTP(SMTP):
     def __init__(self, handler: DataHandler, *, allowed: Sequence[Any],
                  sessions: set[RelaySMTP], users: Mapping[str, ServerUser],
                  guard: LoginGuard, limits: SessionLimits, server: ServerConfig,
-                 implicit_tls: ssl.SSLContext | None = None, tables: _Tables | None = None,
+                 implicit_tls: ssl.SSLContext | None = None, tables: Tables | None = None,
                  **kwargs: Any) -> None:
-        if tables is None:
-            super().__init__(handler, authenticator=_capture, **kwargs)
-        else:
-            self._unlisted = True
-            super().__init__(_UNLISTED, authenticator=_capture, **kwargs)
-            self._unlisted = False
-            self.event_handler = handler
-            tables.apply(self)
+        super().__init__(handler, tables=tables, authenticator=_capture, **kwargs)
         self._allowed = allowed
         self._sessions = sessions
         self._users = users
@@ -213,14 +147,6 @@ class RelaySMTP(SMTP):
         self._failed_here = 0
         self._refusal: str | None = None
         self.client = ""
-
-    _unlisted = False  # True while aiosmtpd's __init__ runs with the tables given (_Tables)
-
-    def __dir__(self) -> list[str]:
-        return [] if self._unlisted else list(super().__dir__())
-
-    def _create_session(self) -> Session:
-        return _RelaySession(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's own parsing (the email package's get_angle_addr / get_addr_spec), without
@@ -299,12 +225,6 @@ class RelaySMTP(SMTP):
         tls.connection_made(transport)
         return tls, waiter
 
-    # One timer per session, its deadline moved on (aiosmtpd cancels its timer and makes a
-    # new one for every command and, here, every DATA read: a TimerHandle, a heap push and a
-    # cancelled entry left in the loop's heap each time).
-    _timer_at: float | None = None  # when the armed timer fires; None: none armed
-    _deadline = 0.0
-
     active_at = 0.0  # loop time of the session's last command or DATA read
 
     def idle_for(self) -> float:
@@ -323,24 +243,10 @@ class RelaySMTP(SMTP):
             transport.close()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        self.active_at = now = self.loop.time()
-        self._deadline = deadline = now + (duration or self._timeout_duration)
-        if self._timer_at is not None and self._timer_at <= deadline:
-            return  # the armed timer fires first, then looks at the deadline
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._arm(deadline)
-
-    def _arm(self, when: float) -> None:
-        self._timer_at = when
-        self._timeout_handle = self.loop.call_at(when, self._timer_due)
-
-    def _timer_due(self) -> None:
-        self._timer_at = None
-        if self.loop.time() < self._deadline:
-            self._arm(self._deadline)  # the session went on since: sleep until then
-        else:
-            self._timeout_cb()
+        """aiosmtpd's timer, restarted at every command (and here every DATA read), noting
+        when for idle_for."""
+        self.active_at = self.loop.time()
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing an idle or slow session (server.session_timeout),
@@ -410,27 +316,6 @@ class RelaySMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
 
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        """aiosmtpd's, with its reply written in one piece. aiosmtpd pushes each line of it on
-        its own: a system call, a TCP segment and a wake-up of the client a line, eight of each
-        for one EHLO here, where Postfix writes the reply at once. Its lines are gathered by
-        a stand-in for push while it runs (an override of push would cost every reply of
-        every session a coroutine more)."""
-        lines: list[bytes] = []
-
-        async def gather(status: AnyStr) -> None:  # encoded as aiosmtpd's push does
-            lines.append(status if isinstance(status, bytes) else
-                         status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
-
-        self.push = gather  # type: ignore[method-assign]
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            del self.push
-        if lines:
-            await self.push(b"\r\n".join(lines))
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's checks and replies, then the message read in chunks into the intake as it
@@ -479,7 +364,7 @@ class RelaySMTP(SMTP):
             reply = REPLY_TOO_BIG
         else:
             reply = await handler.end_data(self.session, incoming)
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.envelope = Envelope()  # as after aiosmtpd's own DATA
         await self.push(reply)
 
     @syntax("STARTTLS", when="tls_context")

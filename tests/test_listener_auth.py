@@ -84,12 +84,11 @@ async def test_starttls_and_implicit_tls_with_login(tmp_path: Path, upstream: Up
     assert PASSWORD not in caplog.text and password_hash not in caplog.text
 
 
-async def test_aiosmtpd_command_log_masks_logins_when_on_and_costs_nothing_when_off(
+async def test_aiosmtpd_command_log_masks_logins_when_on_and_says_nothing_when_off(
         tmp_path: Path, upstream: Upstream, password_hash: str,
         caplog: pytest.LogCaptureFixture) -> None:
-    """aiosmtpd logs each command line at INFO ("mail.log"), with AUTH data masked; relayd
-    asks the logger before it masks (relayd.listener._sanitized_log). On: the lines, masked.
-    Off (WARNING, as relayd.cli sets it): none."""
+    """aiosmtpd logs each command line at INFO ("mail.log"), with AUTH data masked. On: the
+    lines, masked. Off (WARNING, as relayd.cli sets it): none."""
     import base64
 
     cfg = auth_config(tmp_path, upstream, password_hash)
@@ -126,7 +125,7 @@ async def test_later_connections_get_the_first_ones_commands_logins_and_hooks(
         tmp_path: Path, upstream: Upstream, password_hash: str) -> None:
     """aiosmtpd's __init__ works out its command and AUTH tables and the handler's hooks for
     each connection; relayd takes them from a listener's first protocol for the later ones
-    (relayd.listener._Tables). Later sessions must answer as the first did, and a login must
+    (relayd.smtpfast.Tables). Later sessions must answer as the first did, and a login must
     belong to its own session: each logs in as someone else and only its own senders pass."""
     cfg = auth_config(tmp_path, upstream, password_hash)
     async with run_service(cfg) as svc:
