@@ -53,8 +53,9 @@ from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
 from relayd.errors import QueueError
 from relayd.escape import visible
+from relayd.platform.fs import write_atomic
 from relayd.qmgr import pacing
-from relayd.queue import Entry, write_atomic
+from relayd.queue import Entry
 from relayd.reply import BLOCKED_HINT
 
 if TYPE_CHECKING:

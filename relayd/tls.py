@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from relayd.config import ServerConfig
-from relayd.queue import write_atomic
+from relayd.platform.fs import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -373,7 +373,7 @@ def spool_files(tmp_path: Path) -> Callable[[], list[str]]:
 
 def tmp_leftovers(queue: Path) -> list[str]:
     """What a message left in queue/tmp/: every name but dotfiles and the spent files that the
-    spool keeps for reuse (relayd.queue.Spares: `spare.*`, and `scrub.*` while one is
+    spool keeps for reuse (relayd.queue.spares: `spare.*`, and `scrub.*` while one is
     emptied). A message being written, or one refused or cut off, has a name of its own;
     a spare may hold a delivered message's bytes until it is scrubbed (tests/test_queue.py)."""
     return sorted(p.name for p in (queue / "tmp").iterdir()

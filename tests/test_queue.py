@@ -26,7 +26,8 @@ from conftest import (
     write_config,
 )
 
-import relayd.queue
+import relayd.queue.commit
+import relayd.queue.spares
 from relayd.journal import Query, read
 from relayd.queue import Spool
 
@@ -215,7 +216,7 @@ def test_recovery_removes_state_files_whose_message_is_gone(tmp_path: Path) -> N
     assert os.listdir(tmp_path / "q" / "state") == [kept.id]
 
 
-# -- spent message files kept for reuse (relayd.queue.Spares) ------------------------------------
+# -- spent message files kept for reuse (relayd.queue.spares) ----------------------------------
 
 
 def _spares(queue: Path) -> dict[int, os.stat_result]:
@@ -264,7 +265,7 @@ async def test_spent_message_files_are_reused_not_recreated(
     of a delivered message stays readable longer) 2. five more, the shortest first, one
     after the other: each is stored in one of those files and gives it back (the same ten
     inodes afterwards, none new), and all arrive byte-identical."""
-    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 0.5)
+    monkeypatch.setattr(relayd.queue.spares, "SPARE_SCRUB_S", 0.5)
     queue = tmp_path / "queue"
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     sent = [_numbered(i) for i in range(10)] + [_numbered(i) for i in range(5)]
@@ -296,7 +297,7 @@ async def test_a_spare_reused_before_it_is_emptied_keeps_nothing_of_its_last_mes
     other five), each file exactly its envelope and its message, no byte of the longer
     message after them 3. delivered from there, they arrive byte-identical, and their files
     are spares again, still full 4. when relayd stops, every spare is emptied."""
-    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 600.0)
+    monkeypatch.setattr(relayd.queue.spares, "SPARE_SCRUB_S", 600.0)
     queue = tmp_path / "queue"
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     longer = [_numbered(i) for i in range(10, 20)]
@@ -328,7 +329,7 @@ def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
     3. three more wait, and close() removes them before it returns (a file left in msg/
     would be delivered again after the restart) 4. a lone removal goes once its delay is
     up."""
-    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 30.0)
+    monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 30.0)
     spool = Spool(tmp_path / "q", keep_spares=True)
     spool.create()
     ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
@@ -347,7 +348,7 @@ def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
         spool.remove(queue_id, has_state=False)
     spool.close()
     assert list(msg.iterdir()) == []
-    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 0.05)
+    monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 0.05)
     again = Spool(tmp_path / "q", keep_spares=True)
     lone = again.accept_sync("a@b.com", ["x@y.com"], message(subject="lone")).id
     again.remove(lone, has_state=False)
@@ -364,7 +365,7 @@ def test_removals_handed_over_while_others_are_done_are_done_before_close_return
     three must be done before close() returns too (seen in the suite: the thread stopped
     after its batch, and three delivered messages stayed in msg/, to be delivered again after
     the restart). The first removal is held until the rest have been handed over."""
-    monkeypatch.setattr(relayd.queue, "REMOVE_DELAY_S", 0.0)
+    monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 0.0)
     spool = Spool(tmp_path / "q", keep_spares=True)
     spool.create()
     ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
@@ -396,8 +397,8 @@ async def test_spares_are_bounded(tmp_path: Path, upstream: Upstream,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Past SPARES_MAX spares, spent files are unlinked as before: tmp/ does not grow with
     the traffic."""
-    monkeypatch.setattr(relayd.queue, "SPARES_MAX", 3)
-    monkeypatch.setattr(relayd.queue, "SPARES_COUNT_EVERY", 1)
+    monkeypatch.setattr(relayd.queue.spares, "SPARES_MAX", 3)
+    monkeypatch.setattr(relayd.queue.spares, "SPARES_COUNT_EVERY", 1)
     queue = tmp_path / "queue"
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     async with run_service(cfg) as svc:
@@ -426,7 +427,7 @@ async def test_listener_workers_take_the_main_process_spares(tmp_path: Path,
     async with daemon(cfg, port, tmp_path / "relayd.log"):
         first = set(await _deliver_into_spares(port, upstream, queue, sent[:8]))
         for data in sent[8:]:
-            await asyncio.sleep(relayd.queue.SPARES_SCAN_S)  # a worker looks again by then
+            await asyncio.sleep(relayd.queue.spares.SPARES_SCAN_S)  # a worker looks again
             assert await send(port, "a@business.com", ["x@example.com"], data) == {}
         await wait_for(lambda: len(upstream.messages) == 16)
         await _queue_empty(queue)
@@ -441,13 +442,13 @@ def test_a_large_spare_is_emptied_at_once_a_small_one_when_its_time_comes(
     overwrites them) 2. one a byte larger, or of a size not given, is emptied as it is kept
     (spares never hold more than SPARES_MAX small files' worth of disk) 3. a scrub pass that
     is due empties the small one."""
-    monkeypatch.setattr(relayd.queue, "SPARE_SCRUB_S", 0.0)
+    monkeypatch.setattr(relayd.queue.spares, "SPARE_SCRUB_S", 0.0)
     tmp, msg = tmp_path / "tmp", tmp_path / "msg"
     tmp.mkdir()
     msg.mkdir()
-    spares = relayd.queue.Spares(tmp)
-    sizes = {"small": relayd.queue.SPARE_FULL_MAX, "large": relayd.queue.SPARE_FULL_MAX + 1,
-             "unknown": 10}
+    spares = relayd.queue.spares.Spares(tmp)
+    full_max = relayd.queue.spares.SPARE_FULL_MAX
+    sizes = {"small": full_max, "large": full_max + 1, "unknown": 10}
     inodes = {}
     for name, size in sizes.items():
         (msg / name).write_bytes(b"x" * size)
@@ -458,7 +459,7 @@ def test_a_large_spare_is_emptied_at_once_a_small_one_when_its_time_comes(
         return {inodes[p.stat().st_ino]: p.stat().st_size for p in tmp.iterdir()}
 
     assert kept() == {"small": sizes["small"], "large": 0, "unknown": 0}
-    spares.scrub(time.monotonic() + relayd.queue.SCRUB_EVERY_S, None)
+    spares.scrub(time.monotonic() + relayd.queue.spares.SCRUB_EVERY_S, None)
     assert kept() == {"small": 0, "large": 0, "unknown": 0}
     assert all(p.name.startswith("spare.") for p in tmp.iterdir())
 
@@ -472,7 +473,7 @@ def test_spares_another_process_took_are_listed_again_not_replaced(tmp_path: Pat
     tmp, msg = tmp_path / "tmp", tmp_path / "msg"
     tmp.mkdir()
     msg.mkdir()
-    keeper, a, b = (relayd.queue.Spares(tmp) for _ in range(3))
+    keeper, a, b = (relayd.queue.spares.Spares(tmp) for _ in range(3))
     for i in range(3):
         (msg / f"M{i}").write_bytes(b"delivered\r\n" * 10)
         assert keeper.keep(str(msg / f"M{i}"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from relayd.config import Config, RouteConfig
 from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
 from relayd.errors import TransientDeliveryError
-from relayd.queue import write_atomic
+from relayd.platform.fs import write_atomic
 
 
 class OutboxUpstream(Upstream):
