@@ -27,6 +27,7 @@ in flight is delivered twice. A bounce's envelope names the message and recipien
 between storing the bounce and recording the failure.
 """
 
+from relayd.platform.fs import write_atomic  # its home; named here for older imports
 from relayd.queue.commit import Draft
 from relayd.queue.control import CONTROL_ACTIONS, QUEUE_ACTIONS
 from relayd.queue.entry import (
@@ -56,4 +57,5 @@ __all__ = [
     "RecipientState",
     "Spool",
     "new_id",
+    "write_atomic",
 ]
