@@ -19,6 +19,7 @@ from relayd import __version__
 from relayd.config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
 from relayd.escape import json_line, visible
+from relayd.logsetup import setup_logging
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,59 +29,6 @@ CONTROL_WAIT_S = 10.0
 LIST_CHUNK = 500  # lines of `queue list` written to stdout at once
 
 log = logging.getLogger("relayd")
-
-
-class _Formatter(logging.Formatter):
-    """logging's formatter with the date and time formatted once a second, not per line (two
-    lines a message under load, and time.strftime is most of formatting one)."""
-
-    _second: tuple[int, str] = (-1, "")
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
-            return super().formatTime(record, datefmt)
-        second = int(record.created)
-        cached = self._second
-        if cached[0] != second:
-            cached = self._second = (second, time.strftime(self.default_time_format,
-                                                           self.converter(record.created)))
-        return f"{cached[1]},{int(record.msecs):03d}"  # as logging.Formatter.default_msec_format
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        # A line may carry a client's or an upstream's text: one record, one line, no
-        # terminal controls (relayd.escape). A traceback is appended after this, as it is.
-        record.message = visible(record.message)
-        return super().formatMessage(record)
-
-
-class _JsonFormatter(_Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record), "level": record.levelname,
-               "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json_line(out)
-
-
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    # Neither format prints the process or thread, and each LogRecord would ask for them
-    # (os.getpid() is a system call a line).
-    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    # Nor the source file and line: without this, every record walks the stack to find them
-    # (the logging HOWTO's "Optimization" section).
-    logging._srcfile = None
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiosmtpd logs every command line at INFO (AUTH lines included): keep it to warnings.
-    for noisy in ("mail.log", "aiosmtplib", "exchangelib", "msal", "httpx", "httpcore",
-                  "urllib3", "requests_ntlm"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -97,8 +45,8 @@ def _print_problems(e: ConfigError, out: TextIO) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from relayd import loop as relayd_loop
+    from relayd.app import serve
     from relayd.errors import RelayError
-    from relayd.service import serve
 
     setup_logging(args.log_level, args.log_format)
     log_options = ["--log-level", args.log_level, "--log-format", args.log_format]

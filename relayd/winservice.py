@@ -28,7 +28,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from relayd import loop as relayd_loop
 from relayd import platform
+from relayd.app import serve
+from relayd.errors import ConfigError, RelayError
+from relayd.logsetup import setup_logging
+from relayd.platform import proc
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +168,6 @@ def _service_class(name: str, config: str) -> type:
     import win32service
     import win32serviceutil
 
-    from relayd.platform import proc
-
     class RelaydService(win32serviceutil.ServiceFramework):  # type: ignore[misc]
         _svc_name_ = name
         _svc_display_name_ = f"relayd SMTP relay ({name})"
@@ -207,12 +210,6 @@ def run_service(config: str, svc: Any) -> int:
     service manager, and `relayd serve`'s code."""
     import servicemanager
     import win32service
-
-    from relayd import loop as relayd_loop
-    from relayd.cli import setup_logging
-    from relayd.errors import ConfigError, RelayError
-    from relayd.platform import proc
-    from relayd.service import serve
 
     setup_logging("info")
     platform.LOG_DIR.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from relayd import loop as relayd_loop
 from relayd.config import load_config
 from relayd.errors import ConfigError
+from relayd.logsetup import setup_logging
 from relayd.platform.proc import Requests
 from relayd.service import SESSION_DRAIN_S, Listeners, Service
 
@@ -148,8 +149,6 @@ def _fds(text: str) -> list[int]:
 
 def worker_main(argv: Sequence[str]) -> int:
     """`relayd _worker`: what WorkerPool starts. Not a command for people."""
-    from relayd.cli import setup_logging
-
     ap = argparse.ArgumentParser(prog="relayd _worker")
     ap.add_argument("-c", "--config", required=True)
     ap.add_argument("--index", type=int, default=1)

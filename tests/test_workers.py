@@ -198,7 +198,7 @@ def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Where sched_setscheduler is refused (the shipped unit's system-call filter answers
     EPERM), relayd says so once and runs on with the policy it has."""
-    from relayd.service import use_cpu_scheduling
+    from relayd.app import use_cpu_scheduling
 
     if os.sched_getscheduler(0) != os.SCHED_OTHER:
         raise AssertionError("this test runs under the normal policy")
@@ -207,7 +207,7 @@ def test_a_refused_policy_change_is_one_line_and_relayd_goes_on(
         raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    with caplog.at_level(logging.INFO, logger="relayd.service"):
+    with caplog.at_level(logging.INFO, logger="relayd.app"):
         use_cpu_scheduling("batch")
     assert [r.getMessage() for r in caplog.records] == [
         "server.cpu_scheduling: SCHED_BATCH refused (Operation not permitted); running with "

@@ -6,7 +6,7 @@ readiness, whether listener workers exist, and the crash tests' self-kill.
   stop, which relayd.winservice passes to `Requests.stop` from its own thread.
 - Reload: POSIX SIGHUP. On every platform `relayd reload` leaves a request in the spool's
   control/ folder, which the daemon polls as the queue manager polls `queue retry`'s
-  (relayd.service); Windows has no signal for it.
+  (relayd.app); Windows has no signal for it.
 - Readiness: systemd's sd_notify on POSIX (relayd.sdnotify; inert without $NOTIFY_SOCKET).
   On Windows the service sets a hook (`set_status_hook`) and reports RUNNING when `ready`
   comes, so `sc start` returns once relayd listens.
