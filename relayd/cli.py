@@ -386,13 +386,13 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_auth(args: argparse.Namespace) -> int:
-    from relayd.auth import login, oauth
+    from relayd.auth import login, registry
 
     config = _load(args)
     if args.auth_cmd == "login":
         return int(login.login(config, args.route, args.user, args.mode, args.port, sys.stdout,
                                sys.stdin))
-    return int(oauth.status(config, sys.stdout))
+    return int(registry.status(config, sys.stdout))
 
 
 def cmd_log(args: argparse.Namespace) -> int:

@@ -314,7 +314,7 @@ class Service:
 
     async def web_snapshot(self) -> Any:
         """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
-        from relayd.auth.oauth import route_token_health
+        from relayd.auth.registry import route_token_health
         from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats, auth_refused_advice
         from relayd.policy import is_delegated
         from relayd.providers import fix_for

@@ -26,8 +26,8 @@ from relayd.auth.oauth import (
     delegated_scopes,
     has_signed_in,
     login,
-    status,
 )
+from relayd.auth.registry import status
 from relayd.config import Config, parse_config
 from relayd.errors import AuthenticationError
 

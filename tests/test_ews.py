@@ -14,7 +14,8 @@ from fakes.config import ALICE, ews_route_keys, staff_config
 from fakes.ews import EWS_PATH
 from fakes.https import HttpsServer
 
-from relayd.auth.oauth import login, status
+from relayd.auth.oauth import login
+from relayd.auth.registry import status
 from relayd.config import Config
 from relayd.delivery import OutboundMessage, Status, Upstream, make_upstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError

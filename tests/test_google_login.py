@@ -20,7 +20,7 @@ from test_auth_login import Login, headless_chromium, sign_in_by_hand
 from test_xoauth2 import XOAuthHandler
 
 from relayd.auth import health
-from relayd.auth.oauth import status
+from relayd.auth.registry import status
 from relayd.config import Config, load_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 

@@ -27,7 +27,7 @@ from test_examples import (  # noqa: F401 - smtp_account is a fixture
 )
 
 from relayd.auth import make_token_provider
-from relayd.auth.login import microsoft_account, microsoft_names
+from relayd.auth.claims import microsoft_account, microsoft_names
 from relayd.auth.oauth import delegated_scopes, has_signed_in
 from relayd.auth.oauth import login as device_login
 from relayd.config import load_config

@@ -17,7 +17,8 @@ from fakes.idp import make_certificate
 from test_auth_login import ALICE, Env, login_env
 
 from relayd.auth import health
-from relayd.auth.oauth import login, status
+from relayd.auth.oauth import login
+from relayd.auth.registry import status
 from relayd.config import Config, load_config
 from relayd.delivery import make_upstream
 from relayd.delivery.graph import GraphUpstream

@@ -17,9 +17,9 @@ import requests
 from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
-from relayd.auth import AccessToken, TokenHealth
-from relayd.auth import health as token_health
+import relayd.auth.health as token_health
 from relayd.auth.tokencache import TokenStore
+from relayd.auth.tokens import AccessToken, TokenHealth, register_live
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
@@ -83,6 +83,7 @@ class GoogleTokenProvider:
         self._lock = threading.Lock()
         self._tokens: dict[str, AccessToken] = {}
         self._sa_info: dict[str, Any] | None = None
+        register_live(self)  # relayd.auth.registry reads its health
 
     # -- TokenProvider -------------------------------------------------------------------------
 

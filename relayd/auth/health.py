@@ -24,7 +24,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from relayd.auth import TokenHealth
+from relayd.auth.tokens import TokenHealth
 from relayd.config import RouteConfig
 from relayd.errors import AuthenticationError
 

@@ -42,6 +42,9 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import msal  # type: ignore[import-untyped]
 import requests
 
+from relayd.auth.claims import microsoft_account, signed_in_account
+from relayd.auth.oauth import authority_url, is_delegated, signin_scopes
+from relayd.auth.oauth import login as device_login
 from relayd.auth.tokencache import TokenStore
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
@@ -94,41 +97,6 @@ def _claims(id_token: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def microsoft_names(claims: dict[str, Any]) -> list[str]:
-    """The names a Microsoft id token gives the signed-in account: preferred_username and upn;
-    for a personal account (tid is the personal accounts' tenant) also `email`, because its
-    preferred_username is whatever it signed in with (an address, a phone number or another
-    name; ID token claims reference) while `email` is its mailbox. A work account's `email` is
-    a directory attribute an admin may set to anything, so it is not taken there."""
-    from relayd.auth.oauth import MSA_TENANT_ID
-
-    keys = ["preferred_username", "upn"]
-    if str(claims.get("tid") or "").lower() == MSA_TENANT_ID:
-        keys.append("email")
-    names: list[str] = []
-    for key in keys:
-        value = str(claims.get(key) or "").strip()
-        if value and value.lower() not in (n.lower() for n in names):
-            names.append(value)
-    return names
-
-
-def microsoft_account(claims: dict[str, Any], wanted: str | None) -> str:
-    """The signed-in account as relayd stores it: `wanted` when the token names it (any case),
-    else the first name that is an address, else the first name (which check_account refuses
-    as another account)."""
-    names = microsoft_names(claims)
-    for name in names:
-        if wanted and name.lower() == wanted.lower():
-            return name
-    return next((n for n in names if "@" in n), names[0] if names else "")
-
-
-def signed_in_account(claims: dict[str, Any]) -> str:
-    return str(claims.get("preferred_username") or claims.get("upn") or claims.get("email")
-               or "").strip()
-
-
 def check_account(signed_in: str, user: str) -> Outcome | None:
     """None when `signed_in` is `user`; otherwise the refusal (nothing is stored)."""
     if not signed_in:
@@ -160,8 +128,6 @@ def store_signin(config: Config, route: RouteConfig, account: str, cache: str,
 
 class MicrosoftFlow(_Flow):
     def __init__(self, config: Config, route: RouteConfig, user: str, redirect_uri: str) -> None:
-        from relayd.auth.oauth import authority_url, signin_scopes
-
         self.config, self.route, self.user = config, route, user
         authority, custom = authority_url(route)
         self.cache = msal.SerializableTokenCache()
@@ -360,18 +326,6 @@ def _make_flow(config: Config, route: RouteConfig, user: str, redirect_uri: str)
     return MicrosoftFlow(config, route, user, redirect_uri)
 
 
-def is_delegated(route: RouteConfig) -> bool:
-    """A route whose tokens come from `relayd auth login`: flow = "device" with a Microsoft
-    OAuth upstream, or a Google XOAUTH2 route without a refresh_token_file."""
-    from relayd.auth.oauth import is_microsoft_oauth
-
-    if route.flow != "device" or route.client_id is None:
-        return False
-    if route.provider == "google":
-        return route.auth == "xoauth2" and route.refresh_token is None
-    return is_microsoft_oauth(route)
-
-
 def login(config: Config, route_name: str, user: str | None, mode: str, port: int,
           out: TextIO, inp: TextIO) -> int:
     """`relayd auth login ROUTE --user ADDR [--browser | --paste | --device] [--port N]`."""
@@ -388,8 +342,6 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
             out.write("relayd: Google has no device sign-in for mail; use --browser or "
                       "--paste\n")
             return EXIT_USAGE
-        from relayd.auth.oauth import login as device_login
-
         return device_login(config, route_name, user, out)
     if not user:
         out.write("relayd: --user ADDR is required: the account that will sign in\n")

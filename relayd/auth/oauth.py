@@ -10,16 +10,16 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import msal  # type: ignore[import-untyped]
 import requests
 
-from relayd.auth import AccessToken, TokenHealth
-from relayd.auth import health as token_health
+import relayd.auth.health as token_health
+from relayd.auth.claims import MSA_TENANT_ID, microsoft_account
 from relayd.auth.tokencache import Stamp, TokenStore
+from relayd.auth.tokens import AccessToken, TokenHealth, register_live
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
@@ -30,8 +30,6 @@ MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
 EXCHANGE_ONLINE_HOST = "outlook.office365.com"
 SMTP_DELEGATED_SCOPE = "https://outlook.office.com/SMTP.Send"
 SMTP_APP_SCOPE = "https://outlook.office365.com/.default"
-# The tenant id in every personal Microsoft account's tokens (ID token claims reference, `tid`).
-MSA_TENANT_ID = "9188040d-6c67-4c5b-b112-36a304b66dad"
 PERSONAL_TENANTS = ("consumers", "common", MSA_TENANT_ID)
 # msal treats a cached access token as expired 5 minutes before its end; renew no later.
 MSAL_EXPIRY_MARGIN_S = 300
@@ -46,6 +44,16 @@ _KEY_RE = re.compile(
 def is_microsoft_oauth(route: RouteConfig) -> bool:
     return route.client_id is not None and (route.provider or "microsoft") == "microsoft" and (
         route.upstream == "graph" or route.auth in ("oauth", "xoauth2"))
+
+
+def is_delegated(route: RouteConfig) -> bool:
+    """A route whose tokens come from `relayd auth login`: flow = "device" with a Microsoft
+    OAuth upstream, or a Google XOAUTH2 route without a refresh_token_file."""
+    if route.flow != "device" or route.client_id is None:
+        return False
+    if route.provider == "google":
+        return route.auth == "xoauth2" and route.refresh_token is None
+    return is_microsoft_oauth(route)
 
 
 def authority_url(route: RouteConfig) -> tuple[str, bool]:
@@ -94,7 +102,7 @@ def signin_scopes(route: RouteConfig) -> list[str]:
     """The scopes of an interactive sign-in: the route's delegated scope, plus OpenID `email`
     where personal accounts sign in. A personal account's preferred_username is its sign-in
     name (an address, a phone number or another name), and only the `email` claim, which needs
-    that scope, names its mailbox for certain (relayd.auth.login.microsoft_account)."""
+    that scope, names its mailbox for certain (relayd.auth.claims.microsoft_account)."""
     scopes = delegated_scopes(route)
     return [*scopes, "email"] if takes_personal_accounts(route) else scopes
 
@@ -144,6 +152,7 @@ class MsalTokenProvider:
         # token file -> (its stamp, account, latest access-token expiry, refresh token held)
         self._summaries: dict[str, tuple[Stamp, str, float | None, bool]] = {}
         self.store = TokenStore(config)
+        register_live(self)  # relayd.auth.registry reads its health
 
     @property
     def delegated(self) -> bool:
@@ -403,7 +412,7 @@ def _sole_account(app: msal.ClientApplication) -> list[dict[str, Any]]:
     """The one account of a user's token file when msal's username (the id token's
     preferred_username) is not the address the file is stored under: a personal Microsoft
     account that signed in with a phone number or another alias, accepted by its `email` claim
-    (relayd.auth.login.microsoft_account). Each file is written only after that check, for
+    (relayd.auth.claims.microsoft_account). Each file is written only after that check, for
     that address alone, so its single account is the one that passed it."""
     accounts: list[dict[str, Any]] = app.get_accounts()
     return accounts if len(accounts) == 1 else []
@@ -430,6 +439,52 @@ def _minutes(seconds: object) -> str:
     return f"{value / 60:.0f} minutes" if value >= 120 else f"{value:.0f} seconds"
 
 
+def _device_code_signin(route: RouteConfig, user: str | None, out: TextIO
+                        ) -> tuple[dict[str, Any], msal.SerializableTokenCache] | None:
+    """The device-code flow at the identity provider (msal): the user signs in elsewhere while
+    this polls. The token endpoint's answer and the cache holding it; None (said on `out`)
+    when the sign-in failed."""
+    authority, custom = authority_url(route)
+    cache = msal.SerializableTokenCache()
+    http = route_session(route)
+    try:
+        app = msal.PublicClientApplication(
+            route.client_id, authority=authority, http_client=http,
+            instance_discovery=False if custom else None, token_cache=cache)
+        flow = app.initiate_device_flow(scopes=signin_scopes(route))
+        if "user_code" not in flow:
+            out.write(f"relayd: the identity provider refused the sign-in: "
+                      f"{flow.get('error')}: {_first_line(flow.get('error_description'))}\n")
+            return None
+        out.write(str(flow.get("message") or
+                      f"Open {flow['verification_uri']} and enter the code {flow['user_code']}")
+                  + "\n")
+        if user:
+            out.write(f"Sign in as {user}.\n")
+        out.flush()
+        result = app.acquire_token_by_device_flow(flow)  # polls until done or the code expires
+    except (requests.RequestException, msal.exceptions.MsalError, ValueError, RuntimeError) as e:
+        out.write(f"relayd: identity provider unreachable: {type(e).__name__}: "
+                  f"{_first_line(e)}\n")
+        return None
+    finally:
+        http.close()
+    if "access_token" not in result:
+        if result.get("error") in DEVICE_CODE_EXPIRED or (
+                result.get("error") in ("authorization_pending", "slow_down")
+                and float(flow.get("expires_at", 0)) <= time.time()):
+            # msal stops polling when the code's time is up and hands back the last answer,
+            # "authorization_pending", which reads as if the sign-in were still under way.
+            out.write(f"relayd: the code expired before anyone signed in with it (a device "
+                      f"code lasts {_minutes(flow.get('expires_in'))}); run `relayd auth login "
+                      f"{route.name} --device` again, or use --browser or --paste\n")
+            return None
+        out.write(f"relayd: sign-in failed: {result.get('error')}: "
+                  f"{_first_line(result.get('error_description'))}\n")
+        return None
+    return result, cache
+
+
 def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int:
     """`relayd auth login ROUTE [--user ADDR]`: device-code sign-in, stored encrypted."""
     route = config.routes.get(route_name)
@@ -445,46 +500,10 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     except (AuthenticationError, OSError) as e:
         out.write(f"relayd: {e}\n")
         return 1
-    authority, custom = authority_url(route)
-    cache = msal.SerializableTokenCache()
-    http = route_session(route)
-    try:
-        app = msal.PublicClientApplication(
-            route.client_id, authority=authority, http_client=http,
-            instance_discovery=False if custom else None, token_cache=cache)
-        flow = app.initiate_device_flow(scopes=signin_scopes(route))
-        if "user_code" not in flow:
-            out.write(f"relayd: the identity provider refused the sign-in: "
-                      f"{flow.get('error')}: {_first_line(flow.get('error_description'))}\n")
-            return 1
-        out.write(str(flow.get("message") or
-                      f"Open {flow['verification_uri']} and enter the code {flow['user_code']}")
-                  + "\n")
-        if user:
-            out.write(f"Sign in as {user}.\n")
-        out.flush()
-        result = app.acquire_token_by_device_flow(flow)  # polls until done or the code expires
-    except (requests.RequestException, msal.exceptions.MsalError, ValueError, RuntimeError) as e:
-        out.write(f"relayd: identity provider unreachable: {type(e).__name__}: "
-                  f"{_first_line(e)}\n")
+    signed = _device_code_signin(route, user, out)
+    if signed is None:
         return 1
-    finally:
-        http.close()
-    if "access_token" not in result:
-        if result.get("error") in DEVICE_CODE_EXPIRED or (
-                result.get("error") in ("authorization_pending", "slow_down")
-                and float(flow.get("expires_at", 0)) <= time.time()):
-            # msal stops polling when the code's time is up and hands back the last answer,
-            # "authorization_pending", which reads as if the sign-in were still under way.
-            out.write(f"relayd: the code expired before anyone signed in with it (a device "
-                      f"code lasts {_minutes(flow.get('expires_in'))}); run `relayd auth login "
-                      f"{route_name} --device` again, or use --browser or --paste\n")
-            return 1
-        out.write(f"relayd: sign-in failed: {result.get('error')}: "
-                  f"{_first_line(result.get('error_description'))}\n")
-        return 1
-    from relayd.auth.login import microsoft_account
-
+    result, cache = signed
     signed_in = microsoft_account(result.get("id_token_claims") or {}, user).lower()
     if not signed_in:
         out.write("relayd: the identity provider did not say who signed in; nothing stored\n")
@@ -507,12 +526,6 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     return 0
 
 
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "unknown"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def _cache_summary(cache_json: str) -> tuple[float | None, bool]:
     """(latest access-token expiry, whether a refresh token is stored) from an msal cache."""
     try:
@@ -521,88 +534,3 @@ def _cache_summary(cache_json: str) -> tuple[float | None, bool]:
         return None, False
     expiries = [float(at.get("expires_on", 0)) for at in (doc.get("AccessToken") or {}).values()]
     return (max(expiries) if expiries else None), bool(doc.get("RefreshToken"))
-
-
-def _token_providers(config: Config, routes: Sequence[RouteConfig] | None = None) -> list[Any]:
-    """A token provider per OAuth route, built only to read its health (no network)."""
-    from relayd.auth import make_token_provider
-    from relayd.auth.login import is_delegated
-
-    out = []
-    for route in config.routes.values() if routes is None else routes:
-        if is_microsoft_oauth(route):
-            scopes = delegated_scopes(route) if route.flow == "device" else app_scopes(route)
-        elif route.provider == "google" and route.auth == "xoauth2" and route.client_id:
-            scopes = []
-        else:
-            continue
-        out.append((route, is_delegated(route), make_token_provider(route, config, scopes)))
-    return out
-
-
-def route_token_health(config: Config, route: RouteConfig) -> list[TokenHealth]:
-    """One route's credentials as `relayd auth status` reads them (the token store, the app
-    credential), without building the route's upstream: for the status page's routes that no
-    message has used since relayd started."""
-    out: list[TokenHealth] = []
-    for _, _, provider in _token_providers(config, [route]):
-        try:
-            out.extend(provider.health())
-        finally:
-            provider.close()
-    return out
-
-
-def status(config: Config, out: TextIO) -> int:
-    """`relayd auth status`: each route's and user's token: account, expiry, last refresh,
-    whether it needs a new sign-in (and the command for it), the app credential's expiry;
-    never a token. Exit 0 when every token is usable as far as relayd knows, 1 otherwise."""
-    problems = 0
-    providers = _token_providers(config)
-    if not providers:
-        out.write("no OAuth routes configured\n")
-        return 0
-    now = time.time()
-    for route, delegated, provider in providers:
-        try:
-            healths = provider.health()
-        finally:
-            provider.close()
-        cred = token_health.credential_expiry(route)
-        if cred is not None:
-            left = (cred - now) / 86400
-            out.write(f"{route.name}: app credential (client "
-                      f"{'certificate' if route.certificate_file else 'secret'}) expires "
-                      f"{_when(cred)}" + (" - EXPIRED" if left < 0 else f" (in {left:.0f} days)")
-                      + "\n")
-            if left < 0:
-                problems += 1
-        if delegated and not healths:
-            out.write(f"{route.name}: nobody signed in (relayd auth login {route.name} "
-                      "--user ADDR)\n")
-            continue
-        if not healths:
-            out.write(f"{route.name}: service account (domain-wide delegation); tokens kept in "
-                      "daemon memory\n")
-            continue
-        for h in healths:
-            if not delegated and route.provider != "google":
-                line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
-                if h.expires_at:
-                    line += f"; last token valid until {_when(h.expires_at)}"
-            else:
-                line = (f"{route.name}: {h.account or 'refresh_token_file'}: access token valid "
-                        f"until {_when(h.expires_at)}")
-                if delegated:
-                    line += "; refresh token " + ("missing" if "no refresh token" in h.problem
-                                                  else "stored")
-            if h.last_refreshed:
-                line += f"; last refreshed {_when(h.last_refreshed)}"
-            if h.needs_signin:
-                problems += 1
-                line += f"; NEEDS SIGN-IN: {h.problem}; run: {h.fix}"
-            elif h.problem:
-                problems += 1
-                line += f"; last error: {h.problem}"
-            out.write(line + "\n")
-    return 1 if problems else 0

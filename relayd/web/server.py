@@ -162,7 +162,7 @@ class SignIns:
         return out
 
     def google_routes(self) -> list[RouteConfig]:
-        from relayd.auth.login import is_delegated
+        from relayd.auth.oauth import is_delegated
 
         return [r for r in self.config.routes.values()
                 if r.provider == "google" and is_delegated(r)]
@@ -172,7 +172,8 @@ class SignIns:
         Google's installed-app flow wants the user up front (login_hint), and relayd checks
         that the account that signs in is that address."""
         from relayd.auth.google import GMAIL_SCOPE
-        from relayd.auth.login import GoogleFlow, is_delegated
+        from relayd.auth.login import GoogleFlow
+        from relayd.auth.oauth import is_delegated
 
         address = address.strip().lower()
         route = self.router.lookup(address) if "@" in address else None
@@ -326,8 +327,8 @@ class SignIns:
     def _account(self, group: str, claims: dict[str, Any]) -> str:
         """The signed-in address a delegated route of `group` covers, among the names the id
         token gives (a personal account's sign-in name and its `email`:
-        relayd.auth.login.microsoft_names); else the first, which no route covers."""
-        from relayd.auth.login import microsoft_names
+        relayd.auth.claims.microsoft_names); else the first, which no route covers."""
+        from relayd.auth.claims import microsoft_names
 
         names = [n.lower() for n in microsoft_names(claims)]
         for name in names:
