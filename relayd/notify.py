@@ -48,7 +48,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from relayd.auth import TokenHealth
+from relayd.auth import TokenHealth, registry
 from relayd.config import Config, RouteConfig
 from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
 from relayd.errors import QueueError
@@ -355,10 +355,10 @@ class Notifier:
                  token_health: Callable[[], list[TokenHealth]] | None = None,
                  state_path: Path | None = None) -> None:
         self.config = config
-        self.qmgr = qmgr
+        self.queue = qmgr.view  # all that notify reads of the queue (relayd.qmgr.view)
         self.intake = intake
         self.clock = clock
-        self.token_health = token_health or self._agents_token_health
+        self.token_health = token_health or self._registry_token_health
         self.state_path = state_path or config.queue.path.parent / STATE_FILE
         self.state = NotifyState()
         self._loaded = False
@@ -369,18 +369,10 @@ class Notifier:
     def reload(self, config: Config) -> None:
         self.config = config
 
-    def _agents_token_health(self) -> list[TokenHealth]:
-        """Every OAuth route's, idle ones too (as the status page does: their agent is built,
-        which connects to nothing until there is mail)."""
-        out: list[TokenHealth] = []
-        for route in list(self.config.routes.values()):
-            if route.client_id is None:
-                continue  # no OAuth: nothing to report (Upstream.token_health is [])
-            try:
-                out.extend(self.qmgr.agent_for(route).upstream.token_health())
-            except Exception:  # noqa: BLE001 - one route's bug must not stop the others
-                log.exception("notify: token health of route %s could not be read", route.name)
-        return out
+    def _registry_token_health(self) -> list[TokenHealth]:
+        """Every OAuth route's, idle ones too, from relayd.auth.registry (no upstream client
+        is built to answer)."""
+        return registry.token_health(self.config)
 
     # -- what the queue manager calls ----------------------------------------------------------
 
@@ -396,7 +388,7 @@ class Notifier:
             self.state.quiet[bounce.id] = now
             self._dirty = True
             return
-        route = self.qmgr.route_for(original)
+        route = self.queue.route_for(original)
         name = route.name if route else (bounce.route or "-")
         failed = {}
         for rcpt in bounce.bounce_rcpts:
@@ -469,17 +461,18 @@ class Notifier:
         notify = self.config.notify
         assert notify is not None
         routes = self.config.routes
-        stats = {name: agent.stats for name, agent in list(self.qmgr.agents.items())}
-        out = route_conditions(stats, routes, self.qmgr.route_counts(), now,
+        counts = {name: (c.queued, c.deferred, c.oldest_deferred)
+                  for name, c in self.queue.route_counts().items()}
+        out = route_conditions(self.queue.route_stats(), routes, counts, now,
                                ROUTE_FAILING_AFTER_S)
         out += token_conditions(health, routes, now, notify.expiry_warning_s)
         out += deferred_conditions(self._deferred(now, notify.deferred_after_s), now,
                                    notify.deferred_after_s)
         # A blocked reply older than `repeat` is not reported: only if the provider says so again.
-        blocked = {m: b for m, b in self.qmgr.view.blocked().items()
+        blocked = {m: b for m, b in self.queue.blocked().items()
                    if now - b[1] <= notify.repeat_s}
-        out += mailbox_conditions(self.qmgr.view.mailboxes(), blocked, now,
-                                  self.qmgr.ledger.window_s)
+        out += mailbox_conditions(self.queue.mailboxes(), blocked, now,
+                                  self.queue.budget_window_s())
         for route, bounces in sorted(self.state.bounces.items()):
             dropped = self.state.bounces_dropped.get(route, 0)
             if bounces or dropped:
@@ -491,7 +484,7 @@ class Notifier:
         relayd.qmgr.view); notices and the bounces of notices are left out (they must not
         report themselves)."""
         quiet = self.state.quiet
-        groups = self.qmgr.view.deferred_by_route(
+        groups = self.queue.deferred_by_route(
             now, after_s, lambda qid, client: client == NOTICE_CLIENT or qid in quiet)
         return {name: DeferredRoute(g.count, g.oldest_id, g.oldest_sender, g.oldest_received,
                                     g.last_error) for name, g in groups.items()}
@@ -501,7 +494,7 @@ class Notifier:
         stored: the next check tries again."""
         notify = self.config.notify
         assert notify is not None
-        route = self.qmgr.router.lookup(notify.sender)
+        route = self.queue.route_for_sender(notify.sender)
         if route is None:
             log.error("notify: no route for notify.sender <%s>; notice %r not sent",
                       notify.sender, cond.key)

@@ -9,14 +9,14 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from relayd.accept import Acceptor
-from relayd.auth import TokenHealth
+from relayd.auth import registry
 from relayd.config import Address, Config, ServerConfig
-from relayd.delivery import Upstream, make_upstream
+from relayd.delivery import make_upstream
 from relayd.errors import QueueError, RelayError, SpoolBusyError
 from relayd.headers import MAX_HEADER_SCAN_BYTES, header_facts
 from relayd.intake import Intake
@@ -59,10 +59,6 @@ def bind_listeners(server: ServerConfig) -> Listeners:
             raise ListenError(f"cannot listen on {addr}: {e.strerror or e}") from None
 
     return Listeners([bind(a) for a in server.listen], [bind(a) for a in server.listen_tls])
-
-
-def _token_health(upstreams: Sequence[Upstream]) -> list[TokenHealth]:
-    return [h for u in upstreams for h in u.token_health()]
 
 
 class ListenError(RelayError):
@@ -313,76 +309,10 @@ class Service:
             self.web_port = await self.web.start()
 
     async def web_snapshot(self) -> Any:
-        """What the status page shows, taken on the event loop (relayd.web.pages.Snapshot)."""
-        from relayd.auth.registry import route_token_health
-        from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats, auth_refused_advice
-        from relayd.policy import is_delegated
-        from relayd.providers import fix_for
-        from relayd.qmgr.view import RouteCount
-        from relayd.web.pages import (
-            DEFERRED_LISTED,
-            DeferredRow,
-            MailboxRow,
-            RouteRow,
-            Snapshot,
-            TokenRow,
-        )
+        """What the status page shows, taken on the event loop (relayd.web.snapshot)."""
+        from relayd.web.snapshot import take_snapshot
 
-        def held_until(agent: Any) -> float | None:
-            held = agent.held_s() if agent is not None else None
-            return None if held is None else time.time() + held
-
-        view = self.qmgr.view
-        counts = view.route_counts()
-        routes: list[RouteRow] = []
-        tokens: list[TokenRow] = []
-        for route in self.config.routes.values():
-            # Only agents that exist: a route no message has used since start is read from
-            # auth/ (its token store, its app credential), without building its upstream.
-            agent = self.qmgr.agents.get(route.name)
-            st = agent.stats if agent is not None else RouteStats()
-            count = counts.get(route.name, RouteCount())
-            queued, deferred = count.queued, count.deferred
-            advice = (auth_refused_advice(route.name, st.last_failure_reply)
-                      if st.failing_kind == "authentication" and route.auth in PASSWORD_AUTHS
-                      else "")
-            routes.append(RouteRow(route.name, route.upstream_name, st.last_success,
-                                   st.last_failure, st.last_failure_reply, st.failing_since,
-                                   st.failing_kind, queued, deferred,
-                                   fix_for(route, st.last_failure_reply)
-                                   if st.last_failure_reply else "", advice,
-                                   held_until(agent)))
-            health = (agent.upstream.token_health() if agent is not None
-                      else route_token_health(self.config, route))
-            tokens.extend(TokenRow(**dataclasses.asdict(h)) for h in health)
-            if not health and is_delegated(route):
-                # Nobody has signed in: the route refuses every sender at MAIL FROM.
-                how = ("each user signs in at /signin, or an administrator runs"
-                       if self.config.web.listen is not None else "an administrator runs")
-                tokens.append(TokenRow(
-                    route.name, "(nobody signed in)", None, None, True,
-                    "nobody has signed in to this route yet: its senders are refused "
-                    "(550 5.7.1)", f"{how} `relayd auth login {route.name} --user ADDRESS`",
-                    None))
-        waiting, waiting_total = view.deferred(DEFERRED_LISTED)
-        listed = [DeferredRow(m.id, m.route, m.summary["sender"],
-                              [r for r, rs in m.summary["rcpt"].items()
-                               if rs["status"] == "pending"],
-                              m.summary["received"], m.summary["attempts"],
-                              m.summary["next_attempt"], m.summary["last_error"])
-                  for m in waiting]
-        oldest = [c.oldest_deferred for c in counts.values() if c.oldest_deferred is not None]
-        signin = [r.name for r in self.config.routes.values() if r.flow == "device"]
-        expiry_warning_s = (self.config.notify.expiry_warning_s if self.config.notify
-                            else Snapshot.expiry_warning_s)
-        mailboxes = [MailboxRow(u.route, u.mailbox, u.used, u.budget,
-                                f"{u.rate.count}/{u.rate.per_s:g}s" if u.rate else "",
-                                u.frees_at, u.waiting) for u in view.mailboxes()]
-        return Snapshot(self.config.server.hostname, time.time(), routes, tokens,
-                        min(oldest) if oldest else None, view.depth()[0], signin,
-                        warnings=self.config.warnings, deferred=listed,
-                        deferred_total=waiting_total, expiry_warning_s=expiry_warning_s,
-                        mailboxes=mailboxes)
+        return take_snapshot(self.config, self.qmgr.view)
 
     async def _report_queue(self) -> None:
         """Gauges that are read, not counted: queue depth and age, token lifetimes."""
@@ -398,8 +328,8 @@ class Service:
             if set_journal is not None:
                 set_journal(self.journal.dropped)
             now = time.time()
-            for name, agent in list(self.qmgr.agents.items()):
-                for account, expires in agent.upstream.token_expiries().items():
+            for name, expiries in self.qmgr.view.token_expiries().items():
+                for account, expires in expiries.items():
                     if set_expiry is not None:
                         set_expiry(name, account, expires - now)
             set_health = getattr(self.observer, "set_token_health", None)
@@ -407,8 +337,7 @@ class Service:
                 # Token health reads (and decrypts) the token store: on a thread, and not
                 # every few seconds.
                 health_read = now
-                upstreams = [a.upstream for a in list(self.qmgr.agents.values())]
-                for health in await asyncio.to_thread(_token_health, upstreams):
+                for health in await asyncio.to_thread(registry.token_health, self.config):
                     set_health(health, now)
             await asyncio.sleep(QUEUE_GAUGE_INTERVAL_S)
 

@@ -79,12 +79,12 @@ async def test_upstream_down_then_back_delivers_queued_mail(tmp_path: Path,
         for i in range(3):
             await send(service_port(svc), "a@business.com", ["b@example.com"],
                        message(subject=f"m{i}"))
-        await wait_for(lambda: all(e.attempts >= 1 for e in svc.qmgr.messages.values())
-                       and len(svc.qmgr.messages) == 3, what="first failed attempts")
+        await wait_for(lambda: all(e.attempts >= 1 for e in svc.qmgr.view.messages())
+                       and svc.qmgr.view.count() == 3, what="first failed attempts")
         assert upstream.messages == []
         await upstream.start()
         await wait_for(lambda: len(upstream.messages) == 3, what="delivery after recovery")
-        await wait_for(lambda: not svc.qmgr.messages, what="queue to empty")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="queue to empty")
     assert sorted(m.data.split(b"Subject: ")[1][:2] for m in upstream.messages) == [
         b"m0", b"m1", b"m2"]
 
@@ -94,8 +94,8 @@ async def test_4xx_defers_and_retries(tmp_path: Path, upstream: Upstream) -> Non
     cfg = write_config(tmp_path, smtp_route("staff", '["*"]', upstream.port))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "a@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 1 for e in svc.qmgr.messages.values()))
-        entry = next(iter(svc.qmgr.messages.values())).entry
+        await wait_for(lambda: any(e.attempts >= 1 for e in svc.qmgr.view.messages()))
+        entry = next(iter(svc.qmgr.view.messages())).entry
         assert entry.rcpt["bob@example.com"].code == 451
         assert upstream.messages == []
         upstream.handler.rcpt_replies.clear()
@@ -111,7 +111,7 @@ async def test_5xx_for_one_recipient_fails_only_that_one_and_bounces(tmp_path: P
         await send(service_port(svc), "alice@business.com",
                    ["bob@example.com", "nobody@example.com"], message())
         await wait_for(lambda: len(upstream.messages) == 2, what="message and bounce")
-        await wait_for(lambda: not svc.qmgr.messages)
+        await wait_for(lambda: not svc.qmgr.view.count())
     original, bounce = upstream.messages
     assert original.rcpt_tos == ["bob@example.com"]
     # The bounce goes to the sender, with a null sender, through the same route.
@@ -133,7 +133,7 @@ async def test_a_bounce_is_never_bounced(tmp_path: Path, upstream: Upstream) -> 
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["nobody@example.com"], message())
-        await wait_for(lambda: not svc.qmgr.messages and len(svc.spool.ids()) == 0,
+        await wait_for(lambda: not svc.qmgr.view.count() and len(svc.spool.ids()) == 0,
                        what="the message and its bounce to finish")
     assert upstream.messages == []
     assert upstream.handler.connections <= 2
@@ -144,7 +144,7 @@ async def test_data_5xx_fails_all_recipients(tmp_path: Path, upstream: Upstream)
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["b@example.com"], message())
-        await wait_for(lambda: not svc.qmgr.messages)
+        await wait_for(lambda: not svc.qmgr.view.count())
     # The DSN itself was refused by the same DATA reply and is not bounced again: the queue
     # is empty and nothing was delivered.
     assert upstream.messages == []
@@ -154,9 +154,9 @@ async def test_connection_refused_defers(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, smtp_route("staff", '["*"]', dead_port()))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "a@business.com", ["b@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 2 for e in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(e.attempts >= 2 for e in svc.qmgr.view.messages()),
                        what="two deferred attempts")
-        entry = next(iter(svc.qmgr.messages.values())).entry
+        entry = next(iter(svc.qmgr.view.messages())).entry
         assert "cannot connect" in entry.last_error
         assert len(svc.spool.ids()) == 1
 
@@ -213,13 +213,13 @@ async def test_unreachable_upstream_holds_the_route_instead_of_trying_each_messa
                 await send(service_port(svc), "a@business.com", ["b@example.com"],
                            message(subject=f"{i}"))
             # Held messages are deferred without a try: it is not counted (issue 8, item 3).
-            await wait_for(lambda: len(svc.qmgr.messages) == 5 and all(
-                e.state == "deferred" for e in svc.qmgr.messages.values()),
+            await wait_for(lambda: svc.qmgr.view.count() == 5 and all(
+                e.state == "deferred" for e in svc.qmgr.view.messages()),
                 what="every message deferred once")
-            assert sum(e.attempts for e in svc.qmgr.messages.values()) <= 2
+            assert sum(e.attempts for e in svc.qmgr.view.messages()) <= 2
             assert len(accepted) <= 2  # one try per connection slot, not one per message
             assert all("timed out" in e.entry.last_error.lower()
-                       for e in svc.qmgr.messages.values())
+                       for e in svc.qmgr.view.messages())
     finally:
         for writer in accepted:
             writer.close()

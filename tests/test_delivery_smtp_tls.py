@@ -148,9 +148,9 @@ async def test_wrong_password_defers_never_bounces(tmp_path: Path,
                                            password="wrong"))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 2 for e in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(e.attempts >= 2 for e in svc.qmgr.view.messages()),
                        what="two deferred attempts")
-        [entry] = [q.entry for q in svc.qmgr.messages.values()]
+        [entry] = [q.entry for q in svc.qmgr.view.messages()]
         assert "refused the credentials" in entry.last_error and "535" in entry.last_error
         assert len(svc.spool.ids()) == 1  # no bounce was queued
     assert starttls_upstream.messages == []
@@ -163,8 +163,8 @@ async def test_untrusted_certificate_defers(tmp_path: Path, starttls_upstream: U
                                            ca=False))
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: any(e.attempts >= 1 for e in svc.qmgr.messages.values()))
-        [entry] = [q.entry for q in svc.qmgr.messages.values()]
+        await wait_for(lambda: any(e.attempts >= 1 for e in svc.qmgr.view.messages()))
+        [entry] = [q.entry for q in svc.qmgr.view.messages()]
         assert "CERTIFICATE_VERIFY_FAILED" in entry.last_error or "certificate" in \
             entry.last_error.lower()
     assert starttls_upstream.messages == [] and starttls_upstream.handler.logins == []

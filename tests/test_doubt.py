@@ -246,7 +246,7 @@ async def test_the_doubt_survives_a_restart(genv: GraphEnv) -> None:
     genv.graph.after_keep.append("504")
     async with run_service(slow) as svc:
         assert await send(service_port(svc), SENDER, [RCPT], message(SENDER, RCPT)) == {}
-        await wait_for(lambda: any(q.entry.doubt for q in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(q.entry.doubt for q in svc.qmgr.view.messages()),
                        what="the attempt in doubt")
     [state_file] = (genv.tmp_path / "queue" / "state").iterdir()
     state = json.loads(state_file.read_text())

@@ -75,7 +75,7 @@ async def test_relayd_log_shows_forged_subject_and_message_id_escaped(
     async with run_service(cfg) as svc:
         port = service_port(svc)
         await asyncio.to_thread(go)
-        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.view.count(),
                        what="delivered")
     out = await arelayd_cli("log", "-c", str(cfg))
     assert out.returncode == 0, out.stderr

@@ -27,7 +27,7 @@ from relayd.delivery import OutboundMessage, Status, make_upstream
 from relayd.delivery.graph import GraphUpstream
 from relayd.errors import AuthenticationError, PermanentDeliveryError, TransientDeliveryError
 from relayd.policy import SenderPolicy
-from relayd.qmgr.manager import DUE
+from relayd.qmgr.queued import DUE
 
 SIMPLE = (CORPUS / "01-plain-ascii.eml").read_bytes()
 
@@ -417,7 +417,7 @@ async def test_a_permanent_graph_failure_bounces_with_a_5xx_status(
     env.graph.fail_next(status, code, "scripted refusal")
     async with run_service(env.service_config()) as svc:
         await send(service_port(svc), "casemanager@business.com", ["alice@example.net"], SIMPLE)
-        await wait_for(lambda: len(env.graph.sent) == 1 and not svc.qmgr.messages,
+        await wait_for(lambda: len(env.graph.sent) == 1 and not svc.qmgr.view.count(),
                        what="the bounce sent")
     [bounce] = env.graph.sent
     assert bounce.recipients == ["casemanager@business.com"]
@@ -443,8 +443,8 @@ async def test_graph_sending_limits_defer(env: Env, status: int, code: str,
         before = svc.qmgr.clock()
         await send(service_port(svc), "casemanager@business.com", ["alice@example.net"], SIMPLE)
         await wait_for(lambda: any(q.attempts and q.state == "deferred"
-                                   for q in svc.qmgr.messages.values()), what="deferred")
-        [queued] = svc.qmgr.messages.values()
+                                   for q in svc.qmgr.view.messages()), what="deferred")
+        [queued] = svc.qmgr.view.messages()
         assert queued.entry.next_attempt - before >= at_least_s * 0.9
         if at_least_s < 10:
             await wait_for(lambda: len(env.graph.sent) == 1, what="sent on the next try")
@@ -625,11 +625,11 @@ async def test_a_message_deleted_while_its_mailbox_is_full_is_not_sent_and_none_
         for i in range(6):
             await send(port, "casemanager@business.com", ["alice@example.net"],
                        _numbered("casemanager@business.com", i))
-        waiting = [q for q in svc.qmgr.messages.values() if q.state == DUE]
+        waiting = [q for q in svc.qmgr.view.messages() if q.state == DUE]
         assert len(waiting) == 2 and len(env.graph.sent) == 0
         deleted = waiting[0]
-        svc.qmgr.delete(deleted)
-        await wait_for(lambda: not svc.qmgr.messages, timeout=10, what="an empty queue")
+        assert svc.qmgr.delete_ids([deleted.id], "admin") == 1
+        await wait_for(lambda: not svc.qmgr.view.count(), timeout=10, what="an empty queue")
         await asyncio.sleep(0.5)
     assert len(env.graph.sent) == 5
     sent_ids = {parse(s.mime)["Message-ID"] for s in env.graph.sent}

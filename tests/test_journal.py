@@ -52,22 +52,22 @@ async def test_each_event_of_a_message_is_recorded_and_found_again(
     first = message(subject="first")
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, [BOB, NOBODY], first)
-        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.view.count(),
                        what="delivered and bounced")
         upstream.handler.data_reply = "451 4.3.0 try later"
         await send(service_port(svc), ALICE, ["carol@example.com"], message(subject="second"))
-        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.view.messages()),
                        what="deferred once")
         upstream.handler.data_reply = None
-        await wait_for(lambda: not svc.qmgr.messages, what="delivered on the next try")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="delivered on the next try")
         upstream.handler.data_reply = "451 4.3.0 try later"
         await send(service_port(svc), ALICE, ["dave@example.com"], message(subject="third"))
-        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.view.messages()),
                        what="the third deferred")
-        [third_id] = list(svc.qmgr.messages)
+        [third_id] = svc.qmgr.view.ids()
         done = await arelayd_cli("queue", "delete", third_id, "-c", str(cfg))
         assert done.returncode == 0
-        await wait_for(lambda: not svc.qmgr.messages, what="deleted")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="deleted")
     mid = first.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
     mine = events(journal_dir, message_id=mid)
     kinds = [e["event"] for e in mine]
@@ -182,7 +182,7 @@ async def test_expiry_is_recorded_with_the_last_reply(tmp_path: Path, upstream: 
                        queue='max_age = "2s"\nretry_min = "1s"\nretry_max = "1s"')
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, ["late@example.com"], message())
-        await wait_for(lambda: not svc.qmgr.messages and len(upstream.messages) == 1,
+        await wait_for(lambda: not svc.qmgr.view.count() and len(upstream.messages) == 1,
                        what="expired and bounced")
     got = events(tmp_path / "journal", recipient="late@example.com")
     kinds = [e["event"] for e in got]

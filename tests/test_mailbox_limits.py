@@ -196,7 +196,7 @@ async def test_daily_budget_defers_the_rest_keeps_counts_over_a_restart_and_show
                                for i in range(60)))
 
         def waiting() -> list[str]:
-            return [q.entry.last_error for q in svc.qmgr.messages.values()
+            return [q.entry.last_error for q in svc.qmgr.view.messages()
                     if q.state == "deferred" and WAIT_RE.search(q.entry.last_error)]
 
         await wait_for(lambda: len(handler.messages) == 50 and len(waiting()) == 10,
@@ -240,12 +240,12 @@ async def test_daily_budget_defers_the_rest_keeps_counts_over_a_restart_and_show
     assert (tmp_path / "queue" / "state" / USAGE_FILE).exists()
 
     async with run_service(cfg) as svc:
-        [use] = [u for u in svc.qmgr.mailbox_use() if u.mailbox == MERGE] or [None]
+        [use] = [u for u in svc.qmgr.view.mailboxes() if u.mailbox == MERGE] or [None]
         # Counted before the restart: still 50, unless the window has passed meanwhile.
         assert (use is not None and use.used == 50) or time.time() >= frees_at
         await wait_for(lambda: len(handler.messages) == 60, timeout=window + 20,
                        what="the other 10 once the budget frees")
-        await wait_for(lambda: not svc.qmgr.messages, what="an empty queue")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="an empty queue")
     assert handler.limits.over_budget == {}
     assert sorted(m.rcpt_tos[0] for m in handler.messages) == sorted(
         f"r{i}@example.net" for i in range(60))
@@ -262,7 +262,7 @@ async def test_more_recipients_than_the_whole_budget_is_one_clear_failure(
     rcpts = [f"r{i}@example.net" for i in range(6)]
     async with run_service(cfg) as svc:
         await send(service_port(svc), MERGE, rcpts, numbered(MERGE, 0, rcpts[0]))
-        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.view.count(),
                        what="the bounce")
     [bounce] = upstream.messages
     assert bounce.mail_from == "" and bounce.rcpt_tos == [MERGE]
@@ -288,7 +288,7 @@ async def test_a_blocked_mailbox_is_named_deferred_and_reported(
         await send(service_port(svc), MERGE, ["bob@example.net"], numbered(MERGE, 0))
         await wait_for(lambda: any(n["X-Relayd-Notice"] == f"blocked:{MERGE}"
                                    for n in _notices(upstream2)), what="the blocked notice")
-        [queued] = svc.qmgr.messages.values()
+        [queued] = svc.qmgr.view.messages()
         assert queued.state == "deferred"
         listing = await arelayd_cli("queue", "list", "-c", str(cfg))
         assert "blocked this mailbox for sending" in listing.stdout
@@ -322,8 +322,8 @@ async def test_graph_restricted_sender_is_named_as_blocked(
                             "ca_file": str(graph_server.ca_file)}}})
     async with run_service(config) as svc:
         await send(service_port(svc), MERGE, ["bob@example.net"], numbered(MERGE, 0))
-        await wait_for(lambda: MERGE in svc.qmgr.blocked, what="the blocked mailbox")
-        [queued] = svc.qmgr.messages.values()
+        await wait_for(lambda: MERGE in svc.qmgr.view.blocked(), what="the blocked mailbox")
+        [queued] = svc.qmgr.view.messages()
         assert queued.state == "deferred" and queued.entry.attempts == 1
         assert "ErrorAccessDenied" in queued.entry.last_error
         assert "blocked this mailbox for sending" in queued.entry.last_error

@@ -106,8 +106,8 @@ async def test_unreachable_route_one_notice_and_none_after_restart(
     async with run_service(cfg) as service:
 
         def failing_long() -> bool:
-            agent = service.qmgr.agents.get("staff")
-            since = agent.stats.failing_since if agent else None
+            stats = service.qmgr.view.route_stats().get("staff")
+            since = stats.failing_since if stats else None
             return since is not None and time.time() - since > 1.5
 
         await wait_for(failing_long, what="route staff failing past the threshold again")
@@ -168,7 +168,7 @@ async def test_a_notice_that_bounces_is_not_reported(tmp_path: Path, upstream: U
         assert set(service.notifier.state.sent) <= {"bounce:staff"}
         assert not service.notifier.state.bounces
         assert len(bounces(upstream2)) == 1 and not notices(upstream2)
-        await wait_for(lambda: not service.qmgr.messages, what="an empty queue")
+        await wait_for(lambda: not service.qmgr.view.count(), what="an empty queue")
 
 
 async def test_message_deferred_longer_than_deferred_after(tmp_path: Path,
@@ -178,7 +178,7 @@ async def test_message_deferred_longer_than_deferred_after(tmp_path: Path,
     cfg = config(tmp_path, dead_port(), upstream.port, 'deferred_after = "2s"')
     async with run_service(cfg) as service:
         assert await send(service_port(service), ALICE, [BOB], message()) == {}
-        [qid] = list(service.qmgr.messages)
+        [qid] = service.qmgr.view.ids()
         await wait_for(lambda: len(notices(upstream)) == 1, what="the deferred notice")
         [notice] = notices(upstream)
         assert notice["Subject"] == (SUBJECT + "1 message(s) deferred for more than 2s on "
@@ -418,7 +418,7 @@ async def test_revoked_refresh_token_one_notice_none_after_restart(
                     assert await send(service_port(service), ALICE, ["bob@example.net"],
                                       msg) == {}
                 await wait_for(lambda: any(q.attempts and q.state == "deferred"
-                                           for q in service.qmgr.messages.values()),
+                                           for q in service.qmgr.view.messages()),
                                what="alice's message deferred")
                 if not restart:
                     await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
@@ -558,12 +558,12 @@ async def test_a_wrong_upstream_password_is_deferred_and_said_once_loudly(
         async with run_service(cfg) as svc:
             for i in range(3):
                 await send(service_port(svc), ALICE, [BOB], message(subject=f"m{i}"))
-            await wait_for(lambda: sum(q.entry.attempts for q in svc.qmgr.messages.values()
+            await wait_for(lambda: sum(q.entry.attempts for q in svc.qmgr.view.messages()
                                        if q.entry.sender == ALICE) >= 5, what="tried again")
             page = status_page(await svc.web_snapshot()).decode()
             await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
             await asyncio.sleep(0.5)  # further checks send nothing more
-            assert all(q.entry.attempts for q in svc.qmgr.messages.values())
+            assert all(q.entry.attempts for q in svc.qmgr.view.messages())
     finally:
         await wrong.stop()
     loud = [r for r in caplog.records if r.levelname == "ERROR"

@@ -81,7 +81,7 @@ async def test_a_bounce_that_cannot_be_stored_keeps_the_message(
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, [BOB, NOBODY], message())
         [qid] = svc.spool.ids()
-        await wait_for(lambda: svc.qmgr.messages[qid].attempts >= 1, what="a first try")
+        await wait_for(lambda: svc.qmgr.view.message(qid).attempts >= 1, what="a first try")
         filler = fill(small_fs)
         await upstream.start()
         await wait_for(lambda: deliveries_to(upstream, BOB), what="bob delivered")
@@ -120,7 +120,7 @@ async def test_a_bounce_that_cannot_be_built_moves_the_message_to_corrupt(
     spool.create()
     entry = spool.accept_sync("alice\n@business.com", [NOBODY], message())
     async with run_service(cfg) as svc:
-        await wait_for(lambda: not svc.qmgr.messages, what="the message settled")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="the message settled")
     corrupt = tmp_path / "queue" / "corrupt"
     assert (corrupt / f"{entry.id}.msg").exists()
     why = (corrupt / f"{entry.id}.why").read_text()
@@ -139,7 +139,7 @@ async def test_an_address_that_cannot_be_encoded_fails_alone(
     spool.create()
     spool.accept_sync(ALICE, ["\udcff\udcfe@example.com", BOB], message())
     async with run_service(cfg) as svc:
-        await wait_for(lambda: bounces(upstream) and not svc.qmgr.messages,
+        await wait_for(lambda: bounces(upstream) and not svc.qmgr.view.count(),
                        what="delivered and bounced")
     assert [m.rcpt_tos for m in deliveries_to(upstream, BOB)] == [[BOB]]
     assert dsn_fields(bounces(upstream)[0])["Status"] == "5.1.3"
@@ -156,14 +156,14 @@ async def test_queue_retry_right_after_an_outage_connects_at_once(
                        queue='retry_min = "1h"\nretry_max = "2h"')
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, [BOB], message(subject="first"))
-        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.view.messages()),
                        what="the failed try")
         await send(service_port(svc), ALICE, [BOB], message(subject="second"))  # held
         await asyncio.sleep(0.3)
         await upstream.start()
         done = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
         assert done.returncode == 0, done.stderr
-        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.view.count(),
                        timeout=5, what="both delivered after the retry")
     assert sum("unreachable" in r.getMessage() for r in caplog.records) == 1
 
@@ -186,8 +186,8 @@ async def test_provider_quota_and_policy_replies_defer(
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, [BOB], message())
         await wait_for(lambda: any(q.attempts and q.state == "deferred"
-                                   for q in svc.qmgr.messages.values()), what="deferred")
-        [queued] = svc.qmgr.messages.values()
+                                   for q in svc.qmgr.view.messages()), what="deferred")
+        [queued] = svc.qmgr.view.messages()
         assert queued.entry.next_attempt - svc.qmgr.clock() >= at_least_s
         assert queued.entry.pending() == [BOB]
         await asyncio.sleep(0.5)
@@ -223,8 +223,8 @@ async def test_basic_smtp_auth_turned_off_defers_with_a_hint(
     async with run_service(cfg) as svc:
         await send(service_port(svc), ALICE, [BOB], message())
         await wait_for(lambda: any(q.attempts and q.state == "deferred"
-                                   for q in svc.qmgr.messages.values()), what="deferred")
-        [queued] = svc.qmgr.messages.values()
+                                   for q in svc.qmgr.view.messages()), what="deferred")
+        [queued] = svc.qmgr.view.messages()
         assert queued.entry.next_attempt - svc.qmgr.clock() >= 3500
     lines = [r.getMessage() for r in caplog.records if "deferred for" in r.getMessage()]
     assert lines and "5.7.139" in lines[0] and 'auth = "xoauth2"' in lines[0]
@@ -295,10 +295,10 @@ async def test_recovery_starts_no_more_attempts_than_the_route_has_sessions(
     most = 0
     async with run_service(cfg) as svc:
         while len(upstream.messages) < 40:
-            active = sum(1 for q in svc.qmgr.messages.values() if q.active)
+            active = sum(1 for q in svc.qmgr.view.messages() if q.active)
             most = max(most, active)
             await asyncio.sleep(0.005)
-        await wait_for(lambda: not svc.qmgr.messages, what="an empty queue")
+        await wait_for(lambda: not svc.qmgr.view.count(), what="an empty queue")
     assert 1 <= most <= 2
     assert upstream.handler.open_max <= 2
     subjects = sorted(email.message_from_bytes(m.data)["Subject"] for m in upstream.messages)
@@ -321,18 +321,18 @@ async def test_a_held_route_writes_no_state_for_messages_it_never_tried(
     state_dir = tmp_path / "queue" / "state"
     async with run_service(cfg) as svc:
         await svc.recovered.wait()
-        await wait_for(lambda: len(svc.qmgr.messages) == 30 and all(
-            q.state == "deferred" for q in svc.qmgr.messages.values()), what="all deferred")
-        tried = [q.id for q in svc.qmgr.messages.values() if q.attempts]
+        await wait_for(lambda: svc.qmgr.view.count() == 30 and all(
+            q.state == "deferred" for q in svc.qmgr.view.messages()), what="all deferred")
+        tried = [q.id for q in svc.qmgr.view.messages() if q.attempts]
         assert 1 <= len(tried) <= 2
         await asyncio.sleep(0.3)  # state writes go through a thread: let any stray one land
         assert sorted(os.listdir(state_dir)) == sorted(tried)
-        assert all(q.data is None for q in svc.qmgr.messages.values())
-        assert svc.qmgr._held_bytes == 0
+        assert not any(q.in_memory for q in svc.qmgr.view.messages())
+        assert svc.qmgr.view.held_bytes() == 0
         await upstream.start()
         done = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
         assert done.returncode == 0, done.stderr
-        await wait_for(lambda: len(upstream.messages) == 30 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 30 and not svc.qmgr.view.count(),
                        timeout=10, what="all delivered after the retry")
     said = [r.getMessage() for r in caplog.records if "retry requested" in r.getMessage()]
     assert said == ["queue: retry requested for all 30 message(s)"]
@@ -354,16 +354,16 @@ async def test_held_messages_accepted_while_down_are_delivered_once_after_a_rest
     async with run_service(cfg) as svc:
         for i in range(5):
             await send(service_port(svc), ALICE, [BOB], message(subject=f"down {i}"))
-        await wait_for(lambda: len(svc.qmgr.messages) == 5 and all(
-            q.state == "deferred" for q in svc.qmgr.messages.values()), what="all deferred")
-        [tried] = [q.id for q in svc.qmgr.messages.values() if q.attempts]
+        await wait_for(lambda: svc.qmgr.view.count() == 5 and all(
+            q.state == "deferred" for q in svc.qmgr.view.messages()), what="all deferred")
+        [tried] = [q.id for q in svc.qmgr.view.messages() if q.attempts]
     await upstream.start()
     async with run_service(cfg) as svc:
-        await wait_for(lambda: len(upstream.messages) == 4 and list(svc.qmgr.messages) ==
+        await wait_for(lambda: len(upstream.messages) == 4 and svc.qmgr.view.ids() ==
                        [tried], what="the four held ones delivered after the restart")
         done = await arelayd_cli("queue", "retry", tried, "-c", str(cfg))
         assert done.returncode == 0, done.stderr
-        await wait_for(lambda: len(upstream.messages) == 5 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 5 and not svc.qmgr.view.count(),
                        what="the tried one delivered on request")
     subjects = sorted(email.message_from_bytes(m.data)["Subject"] for m in upstream.messages)
     assert subjects == [f"down {i}" for i in range(5)]

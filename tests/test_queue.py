@@ -88,8 +88,8 @@ async def test_queue_commands_while_the_daemon_runs(tmp_path: Path, upstream: Up
         for subject in ("keep", "drop"):
             await send(service_port(svc), "a@business.com", ["x@example.com"],
                        message(subject=subject))
-        await wait_for(lambda: len(svc.qmgr.messages) == 2 and all(
-            e.attempts == 1 and not e.active for e in svc.qmgr.messages.values()))
+        await wait_for(lambda: svc.qmgr.view.count() == 2 and all(
+            e.attempts == 1 and not e.active for e in svc.qmgr.view.messages()))
         listing = await arelayd_cli("queue", "list", "-c", str(cfg))
         assert listing.returncode == 0
         assert "2 message(s) in the queue" in listing.stdout
@@ -102,7 +102,7 @@ async def test_queue_commands_while_the_daemon_runs(tmp_path: Path, upstream: Up
             by_subject["keep" if "Subject: keep" in shown.stdout else "drop"] = e["id"]
         deleted = await arelayd_cli("queue", "delete", by_subject["drop"], "-c", str(cfg))
         assert deleted.returncode == 0 and "running daemon" in deleted.stdout
-        assert by_subject["drop"] not in svc.qmgr.messages
+        assert not svc.qmgr.view.has(by_subject["drop"])
         upstream.handler.rcpt_replies.clear()
         retried = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
         assert retried.returncode == 0, retried.stderr

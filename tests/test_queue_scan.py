@@ -28,7 +28,7 @@ from conftest import (
 )
 from test_workers import worker_pids
 
-from relayd.qmgr.manager import SCAN_INTERVAL_S, SCAN_MIN_AGE_S
+from relayd.qmgr.control import SCAN_INTERVAL_S, SCAN_MIN_AGE_S
 from relayd.queue import Spool
 
 # The bound: scheduled within 60 s of the starvation ending.
@@ -143,14 +143,14 @@ async def test_the_scan_takes_an_unknown_entry_and_never_one_that_is_active(
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"],
                    message(subject="active"))
-        await wait_for(lambda: any(q.active for q in svc.qmgr.messages.values()),
+        await wait_for(lambda: any(q.active for q in svc.qmgr.view.messages()),
                        what="A's attempt under way")
         b = orphan(tmp_path, "orphan")
         assert await svc.qmgr.scan() == 1
-        assert svc.qmgr.has(b) and len(svc.qmgr.messages) == 2
+        assert svc.qmgr.view.has(b) and svc.qmgr.view.count() == 2
         assert await svc.qmgr.scan() == 0
         gate.set()
-        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 2 and not svc.qmgr.view.count(),
                        what="both delivered")
         assert await svc.qmgr.scan() == 0
         await asyncio.sleep(0.5)
@@ -167,7 +167,7 @@ async def test_queue_retry_all_reaches_an_entry_nobody_scheduled(
         orphan(tmp_path, "retried")
         out = await arelayd_cli("queue", "retry", "--all", "-c", str(cfg))
         assert out.returncode == 0, out.stderr
-        await wait_for(lambda: arrived(upstream, "retried") == 1 and not svc.qmgr.messages,
+        await wait_for(lambda: arrived(upstream, "retried") == 1 and not svc.qmgr.view.count(),
                        what="delivered")
     said = [r.getMessage() for r in caplog.records]
     assert "queue: retry requested for all 1 message(s)" in said, said

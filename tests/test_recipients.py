@@ -34,7 +34,7 @@ async def test_an_allowed_and_a_refused_recipient_in_one_transaction(
         refused = await asyncio.to_thread(go)
         assert refused == {"carol@example.net": (
             550, b"5.7.1 Recipient not allowed through route hve (routes.hve.recipients)")}
-        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.messages)
+        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.view.count())
     [got] = upstream.messages
     assert got.rcpt_tos == ["bob@Business.com"]
 

@@ -253,7 +253,7 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
         await send(service.addresses[0][1], alice, [bob], message(subject="new"))
         assert not service.recovered.is_set()  # accepted while the spool was still read
         sent.set()
-        await wait_for(lambda: len(upstream.messages) == 33 and not service.qmgr.messages,
+        await wait_for(lambda: len(upstream.messages) == 33 and not service.qmgr.view.count(),
                        what="all delivered")
     finally:
         await service.stop(timeout=5)

@@ -105,8 +105,8 @@ async def test_revoked_refresh_token_needs_signin_and_mail_is_deferred_not_bounc
                           f"From: {ALICE}\r\nTo: bob@example.net\r\nSubject: x\r\n\r\nx\r\n"
                           .encode()) == {}
         await wait_for(lambda: any(q.attempts and q.state == "deferred"
-                                   for q in svc.qmgr.messages.values()), what="deferred")
-        [queued] = svc.qmgr.messages.values()
+                                   for q in svc.qmgr.view.messages()), what="deferred")
+        [queued] = svc.qmgr.view.messages()
         assert queued.entry.rcpt["bob@example.net"].status != "failed"
         assert FIX in (queued.entry.last_error or "")
     assert env.graph.sent == []  # neither the message nor a bounce

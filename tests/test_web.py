@@ -56,10 +56,10 @@ async def test_status_page_shows_routes_and_a_failing_route(tmp_path: Path,
                        queue='retry_min = "1h"\nretry_max = "2h"')
     async with run_service(cfg) as svc:
         await send(service_port(svc), "alice@business.com", ["bob@example.com"], message())
-        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.messages)
+        await wait_for(lambda: len(upstream.messages) == 1 and not svc.qmgr.view.count())
         await upstream.stop()
         await send(service_port(svc), "alice@business.com", ["carol@example.com"], message())
-        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()))
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.view.messages()))
         url = f"http://127.0.0.1:{svc.web_port}/"
         dom = await chromium(tmp_path, url, "--dump-dom")
         shot = tmp_path / "status.png"
@@ -277,9 +277,9 @@ password_env = "WEB_TEST_SECRET"
         await send(port, "alice@business.com", ["bob@example.com", "later@example.com"],
                    message())
         await send(port, "down@business.com", ["carol@example.com"], message())
-        await wait_for(lambda: sum(1 for q in svc.qmgr.messages.values() if q.attempts) == 2,
+        await wait_for(lambda: sum(1 for q in svc.qmgr.view.messages() if q.attempts) == 2,
                        what="both messages deferred")
-        [deferred_id] = [q for q, m in svc.qmgr.messages.items()
+        [deferred_id] = [m.id for m in svc.qmgr.view.messages()
                          if "later@example.com" in m.entry.pending()]
         url = f"http://127.0.0.1:{svc.web_port}/"
 

@@ -151,10 +151,10 @@ async def test_console_queue_message_retry_delete_in_chromium(tmp_path: Path,
             await send(port, "alice@business.com", ["carol@example.com"], message())
             await send(port, "x@other.test", ["dave@example.com"], message("x@other.test"))
             # The first of each route is tried; carol's waits for staff's hold to end.
-            await wait_for(lambda: len(svc.qmgr.messages) == 3 and sum(
-                1 for q in svc.qmgr.messages.values() if q.attempts) == 2, what="two tried")
+            await wait_for(lambda: svc.qmgr.view.count() == 3 and sum(
+                1 for q in svc.qmgr.view.messages() if q.attempts) == 2, what="two tried")
             base = f"http://127.0.0.1:{svc.web_port}"
-            by_rcpt = {q.entry.recipients[0]: q.id for q in svc.qmgr.messages.values()}
+            by_rcpt = {q.entry.recipients[0]: q.id for q in svc.qmgr.view.messages()}
 
             text = await open_page(driver, base + "/")
             assert "Needs attention" in text
@@ -192,7 +192,7 @@ async def test_console_queue_message_retry_delete_in_chromium(tmp_path: Path,
             assert f"Delete {carol} from the queue?" in text
             text = await click(driver, "confirm")
             assert "delete: 1 message(s)" in text
-            assert carol not in svc.qmgr.messages
+            assert not svc.qmgr.view.has(carol)
             assert carol not in text
             await upstream.start()
             await open_page(driver, f"{base}/queue/{bob}")
@@ -201,7 +201,7 @@ async def test_console_queue_message_retry_delete_in_chromium(tmp_path: Path,
             text = await click(driver, "confirm")
             await wait_for(lambda: len(upstream.messages) == 1, what="the retried message")
             assert upstream.messages[0].rcpt_tos == ["bob@example.com"]
-            await wait_for(lambda: bob not in svc.qmgr.messages, what="bob's message gone")
+            await wait_for(lambda: not svc.qmgr.view.has(bob), what="bob's message gone")
             assert "retry: 1 message(s)" in text
 
             events = await journal_events(tmp_path / "journal",
@@ -344,9 +344,9 @@ async def test_json_of_each_page_is_the_clis(tmp_path: Path, upstream: Upstream)
         await wait_for(lambda: len(upstream.messages) == 1)
         await send(port, "x@other.test", ["dave@example.com", "erin@example.com"],
                    message("x@other.test", subject=SUBJECT))
-        await wait_for(lambda: len(svc.qmgr.messages) == 1 and all(
-            q.attempts for q in svc.qmgr.messages.values()))
-        qid = next(iter(svc.qmgr.messages))
+        await wait_for(lambda: svc.qmgr.view.count() == 1 and all(
+            q.attempts for q in svc.qmgr.view.messages()))
+        qid = svc.qmgr.view.ids()[0]
         base = f"http://127.0.0.1:{svc.web_port}"
         await asyncio.sleep(0.6)  # the journal's batch (journal.FLUSH_S)
         pages = {}
@@ -388,8 +388,8 @@ async def test_csrf_and_escaping(tmp_path: Path, upstream: Upstream) -> None:
     async with run_service(cfg) as svc:
         await send(service_port(svc), "x@other.test", ["dave@example.com"],
                    message("x@other.test", subject=SUBJECT))
-        await wait_for(lambda: any(q.attempts for q in svc.qmgr.messages.values()))
-        qid = next(iter(svc.qmgr.messages))
+        await wait_for(lambda: any(q.attempts for q in svc.qmgr.view.messages()))
+        qid = svc.qmgr.view.ids()[0]
         base = f"http://127.0.0.1:{svc.web_port}"
         for fields in ({"action": "delete", "id": qid},
                        {"action": "delete", "id": qid, "csrf": "0" * 64},
@@ -399,7 +399,7 @@ async def test_csrf_and_escaping(tmp_path: Path, upstream: Upstream) -> None:
         status, body = await asyncio.to_thread(post, base + "/routes/send-test",
                                                {"from": "x@other.test", "to": "a@b.c"})
         assert status == 403
-        assert qid in svc.qmgr.messages and svc.qmgr.messages[qid].attempts == 1
+        assert svc.qmgr.view.has(qid) and svc.qmgr.view.message(qid).attempts == 1
         _, _, confirm = await asyncio.to_thread(get, base + f"/confirm?action=delete&id={qid}")
         token = confirm.split('name="csrf" value="')[1].split('"')[0]
         _, _, html_page = await asyncio.to_thread(get, base + f"/queue/{qid}")
@@ -409,7 +409,7 @@ async def test_csrf_and_escaping(tmp_path: Path, upstream: Upstream) -> None:
         status, _ = await asyncio.to_thread(post, base + "/action",
                                             {"action": "delete", "id": qid, "csrf": token})
         assert status == 200  # after the 303 to /queue
-        assert qid not in svc.qmgr.messages
+        assert not svc.qmgr.view.has(qid)
 
 
 async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
@@ -458,7 +458,7 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
         status, _ = await asyncio.to_thread(post, base + "/action",
                                             {"action": "delete", "id": entry.id},
                                             context=context)
-        assert status == 401 and entry.id in svc.qmgr.messages
+        assert status == 401 and svc.qmgr.view.has(entry.id)
         for path in paths:
             status, _, _ = await asyncio.to_thread(get, base + path, auth="it:admin-pw",
                                                    context=context)
@@ -498,7 +498,7 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
         status, _ = await asyncio.to_thread(post, base + "/action",
                                             {"action": "delete", "id": other.id,
                                              "csrf": token}, auth=viewer, context=context)
-        assert status == 403 and other.id in svc.qmgr.messages
+        assert status == 403 and svc.qmgr.view.has(other.id)
 
 
 def test_viewers_must_be_users(tmp_path: Path) -> None:
@@ -520,8 +520,8 @@ async def test_retry_all_of_a_route(tmp_path: Path, upstream: Upstream) -> None:
     async with run_service(cfg) as svc:
         for rcpt in ("dave@example.com", "erin@example.com"):
             await send(service_port(svc), "x@other.test", [rcpt], message("x@other.test"))
-        await wait_for(lambda: len(svc.qmgr.messages) == 2 and any(
-            q.attempts for q in svc.qmgr.messages.values()), what="the route held")
+        await wait_for(lambda: svc.qmgr.view.count() == 2 and any(
+            q.attempts for q in svc.qmgr.view.messages()), what="the route held")
         base = f"http://127.0.0.1:{svc.web_port}"
         _, _, listing = await asyncio.to_thread(get, base + "/queue?route=other")
         assert "Retry all messages of route other" in listing
@@ -538,7 +538,7 @@ async def test_retry_all_of_a_route(tmp_path: Path, upstream: Upstream) -> None:
             await wait_for(lambda: len(down.messages) == 2, what="both delivered")
         finally:
             await down.stop()
-        assert not svc.qmgr.messages
+        assert not svc.qmgr.view.count()
         events = await journal_events(tmp_path / "journal", lambda e: e["event"] == "retry")
         assert [(e["id"], e["route"], e["admin"], e["count"]) for e in events] == [
             ("*", "other", "loopback", 2)]

@@ -6,8 +6,12 @@ Rules:
   `asyncio.run_coroutine_threadsafe`); every answer is a copy (frozen rows, plain dicts), so
   nothing a reader holds can change a message, and nothing the manager does later changes what
   a reader was given.
-- No disk I/O: everything comes from the manager's memory (`QueueManager.messages`, one
-  `Queued` per message). At 100,000 queued a page of the queue is one pass over that dict
+- No disk I/O: everything comes from the manager's memory (one `Queued` per message).
+- No side effect: nothing here builds a delivery agent or an upstream client. A route's
+  counters come from the agents the manager has built (a route that has sent nothing has
+  none: empty counters); token health is relayd.auth.registry's, not the upstreams'.
+- Everything outside relayd/qmgr (notify, the web pages and console, metrics, tests) reads
+  the queue here and nowhere else. At 100,000 queued a page of the queue is one pass over that dict
   with a cheap filter, and rows (`Entry.summary()`, the `relayd queue list --json` item) are
   built for the page's messages only.
 - The rows carry what `relayd queue list --json` and `queue show --json` print, plus the
@@ -24,13 +28,30 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from relayd.config import RouteConfig
+from relayd.delivery.agent import DeliveryAgent, RouteStats
+from relayd.qmgr.pacing import Ledger, MailboxUse
+from relayd.qmgr.queued import ACTIVE, Queued
 from relayd.queue import Entry
 
-if TYPE_CHECKING:
-    from relayd.qmgr.manager import Queued, QueueManager
-    from relayd.qmgr.pacing import MailboxUse
+
+class Source(Protocol):
+    """What the view reads of its queue manager (relayd.qmgr.manager.QueueManager)."""
+
+    @property
+    def agents(self) -> Mapping[str, DeliveryAgent]: ...
+    @property
+    def held_bytes(self) -> int: ...
+    def clock(self) -> float: ...
+    def route_for(self, entry: Entry) -> RouteConfig | None: ...
+    def route_for_sender(self, sender: str) -> RouteConfig | None: ...
+    def mailbox_use(self) -> list[MailboxUse]: ...
+    @property
+    def ledger(self) -> Ledger: ...
+    @property
+    def blocked(self) -> Mapping[str, tuple[str, float, str]]: ...
 
 STATES = ("due", "active", "deferred")  # QueueManager's DUE, ACTIVE, DEFERRED
 PAGE_MAX = 500  # rows in one page at most
@@ -93,6 +114,15 @@ class MessageRow:
     summary: Mapping[str, Any]
     last_reply: Mapping[str, str] = field(default_factory=dict)  # recipient -> upstream reply
     entry: Entry | None = None  # a copy, for reading the bytes (message page only)
+    in_memory: bool = False  # its bytes are held for its first attempt
+
+    @property
+    def attempts(self) -> int:
+        return int(self.summary.get("attempts") or 0)
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
 
 
 @dataclass(frozen=True)
@@ -107,12 +137,59 @@ class Page:
 class QueueView:
     """Read-only questions to one queue manager (call on its event loop)."""
 
-    def __init__(self, manager: QueueManager) -> None:
+    def __init__(self, manager: Source, messages: Mapping[str, Queued]) -> None:
         self._manager = manager
+        self._messages = messages  # the manager's own dict, read only here
+
+    def count(self) -> int:
+        """How many messages are queued."""
+        return len(self._messages)
+
+    def has(self, queue_id: str) -> bool:
+        return queue_id in self._messages
+
+    def messages(self) -> list[MessageRow]:
+        """Every message, each with a copy of its entry, in the order they were queued. For
+        tests and small queues: the console pages through `page`."""
+        return [self._row(q, name, with_entry=True) for q, name in self._routed()]
+
+    def route_for(self, entry: Entry) -> RouteConfig | None:
+        """The route that sends a queued entry now (its pinned route, else its sender's)."""
+        return self._manager.route_for(entry)
+
+    def route_for_sender(self, sender: str) -> RouteConfig | None:
+        """The route the current config sends `sender`'s mail by (the sender policy's)."""
+        return self._manager.route_for_sender(sender)
+
+    def held_bytes(self) -> int:
+        """Bytes of fresh messages held in memory for their first attempt."""
+        return self._manager.held_bytes
+
+    def route_stats(self) -> dict[str, RouteStats]:
+        """Route name -> a copy of its agent's counters, for the routes that have an agent
+        (one that has sent nothing has none yet; read it as RouteStats())."""
+        return {name: dataclasses.replace(agent.stats)
+                for name, agent in list(self._manager.agents.items())}
+
+    def held_until(self, now: float) -> dict[str, float]:
+        """Route name -> when its hold ends (its upstream found unreachable), for the routes
+        whose agent holds them now."""
+        out = {}
+        for name, agent in list(self._manager.agents.items()):
+            held = agent.held_s()
+            if held is not None:
+                out[name] = now + held
+        return out
+
+    def token_expiries(self) -> dict[str, dict[str, float]]:
+        """Route name -> account -> when its current access token expires, for the routes
+        whose agent holds tokens (the metrics' gauge)."""
+        return {name: agent.upstream.token_expiries()
+                for name, agent in list(self._manager.agents.items())}
 
     def _routed(self) -> Iterator[tuple[Queued, str]]:
         manager = self._manager
-        for queued in manager.messages.values():
+        for queued in self._messages.values():
             route = manager.route_for(queued.entry)
             yield queued, route.name if route else "-"
 
@@ -133,6 +210,10 @@ class QueueView:
         (relayd.qmgr.pacing; frozen rows)."""
         return self._manager.mailbox_use()
 
+    def budget_window_s(self) -> float:
+        """The window a sending mailbox's daily budget counts over (relayd.qmgr.pacing)."""
+        return self._manager.ledger.window_s
+
     def blocked(self) -> dict[str, tuple[str, float, str]]:
         """Mailboxes the provider said are blocked for sending: mailbox -> (route, when,
         reply), a copy."""
@@ -140,7 +221,7 @@ class QueueView:
 
     def depth(self) -> tuple[int, float]:
         """Queue depth and the age in seconds of the oldest message."""
-        messages = self._manager.messages
+        messages = self._messages
         if not messages:
             return 0, 0.0
         oldest = min(q.entry.received for q in messages.values())
@@ -159,18 +240,19 @@ class QueueView:
             if offset <= matching < offset + limit:
                 rows.append(self._row(queued, name, with_entry=False))
             matching += 1
-        return Page(tuple(rows), matching, offset, limit, len(self._manager.messages))
+        return Page(tuple(rows), matching, offset, limit, len(self._messages))
 
-    def ids(self, flt: Filter) -> list[str]:
+    def ids(self, flt: Filter | None = None) -> list[str]:
+        flt = flt or Filter()
         now = self._manager.clock()
         return [q.id for q, name in self._routed() if flt.accepts(q, name, now)]
 
     def queued(self, queue_ids: Iterable[str]) -> list[str]:
         """Those of `queue_ids` still in the queue."""
-        return [qid for qid in queue_ids if qid in self._manager.messages]
+        return [qid for qid in queue_ids if qid in self._messages]
 
     def message(self, queue_id: str) -> MessageRow | None:
-        queued = self._manager.messages.get(queue_id)
+        queued = self._messages.get(queue_id)
         if queued is None:
             return None
         route = self._manager.route_for(queued.entry)
@@ -216,4 +298,5 @@ class QueueView:
                                        rcpt={r: dataclasses.replace(s)
                                              for r, s in entry.rcpt.items()})
         return MessageRow(entry.id, route_name, queued.state, summary,
-                          {r: str(reply) for r, reply in queued.last_reply.items()}, copy)
+                          {r: str(reply) for r, reply in queued.last_reply.items()}, copy,
+                          queued.data is not None)
