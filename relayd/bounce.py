@@ -68,6 +68,18 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     msg.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
     msg.set_boundary(email.utils.make_msgid(domain="bounce").strip("<>").replace("@", "."))
 
+    status = _delivery_status(failures, hostname, queue_id, arrival)
+    msg.attach(status)  # type: ignore[arg-type]  # a plain Message part is what DSNs need
+
+    head_part = _headers_part(original)
+    msg.attach(head_part)  # type: ignore[arg-type]
+    return msg.as_bytes(policy=policy)
+
+
+def _delivery_status(failures: Sequence[Failure], hostname: str, queue_id: str,
+                     arrival: float) -> Message:
+    """The machine-readable part (RFC 3464): the per-message fields, then one block per
+    failed recipient."""
     status = Message()
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
@@ -85,8 +97,11 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
     del status["MIME-Version"]
     for block in blocks:
         status.attach(block)
-    msg.attach(status)  # type: ignore[arg-type]  # a plain Message part is what DSNs need
+    return status
 
+
+def _headers_part(original: bytes) -> Message:
+    """The original message's header section, as text/rfc822-headers."""
     head_part = Message()
     head_part.set_type("text/rfc822-headers")
     del head_part["MIME-Version"]
@@ -95,8 +110,7 @@ def build_bounce(*, original: bytes, sender: str, failures: Sequence[Failure], h
         head_part["Content-Transfer-Encoding"] = "8bit"
     # surrogateescape carries 8-bit header bytes through the generator unchanged
     head_part.set_payload(raw_headers.decode("ascii", "surrogateescape"))
-    msg.attach(head_part)  # type: ignore[arg-type]
-    return msg.as_bytes(policy=policy)
+    return head_part
 
 
 def _header_block(message: bytes) -> bytes:

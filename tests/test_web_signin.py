@@ -26,7 +26,8 @@ from test_auth_login import headless_chromium, login_env
 from relayd.auth.passwords import hash_password, verify_password
 from relayd.config import WebConfig, load_config
 from relayd.web import server as web_server
-from relayd.web.server import MAX_PENDING_SIGNINS_PER_CLIENT, SIGNIN_COOKIE
+from relayd.web.server import SIGNIN_COOKIE
+from relayd.web.signin import MAX_PENDING_SIGNINS_PER_CLIENT
 
 HEADERS = {"Content-Security-Policy", "X-Frame-Options", "Referrer-Policy",
            "X-Content-Type-Options"}

@@ -169,12 +169,23 @@ def status_page(s: Snapshot) -> bytes:
                      f"<td>{health}</td></tr>")
     parts.append("</table>")
     parts.append(_deferred_table(s))
-    parts.append("<h2>Tokens and credentials</h2>")
+    parts.append(_tokens_table(s))
+    parts.append(_mailboxes(s))
+    if s.signin_routes:
+        parts.append('<p><a href="/signin">Sign-in page for users of delegated routes</a></p>')
+    return page(f"relayd on {s.hostname}", "".join(parts))
+
+
+def _tokens_table(s: Snapshot) -> str:
+    """Each credential: its token's expiry and refresh, the credential's own expiry (shown
+    within `expiry_warning_s`), and what needs a person."""
+    out: list[str] = []
+    out.append("<h2>Tokens and credentials</h2>")
     if not s.tokens:
-        parts.append("<p>No OAuth credentials in use.</p>")
+        out.append("<p>No OAuth credentials in use.</p>")
     else:
-        parts.append("<table><tr><th>route</th><th>account</th><th>token expires</th>"
-                     "<th>last refreshed</th><th>credential expires</th><th>state</th></tr>")
+        out.append("<table><tr><th>route</th><th>account</th><th>token expires</th>"
+                   "<th>last refreshed</th><th>credential expires</th><th>state</th></tr>")
         for t in s.tokens:
             expiring = (t.credential_expires_at is not None
                         and t.credential_expires_at - s.now <= s.expiry_warning_s)
@@ -194,15 +205,12 @@ def status_page(s: Snapshot) -> bytes:
                 else "-"
             if expiring:
                 cred = f'<span class="warn">{cred}</span>'
-            parts.append(f"<tr><td>{_e(t.route)}</td><td>{_e(t.account or '(app)')}</td>"
-                         f"<td>{_e(_when(t.expires_at, s.now))}</td>"
-                         f"<td>{_e(_when(t.last_refreshed, s.now))}</td><td>{cred}</td>"
-                         f"<td>{state}</td></tr>")
-        parts.append("</table>")
-    parts.append(_mailboxes(s))
-    if s.signin_routes:
-        parts.append('<p><a href="/signin">Sign-in page for users of delegated routes</a></p>')
-    return page(f"relayd on {s.hostname}", "".join(parts))
+            out.append(f"<tr><td>{_e(t.route)}</td><td>{_e(t.account or '(app)')}</td>"
+                       f"<td>{_e(_when(t.expires_at, s.now))}</td>"
+                       f"<td>{_e(_when(t.last_refreshed, s.now))}</td><td>{cred}</td>"
+                       f"<td>{state}</td></tr>")
+        out.append("</table>")
+    return "".join(out)
 
 
 def _deferred_table(s: Snapshot) -> str:
