@@ -78,6 +78,6 @@ def register_live(provider: object) -> None:
 
 
 def live_providers() -> list[Any]:
-    """The providers alive now, newest last is not promised."""
+    """The providers alive now, in no particular order."""
     with _live_lock:
         return list(_live)
