@@ -91,7 +91,8 @@ async def test_status_snapshot_of_active_deferred_and_held_builds_no_upstream_cl
     tried, the second waits for the route's hold) and "idle" (nothing sent) 2. the upstream
     clients are counted where they are built (the service's upstream factory) and the
     connections where they arrive (the recording upstreams) 3. the status page's snapshot,
-    its HTML, [notify]'s conditions and the read side's answers show each state 4. taking them
+    its HTML, [notify]'s conditions (none due yet) and the read side's answers show each
+    state 4. taking them
     built no upstream client (the idle route has none) and opened no connection."""
     gate = asyncio.Event()
     record_data = upstream.handler.handle_DATA
@@ -108,7 +109,8 @@ async def test_status_snapshot_of_active_deferred_and_held_builds_no_upstream_cl
                        + smtp_route("later", '["*@later.test"]', upstream2.port)
                        + smtp_route("down", '["*@down.test"]', dead_port())
                        + smtp_route("idle", '["*@idle.test"]', idle.port),
-                       queue='retry_min = "1h"\nretry_max = "2h"')
+                       queue='retry_min = "1h"\nretry_max = "2h"',
+                       extra='[notify]\nto = ["admin@idle.test"]\nsender = "relayd@idle.test"\n')
     built: list[str] = []
 
     def counting_factory(route: RouteConfig, config: Config) -> DeliveryUpstream:
@@ -136,6 +138,8 @@ async def test_status_snapshot_of_active_deferred_and_held_builds_no_upstream_cl
 
             snapshot = await svc.web_snapshot()
             page = status_page(snapshot).decode()
+            assert svc.notifier is not None  # [notify]'s reads: token health, routes, queue
+            conditions = svc.notifier.conditions(time.time(), svc.notifier.token_health())
             by_sender = {r.summary["sender"]: r for r in view.messages()}
             stats = view.route_stats()
             counts = view.route_counts()
@@ -144,6 +148,7 @@ async def test_status_snapshot_of_active_deferred_and_held_builds_no_upstream_cl
             assert (upstream.handler.connections, upstream2.handler.connections,
                     idle.handler.connections) == connections
             assert idle.handler.connections == 0 and "idle" not in stats
+            assert conditions == []  # nothing has waited long enough to be reported
             assert by_sender["a@slow.test"].active
             later = by_sender["b@later.test"]
             assert later.state == "deferred" and later.attempts == 1
