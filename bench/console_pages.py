@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from journal_lookup import write_journal  # noqa: E402
 
+from relayd.app import MainProcess  # noqa: E402
 from relayd.config import load_config  # noqa: E402
 from relayd.queue import Entry, RecipientState, new_id  # noqa: E402
-from relayd.service import Service  # noqa: E402
 
 CONFIG = """
 [server]
@@ -73,7 +73,7 @@ async def main() -> None:
         sample = write_journal(Path(tmp) / "journal", args.events)
         cfg = Path(tmp) / "relayd.toml"
         cfg.write_text(CONFIG.format(tmp=tmp))
-        service = Service(load_config(cfg))
+        service = MainProcess(load_config(cfg))
         await service.start()
         try:
             now = time.time()

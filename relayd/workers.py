@@ -31,13 +31,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from relayd import loop as relayd_loop
 from relayd.config import load_config
 from relayd.errors import ConfigError
 from relayd.logsetup import setup_logging
 from relayd.platform.proc import Requests
-from relayd.service import SESSION_DRAIN_S, Listeners, Service
+from relayd.service import SESSION_DRAIN_S, Listeners, ListenerWorker
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,17 @@ PARENT_CHECK_S = 1.0
 MAX_REPORT_BYTES = 1024  # a line longer than this is not a report; what is kept of it
 
 
+class Reported(Protocol):
+    """Where the workers' reports go: the main process (relayd.app.MainProcess)."""
+
+    def failed_login(self) -> None: ...
+    def worker_accepted(self, queue_id: str) -> None: ...
+
+
 class WorkerPool:
     """The main process's side: start, watch, signal and stop the workers."""
 
-    def __init__(self, service: Service, config_path: str, listeners: Listeners, count: int,
+    def __init__(self, service: Reported, config_path: str, listeners: Listeners, count: int,
                  log_options: Sequence[str] = ()) -> None:
         self.service = service
         self.config_path = config_path
@@ -180,23 +188,22 @@ async def _run_worker(path: str, listeners: Listeners, index: int, parent: int) 
     def report(line: str) -> None:
         os.write(stdout, line.encode("ascii") + b"\n")  # short: one atomic pipe write
 
-    service = Service(load_config(path), listeners=listeners, report=report)
-    await service.start()
+    worker = ListenerWorker(load_config(path), listeners=listeners, report=report)
+    await worker.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def on_reload() -> None:
         try:
-            service.reload(load_config(path))
+            worker.reload(load_config(path))
         except ConfigError as e:
             log.error("worker %d: reload refused: %s", index, "; ".join(e.problems))
 
-    Requests(loop, lambda _why: stop.set(), on_reload).install()
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
-        if os.getppid() != parent:
-            log.error("worker %d: the main process is gone; stopping", index)
-            break
-    await service.stop(timeout=SESSION_DRAIN_S)
+    with Requests(asyncio.get_running_loop(), lambda _why: stop.set(), on_reload):
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
+            if os.getppid() != parent:
+                log.error("worker %d: the main process is gone; stopping", index)
+                break
+        await worker.stop(timeout=SESSION_DRAIN_S)
     return 0

@@ -23,8 +23,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope
 from aiosmtpd.smtp import Session as SmtpSession
 
+from relayd.app import MainProcess
 from relayd.config import Config, load_config
-from relayd.service import Service
 
 REPO = Path(__file__).resolve().parent.parent
 RELAYD = [sys.executable, "-m", "relayd"]
@@ -303,11 +303,11 @@ tls = "none"
 
 
 @contextlib.asynccontextmanager
-async def run_service(config: Config | Path, **kwargs: Any) -> AsyncIterator[Service]:
+async def run_service(config: Config | Path, **kwargs: Any) -> AsyncIterator[MainProcess]:
     """Start relayd in this event loop and always shut it down."""
     if isinstance(config, Path):
         config = load_config(config)
-    service = Service(config, **kwargs)
+    service = MainProcess(config, **kwargs)
     await service.start()
     try:
         yield service
@@ -345,7 +345,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = WAIT_S,
         await asyncio.sleep(0.02)
 
 
-def service_port(service: Service) -> int:
+def service_port(service: MainProcess) -> int:
     return service.addresses[0][1]
 
 

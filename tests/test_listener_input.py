@@ -20,9 +20,9 @@ from conftest import (
     write_config,
 )
 
+from relayd.app import MainProcess
 from relayd.config import load_config
 from relayd.router import Router, normalize
-from relayd.service import Service
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def cfg(tmp_path: Path, upstream: Upstream) -> Path:
                         + smtp_route("kate", '["kate@corp.test"]', upstream.port))
 
 
-def nothing_stored(svc: Service, tmp_path: Path) -> None:
+def nothing_stored(svc: MainProcess, tmp_path: Path) -> None:
     assert svc.spool.ids() == []
     assert sorted(p.name for p in (tmp_path / "queue" / "msg").iterdir()) == []
     assert tmp_leftovers(tmp_path / "queue") == []

@@ -516,12 +516,13 @@ async def test_bounces_arriving_while_a_notice_is_stored_wait_for_the_next(
 
 def test_listener_workers_do_not_notify(tmp_path: Path) -> None:
     """The checker runs where the queue manager does: the main process, not its workers."""
-    from relayd.service import Service
+    from relayd.app import MainProcess
+    from relayd.service import ListenerWorker
 
     cfg = load_config(config(tmp_path, 25, 25))
-    main = Service(cfg)
+    main = MainProcess(cfg)
     assert main.notifier is not None and main.qmgr.on_bounce == main.notifier.on_bounce
-    assert Service(cfg, report=lambda line: None).notifier is None
+    assert getattr(ListenerWorker(cfg, report=lambda line: None), "notifier", None) is None
 
 
 async def test_a_wrong_upstream_password_is_deferred_and_said_once_loudly(

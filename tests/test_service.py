@@ -222,9 +222,9 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
     does: its banner answers and a new message is accepted while the recovery is under way
     4. all delivered once each: the 30, the new one, the two-recipient message to its other
     recipient only (the bounce found in the recovery says the first one failed), the bounce."""
+    from relayd.app import MainProcess
     from relayd.config import load_config
     from relayd.queue import Spool
-    from relayd.service import Service
 
     alice, bob, carol = "alice@business.com", "bob@example.com", "carol@example.com"
     cfg = load_config(write_config(tmp_path, smtp_route("staff", '["*@business.com"]',
@@ -247,7 +247,7 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
         return real_load(self, queue_id, **kwargs)
 
     monkeypatch.setattr(Spool, "load", slow_load)
-    service = Service(cfg)
+    service = MainProcess(cfg)
     await service.start(wait_for_recovery=False)
     try:
         await send(service.addresses[0][1], alice, [bob], message(subject="new"))

@@ -66,7 +66,8 @@ def stopping(text: str = "") -> None:
 class Requests:
     """Where stop and reload requests reach a running loop: from signals, or from any thread
     (`stop`, `reload`). `current` is the one of the running daemon, for the Windows
-    service's stop."""
+    service's stop. Each process role holds one for as long as it runs:
+    `with Requests(loop, on_stop, on_reload): ...` installs it and removes it again."""
 
     current: Requests | None = None
 
@@ -76,6 +77,13 @@ class Requests:
         self.on_stop = on_stop
         self.on_reload = on_reload
         self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Requests:
+        self.install()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.remove()
 
     def install(self) -> None:
         Requests.current = self
