@@ -32,7 +32,7 @@ from fakes.graph import GraphState, start_graph
 from fakes.idp import CLIENT_ID, CLIENT_SECRET, TENANT, start_idp
 from fakes.limits import LimitingHandler, MailboxLimits
 
-from relayd import notify, service
+from relayd import app, notify
 from relayd.config import load_config, parse_config
 from relayd.metrics import Metrics
 from relayd.qmgr import pacing
@@ -176,7 +176,7 @@ async def test_daily_budget_defers_the_rest_keeps_counts_over_a_restart_and_show
     refused one."""
     window = 12.0  # relayd's first phase takes about a second; more under load
     monkeypatch.setattr(pacing, "WINDOW_S", window)
-    monkeypatch.setattr(service, "QUEUE_GAUGE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(app, "QUEUE_GAUGE_INTERVAL_S", 0.1)
     monkeypatch.setattr(notify, "NOTIFY_CHECK_S", 0.1)
     handler = limited.handler
     assert isinstance(handler, LimitingHandler)
