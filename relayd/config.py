@@ -15,6 +15,9 @@ from typing import Any
 
 from relayd import platform
 from relayd.errors import ConfigError
+from relayd.patterns import allows, best_pattern
+from relayd.patterns import ascii_lower as ascii_lower
+from relayd.patterns import validate_pattern as _validate_pattern
 from relayd.platform import fs, proc
 
 DEFAULT_CONFIG_PATH = platform.CONFIG_PATH
@@ -493,33 +496,12 @@ def _parse_rate_or_none(value: str | int) -> RateLimit:
     return _parse_rate(value)
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
 def usable_cpus() -> int:
     """The CPUs this process may run on (a container's or systemd's CPU set, not the host's)."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def ascii_lower(text: str) -> str:
-    """Lower-case ASCII letters only, as Postfix folds addresses: str.lower() would also fold
-    non-ASCII (KELVIN SIGN U+212A becomes k), making a look-alike match another's route."""
-    return text.translate(_ASCII_LOWER)
-
-
-def _validate_pattern(pattern: str) -> str | None:
-    """Return why a sender pattern is invalid, or None."""
-    if pattern == "*":
-        return None
-    if any(c.isspace() for c in pattern) or pattern.count("@") != 1:
-        return f"{pattern!r} is not an address, *@domain or *"
-    local, domain = pattern.split("@")
-    if not local or not domain or "*" in domain or ("*" in local and local != "*"):
-        return f"{pattern!r} is not an address, *@domain or *"
-    return None
 
 
 def _parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
@@ -709,15 +691,15 @@ def _is_address(text: str) -> bool:
 def _check_notify(notify: NotifyConfig, routes: Mapping[str, RouteConfig],
                   problems: list[str]) -> None:
     """The notices go out through the sender's route, to `to`: both must be allowed there."""
-    from relayd.router import Router, recipient_allowed
-
-    route = Router(routes).lookup(notify.sender)
-    if route is None:
+    by_pattern = {p: r for r in routes.values() for p in r.senders}
+    pattern = best_pattern(notify.sender, by_pattern)
+    if pattern is None:
         problems.append(f"notify.sender: {notify.sender!r} matches no route's senders; notices "
                         "go out through the sender's route")
         return
+    route = by_pattern[pattern]
     for address in notify.to:
-        if not recipient_allowed(route, address):
+        if not allows(route.recipients, address):
             problems.append(f"notify.to: {address!r} is not allowed by routes.{route.name}"
                             ".recipients, the route of notify.sender")
 

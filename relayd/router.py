@@ -1,30 +1,21 @@
-"""Envelope sender -> route: an exact address beats *@domain, which beats *."""
+"""Envelope sender -> route: an exact address beats *@domain, which beats * (the rule is
+relayd.patterns.best_pattern, which relayd.config uses too, so neither imports the other)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from relayd.config import RouteConfig, ascii_lower
+from relayd.config import RouteConfig
+from relayd.patterns import allows, best_pattern
+from relayd.patterns import matches_any as matches_any
+from relayd.patterns import normalize as normalize
 
 
 @dataclass(frozen=True)
 class Match:
     route: RouteConfig
     pattern: str
-
-
-def normalize(address: str) -> str:
-    """ASCII lower-case for matching. Local parts are case-sensitive in theory, never in
-    practice; a non-ASCII address must match a pattern exactly (no Unicode case folding)."""
-    return ascii_lower(address.strip())
-
-
-def matches_any(patterns: tuple[str, ...], sender: str) -> bool:
-    """Whether `sender` matches one of the patterns (exact, *@domain or *)."""
-    address = normalize(sender)
-    domain = address.rpartition("@")[2]
-    return "*" in patterns or address in patterns or f"*@{domain}" in patterns
 
 
 MATCH_CACHE_SIZE = 4096  # distinct senders remembered (a small firm has a handful)
@@ -37,17 +28,8 @@ class Router:
 
     def __init__(self, routes: Mapping[str, RouteConfig]) -> None:
         self._cache: dict[str, Match | None] = {}
-        self._exact: dict[str, RouteConfig] = {}
-        self._domain: dict[str, RouteConfig] = {}
-        self._default: RouteConfig | None = None
-        for route in routes.values():
-            for pattern in route.senders:
-                if pattern == "*":
-                    self._default = route
-                elif pattern.startswith("*@"):
-                    self._domain[pattern[2:]] = route
-                else:
-                    self._exact[pattern] = route
+        # each sender pattern's route (relayd.patterns.best_pattern picks the pattern)
+        self._routes = {pattern: route for route in routes.values() for pattern in route.senders}
 
     def match(self, sender: str) -> Match | None:
         try:
@@ -61,19 +43,8 @@ class Router:
         return found
 
     def _match(self, sender: str) -> Match | None:
-        address = normalize(sender)
-        if not address or "@" not in address:
-            return None
-        route = self._exact.get(address)
-        if route is not None:
-            return Match(route, address)
-        domain = address.rpartition("@")[2]
-        route = self._domain.get(domain)
-        if route is not None:
-            return Match(route, f"*@{domain}")
-        if self._default is not None:
-            return Match(self._default, "*")
-        return None
+        pattern = best_pattern(sender, self._routes)
+        return None if pattern is None else Match(self._routes[pattern], pattern)
 
     def lookup(self, sender: str) -> RouteConfig | None:
         m = self.match(sender)
@@ -82,4 +53,4 @@ class Router:
 
 def recipient_allowed(route: RouteConfig, recipient: str) -> bool:
     """Whether `route.recipients` lets `recipient` through (an empty list allows anyone)."""
-    return not route.recipients or matches_any(route.recipients, recipient)
+    return allows(route.recipients, recipient)
