@@ -178,7 +178,9 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    """One upstream route. Keys that do not apply to its upstream stay None."""
+    """One upstream route. Keys that do not apply to its upstream stay None: the fields below
+    are grouped by the upstream kind that takes them, and `_UPSTREAM_KEYS` (checked at load)
+    is what keeps a route's config file table to its own kind's keys."""
 
     name: str
     senders: tuple[str, ...]
@@ -722,15 +724,17 @@ def _parse_auth(data: Mapping[str, Any], problems: list[str]) -> AuthConfig:
 
 # Keys each upstream takes, beyond the ones every route has.
 _COMMON_KEYS = ("senders", "recipients", "upstream", "rate_limit", "max_connections",
-                "timeout", "ca_file", "mailbox_rate_limit", "mailbox_daily_recipients")
+                "timeout", "mailbox_rate_limit", "mailbox_daily_recipients")
 _OAUTH_KEYS = ("tenant_id", "client_id", "client_secret_file", "client_secret_env",
                "certificate_file", "thumbprint", "flow", "authority", "client_secret_expires")
 _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
     "smtp": ("host", "port", "tls", "auth", "username", "password_file", "password_env",
-             "provider", "refresh_token_file", "refresh_token_env", "mailbox", *_OAUTH_KEYS),
+             "provider", "refresh_token_file", "refresh_token_env", "mailbox", "ca_file",
+             *_OAUTH_KEYS),
     "ews": ("auth", "server", "service_endpoint", "username", "password_file", "password_env",
-            "mailbox", "save_to_sent", "from_rewrite", "dedupe", *_OAUTH_KEYS),
-    "graph": ("endpoint", "mailbox", "save_to_sent", "from_rewrite", "dedupe", *_OAUTH_KEYS),
+            "mailbox", "save_to_sent", "from_rewrite", "dedupe", "ca_file", *_OAUTH_KEYS),
+    "graph": ("endpoint", "mailbox", "save_to_sent", "from_rewrite", "dedupe", "ca_file",
+              *_OAUTH_KEYS),
     "outbox": ("path",),
 }
 
@@ -821,7 +825,7 @@ def _parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rou
     if not 1 <= v["max_connections"] <= 100:
         s.problem("max_connections", "must be 1-100")
     v["timeout_s"] = s.convert("timeout", parse_duration, default=DEFAULT_TIMEOUT_S)
-    ca = s.text("ca_file")
+    ca = s.text("ca_file") if upstream != "outbox" else None  # outbox: no TLS, no ca_file
     if ca is not None and not os.access(ca, os.R_OK):
         s.problem("ca_file", f"cannot read {ca}")
     v["ca_file"] = Path(ca) if ca else None

@@ -148,6 +148,45 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert "hunter2" not in result.stdout + result.stderr
 
 
+def test_check_refuses_a_key_of_another_upstream_kind(tmp_path: Path) -> None:
+    """A route takes its own upstream's keys only: `relayd check` exits 2 naming each stray key
+    and the route's upstream (and nothing else: each route is valid without its stray keys)."""
+    text = GOOD.replace('port = 587', 'port = 587\nserver = "mail.business.com"\n'
+                        'endpoint = "https://graph.microsoft.com"').replace(
+        'path = "{tmp}/outbox"', 'path = "{tmp}/outbox"\nca_file = "{tmp}/secret"\n'
+        'save_to_sent = false') + """
+[routes.app]
+senders = ["app@business.com"]
+upstream = "graph"
+tenant_id = "t"
+client_id = "c"
+client_secret_file = "{tmp}/secret"
+host = "smtp.office365.com"
+username = "app@business.com"
+[routes.onprem]
+senders = ["*@business.com"]
+upstream = "ews"
+server = "mail.business.com"
+username = "relay"
+password_file = "{tmp}/secret"
+endpoint = "https://graph.microsoft.com"
+path = "{tmp}/outbox"
+"""
+    result = relayd_cli("check", "-c", str(write(tmp_path, text)))
+    assert result.returncode == 2
+    found = sorted(line for line in result.stderr.splitlines() if line.startswith("routes."))
+    assert found == [
+        'routes.app.host: unknown key for upstream = "graph"',
+        'routes.app.username: unknown key for upstream = "graph"',
+        'routes.drafts.ca_file: unknown key for upstream = "outbox"',
+        'routes.drafts.save_to_sent: unknown key for upstream = "outbox"',
+        'routes.onprem.endpoint: unknown key for upstream = "ews"',
+        'routes.onprem.path: unknown key for upstream = "ews"',
+        'routes.system.endpoint: unknown key for upstream = "smtp"',
+        'routes.system.server: unknown key for upstream = "smtp"',
+    ]
+
+
 def test_check_reports_a_broken_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[server\nlisten = ")
