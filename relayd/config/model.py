@@ -1,0 +1,266 @@
+"""The config's types: frozen dataclasses, one per section, and their defaults.
+
+`RouteConfig` is one flat type for the four upstream kinds; which of its keys a route's table
+may hold is fixed per kind at load (relayd.config.routes), so a route of one kind never carries
+another kind's settings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from relayd import platform
+
+DEFAULT_CONFIG_PATH = platform.CONFIG_PATH
+
+
+CONFIG_ENV = "RELAYD_CONFIG"
+
+
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+
+
+DEFAULT_MAX_MESSAGE_SIZE = 35 * 1000 * 1000
+
+
+DEFAULT_MAX_CONNECTIONS = 2
+
+
+# Graph routes: a session is a coroutine on one shared HTTP pool, and Graph takes 4 concurrent
+# requests per mailbox (relayd.delivery.graph limits each mailbox to that), so 32 lets 8
+# senders' mailboxes send at Graph's rate side by side (bench/README.md, Graph section); 2
+# would hold the whole route to half of one mailbox's rate.
+DEFAULT_MAX_CONNECTIONS_GRAPH = 32
+
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+MAX_WORKERS = 64
+
+
+CPU_SCHEDULING = ("batch", "inherit")  # server.cpu_scheduling (relayd.service.use_cpu_scheduling)
+
+
+DEFAULT_MAX_SESSIONS = 100  # SMTP sessions at once, per listener process (Postfix: 100)
+
+
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 20  # of which from one client address
+
+
+DEFAULT_SESSION_TIMEOUT_S = 300.0  # an idle or slow SMTP session is closed after this
+
+
+UPSTREAMS = ("smtp", "ews", "graph", "outbox")
+
+
+def _implemented_upstreams() -> frozenset[str]:
+    """Upstreams whose delivery module exists. The others are valid names that `relayd check`
+    reports as "not supported yet" instead of failing later."""
+    here = Path(__file__).parent.parent / "delivery"
+    return frozenset(u for u in UPSTREAMS if (here / f"{u}.py").is_file())
+
+
+IMPLEMENTED_UPSTREAMS = _implemented_upstreams()
+
+
+class Secret:
+    """A credential that never prints itself."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Address:
+    """A host and port to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    count: int
+    per_s: float
+
+
+@dataclass(frozen=True)
+class ServerUser:
+    name: str
+    password_hash: Secret
+    senders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[Address, ...] = (Address("127.0.0.1", 2525),)
+    hostname: str = "localhost"
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    allowed_clients: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    listen_tls: tuple[Address, ...] = ()
+    tls_legacy: bool = False
+    users: Mapping[str, ServerUser] = field(default_factory=lambda: MappingProxyType({}))
+    workers: int = 1  # processes: 1 does everything; N > 1, the main one delivers, N - 1 listen
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    session_timeout_s: float = DEFAULT_SESSION_TIMEOUT_S
+    null_sender_route: str | None = None  # the route for MAIL FROM:<>; None: refused
+    cpu_scheduling: str = "batch"  # "batch": SCHED_BATCH when started with the normal policy
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    path: Path = platform.STATE_DIR / "queue"
+    max_age_s: float = 5 * 86400
+    retry_min_s: float = 60
+    retry_max_s: float = 3600
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    path: Path = platform.STATE_DIR / "journal"  # default: beside queue.path
+    keep_s: float = 90 * 86400
+    subjects: bool = True
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """[notify]: mail to the admin when something needs a person (relayd.notify)."""
+
+    to: tuple[str, ...]
+    sender: str  # matches a route; the notices go out through it
+    deferred_after_s: float = 3600.0  # a message deferred longer than this is reported
+    expiry_warning_s: float = 30 * 86400.0  # a client secret or certificate expiring within
+    repeat_s: float = 86400.0  # at most one notice per condition per this
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Address | None = None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The status page and self-service sign-in; off when `listen` is None."""
+
+    listen: Address | None = None
+    admins: tuple[str, ...] = ()  # [server.users] names that may see the status page
+    loopback: bool = True  # listen is a loopback address: plain HTTP, no login
+    viewers: tuple[str, ...] = ()  # [server.users] names that may see every page, not act
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    path: Path = platform.STATE_DIR / "tokens"
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One upstream route. Keys that do not apply to its upstream stay None: the fields below
+    are grouped by the upstream kind that takes them, and the per-kind key lists that
+    relayd.config.routes checks at load keep a route's table to its own kind's keys."""
+
+    name: str
+    senders: tuple[str, ...]
+    upstream: str
+    recipients: tuple[str, ...] = ()  # RCPT outside these is refused; () allows any
+    rate_limit: RateLimit | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # per sending mailbox (relayd.qmgr.pacing): None takes the provider's default, a count of
+    # 0 (a rate of 0) none
+    mailbox_rate_limit: RateLimit | None = None
+    mailbox_daily_recipients: int | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    ca_file: Path | None = None
+    # smtp
+    host: str | None = None
+    port: int | None = None
+    tls: str | None = None
+    auth: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    provider: str | None = None
+    # ews / graph / xoauth2
+    server: str | None = None
+    service_endpoint: str | None = None
+    endpoint: str | None = None
+    authority: str | None = None
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    certificate_file: Path | None = None
+    thumbprint: str | None = None
+    refresh_token: Secret | None = None
+    flow: str | None = None
+    client_secret_expires: datetime.date | None = None  # so relayd can warn before it lapses
+    mailbox: str | None = None
+    save_to_sent: bool = True
+    from_rewrite: bool = False
+    dedupe: bool = False  # ews/graph (default true there): after a crash, look in Sent Items
+    # outbox
+    path: Path | None = None
+
+    @property
+    def target(self) -> str:
+        """What the route talks to: host:port, the EWS or Graph endpoint, the outbox folder."""
+        if self.upstream == "smtp":
+            return f"{self.host}:{self.port}"
+        if self.upstream == "ews":
+            return self.service_endpoint or self.server or ""
+        if self.upstream == "graph":
+            return self.endpoint or ""
+        return str(self.path or "")
+
+    @property
+    def upstream_name(self) -> str:
+        """`smtp:host:port`, `graph:URL`, ... (the journal, the status page)."""
+        return f"{self.upstream}:{self.target}"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    queue: QueueConfig
+    metrics: MetricsConfig
+    auth: AuthConfig
+    routes: Mapping[str, RouteConfig]
+    source: str = ""
+    warnings: tuple[str, ...] = ()  # valid, but not what the admin may expect
+    journal: JournalConfig = JournalConfig()
+    notify: NotifyConfig | None = None  # None: no [notify] section, nobody is mailed
+    web: WebConfig = WebConfig()
+    secret_problems: tuple[str, ...] = ()  # load_config(secrets_optional=True) only
+
+
+NO_RATE = RateLimit(0, 1.0)  # mailbox_rate_limit = 0: no limit, not the provider's default
