@@ -147,21 +147,7 @@ def _parse_oauth(s: Section, values: dict[str, Any], *, provider: str = "microso
 def parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> RouteConfig | None:
     s = Section(data, f"routes.{name}", problems)
     start = len(problems)
-    senders = s.string_list("senders")
-    if not senders:
-        s.problem("senders", "required: a list of sender addresses or patterns")
-    for pattern in senders:
-        why = validate_pattern(ascii_lower(pattern))
-        if why:
-            s.problem("senders", why)
-    recipients = s.string_list("recipients")
-    if s.has("recipients") and not recipients:
-        s.problem("recipients", "must list at least one address or pattern (omit it to allow "
-                  "any recipient)")
-    for pattern in recipients:
-        why = validate_pattern(ascii_lower(pattern))
-        if why:
-            s.problem("recipients", why)
+    senders, recipients = _parse_patterns(s)
     upstream = s.text("upstream")
     if upstream is None:
         s.problem("upstream", f"required: one of {', '.join(UPSTREAMS)}")
@@ -191,14 +177,42 @@ def parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rout
     if upstream == "smtp":
         _parse_smtp_route(s, v)
     elif upstream == "outbox":
-        path = s.text("path")
-        if path is None:
-            s.problem("path", "required: the folder .eml files are written to")
-        v["path"] = Path(path) if path else None
+        _parse_outbox_route(s, v)
     elif upstream == "ews":
         _parse_ews_route(s, v)
     else:
         _parse_graph_route(s, v)
+    _check_unused_keys(s, upstream)
+    if any(not isinstance(p, SecretProblem) for p in problems[start:]):
+        return None
+    return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
+                       recipients=tuple(ascii_lower(p) for p in recipients),
+                       upstream=upstream, **v)
+
+
+def _parse_patterns(s: Section) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """senders (required) and recipients (optional): addresses, *@domain or *."""
+    senders = s.string_list("senders")
+    if not senders:
+        s.problem("senders", "required: a list of sender addresses or patterns")
+    for pattern in senders:
+        why = validate_pattern(ascii_lower(pattern))
+        if why:
+            s.problem("senders", why)
+    recipients = s.string_list("recipients")
+    if s.has("recipients") and not recipients:
+        s.problem("recipients", "must list at least one address or pattern (omit it to allow "
+                  "any recipient)")
+    for pattern in recipients:
+        why = validate_pattern(ascii_lower(pattern))
+        if why:
+            s.problem("recipients", why)
+    return senders, recipients
+
+
+def _check_unused_keys(s: Section, upstream: str) -> None:
+    """Every key the parse above did not read is an error naming it: a key of another upstream
+    kind, a secret written inline, a key its route's other settings leave unread, a typo."""
     allowed = _COMMON_KEYS + _UPSTREAM_KEYS[upstream]
     for key in s.data:
         if key in s.used:
@@ -213,11 +227,13 @@ def parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rout
             s.problem(key, f'unknown key for upstream = "{upstream}"')
         else:
             s.problem(key, "unknown key")
-    if any(not isinstance(p, SecretProblem) for p in problems[start:]):
-        return None
-    return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
-                       recipients=tuple(ascii_lower(p) for p in recipients),
-                       upstream=upstream, **v)
+
+
+def _parse_outbox_route(s: Section, v: dict[str, Any]) -> None:
+    path = s.text("path")
+    if path is None:
+        s.problem("path", "required: the folder .eml files are written to")
+    v["path"] = Path(path) if path else None
 
 
 def _parse_smtp_route(s: Section, v: dict[str, Any]) -> None:

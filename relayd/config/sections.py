@@ -15,6 +15,7 @@ from relayd.config.model import (
     DEFAULT_MAX_SESSIONS_PER_CLIENT,
     DEFAULT_SESSION_TIMEOUT_S,
     MAX_WORKERS,
+    Address,
     AuthConfig,
     JournalConfig,
     MetricsConfig,
@@ -42,18 +43,8 @@ from relayd.platform import proc
 def parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     s = Section(data, "server", problems)
     defaults = ServerConfig()
-    listen = []
-    for i, text in enumerate(s.string_list("listen", ("127.0.0.1:2525",))):
-        try:
-            listen.append(parse_address(text, allow_zero=True))
-        except ValueError as e:
-            problems.append(f"server.listen[{i}]: {text!r} {e}")
-    listen_tls = []
-    for i, text in enumerate(s.string_list("listen_tls")):
-        try:
-            listen_tls.append(parse_address(text, allow_zero=True))
-        except ValueError as e:
-            problems.append(f"server.listen_tls[{i}]: {text!r} {e}")
+    listen = _parse_listen(s, "listen", ("127.0.0.1:2525",))
+    listen_tls = _parse_listen(s, "listen_tls")
     hostname = s.text("hostname", defaults.hostname)
     if not HOST_RE.match(hostname):
         s.problem("hostname", "must be a host name")
@@ -69,18 +60,7 @@ def parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
     if (tls_cert is None) != (tls_key is None):
         s.problem("tls_cert", "tls_cert and tls_key go together")
     tls_legacy = s.get("tls_legacy", bool, False)
-    # "auto" by default: a process per CPU. With two CPUs, one listener process plus the
-    # delivering one outran one process here, and used less CPU a message than two listener
-    # processes plus the delivering one, three busy processes on two CPUs (bench/README.md).
-    workers = s.get("workers", (int, str), "auto")
-    if workers == "auto":
-        workers = min(MAX_WORKERS, usable_cpus()) if proc.WORKERS else 1
-    elif not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
-        s.problem("workers", f'must be 1-{MAX_WORKERS} or "auto"')
-        workers = 1
-    elif workers > 1 and not proc.WORKERS:
-        s.problem("workers", 'listener workers run on POSIX only; use 1 or "auto" here')
-        workers = 1
+    workers = _parse_workers(s)
     max_sessions = s.get("max_sessions", int, DEFAULT_MAX_SESSIONS)
     if not 1 <= max_sessions <= 100_000:
         s.problem("max_sessions", "must be 1-100000")
@@ -95,8 +75,49 @@ def parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         timeout = DEFAULT_SESSION_TIMEOUT_S
     null_route = s.text("null_sender_route")  # checked against the routes in parse_config
     cpu_scheduling = s.text("cpu_scheduling", "batch", choices=CPU_SCHEDULING)
+    users = _parse_users(s.get("users", dict, {}), problems)
+    s.unknown()
+    return ServerConfig(
+        listen=listen, hostname=hostname, max_message_size=size,
+        allowed_clients=tuple(clients), tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None, listen_tls=listen_tls,
+        tls_legacy=tls_legacy, users=users, workers=workers,
+        max_sessions=max_sessions, max_sessions_per_client=per_client,
+        session_timeout_s=timeout, null_sender_route=null_route,
+        cpu_scheduling=cpu_scheduling,
+    )
+
+
+def _parse_listen(s: Section, key: str, default: tuple[str, ...] = ()) -> tuple[Address, ...]:
+    """server.listen or server.listen_tls: a list of "host:port" (port 0: any free port)."""
+    listen = []
+    for i, text in enumerate(s.string_list(key, default)):
+        try:
+            listen.append(parse_address(text, allow_zero=True))
+        except ValueError as e:
+            s.problems.append(f"server.{key}[{i}]: {text!r} {e}")
+    return tuple(listen)
+
+
+def _parse_workers(s: Section) -> int:
+    # "auto" by default: a process per CPU. With two CPUs, one listener process plus the
+    # delivering one outran one process here, and used less CPU a message than two listener
+    # processes plus the delivering one, three busy processes on two CPUs (bench/README.md).
+    workers = s.get("workers", (int, str), "auto")
+    if workers == "auto":
+        workers = min(MAX_WORKERS, usable_cpus()) if proc.WORKERS else 1
+    elif not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        s.problem("workers", f'must be 1-{MAX_WORKERS} or "auto"')
+        workers = 1
+    elif workers > 1 and not proc.WORKERS:
+        s.problem("workers", 'listener workers run on POSIX only; use 1 or "auto" here')
+        workers = 1
+    return int(workers)
+
+
+def _parse_users(users_data: Mapping[str, Any], problems: list[str]) -> Mapping[str, ServerUser]:
+    """[server.users.NAME]: the logins clients authenticate with, and the senders each may use."""
     users: dict[str, ServerUser] = {}
-    users_data = s.get("users", dict, {})
     for name, udata in users_data.items():
         if not isinstance(udata, dict):
             problems.append(f"server.users.{name}: must be a table")
@@ -123,16 +144,7 @@ def parse_server(data: Mapping[str, Any], problems: list[str]) -> ServerConfig:
         if phash is not None:
             users[name] = ServerUser(name, Secret(phash),
                                      tuple(ascii_lower(p) for p in senders))
-    s.unknown()
-    return ServerConfig(
-        listen=tuple(listen), hostname=hostname, max_message_size=size,
-        allowed_clients=tuple(clients), tls_cert=Path(tls_cert) if tls_cert else None,
-        tls_key=Path(tls_key) if tls_key else None, listen_tls=tuple(listen_tls),
-        tls_legacy=tls_legacy, users=MappingProxyType(users), workers=workers,
-        max_sessions=max_sessions, max_sessions_per_client=per_client,
-        session_timeout_s=timeout, null_sender_route=null_route,
-        cpu_scheduling=cpu_scheduling,
-    )
+    return MappingProxyType(users)
 
 
 def parse_queue(data: Mapping[str, Any], problems: list[str]) -> QueueConfig:
