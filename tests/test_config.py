@@ -269,3 +269,24 @@ client_secret_file = "{tmp}/secret"
     config = load_config(write(tmp_path, GOOD + route))
     assert config.routes["m365"].max_connections == 32
     assert config.routes["system"].max_connections == 2
+
+
+def test_notify_sender_is_checked_against_the_route_the_router_picks(tmp_path: Path) -> None:
+    """[notify]'s check and the router share one rule (relayd.patterns.best_pattern): the exact
+    address's route, not the *@domain one, must allow notify.to."""
+    from relayd.config import parse_config
+    from relayd.router import Router
+
+    outbox = {"upstream": "outbox", "path": str(tmp_path)}
+    routes = {"alerts": {**outbox, "senders": ["Relayd@business.com"],
+                         "recipients": ["it@business.com"]},
+              "staff": {**outbox, "senders": ["*@business.com"]}}
+    notify = {"sender": "relayd@BUSINESS.com", "to": ["boss@elsewhere.com"]}
+    with pytest.raises(ConfigError) as e:
+        parse_config({"routes": routes, "notify": notify})
+    assert e.value.problems == ["notify.to: 'boss@elsewhere.com' is not allowed by "
+                                "routes.alerts.recipients, the route of notify.sender"]
+    config = parse_config({"routes": routes, "notify": {**notify, "to": ["it@business.com"]}})
+    match = Router(config.routes).match("relayd@BUSINESS.com")
+    assert match is not None and (match.route.name, match.pattern) == ("alerts",
+                                                                       "relayd@business.com")
