@@ -9,14 +9,12 @@ What makes it fast (bench/graph/, issue 13), each measured:
   one mailbox's backlog does not take the sessions that other mailboxes' mail needs.
 - The access token is served from memory (`TOKEN_MEMO_S`, never within `TOKEN_MARGIN_S` of
   its expiry), one fetch at a time per account: no thread hop into msal per message.
-- Requests go over HTTP/1.1 keep-alive connections on asyncio streams (`_Http11Pool`), spoken
-  by h11 (python-hyper's HTTP/1.1 state machine, the one httpcore itself uses, so no new
-  dependency and no HTTP parsing of our own): httpx spent about 1.0 ms of CPU per sendMail
-  here (its client layers, httpcore's pool, anyio's TLS stream), this pool a fraction of that,
-  the same bytes on the wire. httpx is kept where its features matter: a proxy from the
-  environment (HTTPS_PROXY, used when the route has no `ca_file`) and any non-https URL.
-  HTTP/2 (httpx + h2) was not taken: one more dependency, for a gain that the
-  4-requests-per-mailbox limit caps, and no h2 server to measure it on.
+- Requests go over HTTP/1.1 keep-alive connections spoken by h11 (relayd.delivery.graphhttp's
+  `H11Pool`: a fraction of httpx's CPU per sendMail); httpx serves what the pool does not (a
+  proxy from the environment, non-https URLs). Both are behind one interface
+  (`graphhttp.HttpClient`); `_direct_ok` picks one per host. HTTP/2 (httpx + h2) was not
+  taken: one more dependency, for a gain that the 4-requests-per-mailbox limit caps, and no h2
+  server to measure it on.
 - The base64 body is built once per attempt and reused for the retry after a 401.
 """
 
@@ -28,23 +26,16 @@ import contextlib
 import datetime
 import email.policy
 import email.utils
-import http
 import json
 import logging
-import socket
 import ssl
 import time
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from email.errors import NonASCIILocalPartDefect
-from email.message import Message
-from email.parser import BytesParser
+from dataclasses import dataclass
 from typing import Any
 
-import h11
 import httpx
 
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
@@ -59,12 +50,10 @@ from relayd.delivery import (
     all_results,
 )
 from relayd.delivery.doubt import http_in_doubt
+from relayd.delivery.graphhttp import Answer, H11Pool, HttpClient, HttpxClient
+from relayd.delivery.graphmime import Attachment, prepare_mime, split_attachments
 from relayd.delivery.mime import (
-    Head,
-    add_bcc,
-    address,
     mailbox_for,
-    restrict_to_envelope,
     sending_mailbox,
 )
 from relayd.errors import (
@@ -94,13 +83,6 @@ READWRITE_PERMISSION = "Mail.ReadWrite"
 # its expiry (msal itself renews 5 minutes early); a 401 forgets it at once.
 TOKEN_MEMO_S = 60.0
 TOKEN_MARGIN_S = 300.0
-# An idle keep-alive connection is closed after this long (httpx's default too); Graph's front
-# ends close idle connections after a few minutes.
-KEEPALIVE_S = 5.0
-# A response head larger than this is a protocol error (asyncio's stream limit).
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024
-READ_BYTES = 65536
-USER_AGENT = "relayd"
 
 _PERMANENT_STATUSES = frozenset({400, 403, 404, 405, 406, 410, 411, 415, 422})
 _THROTTLE_STATUSES = frozenset({429, 503})
@@ -127,120 +109,6 @@ _SMTP_FOR_STATUS = {
 
 class _TooLarge(Exception):
     """sendMail refused the size (413): take the draft path instead."""
-
-
-@dataclass
-class Prepared:
-    """What Graph is given for one message, and why it differs from what was queued."""
-
-    mime: bytes
-    mailbox: str
-    added_bcc: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-
-
-def prepare_mime(message: OutboundMessage, mailbox: str, *, from_rewrite: bool,
-                 is_bounce: bool = False) -> Prepared:
-    """Make the headers name exactly the envelope's recipients, and rewrite From when asked.
-
-    Graph sends to every To/Cc/Bcc address in the MIME and to nobody else: relayd's recipient
-    policy (relayd.delivery.mime) removes the addresses outside the envelope, and envelope
-    recipients no header names go in an added Bcc field. Every field not edited keeps its bytes.
-    """
-    restricted = restrict_to_envelope(message.data, message.recipients)
-    mime = add_bcc(restricted.data, restricted.unnamed)
-    if from_rewrite or is_bounce:
-        head = Head.split(mime)
-        _rewrite_from(head, mailbox, keep_reply_to=not is_bounce)
-        mime = head.join()
-    return Prepared(mime, mailbox, restricted.unnamed, restricted.removed)
-
-
-def _rewrite_from(head: Head, mailbox: str, *, keep_reply_to: bool) -> None:
-    """From becomes the mailbox (display name kept); the original From becomes Reply-To unless
-    the message already says where replies go. Sender would ask for send-on-behalf: dropped."""
-    froms = head.index("from")
-    original_raw = head.fields[froms[0]] if froms else b""
-    original = head.value(original_raw) if froms else ""
-    display = ""
-    if original:
-        header = email.policy.default.header_factory("from", original)
-        addrs = list(header.addresses)
-        # A UTF-8 local part is fine here (SMTPUTF8); any other defect makes the name doubtful.
-        doubtful = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
-        if len(addrs) == 1 and not doubtful:
-            display = addrs[0].display_name
-    new_from = head.render("From", [address(mailbox, display)])
-    if froms:
-        head.fields[froms[0]] = new_from
-        for i in reversed(froms[1:]):
-            del head.fields[i]
-    else:
-        head.fields.append(new_from)
-    for i in reversed(head.index("sender")):
-        del head.fields[i]
-    if keep_reply_to and original_raw and not head.index("reply-to"):
-        # The original value byte for byte, so an odd but working display name survives.
-        head.fields.append(b"Reply-To:" + original_raw.split(b":", 1)[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Splitting a large message into a draft and its attachments.
-
-
-@dataclass
-class _Attachment:
-    name: str
-    content_type: str
-    data: bytes
-    content_id: str | None
-    inline: bool
-
-
-def _split_attachments(data: bytes) -> tuple[bytes, list[_Attachment]]:
-    """The message without its attachment parts (re-serialized), and those parts' contents."""
-    msg = BytesParser(policy=email.policy.default).parsebytes(data)
-    attachments: list[_Attachment] = []
-
-    def detach(part: Message) -> bool:
-        if part.is_multipart():
-            return False
-        disposition = part.get_content_disposition()
-        if part.get_content_maintype() == "text" and disposition != "attachment":
-            return False
-        return disposition in ("attachment", "inline") or part.get("content-id") is not None \
-            or part.get_content_maintype() not in ("text", "multipart")
-
-    def walk(container: Message, depth: int) -> None:
-        if depth > 32:  # nesting is bounded in any real message; stop a hostile one
-            raise PermanentDeliveryError("message nests multiparts more than 32 deep", 554)
-        payload = container.get_payload()
-        if not isinstance(payload, list):
-            return
-        kept: list[Message | str] = []
-        for part in payload:
-            if not isinstance(part, Message):
-                kept.append(part)
-            elif detach(part):
-                raw = part.get_payload(decode=True)
-                content = raw if isinstance(raw, bytes) else part.as_bytes()
-                cid = part.get("content-id")
-                attachments.append(_Attachment(
-                    name=part.get_filename() or f"attachment-{len(attachments) + 1}",
-                    content_type=part.get_content_type(),
-                    data=content,
-                    content_id=str(cid).strip().strip("<>") if cid else None,
-                    inline=part.get_content_disposition() == "inline" or (
-                        cid is not None and part.get_content_disposition() is None),
-                ))
-            else:
-                walk(part, depth + 1)
-                kept.append(part)
-        container.set_payload(kept)
-
-    walk(msg, 0)
-    policy = email.policy.SMTPUTF8 if not data.isascii() else email.policy.SMTP
-    return msg.as_bytes(policy=policy), attachments
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,190 +166,9 @@ def _graph_error(response: Answer) -> str:
 
 
 @dataclass
-class Answer:
-    """Graph's answer to one request: what the code below reads of it, from either client."""
-
-    status_code: int
-    headers: Mapping[str, str]  # names in lower case
-    content: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    @property
-    def text(self) -> str:
-        return self.content.decode("utf-8", "replace")
-
-    @property
-    def reason_phrase(self) -> str:
-        try:
-            return http.HTTPStatus(self.status_code).phrase
-        except ValueError:
-            return ""
-
-
-@dataclass
 class _Slot:
     semaphore: asyncio.Semaphore
     users: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP/1.1 over asyncio streams: the few things Graph's mail calls need, at a fraction of
-# httpx's CPU (module docstring). Failures raise httpx's exception types, so the mapping to
-# delivery errors in GraphUpstream.request is one for both clients.
-
-
-@dataclass
-class _Conn:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    http: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
-    idle_since: float = 0.0
-
-    def usable(self, now: float) -> bool:
-        return not (self.reader.at_eof() or self.writer.transport.is_closing()
-                    or now - self.idle_since > KEEPALIVE_S)
-
-    def abort(self) -> None:
-        self.writer.transport.abort()
-
-
-class _Http11Pool:
-    """Keep-alive HTTPS connections per host, at most `max_connections` in use at once."""
-
-    def __init__(self, context: ssl.SSLContext, timeout_s: float, max_connections: int) -> None:
-        self.context = context
-        self.timeout_s = timeout_s
-        self._limit = asyncio.Semaphore(max_connections)
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
-        self._closed = False
-
-    async def request(self, method: str, url: str, headers: Mapping[str, str],
-                      content: bytes) -> Answer:
-        parts = urllib.parse.urlsplit(url)
-        host, port = parts.hostname or "", parts.port or 443
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        fields = [("Host", parts.netloc), ("User-Agent", USER_AGENT), ("Accept", "*/*"),
-                  *headers.items()]
-        if content or method in ("POST", "PUT", "PATCH"):
-            fields.append(("Content-Length", str(len(content))))
-        try:
-            request = h11.Request(method=method, target=target, headers=fields)
-        except h11.LocalProtocolError as e:
-            raise httpx.LocalProtocolError(str(e)) from None
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await self._limit.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no free connection in time") from None
-        try:
-            conn = await self._connection((host, port))
-            reusable = False
-            # Whether the whole request was handed to the connection: a lost answer after
-            # that leaves a send in doubt (relayd.delivery.doubt), before it does not. The
-            # Write*/Read* exception types below carry the difference.
-            written = False
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    wire = conn.http
-                    conn.writer.write(wire.send(request) + (wire.send(h11.Data(data=content))
-                                                            if content else b"")
-                                      + wire.send(h11.EndOfMessage()))
-                    if len(content) >= 65536:
-                        await conn.writer.drain()
-                    written = True
-                    response = await self._response(conn)
-                reusable = wire.our_state is h11.DONE and wire.their_state is h11.DONE
-                if reusable:
-                    wire.start_next_cycle()
-                return response
-            except TimeoutError:
-                if not written:
-                    raise httpx.WriteTimeout(f"cannot send to {host} within "
-                                             f"{self.timeout_s:g}s") from None
-                raise httpx.ReadTimeout(f"no answer from {host} within {self.timeout_s:g}s"
-                                        ) from None
-            except asyncio.IncompleteReadError:
-                raise httpx.RemoteProtocolError("server disconnected without sending a "
-                                                "complete response") from None
-            except (h11.ProtocolError, ValueError, zlib.error) as e:
-                if not written:
-                    raise httpx.LocalProtocolError(f"cannot send the request: {e}") from None
-                raise httpx.RemoteProtocolError(f"malformed response: {e}") from None
-            except OSError as e:
-                if not written:
-                    raise httpx.WriteError(f"{type(e).__name__}: {e}") from None
-                raise httpx.ReadError(f"{type(e).__name__}: {e}") from None
-            finally:
-                if reusable and not self._closed:
-                    conn.idle_since = time.monotonic()
-                    self._idle.setdefault((host, port), []).append(conn)
-                else:
-                    conn.abort()
-        finally:
-            self._limit.release()
-
-    async def _connection(self, key: tuple[str, int]) -> _Conn:
-        idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if conn.usable(now):
-                return conn
-            conn.abort()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                reader, writer = await asyncio.open_connection(
-                    key[0], key[1], ssl=self.context, limit=MAX_RESPONSE_HEAD_BYTES)
-        except TimeoutError:
-            raise httpx.ConnectTimeout(f"cannot connect to {key[0]}:{key[1]} within "
-                                       f"{self.timeout_s:g}s") from None
-        except (OSError, ssl.SSLError) as e:
-            raise httpx.ConnectError(f"{type(e).__name__}: {e}") from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Conn(reader, writer)
-
-    @staticmethod
-    async def _response(conn: _Conn) -> Answer:
-        """The next answer on the connection, as h11 reads it (1xx interim answers skipped;
-        gzip or deflate content decoded)."""
-        wire = conn.http
-        response: h11.Response | None = None
-        body: list[bytes] = []
-        while True:
-            event = wire.next_event()
-            if event is h11.NEED_DATA:
-                wire.receive_data(await conn.reader.read(READ_BYTES))
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise asyncio.IncompleteReadError(b"", None)
-        assert response is not None
-        names = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
-        content = b"".join(body)
-        encoding = names.get("content-encoding", "").lower()
-        if encoding in ("gzip", "deflate"):
-            content = zlib.decompress(content, 47 if encoding == "gzip" else 15)
-        return Answer(response.status_code, names, content)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        conns = [c for idle in self._idle.values() for c in idle]
-        self._idle.clear()
-        for conn in conns:
-            conn.writer.close()
-        for conn in conns:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
-            conn.abort()
 
 
 class GraphUpstream(Upstream):
@@ -495,9 +182,9 @@ class GraphUpstream(Upstream):
         else:
             scopes = [f"{self.endpoint}/.default"]
         self.tokens: TokenProvider = make_token_provider(route, config, scopes)
-        self._client: httpx.AsyncClient | None = None
-        self._pool: _Http11Pool | None = None
-        self._direct: dict[str, bool] = {}  # host -> whether _Http11Pool may serve it
+        self._client: HttpxClient | None = None
+        self._pool: H11Pool | None = None
+        self._direct: dict[str, bool] = {}  # host -> whether the H11Pool may serve it
         self._slots: dict[str, _Slot] = {}
         self._memo: dict[str, tuple[str, float]] = {}  # token key -> (token, use until)
         self._memo_locks: dict[str, asyncio.Lock] = {}
@@ -537,25 +224,29 @@ class GraphUpstream(Upstream):
         return max(MAX_REQUESTS_PER_MAILBOX, self.route.max_connections)
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        """httpx, for what _Http11Pool does not do: proxies from the environment."""
+    def client(self) -> HttpxClient:
+        """httpx, for what the H11Pool does not do: proxies from the environment."""
         if self._client is None:
-            self._client = httpx.AsyncClient(
+            self._client = HttpxClient(httpx.AsyncClient(
                 verify=self._ssl_context(),
                 # With a ca_file, the environment (CA bundles, proxies) must not override it.
                 trust_env=self.route.ca_file is None,
                 timeout=httpx.Timeout(self.route.timeout_s),
                 limits=httpx.Limits(max_connections=self._max_connections),
                 follow_redirects=False,
-            )
+            ))
         return self._client
 
     @property
-    def pool(self) -> _Http11Pool:
+    def pool(self) -> H11Pool:
         if self._pool is None:
-            self._pool = _Http11Pool(self._ssl_context(), self.route.timeout_s,
-                                     self._max_connections)
+            self._pool = H11Pool(self._ssl_context(), self.route.timeout_s,
+                                 self._max_connections)
         return self._pool
+
+    def http_for(self, url: str) -> HttpClient:
+        """The client that serves `url`: the pool when it goes straight to its server."""
+        return self.pool if self._direct_ok(url) else self.client
 
     def _direct_ok(self, url: str) -> bool:
         """Whether a URL goes straight to its server over https (not through a proxy that
@@ -690,29 +381,13 @@ class GraphUpstream(Upstream):
             content_type = content_type or "application/json"
         if content_type:
             send_headers["Content-Type"] = content_type
-        direct = self._direct_ok(url)
+        client = self.http_for(url)
         for attempt in (1, 2):
             if bearer:
                 token = await self._token(mailbox)
                 send_headers["Authorization"] = f"Bearer {token}"
-            try:
-                async with self._slot(mailbox):
-                    if direct:
-                        response = await self.pool.request(method, url, send_headers,
-                                                           content or b"")
-                    else:
-                        r = await self.client.request(method, url, content=content,
-                                                      headers=send_headers)
-                        response = Answer(r.status_code,
-                                          {k.lower(): v for k, v in r.headers.items()},
-                                          r.content)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                # Graph is unreachable: the delivery agent holds the route's other mail for a while.
-                raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
-                                               f"{type(e).__name__}: {e}", source="graph"
-                                               ) from None
-            except httpx.HTTPError as e:
-                raise self._lost_answer(e, sends) from None
+            response = await self._call(client, method, url, mailbox, send_headers, content,
+                                        sends)
             if response.status_code == 401 and bearer:
                 self._forget_token(mailbox)
                 if attempt == 1:
@@ -723,10 +398,24 @@ class GraphUpstream(Upstream):
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _call(self, client: HttpClient, method: str, url: str, mailbox: str,
+                    headers: Mapping[str, str], content: bytes | None, sends: bool) -> Answer:
+        """One request in the mailbox's slot; httpx's errors as delivery errors."""
+        try:
+            async with self._slot(mailbox):
+                return await client.request(method, url, headers, content)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            # Graph is unreachable: the delivery agent holds the route's other mail for a while.
+            raise UpstreamUnavailableError(f"cannot reach Graph at {self.endpoint}: "
+                                           f"{type(e).__name__}: {e}", source="graph"
+                                           ) from None
+        except httpx.HTTPError as e:
+            raise self._lost_answer(e, sends) from None
+
     def _lost_answer(self, e: httpx.HTTPError, sends: bool) -> TransientDeliveryError:
         """A call that got no answer. A send whose request was written whole is in doubt
         (relayd.delivery.doubt): httpx's Read* errors and RemoteProtocolError come after the
-        request went out (and _Http11Pool raises Write* ones before)."""
+        request went out (and the H11Pool raises Write* ones before)."""
         if isinstance(e, httpx.TimeoutException):
             text = f"Graph did not answer in time ({type(e).__name__})"
         else:
@@ -801,7 +490,7 @@ class GraphSession(Session):
         """Large mail: a draft from the MIME without attachments, then the attachments, then
         send. Needs Mail.ReadWrite; without it the message bounces saying so."""
         up = self.up
-        skeleton, attachments = _split_attachments(mime)
+        skeleton, attachments = split_attachments(mime)
         body = base64.b64encode(skeleton)
         if len(body) > MAX_MIME_REQUEST_BYTES:
             raise PermanentDeliveryError(
@@ -846,7 +535,7 @@ class GraphSession(Session):
                     await up.request("DELETE", up.url(mailbox, "messages", draft_id), mailbox)
                 log.info("%s route=%s: removed unsent Graph draft", queue_id, up.route.name)
 
-    async def _attach(self, mailbox: str, draft_id: str, att: _Attachment) -> None:
+    async def _attach(self, mailbox: str, draft_id: str, att: Attachment) -> None:
         up = self.up
         item: dict[str, Any] = {"name": att.name, "contentType": att.content_type,
                                 "isInline": att.inline}
