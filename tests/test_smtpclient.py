@@ -138,10 +138,11 @@ async def test_a_shorter_timeout_than_the_armed_one_is_kept(
 async def test_a_reply_in_the_same_pass_as_the_cancellation_is_kept(
         order: str, wire: tuple[_PipeliningProtocol, socket.socket]) -> None:
     """The attempt's deadline (or a stop) cancels the transaction just as the server's
-    final reply comes in: the reply is kept and the transaction ends as sent, as with
-    wait_for on Python 3.11, so a message the server took is not sent again. Driven on a
-    real socket: the reply and the cancellation in one callback, in either order (the
-    agent's wait_for cancels in the pass after its timer, before that pass's socket reads)."""
+    final reply comes in: the reply is kept and the transaction ends as sent (on every
+    Python, not only where 3.11's wait_for kept it), so a message the server took is not sent
+    again. Driven on a real socket: the reply and the cancellation in one callback, in either
+    order (the agent's asyncio.timeout cancels in its timer's callback, which may run before
+    or after that pass's socket reads)."""
     protocol, theirs = wire
     loop = asyncio.get_running_loop()
     client = PipeliningSMTP(timeout=5)

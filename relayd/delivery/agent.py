@@ -6,6 +6,19 @@ The agent owns what belongs to the route rather than to a message: its upstream 
 dead-destination idea: the route's other messages are deferred for `retry_min` without a
 connection attempt each). It translates everything a session can raise into a `Report` with one
 result per recipient; it never raises for a delivery and never calls the queue manager.
+
+Timeouts and cancellation, the same on Python 3.11 to 3.13 (no asyncio.wait_for, whose
+cancellation changed in 3.12, python/cpython#96764):
+- Each call a session makes has its own timeout, the route's `timeout` (an SMTP reply:
+  relayd.delivery.smtpclient; a Graph call: relayd.delivery.graphhttp; EWS: requests'). The
+  agent's deadline around a whole attempt, `ATTEMPT_GRACE_S` later, is a backstop under
+  `asyncio.timeout()`: an attempt still running then is cancelled and reported timed out
+  (in doubt where Sent Items can be looked up). An attempt that returns its results as the
+  deadline passes keeps them (smtpclient keeps the end-of-data reply that comes in the same
+  loop pass as the cancellation).
+- A stop (close) cancels the workers still busy after its wait: their jobs are reported
+  STOPPED, except a job whose final reply came with the cancellation, which is reported as
+  it went; that worker then stops (the request stays counted in Task.cancelling()).
 """
 
 from __future__ import annotations
@@ -289,6 +302,9 @@ class DeliveryAgent:
                         self.route.name, self.stats.last_failure_reply))
                 if not future.done():
                     future.set_result(report)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    return  # stopped as the attempt ended (smtpclient kept its final reply)
         finally:
             # Takes no more jobs: one that comes during the close's wait starts a new worker
             # (deliver) rather than wait for this one.
@@ -337,10 +353,8 @@ class DeliveryAgent:
             return Report({r: RecipientResult(Status.DELIVERED, reply) for r in job.recipients},
                           found_in_sent=True)
         try:
-            # wait_for: an attempt that ends as the timeout fires keeps its results (as in
-            # _worker); asyncio.timeout would report a delivered message as timed out.
-            results = await asyncio.wait_for(session.deliver(message),
-                                             self.route.timeout_s + ATTEMPT_GRACE_S)
+            async with asyncio.timeout(self.route.timeout_s + ATTEMPT_GRACE_S):
+                results = await session.deliver(message)
         except UpstreamUnavailableError as e:
             if self.held_s() is None:
                 log.warning("route %s: upstream unreachable, holding its mail for %ds: %s",
@@ -387,9 +401,8 @@ class DeliveryAgent:
         looks = 0
         while True:
             try:
-                found = await asyncio.wait_for(
-                    self.upstream.find_sent(message, job.check_sent_since),
-                    self.route.timeout_s + ATTEMPT_GRACE_S)
+                async with asyncio.timeout(self.route.timeout_s + ATTEMPT_GRACE_S):
+                    found = await self.upstream.find_sent(message, job.check_sent_since)
             except (DeliveryError, TimeoutError) as e:
                 log.warning("%s: route %s: cannot look in Sent Items (%s); sending it again",
                             message.queue_id, self.route.name, e)

@@ -10,9 +10,13 @@ The policy:
 - Without PIPELINING: one command, one reply, and no RCPT after a refused MAIL, no DATA after
   every RCPT was refused (what aiosmtplib's mail/rcpt/data do).
 - Each reply must come within the route's timeout of relayd starting to wait for it, as with
-  aiosmtplib's own timeout, but one timer per connection keeps that deadline (see _reply). A
-  reply that comes in the same pass as the attempt's cancellation is kept, as wait_for keeps
-  it on Python 3.11: the message the server took is not reported as timed out.
+  aiosmtplib's own timeout. One timer a reply fails the protocol's waiter when it is late
+  (_reply): no task is cancelled, so nothing rests on how asyncio.wait_for or
+  asyncio.timeout treat cancellation (which changed in Python 3.12, python/cpython#96764).
+  A reply that came before the timer, in the same loop pass too, is kept.
+- The reply to the end of data is kept when the attempt is cancelled (the agent's deadline,
+  a stop) in the same loop pass as it comes (_final_reply): the server took the message, and
+  reporting it as not sent would send it again. Any other cancellation is honoured at once.
 - The message bytes are stored with CRLF line endings already (relayd.smtpdata), so they are
   only dot-stuffed, in one C-level replace per chunk; aiosmtplib's data() normalises line
   endings again and dot-stuffs with a regular expression, a second pass over every byte.
@@ -123,17 +127,10 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         return self.protocol
 
-    # The reply timeout: one timer per connection, its deadline moved on for each reply.
-    # aiosmtplib's read_response(timeout) makes a wait_for, a future and a timer for every
-    # reply: four a message here, 7 % of the delivering process's instructions
-    # (1,079,000 -> 1,003,000 a message, bench/cpu_split.py --callgrind).
-    _reply_due = 0.0  # when the reply awaited now is late
-    _awaited: asyncio.Future[SMTPResponse] | None = None  # the waiter awaited now, if any
-    _watch: asyncio.TimerHandle | None = None
-
     async def _reply(self, protocol: SMTPProtocol, timeout: float | None) -> SMTPResponse:
         """The next reply: the one the protocol parsed, else one still in its buffer, else
-        from the network, within `timeout` seconds."""
+        from the network, within `timeout` seconds (a reply that came in the same pass as
+        the timer is kept)."""
         waiter = protocol._response_waiter
         if waiter is None or not waiter.done():
             buffered = protocol._read_response_from_buffer()
@@ -142,52 +139,32 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         if waiter is None or timeout is None:
             return await protocol.read_response(timeout=timeout)
         loop = waiter.get_loop()  # get_running_loop() is a getpid() system call on 3.11
-        self._reply_due = loop.time() + timeout
-        self._awaited = waiter
-        watch = self._watch
-        if watch is None or watch.when() > self._reply_due:  # a shorter timeout than before
-            if watch is not None:
-                watch.cancel()
-            self._watch = loop.call_at(self._reply_due, self._watch_reply)
+        timer = loop.call_at(loop.time() + timeout, _time_out, waiter)
         try:
-            return await protocol.read_response(timeout=None)  # wait_for(f, None): await f
-        except asyncio.CancelledError:
-            # What wait_for does on Python 3.11: a reply that came in the same pass as the
-            # attempt's cancellation is kept, so a message the server took is not reported
-            # as timed out (and sent again). It is on the waiter when it came first; when
-            # the cancel came first (the agent's wait_for cancels in the pass after its
-            # timer, before that pass's socket reads), the cancelled waiter left it in the
-            # buffer (_PipeliningProtocol.data_received).
-            if waiter.cancelled():
-                buffered = protocol._read_response_from_buffer()
-                if buffered is not None:
-                    return buffered
-            elif waiter.done() and waiter.exception() is None:
-                return waiter.result()
-            raise
+            # read_response(None) is a plain await of the waiter; the timer's TimeoutError
+            # becomes aiosmtplib's SMTPReadTimeoutError there, as with its own timeout.
+            return await protocol.read_response(timeout=None)
         finally:
-            self._awaited = None
+            timer.cancel()
 
-    def _watch_reply(self) -> None:
-        """The timer: time out the reply awaited now if it is late, else wait for its
-        deadline; with none awaited, stop (the next reply arms it again)."""
-        self._watch = None
-        waiter = self._awaited
-        if waiter is None or waiter.done():
-            return
-        loop = waiter.get_loop()
-        if loop.time() < self._reply_due:
-            self._watch = loop.call_at(self._reply_due, self._watch_reply)
-            return
-        # read_response turns this into aiosmtplib's SMTPReadTimeoutError, as for its own
-        # timeout.
-        waiter.set_exception(TimeoutError())
-
-    def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-        super().close()
+    async def _final_reply(self, protocol: SMTPProtocol,
+                           timeout: float | None) -> SMTPResponse:
+        """The reply to the end of data. When the attempt is cancelled (the agent's deadline,
+        a stop) in the same loop pass as this reply comes, the reply is kept and the
+        cancellation ends there: the server took the message, and reporting it as not sent
+        would send it again. The reply is on the waiter when it came first, in the buffer
+        when the cancel came first (the cancelled waiter leaves it there:
+        _PipeliningProtocol.data_received)."""
+        waiter = protocol._response_waiter
+        try:
+            return await self._reply(protocol, timeout)
+        except asyncio.CancelledError:
+            reply = _came_anyway(protocol, waiter)
+            if reply is None:
+                raise
+            # The request stays counted (Task.cancelling()): the agent's deadline takes it
+            # back as its timeout ends; a stop ends the worker after this report.
+            return reply
 
     async def _command(self, protocol: SMTPProtocol, line: bytes,
                        timeout: float | None) -> SMTPResponse:
@@ -228,7 +205,7 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                     return replies
                 await self._write_body(protocol, body)
                 try:
-                    replies.final = await self._reply(protocol, timeout)
+                    replies.final = await self._final_reply(protocol, timeout)
                 except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
                     self.close()
                     raise UnansweredEndOfData(str(e) or type(e).__name__) from e
@@ -253,11 +230,30 @@ class PipeliningSMTP(aiosmtplib.SMTP):
             # Hold no more than the transport's buffer; a server that stops reading
             # times out like one that stops answering.
             try:
-                await asyncio.wait_for(protocol._drain_helper(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await protocol._drain_helper()
             except TimeoutError as e:
                 raise aiosmtplib.SMTPTimeoutError("Timed out sending the message") from e
         protocol._response_pending = True
         protocol.write(_end_of_data(tail))
+
+
+def _time_out(waiter: asyncio.Future[SMTPResponse]) -> None:
+    """The reply timer: a reply that came first (in an earlier callback of the same loop
+    pass, too) is kept; else the wait ends with TimeoutError."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _came_anyway(protocol: SMTPProtocol,
+                 waiter: asyncio.Future[SMTPResponse] | None) -> SMTPResponse | None:
+    """The reply that came in the same loop pass as a cancellation of its wait: on the waiter
+    when it came first, else in the protocol's buffer (the cancelled waiter leaves it
+    there); None when none came."""
+    if waiter is not None and waiter.done() and not waiter.cancelled() \
+            and waiter.exception() is None:
+        return waiter.result()
+    return protocol._read_response_from_buffer()
 
 
 def _end_of_data(tail: bytes) -> bytes:
