@@ -42,8 +42,6 @@ import aiosmtplib
 from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-READ_BUFFER_BYTES = 16 * 1024  # a connection's read buffer: replies are a few dozen bytes
-
 
 class UnansweredEndOfData(aiosmtplib.SMTPException):
     """The message and its final "." were written and no reply came (a timeout, or the
@@ -76,27 +74,8 @@ def dot_stuff(chunk: bytes, line_start: bool) -> bytes:
     return stuffed
 
 
-class _PipeliningProtocol(SMTPProtocol, asyncio.BufferedProtocol):
-    """aiosmtplib's protocol, reading into a buffer of its own (asyncio's BufferedProtocol)
-    and keeping the replies of a pipelined group (data_received below).
-
-    A plain protocol gets each read as a new bytes object of the transport's 256 KiB read
-    size, cut down to what came: with glibc that is an mmap, a page fault, an mremap and a
-    munmap for every reply read (18 us of the 22 us a 65-byte read took here, against 4 us
-    read into a kept buffer; bench/README.md, 2026-12-02 morning). That is asyncio's own
-    loop (RELAYD_EVENT_LOOP=asyncio); uvloop reads every protocol that is an asyncio.Protocol
-    through data_received, into a buffer it keeps, so there this costs nothing either way."""
-
-    _read_view: memoryview | None = None
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._read_view is None:
-            self._read_view = memoryview(bytearray(READ_BUFFER_BYTES))
-        return self._read_view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert self._read_view is not None
-        self.data_received(bytes(self._read_view[:nbytes]))
+class _PipeliningProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping the replies of a pipelined group (data_received)."""
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter
@@ -115,11 +94,8 @@ class PipeliningSMTP(aiosmtplib.SMTP):
     async def _create_connection(self, timeout: float | None) -> SMTPResponse:
         response = await super()._create_connection(timeout)
         if self.protocol is not None:
-            # The same object and state, with the reading above (STARTTLS keeps it); the
-            # transport is told again, as it picks its way of reading by the protocol's class.
+            # The same object and state, with the reading above (STARTTLS keeps it).
             self.protocol.__class__ = _PipeliningProtocol
-            if self.protocol.transport is not None:
-                self.protocol.transport.set_protocol(self.protocol)
         return response
 
     def _protocol(self) -> SMTPProtocol:
