@@ -14,7 +14,7 @@ from email.errors import NonASCIILocalPartDefect
 from email.message import Message
 from email.parser import BytesParser
 
-from relayd.delivery import OutboundMessage
+from relayd.delivery.base import OutboundMessage
 from relayd.delivery.mime import Head, add_bcc, address, restrict_to_envelope
 from relayd.errors import PermanentDeliveryError
 

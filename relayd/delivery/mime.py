@@ -28,9 +28,9 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.headerregistry import Address, Group
+from typing import Protocol
 
 from relayd.config import RouteConfig
-from relayd.delivery import OutboundMessage
 from relayd.errors import PermanentDeliveryError
 
 # The fields Exchange takes recipients from, lower case.
@@ -196,7 +196,17 @@ def fixed_mailbox(route: RouteConfig) -> str | None:
     return route.mailbox if route.mailbox not in (None, "", "sender") else None
 
 
-def mailbox_for(route: RouteConfig, message: OutboundMessage) -> str:
+class Envelope(Protocol):
+    """What mailbox_for reads of a message (relayd.delivery.base.OutboundMessage)."""
+
+    @property
+    def sender(self) -> str: ...
+
+    @property
+    def recipients(self) -> Sequence[str]: ...
+
+
+def mailbox_for(route: RouteConfig, message: Envelope) -> str:
     """The mailbox a message is sent from: the route's fixed one, else the envelope sender's.
 
     A bounce (null sender) goes back to a sender of this route, so that sender's own mailbox

@@ -8,7 +8,14 @@ import os
 from pathlib import Path
 
 from relayd.config import Config, RouteConfig
-from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream, all_results
+from relayd.delivery.base import (
+    OutboundMessage,
+    RecipientResult,
+    Session,
+    Status,
+    Upstream,
+    all_results,
+)
 from relayd.errors import TransientDeliveryError
 from relayd.platform.fs import write_atomic
 

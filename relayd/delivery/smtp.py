@@ -15,7 +15,7 @@ from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
-from relayd.delivery import OutboundMessage, RecipientResult, Session, Status, Upstream
+from relayd.delivery.base import OutboundMessage, RecipientResult, Session, Status, Upstream
 from relayd.delivery.doubt import SMTP_DUPLICATE_RISK
 from relayd.delivery.smtpclient import PipeliningSMTP, UnansweredEndOfData
 from relayd.errors import (
