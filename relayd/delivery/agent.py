@@ -19,6 +19,8 @@ cancellation changed in 3.12, python/cpython#96764):
 - A stop (close) cancels the workers still busy after its wait: their jobs are reported
   STOPPED, except a job whose final reply came with the cancellation, which is reported as
   it went; that worker then stops (the request stays counted in Task.cancelling()).
+
+Private-API touch points: none (asyncio.timeout and Task.cancelling are public since 3.11).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from relayd.config import RateLimit, RouteConfig
-from relayd.delivery import (
+from relayd.delivery import doubt as doubts
+from relayd.delivery.base import (
     OutboundMessage,
     RecipientResult,
     Session,
@@ -41,7 +44,6 @@ from relayd.delivery import (
     Status,
     Upstream,
 )
-from relayd.delivery import doubt as doubts
 from relayd.errors import (
     AuthenticationError,
     DeliveryError,

@@ -1,4 +1,15 @@
-"""Exchange Web Services upstream: the MIME sent as-is through exchangelib, basic/NTLM or OAuth."""
+"""Exchange Web Services upstream: the MIME sent as-is through exchangelib, basic/NTLM or OAuth.
+
+Touch points on exchangelib beyond its plain interface (guarded by `exchangelib>=5.4,<5.7`
+in pyproject.toml; 1 private behaviour, 2 documented hooks; the same before issue 24):
+
+| exchangelib                                  | what relayd does with it (where)            |
+|----------------------------------------------|---------------------------------------------|
+| behaviour: OAuth2 credentials hash their `__dict__`; one Protocol cached per credentials   |
+|                                              | `_serial`: each object its own Protocol     |
+| `BaseProtocol.HTTP_ADAPTER_CLS` (documented) | set at import: a route's ca_file is pinned  |
+| `Protocol.TIMEOUT` (documented setting)      | the route's timeout, per account (_account) |
+"""
 
 from __future__ import annotations
 
@@ -24,7 +35,7 @@ from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 from relayd.auth import TokenHealth
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
 from relayd.config import Config, RouteConfig
-from relayd.delivery import (
+from relayd.delivery.base import (
     SENT_CLOCK_SKEW_S,
     OutboundMessage,
     RecipientResult,

@@ -16,6 +16,9 @@ What makes it fast (bench/graph/, issue 13), each measured:
   taken: one more dependency, for a gain that the 4-requests-per-mailbox limit caps, and no h2
   server to measure it on.
 - The base64 body is built once per attempt and reused for the retry after a 401.
+
+Private-API touch points: none (here and in graphhttp, graphmime: httpx, h11 and the email
+package through their public interfaces).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import httpx
 
 from relayd.auth import TokenHealth, TokenProvider, make_token_provider
 from relayd.config import Config, RouteConfig
-from relayd.delivery import (
+from relayd.delivery.base import (
     SENT_CLOCK_SKEW_S,
     OutboundMessage,
     RecipientResult,

@@ -23,10 +23,25 @@ The policy:
 
 aiosmtplib reads one reply per write and drops what arrives while a parsed reply waits to be
 picked up; the replies to a pipelined group often arrive just so, one segment each. So its
-protocol here keeps such data in its buffer, to be read after the reply it parsed. This
-uses that protocol's internals (_command_lock, _response_pending, _response_waiter, _buffer,
-_read_response_from_buffer, _drain_helper; and read_response(None) being a plain await),
-which is why pyproject pins aiosmtplib to 5.1.x.
+protocol here keeps such data in its buffer, to be read after the reply it parsed.
+
+Private-API touch points (aiosmtplib's internals; guarded by `aiosmtplib>=5.1.3,<5.2` in
+pyproject.toml; 7 names and 2 behaviours, before issue 24: the same 7 and 3 behaviours):
+
+| aiosmtplib internal                        | what relayd does with it (where)                  |
+|--------------------------------------------|---------------------------------------------------|
+| `SMTP._create_connection` (overridden)     | gives the connection relayd's protocol class      |
+| `SMTPProtocol._command_lock`               | a transaction excludes aiosmtplib's own commands  |
+| `SMTPProtocol._response_waiter`            | awaited; failed by the reply timer (_reply)       |
+| `SMTPProtocol._response_pending`           | tells the protocol a reply is due                 |
+| `SMTPProtocol._buffer`                     | keeps a pipelined group's later replies           |
+| `SMTPProtocol._read_response_from_buffer`  | reads a kept reply (_reply, _came_anyway)         |
+| `FlowControlMixin._drain_helper`           | waits for the socket while writing (_write_body)  |
+| behaviour: `read_response(None)` awaits the waiter, its TimeoutError made SMTPReadTimeoutError |
+| behaviour: a live SMTPProtocol's `__class__` can be swapped (no `__slots__`)                   |
+
+Removed in issue 24: the transport told again of the swapped class (`set_protocol`, for the
+BufferedProtocol half, which uvloop never used).
 Rejected: a client of our own (TLS, AUTH, EHLO parsing are aiosmtplib's, and well kept); and
 sending commands without PIPELINING in one write, which servers may answer by dropping what
 they did not expect.
