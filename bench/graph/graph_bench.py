@@ -8,8 +8,8 @@ stopped on exit, on error and on SIGINT/SIGTERM, by its process group.
 Targets (--targets, comma-separated):
   relayd            relayd from the work tree (the venv's editable install)
   relayd@REV        relayd/ as committed at REV (git archive into the temp dir)
-  relayd@REV+graph  the same with the work tree's relayd/delivery/graph.py over it (one
-                    module's change measured alone, while others edit the rest of the tree)
+  relayd@REV+graph  the same with the work tree's relayd/delivery/graph*.py over it (the
+                    Graph modules' change measured alone, while others edit the rest of the tree)
   ...:mcN           either of them with the route's max_connections = N (default: relayd's)
   sor               smtp-oauth-relay (--sor-dir: its src/ patched by sor-fake-urls.patch)
   smtp2graph        SMTP2Graph (--smtp2graph-dir: npm ci and webpack build done)
@@ -291,8 +291,13 @@ class Relayd(Target):
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, timeout=60,
                            check=True)
             if self.overlay == "graph":
-                rel = Path("relayd/delivery/graph.py")
-                (dest / rel).write_bytes((ROOT / rel).read_bytes())
+                # graph.py and the modules it was split into (graphhttp, graphmime), and the
+                # interface module they import where REV predates it.
+                for src in sorted((ROOT / "relayd" / "delivery").glob("graph*.py")):
+                    (dest / src.relative_to(ROOT)).write_bytes(src.read_bytes())
+                base = Path("relayd/delivery/base.py")
+                if not (dest / base).exists():
+                    (dest / base).write_bytes((ROOT / base).read_bytes())
             elif self.overlay:
                 raise SystemExit(f"unknown overlay {self.overlay!r} (only +graph)")
         self.pythonpath = str(dest)
