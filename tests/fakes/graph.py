@@ -86,6 +86,10 @@ class GraphState:
     mailboxes: set[str] | None = None  # known mailboxes (lower case); None: any
     attachment_status: int | None = None  # answer attachment calls with this error
     delay_s: float = 0.0  # each sendMail takes this long (to observe concurrency)
+    # Each sendMail waits (30 s at most) until this many are in flight at once: concurrency
+    # observed without a clock, so a loaded machine cannot make it look serial. 0: no wait.
+    gather: int = 0
+    gathered: threading.Condition = field(default_factory=threading.Condition)
     read_sent: bool = True  # the app may read Sent Items (Mail.ReadBasic); otherwise 403
     # sendMail stalls on this event (a kill -9 of relayd mid-request), after recording the
     # message when `record_then_stall`, before it otherwise; `send_entered` says it is there.
@@ -322,6 +326,11 @@ class GraphHandler(Handler):
                 {"Retry-After": "1"})
             return
         try:
+            if st.gather:
+                with st.gathered:
+                    st.gathered.notify_all()
+                    # the peak, not the count now: the first ones let go leave at once
+                    st.gathered.wait_for(lambda: st.max_in_flight_all >= st.gather, timeout=30)
             if st.delay_s:
                 time.sleep(st.delay_s)
             stall = st.stall
