@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relayd import loop as relayd_loop
 from relayd import sdnotify
@@ -39,10 +39,11 @@ from relayd.qmgr import NullObserver, Observer, QueueManager, UpstreamFactory
 from relayd.qmgr.pacing import MailboxUse
 from relayd.queue import Entry, Spool
 from relayd.service import SESSION_DRAIN_S, SHUTDOWN_TIMEOUT_S, Listeners, SmtpSide, bind_listeners
-from relayd.web.pages import Snapshot
-from relayd.web.server import WebServer
-from relayd.web.snapshot import take_snapshot
 from relayd.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from relayd.web.pages import Snapshot
+    from relayd.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +280,16 @@ class MainProcess(SmtpSide):
             # it logs where it listens
             self.metrics_port = await self.observer.start(listen, self.healthy)
         if self.config.web.listen is not None:
+            from relayd.web.server import WebServer  # only when asked for: it loads the pages
+
             self.web = WebServer(self.config, self.web_snapshot, self.qmgr,
                                  lambda: self.journal.healthy)
             self.web_port = await self.web.start()
 
     async def web_snapshot(self) -> Snapshot:
         """What the status page shows, taken on the event loop (relayd.web.snapshot)."""
+        from relayd.web.snapshot import take_snapshot
+
         return take_snapshot(self.config, self.qmgr.view)
 
     async def _report_queue(self) -> None:
