@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from email.message import EmailMessage
 from typing import Any, TextIO
 
-from relayd import __version__
+from relayd import __version__, queuetext
 from relayd.config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
 from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
-from relayd.escape import json_line, visible
+from relayd.escape import json_line
 from relayd.logsetup import setup_logging
 
 EXIT_OK = 0
@@ -26,7 +26,6 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PIPE = 128 + 13  # as a shell reports a process that SIGPIPE ended (SIGPIPE is 13)
 CONTROL_WAIT_S = 10.0
-LIST_CHUNK = 500  # lines of `queue list` written to stdout at once
 
 log = logging.getLogger("relayd")
 
@@ -168,91 +167,26 @@ def _print_fix(route: Any, reply: object) -> None:
         print(f"   fix: {fix}")
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _list_line(ent: Any, now: float) -> str:
-    when = "now" if ent.next_attempt <= now else f"in {_age(ent.next_attempt - now)}"
-    return visible(f"{ent.id}  {ent.size:>9}  {_age(now - ent.received):>4}  "
-                   f"<{ent.sender or 'MAILER-DAEMON'}> -> {', '.join(ent.pending())}  "
-                   f"[tries {ent.attempts}, next {when}]"
-                   + (f"  {ent.last_error}" if ent.last_error else ""))
-
-
-def _route_of(entry: Any, config: Config | None, router: Any = None) -> str | None:
-    """The route a queued message goes through: its pinned one, else its sender's now."""
-    if config is None:
-        return entry.route  # type: ignore[no-any-return]
-    if router is None:
-        from relayd.router import Router
-
-        router = Router(config.routes)
-    route = config.routes.get(entry.route) if entry.route else router.lookup(entry.sender)
-    return route.name if route else None
-
-
-def _queue_list(spool: Any, out: TextIO, *, as_json: bool, config: Config | None = None) -> int:
-    """`relayd queue list`: each entry is printed as it is read, never all of them held at
-    once (with 100,000 queued: 39 MiB peak instead of 148, 3.7 s instead of 6.7), and
-    the JSON array is written item by item in the layout of `json.dumps(list, indent=2)`.
-    A message that leaves the queue between the directory listing and its read was delivered
-    or deleted meanwhile: it is skipped, not reported as unreadable."""
-    from relayd.router import Router
-
-    now = time.time()
-    count = 0
-    router = Router(config.routes) if config is not None else None
-    chunk: list[str] = ["["] if as_json else []
-    for qid in spool.ids():
-        try:
-            ent = spool.load(qid)
-        except QueueError as e:
-            if "no message" not in str(e):
-                print(f"{qid}: unreadable: {e}", file=sys.stderr)
-            continue
-        if as_json:
-            # the route as `queue show --json` gives it (the entry's own is only a pinned one)
-            summary = {**ent.summary(), "route": _route_of(ent, config, router),
-                       "route_pinned": ent.route is not None}
-            item = json.dumps(summary, indent=2).replace("\n", "\n  ")
-            chunk.append(("\n  " if count == 0 else ",\n  ") + item)
-        else:
-            chunk.append(_list_line(ent, now) + "\n")
-        count += 1
-        if len(chunk) >= LIST_CHUNK:
-            out.write("".join(chunk))
-            chunk.clear()
-    if as_json:
-        chunk.append("\n]\n" if count else "]\n")
-    else:
-        chunk.append(f"{count} message(s) in the queue\n")
-    out.write("".join(chunk))
-    return EXIT_OK
-
-
 def cmd_queue(args: argparse.Namespace) -> int:
     from relayd.queue import Spool
 
     config = _load(args)
     spool = Spool(config.queue.path)
     if args.queue_cmd == "list":
-        return _queue_list(spool, sys.stdout, as_json=args.json, config=config)
+        queuetext.queue_list(spool, sys.stdout, as_json=args.json, config=config)
+        return EXIT_OK
     if args.queue_cmd == "show":
         try:
             entry = spool.load(args.id)
         except QueueError as e:
             print(str(e), file=sys.stderr)
             return EXIT_FAILED
-        route_name = _route_of(entry, config)
+        route_name = queuetext.route_of(entry, config)
         if args.json:
             print(json.dumps({**entry.summary(), "route": route_name,
                               "route_pinned": entry.route is not None}, indent=2))
         else:
-            print(_show(entry, route_name))
+            print(queuetext.show(entry, route_name))
         if args.body:
             sys.stdout.flush()
             sys.stdout.buffer.write(spool.read_data(entry))
@@ -268,37 +202,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(str(e), file=sys.stderr)
             return EXIT_FAILED
     return _queue_act(spool, args.queue_cmd, target, config)
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
-
-
-def _show(entry: Any, route: str | None) -> str:
-    """`relayd queue show`: the envelope and state in words, local times."""
-    now = time.time()
-    lines = [
-        f"queue id:   {entry.id}",
-        f"received:   {_when(entry.received)} ({_age(now - entry.received)} ago) from "
-        f"{entry.client or '-'}" + (f", login {entry.login}" if entry.login else ""),
-        f"sender:     <{entry.sender}>" if entry.sender else "sender:     <> (a bounce)",
-        f"route:      {route or 'none in the current config (kept, retried)'}"
-        + (" (pinned)" if entry.route else ""),
-        f"size:       {entry.size} bytes",
-    ]
-    if entry.message_id:
-        lines.append(f"message-id: {entry.message_id}")
-    if entry.bounce_for:
-        lines.append(f"bounce for: {entry.bounce_for} ({', '.join(entry.bounce_rcpts)})")
-    nxt = "now" if entry.next_attempt <= now else \
-        f"{_when(entry.next_attempt)} (in {_age(entry.next_attempt - now)})"
-    lines.append(f"tries:      {entry.attempts}, next {nxt}")
-    lines.append("recipients:")
-    for rcpt in entry.recipients:
-        state = entry.rcpt[rcpt]
-        said = f"{state.code} {state.text}".strip() if state.code is not None else state.text
-        lines.append(f"  <{rcpt}>  {state.status}" + (f": {said}" if said else ""))
-    return "\n".join(visible(line) for line in lines)  # client and upstream text, escaped
 
 
 def _queue_act(spool: Any, action: str, target: str, config: Config) -> int:
@@ -449,78 +352,99 @@ def build_parser() -> argparse.ArgumentParser:
                                 "lists the config keys it reads.")
     p.add_argument("--version", action="version", version=f"relayd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_commands in (_serve_check_route, _send_test, _queue, _reload_service, _auth, _log):
+        add_commands(sub)
+    sp = sub.add_parser("hash-password", help="print an scrypt hash for server.users")
+    sp.set_defaults(func=cmd_hash_password)
+    sub.add_parser("sendmail", help="sendmail-compatible submission (see relayd sendmail -h)",
+                   add_help=False)
+    return p
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text,
-                            epilog=f"config keys read: {READS[name]}" if name in READS else None)
-        sp.add_argument("-c", "--config", metavar="FILE",
-                        help=f"config file (default: $RELAYD_CONFIG, then {DEFAULT_CONFIG_PATH})")
-        return sp
 
-    sp = add("serve", "run the daemon in the foreground")
+def _add(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A command, with -c and the config keys it reads in its --help."""
+    sp: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text,
+        epilog=f"config keys read: {READS[name]}" if name in READS else None)
+    sp.add_argument("-c", "--config", metavar="FILE",
+                    help=f"config file (default: $RELAYD_CONFIG, then {DEFAULT_CONFIG_PATH})")
+    return sp
+
+
+def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-action that also takes -c after its name (relayd queue list -c FILE)."""
+    ap: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+    ap.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
+    return ap
+
+
+def _serve_check_route(sub: Any) -> None:
+    sp = _add(sub, "serve", "run the daemon in the foreground")
     sp.add_argument("--log-level", default="info",
                     choices=["debug", "info", "warning", "error"])
     sp.add_argument("--log-format", default="text", choices=["text", "json"])
     sp.set_defaults(func=cmd_serve)
 
-    sp = add("check", "validate the config")
+    sp = _add(sub, "check", "validate the config")
     sp.add_argument("--explain", action="store_true",
                     help="then say, for each route in plain words, who may send through it, to "
                     "whom, with which account, and what the upstream is asked to do")
     sp.set_defaults(func=cmd_check)
 
-    sp = add("route", "print the route an envelope sender maps to (routes.*.senders); with "
-             "--to, whether its routes.*.recipients allow that recipient")
+    sp = _add(sub, "route", "print the route an envelope sender maps to (routes.*.senders); "
+              "with --to, whether its routes.*.recipients allow that recipient")
     sp.add_argument("address")
     sp.add_argument("--to", action="append", metavar="RCPT")
     sp.set_defaults(func=cmd_route)
 
-    sp = add("send-test", "deliver a test message through the sender's route, now")
+
+def _send_test(sub: Any) -> None:
+    sp = _add(sub, "send-test", "deliver a test message through the sender's route, now")
     sp.add_argument("--from", dest="sender", required=True, metavar="ADDR")
     sp.add_argument("--to", required=True, action="append", metavar="ADDR")
     sp.add_argument("--subject", default="relayd test message")
     sp.set_defaults(func=cmd_send_test)
 
-    def action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-        """A sub-action that also takes -c after its name (relayd queue list -c FILE)."""
-        ap: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        ap.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS)
-        return ap
 
-    sp = add("queue", "inspect and act on the queue (works while the daemon runs)")
+def _queue(sub: Any) -> None:
+    sp = _add(sub, "queue", "inspect and act on the queue (works while the daemon runs)")
     qsub = sp.add_subparsers(dest="queue_cmd", required=True, metavar="ACTION")
-    action(qsub, "list", "one line per queued message").add_argument("--json",
-                                                                     action="store_true")
-    q = action(qsub, "show", "envelope, state and (--body) content of one message")
+    _action(qsub, "list", "one line per queued message").add_argument("--json",
+                                                                      action="store_true")
+    q = _action(qsub, "show", "envelope, state and (--body) content of one message")
     q.add_argument("id")
     q.add_argument("--body", action="store_true")
     q.add_argument("--json", action="store_true", help="the envelope and state as JSON")
-    q = action(qsub, "retry", "try a message (or --all) again now")
+    q = _action(qsub, "retry", "try a message (or --all) again now")
     q.add_argument("id", nargs="?")
     q.add_argument("--all", action="store_true")
-    action(qsub, "delete", "remove a message from the queue without delivering it").add_argument(
-        "id")
+    _action(qsub, "delete", "remove a message from the queue without delivering it"
+            ).add_argument("id")
     sp.set_defaults(func=cmd_queue)
 
-    sp = add("reload", "ask the running daemon to re-read its config (as SIGHUP; every "
-             "platform); the config is checked first")
+
+def _reload_service(sub: Any) -> None:
+    sp = _add(sub, "reload", "ask the running daemon to re-read its config (as SIGHUP; every "
+              "platform); the config is checked first")
     sp.set_defaults(func=cmd_reload)
 
-    sp = add("service", "Windows: register or remove relayd as a Windows service "
-             "(elsewhere: use systemd)")
+    sp = _add(sub, "service", "Windows: register or remove relayd as a Windows service "
+              "(elsewhere: use systemd)")
     ssub = sp.add_subparsers(dest="service_cmd", required=True, metavar="ACTION")
-    s = action(ssub, "install", "install the service (it runs `relayd serve -c FILE`)")
+    s = _action(ssub, "install", "install the service (it runs `relayd serve -c FILE`)")
     s.add_argument("--name", default="relayd")
     s.add_argument("--start", choices=["auto", "manual"], default="auto",
                    help="auto: delayed automatic start (default); manual: started by the admin")
-    action(ssub, "uninstall", "stop and remove the service").add_argument(
+    _action(ssub, "uninstall", "stop and remove the service").add_argument(
         "--name", default="relayd")
     sp.set_defaults(func=cmd_service)
 
-    sp = add("auth", "OAuth sign-in for delegated routes")
+
+def _auth(sub: Any) -> None:
+    sp = _add(sub, "auth", "OAuth sign-in for delegated routes")
     asub = sp.add_subparsers(dest="auth_cmd", required=True, metavar="ACTION")
-    a = action(asub, "login", "delegated sign-in for a route (flow = \"device\", or Google "
-               "without refresh_token_file); the token is stored where the daemon reads it")
+    a = _action(asub, "login", "delegated sign-in for a route (flow = \"device\", or Google "
+                "without refresh_token_file); the token is stored where the daemon reads it")
     a.add_argument("route")
     a.add_argument("--user", metavar="ADDR", help="the account that signs in (required "
                    "except with --device)")
@@ -536,12 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=0, metavar="N",
                    help="--browser: the loopback port for the redirect (default: a free one)")
     a.set_defaults(mode="browser")
-    action(asub, "status", "each token's account, expiry, last refresh, whether it needs a new "
-           "sign-in (and the command), and the app credential's expiry")
+    _action(asub, "status", "each token's account, expiry, last refresh, whether it needs a "
+            "new sign-in (and the command), and the app credential's expiry")
     sp.set_defaults(func=cmd_auth)
 
-    sp = add("log", "the delivery journal: every event of every message, with the upstream's "
-             "answer (reads [journal] path)")
+
+def _log(sub: Any) -> None:
+    sp = _add(sub, "log", "the delivery journal: every event of every message, with the "
+              "upstream's answer (reads [journal] path)")
     sp.add_argument("--id", metavar="QID", help="a queue id (also finds its bounce)")
     sp.add_argument("--message-id", metavar="MID")
     sp.add_argument("--from", dest="sender", metavar="ADDR", help="the envelope sender "
@@ -551,12 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--route", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_log)
-
-    sp = sub.add_parser("hash-password", help="print an scrypt hash for server.users")
-    sp.set_defaults(func=cmd_hash_password)
-    sub.add_parser("sendmail", help="sendmail-compatible submission (see relayd sendmail -h)",
-                   add_help=False)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
