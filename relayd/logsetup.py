@@ -3,6 +3,15 @@ service, the short commands): one line a record, on stderr, as text or JSON.
 
 Its own module so that what starts a process (relayd.cli, relayd.workers, relayd.winservice)
 can set it up without importing one another.
+
+Private names used here (the standard library's; pyproject's requires-python >= 3.11, and
+present alike in 3.11, 3.12 and 3.13):
+
+| name | use |
+|---|---|
+| `logging._srcfile` | set to None: no record walks the stack for its file and line |
+
+(The logging HOWTO's "Optimization" section names it for this.)
 """
 
 from __future__ import annotations
