@@ -154,7 +154,7 @@ class MainProcess(SmtpSide):
         if self.qmgr.has(queue_id):
             return
         try:
-            entry, data = self.spool.load_accepted(queue_id)
+            entry, data = self.spool.load_stored(queue_id)
         except SpoolBusyError as e:
             # Not lost: read again shortly, and the scan of msg/ would find it anyway. Out of
             # descriptors, every report fails alike: one line a minute, not one a message.

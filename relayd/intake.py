@@ -43,7 +43,7 @@ class Intake:
         return Incoming(self, sender, recipients, mail_options, client, route, login,
                         pinned_route)
 
-    async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
+    async def store(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str], client: str, route: str, *,
                      login: str = "", pinned_route: str | None = None) -> Entry:
         """A whole message at once. Durable when this returns (QueueError or OSError when it
@@ -143,7 +143,7 @@ class Incoming:
             self._held = []
             message_id, subject, queue_id, first = intake._facts(data, self.route)
             data = first + data
-            entry = await intake.spool.accept(
+            entry = await intake.spool.store(
                 self.sender, self.recipients, data, self.mail_options, client=self.client,
                 route=self.pinned_route, message_id=message_id, login=self.login,
                 queue_id=queue_id)

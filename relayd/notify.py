@@ -502,7 +502,7 @@ class Notifier:
         host = self.hostname()
         data, options = build_notice(cond, notify.sender, notify.to, host)
         try:
-            entry = await self.intake.accept(notify.sender, list(notify.to), data, options,
+            entry = await self.intake.store(notify.sender, list(notify.to), data, options,
                                              NOTICE_CLIENT, route.name)
         except (QueueError, OSError) as e:
             log.error("notify: cannot queue the notice %r (%s); trying again at the next check",

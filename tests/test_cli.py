@@ -73,7 +73,7 @@ def test_queue_list_json_keeps_the_layout_of_one_json_dump(tmp_path: Path) -> No
     spool.create()
     for count in (0, 1, 3):
         while len(spool.ids()) < count:
-            spool.accept_sync("a@business.com", ["x@example.com", "y@example.com"],
+            spool.store_sync("a@business.com", ["x@example.com", "y@example.com"],
                               message(body="line\r\n\"quoted\"\r\n"))
         listed = relayd_cli("queue", "list", "--json", "-c", str(cfg))
         assert listed.returncode == 0, listed.stderr
@@ -97,7 +97,7 @@ def test_queue_list_skips_a_message_that_leaves_while_it_lists(
     spool = Spool(tmp_path / "queue")
     spool.create()
     for _ in range(2):
-        spool.accept_sync("a@business.com", ["x@example.com"], message())
+        spool.store_sync("a@business.com", ["x@example.com"], message())
     (spool.msg_dir / "0BBBBBBBBBBBBBBB").write_bytes(b"\x00\xff garbage")
     listed = spool.ids()
     monkeypatch.setattr(Spool, "ids", lambda self: sorted([*listed, "0AAAAAAAAAAAAAAA"]))
@@ -130,7 +130,7 @@ def test_commands_piped_into_head_end_quietly(tmp_path: Path) -> None:
     spool.create()
     rcpts = [f"recipient{i}@example.com" for i in range(40)]
     for _ in range(100):  # about 1 KB a line: 100 KB of `queue list`
-        spool.accept_sync("a@business.com", rcpts, message())
+        spool.store_sync("a@business.com", rcpts, message())
     journal = Journal(load_config(cfg).journal)
     for i in range(2000):
         journal.record("accepted", f"ID{i:014d}", **{"from": "a@business.com"}, to=rcpts[:3],

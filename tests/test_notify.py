@@ -439,7 +439,7 @@ class FakeIntake:
         self.fail = 0
         self.during: list[Callable[[], None]] = []
 
-    async def accept(self, sender: str, recipients: list[str], data: bytes,
+    async def store(self, sender: str, recipients: list[str], data: bytes,
                      mail_options: list[str], client: str, route: str) -> Entry:
         assert client == notify.NOTICE_CLIENT and route == "system"
         while self.during:

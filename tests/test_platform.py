@@ -75,7 +75,7 @@ async def test_spool_round_trip_with_the_checker_on(tmp_path: Path,
     spool.lock()
     try:
         for i in range(40):
-            entry = await spool.accept("a@x", ["b@y"], b"Subject: %d\r\n\r\nhi\r\n" % i)
+            entry = await spool.store("a@x", ["b@y"], b"Subject: %d\r\n\r\nhi\r\n" % i)
             spool.save_state(entry)
             assert spool.read_data(entry).startswith(b"Subject:")
             spool.remove(entry.id, size=entry.file_size)

@@ -118,7 +118,7 @@ async def test_a_bounce_that_cannot_be_built_moves_the_message_to_corrupt(
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     spool = Spool(tmp_path / "queue")
     spool.create()
-    entry = spool.accept_sync("alice\n@business.com", [NOBODY], message())
+    entry = spool.store_sync("alice\n@business.com", [NOBODY], message())
     async with run_service(cfg) as svc:
         await wait_for(lambda: not svc.qmgr.view.count(), what="the message settled")
     corrupt = tmp_path / "queue" / "corrupt"
@@ -137,7 +137,7 @@ async def test_an_address_that_cannot_be_encoded_fails_alone(
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port))
     spool = Spool(tmp_path / "queue")
     spool.create()
-    spool.accept_sync(ALICE, ["\udcff\udcfe@example.com", BOB], message())
+    spool.store_sync(ALICE, ["\udcff\udcfe@example.com", BOB], message())
     async with run_service(cfg) as svc:
         await wait_for(lambda: bounces(upstream) and not svc.qmgr.view.count(),
                        what="delivered and bounced")
@@ -272,7 +272,7 @@ def _spool_messages(cfg: Path, count: int, subject: str = "queued") -> list[str]
 
     spool = Spool(load_config(cfg).queue.path)
     spool.create()
-    return [spool.accept_sync(ALICE, [BOB], message(subject=f"{subject} {i}")).id
+    return [spool.store_sync(ALICE, [BOB], message(subject=f"{subject} {i}")).id
             for i in range(count)]
 
 

@@ -35,7 +35,7 @@ from relayd.queue import Spool
 def test_accept_recover_and_state_round_trip(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "q")
     spool.create()
-    entry = spool.accept_sync("a@b.com", ["x@y.com", "z@y.com", "x@y.com"],
+    entry = spool.store_sync("a@b.com", ["x@y.com", "z@y.com", "x@y.com"],
                               b"Subject: s\r\n\r\nhi\r\n", ["BODY=8BITMIME"],
                               client="127.0.0.1")
     assert entry.recipients == ["x@y.com", "z@y.com"]  # duplicates collapse
@@ -54,9 +54,9 @@ def test_accept_recover_and_state_round_trip(tmp_path: Path) -> None:
 def test_corrupt_entries_are_moved_aside_not_fatal(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "q")
     spool.create()
-    good = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    good = spool.store_sync("a@b.com", ["x@y.com"], b"hi\r\n")
     (spool.msg_dir / "0AAAAAAAAAAAAAAA").write_bytes(b"{not json\nbody")
-    bad_state = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    bad_state = spool.store_sync("a@b.com", ["x@y.com"], b"hi\r\n")
     (spool.state_dir / bad_state.id).write_text('{"rcpt": {"x@y.com": {"status": 7}}}')
     (spool.msg_dir / "stray-file").write_text("ignored: not a queue id")
     recovered = [e.id for e in spool.recover()]
@@ -71,7 +71,7 @@ async def test_corrupt_entry_at_startup_does_not_stop_delivery(tmp_path: Path,
     cfg = write_config(tmp_path, smtp_route("staff", '["*"]', upstream.port))
     spool = Spool(tmp_path / "queue")
     spool.create()
-    spool.accept_sync("a@business.com", ["x@example.com"], message())
+    spool.store_sync("a@business.com", ["x@example.com"], message())
     (spool.msg_dir / "0BBBBBBBBBBBBBBB").write_bytes(b"\x00\xff garbage")
     async with run_service(cfg):
         await wait_for(lambda: len(upstream.messages) == 1)
@@ -117,7 +117,7 @@ def test_queue_commands_without_a_daemon(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, smtp_route("staff", '["*"]', 1))
     spool = Spool(tmp_path / "queue")
     spool.create()
-    entry = spool.accept_sync("a@business.com", ["x@example.com"], message())
+    entry = spool.store_sync("a@business.com", ["x@example.com"], message())
     entry.next_attempt = 9e9
     spool.save_state(entry)
     assert relayd_cli("queue", "retry", entry.id, "-c", str(cfg)).returncode == 0
@@ -136,7 +136,7 @@ def test_queue_show_is_readable_and_json_on_request(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 2525))
     spool = Spool(tmp_path / "queue")
     spool.create()
-    entry = spool.accept_sync("alice@business.com", ["bob@example.com"], message(),
+    entry = spool.store_sync("alice@business.com", ["bob@example.com"], message(),
                               client="10.0.0.7", message_id="<m1@test>")
     shown = relayd_cli("queue", "show", entry.id, "-c", str(cfg))
     assert shown.returncode == 0, shown.stderr
@@ -174,7 +174,7 @@ def test_envelopes_of_any_length_are_read_with_the_right_size(tmp_path: Path) ->
     many = [f"user{i:05d}@example.com" for i in range(800)]  # an envelope of ~20 KiB
     cases = [(["x@y.com"], b"small\r\n"), (["x@y.com"], b"x" * 20000 + b"\r\n"),
              (many, b"many recipients\r\n"), (many, b"y" * 9000)]
-    entries = [spool.accept_sync("a@b.com", rcpts, data) for rcpts, data in cases]
+    entries = [spool.store_sync("a@b.com", rcpts, data) for rcpts, data in cases]
     entries[2].attempts = 3
     spool.save_state(entries[2])
     assert spool.state_ids() == {entries[2].id}
@@ -193,10 +193,10 @@ def test_an_envelope_without_its_line_end_is_corrupt(tmp_path: Path) -> None:
     corrupt/ at recovery, whatever its length, never loaded as an empty message."""
     spool = Spool(tmp_path / "q")
     spool.create()
-    entry = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    entry = spool.store_sync("a@b.com", ["x@y.com"], b"hi\r\n")
     path = tmp_path / "q" / "msg" / entry.id
     path.write_bytes(path.read_bytes()[:entry.data_offset - 1])
-    long = spool.accept_sync("a@b.com", [f"u{i}@example.com" for i in range(900)], b"x")
+    long = spool.store_sync("a@b.com", [f"u{i}@example.com" for i in range(900)], b"x")
     lpath = tmp_path / "q" / "msg" / long.id
     lpath.write_bytes(lpath.read_bytes()[:long.data_offset - 1])
     assert list(spool.recover()) == []
@@ -207,8 +207,8 @@ def test_an_envelope_without_its_line_end_is_corrupt(tmp_path: Path) -> None:
 def test_recovery_removes_state_files_whose_message_is_gone(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "q")
     spool.create()
-    kept = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
-    gone = spool.accept_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    kept = spool.store_sync("a@b.com", ["x@y.com"], b"hi\r\n")
+    gone = spool.store_sync("a@b.com", ["x@y.com"], b"hi\r\n")
     spool.save_state(kept)
     spool.save_state(gone)
     os.unlink(tmp_path / "q" / "msg" / gone.id)
@@ -332,7 +332,7 @@ def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
     monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 30.0)
     spool = Spool(tmp_path / "q", keep_spares=True)
     spool.create()
-    ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
+    ids = [spool.store_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
            for i in range(35)]
     msg = spool.msg_dir
     for queue_id in ids[:31]:
@@ -350,7 +350,7 @@ def test_delivered_files_are_removed_in_batches_and_none_is_left_at_close(
     assert list(msg.iterdir()) == []
     monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 0.05)
     again = Spool(tmp_path / "q", keep_spares=True)
-    lone = again.accept_sync("a@b.com", ["x@y.com"], message(subject="lone")).id
+    lone = again.store_sync("a@b.com", ["x@y.com"], message(subject="lone")).id
     again.remove(lone, has_state=False)
     deadline = time.monotonic() + 10
     while (msg / lone).exists() and time.monotonic() < deadline:
@@ -368,7 +368,7 @@ def test_removals_handed_over_while_others_are_done_are_done_before_close_return
     monkeypatch.setattr(relayd.queue.commit, "REMOVE_DELAY_S", 0.0)
     spool = Spool(tmp_path / "q", keep_spares=True)
     spool.create()
-    ids = [spool.accept_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
+    ids = [spool.store_sync("a@b.com", ["x@y.com"], message(subject=str(i))).id
            for i in range(4)]
     assert spool.spares is not None
     keep = spool.spares.keep

@@ -119,7 +119,7 @@ def orphan(tmp_path: Path, subject: str) -> str:
     """A message stored as a listener worker stores it, whose report never came: written to
     msg/ by a Spool of its own, last written a minute ago. Its queue id."""
     spool = Spool(tmp_path / "queue")
-    entry = spool.accept_sync("alice@business.com", ["carol@example.com"],
+    entry = spool.store_sync("alice@business.com", ["carol@example.com"],
                               message(subject=subject), client="127.0.0.1")
     old = time.time() - 60
     os.utime(spool.msg_dir / entry.id, (old, old))

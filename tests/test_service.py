@@ -232,9 +232,9 @@ async def test_the_listener_answers_while_the_spool_is_recovered(
     spool = Spool(cfg.queue.path)
     spool.create()
     for i in range(30):
-        spool.accept_sync(alice, [bob], message(subject=f"old {i}"))
-    both = spool.accept_sync(alice, [bob, carol], message(subject="both"))
-    await spool.accept("", [alice], message(sender="", subject="bounce"), client="relayd",
+        spool.store_sync(alice, [bob], message(subject=f"old {i}"))
+    both = spool.store_sync(alice, [bob, carol], message(subject="both"))
+    await spool.store("", [alice], message(sender="", subject="bounce"), client="relayd",
                        route="staff",
                        bounce_for=(both.id, [carol]))
     spool.close()

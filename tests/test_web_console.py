@@ -438,7 +438,7 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
     async with run_service(config) as svc:
         from relayd.queue import Spool
 
-        entry = Spool(tmp_path / "queue").accept_sync("x@other.test", ["dave@example.com"],
+        entry = Spool(tmp_path / "queue").store_sync("x@other.test", ["dave@example.com"],
                                                       message("x@other.test"))
         svc.qmgr.submit(entry)
         base = f"https://127.0.0.1:{svc.web_port}"
@@ -477,7 +477,7 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
         assert events[0]["admin"] == "it"
 
         # [web] viewers: every page, no action.
-        other = Spool(tmp_path / "queue").accept_sync("x@other.test", ["erin@example.com"],
+        other = Spool(tmp_path / "queue").store_sync("x@other.test", ["erin@example.com"],
                                                       message("x@other.test"))
         svc.qmgr.submit(other)
         viewer = "helpdesk:look-pw"

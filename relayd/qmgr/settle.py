@@ -283,7 +283,7 @@ class Settling:
             return None
         pinned = route_name if route_name in self.config.routes else None
         try:
-            bounce = await self.spool.accept("", [entry.sender], data, client="relayd",
+            bounce = await self.spool.store("", [entry.sender], data, client="relayd",
                                              route=pinned,
                                              bounce_for=(entry.id, list(queued.unbounced)))
         except (QueueError, OSError) as e:

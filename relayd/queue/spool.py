@@ -135,7 +135,7 @@ class Spool:
         entry.data_offset = len(header)
         return entry, header
 
-    async def accept(self, sender: str, recipients: Sequence[str], data: bytes,
+    async def store(self, sender: str, recipients: Sequence[str], data: bytes,
                      mail_options: Sequence[str] = (), client: str = "",
                      route: str | None = None,
                      bounce_for: tuple[str, Sequence[str]] | None = None,
@@ -158,11 +158,11 @@ class Spool:
         return Draft(entry, header, self.tmp_dir, self.spares)
 
     async def commit(self, draft: Draft) -> Entry:
-        """Make a draft durable, as `accept` does a message in memory (QueueError if not)."""
+        """Make a draft durable, as `store` does a message in memory (QueueError if not)."""
         await self._commit.submit(draft.entry.id, draft)
         return draft.entry
 
-    def accept_sync(self, sender: str, recipients: Sequence[str], data: bytes,
+    def store_sync(self, sender: str, recipients: Sequence[str], data: bytes,
                     mail_options: Sequence[str] = (), client: str = "",
                     route: str | None = None, message_id: str = "") -> Entry:
         entry, header = self._new_entry(sender, recipients, mail_options, client, route,
@@ -241,7 +241,7 @@ class Spool:
         files) skips looking for its state file; None looks."""
         return self._load(queue_id, has_state, want_data=False)[0]
 
-    def load_accepted(self, queue_id: str) -> tuple[Entry, bytes | None]:
+    def load_stored(self, queue_id: str) -> tuple[Entry, bytes | None]:
         """A message a listener worker has just stored: its entry (it has no state file yet)
         and, when the envelope's read took in the whole file, its bytes."""
         return self._load(queue_id, False, want_data=True)
