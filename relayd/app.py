@@ -61,7 +61,7 @@ class ProcessObserver(Observer, Protocol):
     the metrics listener's start and stop (relayd.metrics.Metrics). Every method must be
     cheap and never raise."""
 
-    def accepted(self, route: str) -> None: ...
+    def stored(self, route: str) -> None: ...
     def failed_login(self) -> None: ...
     def set_queue(self, depth: int, oldest_age_s: float) -> None: ...
     def set_mailboxes(self, uses: Sequence[MailboxUse]) -> None: ...
@@ -75,7 +75,7 @@ class ProcessObserver(Observer, Protocol):
 class NullProcessObserver(NullObserver):
     """No metrics: counts and gauges go nowhere."""
 
-    def accepted(self, route: str) -> None:
+    def stored(self, route: str) -> None:
         pass
 
     def failed_login(self) -> None:
@@ -188,10 +188,10 @@ class MainProcess(SmtpSide):
         except OSError:
             head = b""
         self.intake.record_accepted(entry, header_facts(head)[1], name)
-        self.accepted(name)
+        self.stored(name)
 
-    def accepted(self, route: str) -> None:
-        self.observer.accepted(route)
+    def stored(self, route: str) -> None:
+        self.observer.stored(route)
 
     def failed_login(self) -> None:
         self.observer.failed_login()

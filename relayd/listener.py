@@ -51,7 +51,7 @@ class Relay(Protocol):
     policy: SenderPolicy
     intake: Intake
 
-    def accepted(self, route: str) -> None: ...
+    def stored(self, route: str) -> None: ...
 
 
 class Handler:
@@ -137,7 +137,7 @@ class Handler:
         except Exception as e:
             log.error("cannot store a message from %s: %s", clients.address(session), e)
             return REPLY_TEMP_STORAGE
-        self.relay.accepted(incoming.route)
+        self.relay.stored(incoming.route)
         return REPLY_QUEUED.format(id=entry.id)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -38,7 +38,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._accepted = Counter("relayd_messages_accepted", "Messages accepted and queued",
+        self._stored = Counter("relayd_messages_accepted", "Messages accepted and queued",
                                  ["route"], registry=r)
         self._delivered = Counter("relayd_messages_delivered", "Messages delivered upstream",
                                   ["route"], registry=r)
@@ -98,8 +98,8 @@ class Metrics:
             child = self._children[key] = metric.labels(route=route)
         return child
 
-    def accepted(self, route: str) -> None:
-        self._of(self._accepted, route).inc()
+    def stored(self, route: str) -> None:
+        self._of(self._stored, route).inc()
 
     def delivered(self, route: str) -> None:
         self._of(self._delivered, route).inc()

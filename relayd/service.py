@@ -88,7 +88,7 @@ class SmtpSide(ABC):
         """An accepted message, durable: to the queue manager, or to the main process."""
 
     @abstractmethod
-    def accepted(self, route: str) -> None: ...
+    def stored(self, route: str) -> None: ...
 
     @abstractmethod
     def failed_login(self) -> None: ...
@@ -164,7 +164,7 @@ class ListenerWorker(SmtpSide):
                                 **{"from": entry.sender}, to=entry.recipients,
                                 client=entry.client, login=entry.login, size=entry.size)
 
-    def accepted(self, route: str) -> None:
+    def stored(self, route: str) -> None:
         """Counted by the main process, when it reads the report (worker_accepted)."""
 
     def failed_login(self) -> None:

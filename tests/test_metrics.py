@@ -54,9 +54,9 @@ async def served() -> AsyncIterator[tuple[Metrics, int, Health]]:
 
 async def test_metrics_exposes_every_figure(served: tuple[Metrics, int, Health]) -> None:
     metrics, port, _ = served
-    metrics.accepted("staff")
-    metrics.accepted("staff")
-    metrics.accepted("system")
+    metrics.stored("staff")
+    metrics.stored("staff")
+    metrics.stored("system")
     metrics.delivered("staff")
     metrics.deferred("staff")
     metrics.bounced("system")
@@ -86,7 +86,7 @@ async def test_metrics_exposes_every_figure(served: tuple[Metrics, int, Health])
 
 async def test_instances_do_not_share_figures() -> None:
     a, b = Metrics(), Metrics()
-    a.accepted("staff")
+    a.stored("staff")
     assert b"relayd_messages_accepted_total{route=\"staff\"}" in a.render()
     assert b"route=\"staff\"" not in b.render()
 
