@@ -114,7 +114,7 @@ class MainProcess(SmtpSide):
                  observer: ProcessObserver | None = None, listeners: Listeners | None = None,
                  workers: int = 0, config_path: str = "",
                  log_options: Sequence[str] = ()) -> None:
-        super().__init__(config, listeners, journal_accepted=True)
+        super().__init__(config, listeners, journals_stored=True)
         self.observed = observer is not None  # metrics: gauges read, a listener to start
         self.observer: ProcessObserver = observer or NullProcessObserver()
         self.qmgr = QueueManager(config, self.spool, upstream_factory, self.observer,
@@ -142,7 +142,7 @@ class MainProcess(SmtpSide):
         """An accepted message, durable: to the queue manager."""
         self.qmgr.submit(entry, data)
 
-    def worker_accepted(self, queue_id: str) -> None:
+    def report_stored(self, queue_id: str) -> None:
         """A listener worker stored `queue_id`: journal it, count it and queue it (main
         process).
 
@@ -169,15 +169,15 @@ class MainProcess(SmtpSide):
         except QueueError as e:
             log.error("a worker reported %s, which cannot be read: %s", queue_id, e)
             return
-        self._journal_accepted(entry, data)
+        self._journal_stored(entry, data)
         self.qmgr.submit(entry, data)
 
     def _found(self, entry: Entry) -> None:
         """An entry the queue manager's scan found (its report was lost): journal it and
         count it, as its report would have."""
-        self._journal_accepted(entry, None)
+        self._journal_stored(entry, None)
 
-    def _journal_accepted(self, entry: Entry, data: bytes | None) -> None:
+    def _journal_stored(self, entry: Entry, data: bytes | None) -> None:
         """A worker's message, before the queue manager has it: `accepted` in the journal,
         and counted."""
         route = self.qmgr.route_for(entry)
@@ -187,7 +187,7 @@ class MainProcess(SmtpSide):
                                                                       MAX_HEADER_SCAN_BYTES)
         except OSError:
             head = b""
-        self.intake.record_accepted(entry, header_facts(head)[1], name)
+        self.intake.journal_stored(entry, header_facts(head)[1], name)
         self.stored(name)
 
     def stored(self, route: str) -> None:

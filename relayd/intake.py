@@ -68,14 +68,14 @@ class Intake:
     def _queued(self, entry: Entry, subject: str, route: str, data: bytes | None) -> None:
         log.info("%s: queued from=<%s> to=%d size=%d client=%s route=%s", entry.id,
                  entry.sender, len(entry.recipients), entry.size, entry.client, route)
-        self.record_accepted(entry, subject, route)
+        self.journal_stored(entry, subject, route)
         crashpoint.reached("accepted")
         self.hand_on(entry, data)
 
-    def record_accepted(self, entry: Entry, subject: str, route: str) -> None:
+    def journal_stored(self, entry: Entry, subject: str, route: str) -> None:
         """The journal's `accepted` event (none from a listener worker's intake, which has no
         journal: the main process records it when the worker reports the id, see
-        relayd.service.Service.worker_accepted)."""
+        relayd.service.Service.report_stored)."""
         if self.journal is not None:
             self.journal.record("accepted", entry.id, message_id=entry.message_id,
                                 **{"from": entry.sender}, to=entry.recipients, route=route,

@@ -65,15 +65,15 @@ class SmtpSide(ABC):
     goes next, and who counts it, is the role's (`_hand_on`, `accepted`, `failed_login`)."""
 
     def __init__(self, config: Config, listeners: Listeners | None, *,
-                 journal_accepted: bool) -> None:
+                 journals_stored: bool) -> None:
         self.config = config
         self.spool = Spool(config.queue.path, keep_spares=True)
         self.policy = SenderPolicy(config)
         self.journal = Journal(config.journal)
         # A listener worker journals nothing itself: its `accepted` would come from a second
-        # writer, batched apart from the main process's `delivered` (see worker_accepted).
+        # writer, batched apart from the main process's `delivered` (see report_stored).
         self.intake = Intake(self.spool, self._hand_on,
-                             self.journal if journal_accepted else None,
+                             self.journal if journals_stored else None,
                              self._message_id_host)
         self.listeners = listeners
         self.handler = Handler(self)
@@ -148,7 +148,7 @@ class ListenerWorker(SmtpSide):
 
     def __init__(self, config: Config, *, report: Callable[[str], None],
                  listeners: Listeners | None = None) -> None:
-        super().__init__(config, listeners, journal_accepted=False)
+        super().__init__(config, listeners, journals_stored=False)
         self.report = report
 
     def _hand_on(self, entry: Entry, data: bytes | None) -> None:
@@ -165,7 +165,7 @@ class ListenerWorker(SmtpSide):
                                 client=entry.client, login=entry.login, size=entry.size)
 
     def stored(self, route: str) -> None:
-        """Counted by the main process, when it reads the report (worker_accepted)."""
+        """Counted by the main process, when it reads the report (report_stored)."""
 
     def failed_login(self) -> None:
         with contextlib.suppress(OSError):

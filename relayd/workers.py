@@ -51,7 +51,7 @@ class Reported(Protocol):
     """Where the workers' reports go: the main process (relayd.app.MainProcess)."""
 
     def failed_login(self) -> None: ...
-    def worker_accepted(self, queue_id: str) -> None: ...
+    def report_stored(self, queue_id: str) -> None: ...
 
 
 class WorkerPool:
@@ -103,7 +103,7 @@ class WorkerPool:
         if kind == "L":
             self.service.failed_login()
         elif kind == "A" and queue_id:
-            self.service.worker_accepted(queue_id)
+            self.service.report_stored(queue_id)
         else:
             log.warning("worker %d said something unexpected: %r", index, line[:100])
 
