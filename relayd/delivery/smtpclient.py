@@ -186,12 +186,12 @@ class PipeliningSMTP(aiosmtplib.SMTP):
                         return replies
                     for rcpt in rcpts:
                         replies.rcpts.append(await self._command(protocol, rcpt, timeout))
-                    if not _any_accepted(replies.rcpts):
+                    if not _any_recipient_ok(replies.rcpts):
                         return replies
                     replies.data = await self._command(protocol, b"DATA\r\n", timeout)
                 if replies.data.code != 354:
                     return replies
-                if replies.mail.code != 250 or not _any_accepted(replies.rcpts):
+                if replies.mail.code != 250 or not _any_recipient_ok(replies.rcpts):
                     await self._command(protocol, b".\r\n", timeout)  # nothing to send
                     return replies
                 await self._write_body(protocol, body)
@@ -252,5 +252,5 @@ def _end_of_data(tail: bytes) -> bytes:
     return b".\r\n" if tail in (b"\r\n", b"") else b"\r\n.\r\n"
 
 
-def _any_accepted(rcpts: Sequence[SMTPResponse]) -> bool:
+def _any_recipient_ok(rcpts: Sequence[SMTPResponse]) -> bool:
     return any(r.code in (250, 251) for r in rcpts)

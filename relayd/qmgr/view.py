@@ -86,7 +86,7 @@ class Filter:
     min_age_s: float = 0.0  # received at least this long ago
     state: str = ""  # one of STATES
 
-    def accepts(self, queued: Queued, route_name: str, now: float) -> bool:
+    def matches(self, queued: Queued, route_name: str, now: float) -> bool:
         entry = queued.entry
         if self.route and route_name != self.route:
             return False
@@ -235,7 +235,7 @@ class QueueView:
         rows: list[MessageRow] = []
         matching = 0
         for queued, name in self._routed():
-            if not flt.accepts(queued, name, now):
+            if not flt.matches(queued, name, now):
                 continue
             if offset <= matching < offset + limit:
                 rows.append(self._row(queued, name, with_entry=False))
@@ -245,7 +245,7 @@ class QueueView:
     def ids(self, flt: Filter | None = None) -> list[str]:
         flt = flt or Filter()
         now = self._manager.clock()
-        return [q.id for q, name in self._routed() if flt.accepts(q, name, now)]
+        return [q.id for q, name in self._routed() if flt.matches(q, name, now)]
 
     def queued(self, queue_ids: Iterable[str]) -> list[str]:
         """Those of `queue_ids` still in the queue."""
