@@ -10,8 +10,7 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relayd import clients
 from relayd.config import Config, ServerUser
@@ -60,7 +59,7 @@ class Handler:
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
 
-    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         # aiosmtpd advertises "250-AUTH " even with no mechanism left; curl then gives up.
@@ -68,7 +67,7 @@ class Handler:
         # aiosmtpd reads commands one line at a time, so pipelined commands just queue up.
         return [*kept, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
-    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         null = address == "<>"  # aiosmtpd's spelling of the null reverse-path
         if not null:
@@ -93,7 +92,7 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return REPLY_SENDER_OK
 
-    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         refusal = address_refusal(address, envelope.smtp_utf8, sender=False)
         if refusal is not None:
@@ -116,7 +115,7 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return REPLY_RCPT_OK
 
-    def start_data(self, session: SmtpSession, envelope: Envelope) -> Incoming:
+    def start_data(self, session: Session, envelope: Envelope) -> Incoming:
         """At DATA: where the message goes as it arrives."""
         assert envelope.mail_from is not None
         options = [o for o in envelope.mail_options if o.startswith(("BODY=", "SMTPUTF8"))]
@@ -130,7 +129,7 @@ class Handler:
                                        route_name, pinned_route=pinned,
                                        login=user.name if user else "")
 
-    async def end_data(self, session: SmtpSession, incoming: Incoming) -> str:
+    async def end_data(self, session: Session, incoming: Incoming) -> str:
         """At the end of DATA: 250 once the message is durable."""
         try:
             entry = await incoming.finish()

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relayd.app import MainProcess
 from relayd.config import Config, load_config
@@ -139,18 +138,18 @@ class RecordingHandler:
     pipelining: bool = True  # advertised, as Postfix, Exchange and Gmail do
     segments: list[bytes] = field(default_factory=list)  # each read's first 512 bytes
 
-    async def handle_EHLO(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         if not self.pipelining:
             return responses
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
-    async def handle_QUIT(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.open_now -= 1
         return "221 Bye"
 
-    async def handle_RCPT(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         reply = self.rcpt_replies.get(address)
         if reply and not reply.startswith("2"):
@@ -158,7 +157,7 @@ class RecordingHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self.mail_reply:
             return self.mail_reply
@@ -166,7 +165,7 @@ class RecordingHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_reply:
             return self.data_reply
         assert isinstance(envelope.original_content, bytes)

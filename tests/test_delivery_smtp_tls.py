@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from conftest import (
     Upstream,
     arelayd_cli,
@@ -35,7 +34,7 @@ USER, PASSWORD = "casemanager@business.com", "s3cret-upstream-pw"
 
 
 def checker(upstream: Upstream) -> Any:
-    def authenticate(server: SMTP, session: SmtpSession, envelope: Envelope, mechanism: str,
+    def authenticate(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                      auth_data: Any) -> AuthResult:
         ok = (isinstance(auth_data, LoginPassword) and auth_data.login.decode() == USER
               and auth_data.password.decode() == PASSWORD)

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import (
     RecordingHandler,
     Upstream,
@@ -331,7 +330,7 @@ class SlowAfterData(RecordingHandler):
 
     slow: int = 1
 
-    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         reply = await super().handle_DATA(server, session, envelope)
         if self.slow:
             self.slow -= 1

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from conftest import (
     RELAYD,
     REPO,
@@ -159,7 +158,7 @@ class SmtpAccount(RecordingHandler):
     xoauth2_raw: list[str] = field(default_factory=list)  # each decoded initial response
     refusal: str = ""  # the reply to a wrong password (aiosmtpd's 535 5.7.8 when empty)
 
-    def authenticate(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data: Any) -> AuthResult:
         ok = (isinstance(auth_data, LoginPassword) and auth_data.login.decode() == self.username
               and auth_data.password.decode() == self.password)

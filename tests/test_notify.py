@@ -534,12 +534,11 @@ async def test_a_wrong_upstream_password_is_deferred_and_said_once_loudly(
     the 15 minutes an unreachable upstream waits), saying it too."""
     from typing import Any
 
-    from aiosmtpd.smtp import SMTP, AuthResult, Envelope
-    from aiosmtpd.smtp import Session as SmtpSession
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
     from relayd.web.pages import status_page
 
-    def refuse(server: SMTP, session: SmtpSession, envelope: Envelope, mechanism: str,
+    def refuse(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                auth_data: Any) -> AuthResult:
         return AuthResult(success=False, handled=False,
                           message="535 5.7.8 Error: authentication failed")

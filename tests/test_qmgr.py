@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from conftest import (
     Received,
     Upstream,
@@ -198,7 +197,7 @@ async def test_provider_quota_and_policy_replies_defer(
 @pytest.fixture
 async def smtp_auth_off_upstream() -> AsyncIterator[Upstream]:
     """Exchange Online with SMTP AUTH disabled for the tenant: every login gets 535 5.7.139."""
-    def refuse(server: SMTP, session: SmtpSession, envelope: Envelope, mechanism: str,
+    def refuse(server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                auth_data: Any) -> AuthResult:
         return AuthResult(success=False, handled=False,
                           message="535 5.7.139 Authentication unsuccessful, "
@@ -284,7 +283,7 @@ async def test_recovery_starts_no_more_attempts_than_the_route_has_sessions(
     slow = upstream.handler
     plain_data = slow.handle_DATA
 
-    async def handle_data(server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+    async def handle_data(server: SMTP, session: Session, envelope: Envelope) -> str:
         await asyncio.sleep(0.05)
         return await plain_data(server, session, envelope)
 

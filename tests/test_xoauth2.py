@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from conftest import (
     RecordingHandler,
     Upstream,
@@ -65,7 +64,7 @@ class XOAuthHandler(RecordingHandler):
         return AuthResult(success=False, handled=False,
                           message="535 5.7.3 Authentication unsuccessful")
 
-    async def handle_MAIL(self, server: SMTP, session: SmtpSession, envelope: Envelope,
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not session.authenticated:
             return "530 5.7.0 Authentication required"

@@ -12,8 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope
-from aiosmtpd.smtp import Session as SmtpSession
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from conftest import RecordingHandler
 
 QUOTA_REPLY = ("554 5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; "
@@ -66,7 +65,7 @@ class LimitingHandler(RecordingHandler):
 
     limits: MailboxLimits = field(default_factory=MailboxLimits)
 
-    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> Any:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
         why = self.limits.admit(str(envelope.mail_from or ""), len(envelope.rcpt_tos))
         if why == "budget":
             return QUOTA_REPLY
