@@ -266,20 +266,20 @@ class SmtpSession(Session):
             if replies.mail.code == 421:
                 await self.close()
             raise error_for(replies.mail.code, replies.mail.message)
-        accepted: list[str] = []
+        taken: list[str] = []
         for rcpt, said in zip(sent, replies.rcpts, strict=True):
             if said.code in (250, 251):
-                accepted.append(rcpt)
+                taken.append(rcpt)
             else:
                 results[rcpt] = result_for(said.code, said.message)
-        if not accepted:
+        if not taken:
             await self._rset()
             return results
         final = replies.final if replies.final is not None else replies.data
         assert final is not None
         if replies.final is None or final.code >= 300:
             await self._rset()
-        results.update({r: result_for(final.code, final.message) for r in accepted})
+        results.update({r: result_for(final.code, final.message) for r in taken})
         return results
 
     def _mail_options(self, client: PipeliningSMTP,
