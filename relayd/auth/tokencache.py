@@ -183,7 +183,7 @@ class TokenStore:
         blob = self.fernet().encrypt(json.dumps(
             {"route": route, "account": account, "cache": cache}).encode())
         path = self.path(route, account)
-        _write_atomic(path, blob)
+        fs.write_atomic(path, blob, path.parent)
         st = path.stat()
         return Stamp(st.st_ino, st.st_mtime_ns, st.st_size)
 
@@ -206,7 +206,9 @@ class TokenStore:
         try:
             self._ensure_root()
             doc = {"route": route, "account": account, "at": time.time(), **fields}
-            _write_atomic(self.state_path(route, account), json.dumps(doc).encode(), sync=False)
+            path = self.state_path(route, account)
+            # Informative and cheap: its directory is not synced.
+            fs.write_atomic(path, json.dumps(doc).encode(), path.parent, sync_dir=False)
         except OSError:
             pass  # status is informative; failing to record it must not fail a delivery
 
@@ -225,21 +227,3 @@ class TokenStore:
         except (OSError, ValueError):
             return {}
         return doc if isinstance(doc, dict) else {}
-
-
-def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | fs.O_BINARY, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        fs.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if sync:
-        fs.sync_dir(path.parent)
