@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from relayd import loop as relayd_loop
 from relayd import sdnotify
 from relayd.auth import TokenHealth, registry
-from relayd.config import Address, Config, load_config
+from relayd.config import Address, Config, folder_problems, load_config
 from relayd.delivery import make_upstream
 from relayd.errors import ConfigError, QueueError, RelayError, SpoolBusyError
 from relayd.headers import MAX_HEADER_SCAN_BYTES, header_facts
@@ -431,6 +431,8 @@ async def serve(path: str, *, ready: Callable[[MainProcess], None] | None = None
                 log_options: Sequence[str] = ()) -> int:
     """`relayd serve`: run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit code."""
     config = load_config(path)
+    if problems := folder_problems(config):  # Windows: a spool or token folder others can read
+        raise ConfigError(problems, config.source)
     _say_at_start(config)
     use_cpu_scheduling(config.server.cpu_scheduling)
     # With workers, the SMTP sessions are theirs and this process schedules and delivers.

@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from typing import Any, TextIO
 
 from relayd import __version__, queuetext
-from relayd.config import DEFAULT_CONFIG_PATH, Config, config_path, load_config
+from relayd.config import DEFAULT_CONFIG_PATH, Config, config_path, folder_problems, load_config
 from relayd.errors import ConfigError, DeliveryError, QueueError, TransientDeliveryError
 from relayd.escape import json_line
 from relayd.logsetup import setup_logging
@@ -65,16 +65,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config), secrets_optional=args.explain)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"{config.source}: {'ok, ' if not config.secret_problems else ''}"
+    problems = [*config.secret_problems, *folder_problems(config)]
+    print(f"{config.source}: {'ok, ' if not problems else ''}"
           f"{len(config.routes)} route(s): "
           + ", ".join(f"{r.name} ({r.upstream})" for r in config.routes.values()))
     if args.explain:
         from relayd.explain import explain
 
         print("\n".join(explain(config)))
-    if config.secret_problems:
+    if problems:
         sys.stdout.flush()
-        _print_problems(ConfigError(list(config.secret_problems), config.source), sys.stderr)
+        _print_problems(ConfigError(problems, config.source), sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 

@@ -55,16 +55,16 @@ if sys.platform == "win32":
             return super().__str__().replace("\\", "/")
 
         def chmod(self, mode: int, *, follow_symlinks: bool = True) -> None:
-            """The tests' chmod 600 / 644 of secret files, as access lists (os.chmod on
-            Windows only sets the read-only flag)."""
+            """The tests' chmod 600 / 644 of secret files (700 / 755 of a spool folder), as
+            access lists (os.chmod on Windows only sets the read-only flag)."""
             from relayd.platform import fs
 
-            if self.is_file() and mode & 0o077 == 0:
+            if self.exists() and mode & 0o077 == 0:
                 if _UNDER_WINE:
                     _wine_private(self)
                 else:
                     fs.make_private(self)
-            elif self.is_file() and mode & 0o044:
+            elif self.exists() and mode & 0o044:
                 fs.make_world_readable(self)
             else:
                 super().chmod(mode, follow_symlinks=follow_symlinks)

@@ -123,6 +123,33 @@ def test_a_secret_readable_by_everyone_is_refused_naming_the_fix(tmp_path: Path)
     assert relayd_cli("check", "-c", str(cfg)).returncode == 0
 
 
+@pytest.mark.skipif(sys.platform != "win32", reason="Windows access lists (tests/windows/run.sh); "
+                    "on POSIX relayd makes the folders 0700 and does not check existing ones")
+def test_a_queue_folder_readable_by_everyone_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    """A spool folder whose access list lets Everyone read it (what Wine makes of mode 755):
+    `relayd check` lists it and `relayd serve` refuses to start, each in one line naming
+    `queue.path`, who can read it and the icacls command; the same folder private (700)
+    passes."""
+    queue, tokens = tmp_path / "queue", tmp_path / "tokens"
+    queue.mkdir()
+    tokens.mkdir()
+    tokens.chmod(0o700)
+    queue.chmod(0o755)
+    cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', 25),
+                       extra=f'[auth]\npath = "{tokens}"')
+    shown = os.path.normpath(queue)  # relayd's own path text: backslashes
+    for command in ("check", "serve"):
+        done = relayd_cli(command, "-c", str(cfg))
+        assert done.returncode == 2, (command, done.stderr)
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"queue.path: {shown} is readable by "), line
+        assert "Everyone" in line and f'icacls "{shown}" /inheritance:r /grant:r ' in line
+    queue.chmod(0o700)
+    done = relayd_cli("check", "-c", str(cfg))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{cfg}: ok, ")
+
+
 @pytest.mark.skipif(not fs.DPAPI, reason="DPAPI is Windows'")
 def test_the_dpapi_protected_key_round_trips_a_token_cache(tmp_path: Path) -> None:
     """No auth.key_file on Windows: `auth login`'s store makes a key protected by DPAPI

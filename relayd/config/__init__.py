@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from relayd.config.load import (
     config_path,
+    folder_problems,
     load_config,
     load_server_config,
     parse_config,
@@ -82,7 +83,7 @@ __all__ = [
     "IMPLEMENTED_UPSTREAMS", "MAX_WORKERS", "NO_RATE", "UNREADABLE", "UPSTREAMS", "Address",
     "AuthConfig", "Config", "ConfigError", "JournalConfig", "MetricsConfig", "NotifyConfig",
     "QueueConfig", "RateLimit", "RouteConfig", "Secret", "SecretProblem", "ServerConfig",
-    "ServerUser", "WebConfig", "ascii_lower", "config_path", "load_config", "load_server_config",
-    "parse_address", "parse_config", "parse_duration", "parse_size", "read_toml",
-    "switch_off_warnings", "usable_cpus",
+    "ServerUser", "WebConfig", "ascii_lower", "config_path", "folder_problems", "load_config",
+    "load_server_config", "parse_address", "parse_config", "parse_duration", "parse_size",
+    "read_toml", "switch_off_warnings", "usable_cpus",
 ]

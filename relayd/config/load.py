@@ -1,5 +1,7 @@
 """Loading a config file: read the TOML, parse every section, check across sections, and
-raise one ConfigError listing every problem, or return the frozen Config."""
+raise one ConfigError listing every problem, or return the frozen Config. Apart from it,
+`folder_problems`: whether the spool and token folders are private (Windows), which only
+`relayd serve` and `relayd check` ask, not every command that loads a config."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from relayd.config.sections import (
 from relayd.config.values import SecretProblem, Section
 from relayd.errors import ConfigError
 from relayd.patterns import ascii_lower
+from relayd.platform import fs
 
 
 def parse_config(data: Mapping[str, Any], source: str = "", *,
@@ -80,6 +83,15 @@ def parse_config(data: Mapping[str, Any], source: str = "", *,
     return Config(server, queue, metrics, auth, MappingProxyType(routes), source,
                   route_warnings(routes), journal, web=web, notify=notify,
                   secret_problems=secret_problems if secrets_optional else ())
+
+
+def folder_problems(config: Config) -> list[str]:
+    """The spool and token cache folders that others may read (Windows only: their DACL, as
+    for secret files; fs.private_dir_problem), one line each naming the key: `relayd serve`
+    refuses to start on them and `relayd check` lists them. Folders not made yet pass."""
+    found = {"queue.path": fs.private_dir_problem(config.queue.path),
+             "auth.path": fs.private_dir_problem(config.auth.path)}
+    return [f"{key}: {problem}" for key, problem in found.items() if problem is not None]
 
 
 def config_path(explicit: str | None) -> str:

@@ -28,7 +28,9 @@ message) is tried again for up to SHARING_RETRY_S before it fails.
 
 Secret files: on POSIX, readable by nobody but the owner (mode bits; the hint is chmod 600).
 On Windows, the DACL may give read access only to SYSTEM, Administrators and the account
-relayd runs as; the hint is icacls.
+relayd runs as; the hint is icacls. The same DACL check (one function, `_dacl_problem`)
+holds on Windows for the spool and token cache folders (`private_dir_problem`), with the
+folder grant wininstall applies; on POSIX those folders are not checked.
 """
 
 from __future__ import annotations
@@ -349,6 +351,16 @@ def secret_problem(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
+def private_dir_problem(path: Path) -> str | None:
+    """Why the folder `path` (the spool, the token cache) is not private, as one line naming
+    who can read it and ending in the icacls command that fixes it; None when it is private
+    or does not exist. Windows only: on POSIX relayd creates these folders 0700, and an
+    existing install is not refused for their mode."""
+    if not WINDOWS or not path.is_dir():
+        return None
+    return _dacl_problem(path, folder=True)
+
+
 DPAPI = WINDOWS  # the token cache's key may be protected by the system (protect/unprotect)
 
 
@@ -420,27 +432,33 @@ _TRUSTED_SIDS = ("S-1-5-18", "S-1-5-32-544")  # SYSTEM, Administrators
 _ACCESS_ALLOWED = (0, 5)  # ACCESS_ALLOWED_ACE_TYPE, ACCESS_ALLOWED_OBJECT_ACE_TYPE
 
 
-def _dacl_problem(path: Path) -> str | None:
-    """Windows: the accounts other than SYSTEM, Administrators and relayd's own that the file's
-    DACL lets read it."""
+def _dacl_problem(path: Path, *, folder: bool = False) -> str | None:
+    """Windows: the accounts other than SYSTEM, Administrators and relayd's own that the DACL
+    of the file (or folder: listing it is reading it) lets read it, with the icacls command
+    that fixes it: for a folder, wininstall's grant, inherited by what it holds. Entries that
+    only pass on to the folder's contents (inherit-only) do not let anyone read the folder."""
     import win32api
     import win32security
 
-    fix = (f'icacls "{path}" /inheritance:r /grant:r SYSTEM:F Administrators:F '
-           f'"{win32api.GetUserName()}":R')
+    token = win32security.OpenProcessToken(win32api.GetCurrentProcess(),
+                                           win32security.TOKEN_QUERY)
+    me = win32security.GetTokenInformation(token, win32security.TokenUser)[0]
+    if folder:
+        fix = (f'icacls "{path}" /inheritance:r /grant:r SYSTEM:(OI)(CI)F '
+               f'Administrators:(OI)(CI)F "{_account(me)}":(OI)(CI)M')
+    else:
+        fix = (f'icacls "{path}" /inheritance:r /grant:r SYSTEM:F Administrators:F '
+               f'"{win32api.GetUserName()}":R')
     sd = win32security.GetFileSecurity(str(path), win32security.DACL_SECURITY_INFORMATION)
     dacl = sd.GetSecurityDescriptorDacl()
     if dacl is None:
         return f"{path} has no access list, so everyone can read it; {fix}"
-    token = win32security.OpenProcessToken(win32api.GetCurrentProcess(),
-                                           win32security.TOKEN_QUERY)
-    me = win32security.GetTokenInformation(token, win32security.TokenUser)[0]
     trusted = {win32security.ConvertSidToStringSid(me), *_TRUSTED_SIDS}
     readers: list[str] = []
     for i in range(dacl.GetAceCount()):
         ace: Any = dacl.GetAce(i)
-        (ace_type, _flags), mask, sid = ace[0], ace[1], ace[-1]
-        if ace_type not in _ACCESS_ALLOWED or not mask & _READ_BITS:
+        (ace_type, flags), mask, sid = ace[0], ace[1], ace[-1]
+        if ace_type not in _ACCESS_ALLOWED or not mask & _READ_BITS or flags & _INHERIT_ONLY:
             continue
         if win32security.ConvertSidToStringSid(sid) in trusted:
             continue
@@ -448,6 +466,9 @@ def _dacl_problem(path: Path) -> str | None:
     if readers:
         return f"{path} is readable by {', '.join(sorted(set(readers)))}; {fix}"
     return None
+
+
+_INHERIT_ONLY = 0x8  # INHERIT_ONLY_ACE
 
 
 def _account(sid: Any) -> str:
