@@ -32,10 +32,15 @@ printf 'python%s.zip\r\n.\r\nLib\\site-packages\r\nimport site\r\n' "$PYT" > "$S
 # 2. The Windows wheels. The Linux pip evaluates environment markers for Linux: the runtime
 # dependencies are read from pyproject.toml, the POSIX-only ones left out, the Windows-only
 # ones named (pywin32 and tzdata are in pyproject; sspilib is pyspnego's on Windows).
-"$PYTHON" - "$ROOT/pyproject.toml" > "$CACHE/zip-requirements.txt" <<'PY'
-import sys, tomllib
+# RELAYD_ZIP_CRYPTOGRAPHY=SPEC replaces the cryptography requirement: tests/windows/run.sh
+# builds its test zip with the version Wine 8 can load (see run.sh); releases ship the newest.
+RELAYD_ZIP_CRYPTOGRAPHY=${RELAYD_ZIP_CRYPTOGRAPHY:-} "$PYTHON" - "$ROOT/pyproject.toml" \
+    > "$CACHE/zip-requirements.txt" <<'PY'
+import os, sys, tomllib
 for req in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
     spec, _, marker = req.partition(";")
+    if spec.strip().startswith("cryptography") and os.environ["RELAYD_ZIP_CRYPTOGRAPHY"]:
+        spec = os.environ["RELAYD_ZIP_CRYPTOGRAPHY"]
     if "!= 'win32'" not in marker:
         print(spec.strip())
 print("sspilib")
