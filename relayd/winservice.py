@@ -30,7 +30,6 @@ from typing import Any
 
 from relayd import loop as relayd_loop
 from relayd import platform
-from relayd.app import serve
 from relayd.errors import ConfigError, RelayError
 from relayd.logsetup import setup_logging
 from relayd.platform import proc
@@ -231,6 +230,10 @@ def run_service(config: str, svc: Any) -> int:
 
     proc.set_status_hook(status)
     try:
+        # Imported here: `relayd service install` needs none of the daemon (its imports reach
+        # cryptography and the providers, which under Wine 8 the zip's test cannot all load).
+        from relayd.app import serve
+
         return relayd_loop.run(serve(config))
     except ConfigError as e:
         for problem in e.problems:
