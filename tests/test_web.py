@@ -24,7 +24,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from fakes.https import shared_ca
+from fakes.https import server_cert_files, shared_ca
 
 from relayd.auth.passwords import hash_password
 from relayd.config import ConfigError, WebConfig, load_config
@@ -87,9 +87,7 @@ async def test_off_loopback_the_status_page_needs_an_admin_login_over_https(
     """The page as served off loopback (HTTPS with server.tls_cert, admins log in), bound to
     127.0.0.1 here: no login or a non-admin gets 401, an admin sees the page."""
     ca = shared_ca()
-    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
-    ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
-    ca.server_cert.private_key_pem.write_to_path(str(key))
+    cert, key = server_cert_files(tmp_path)
     users = (f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
              f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
              'senders = ["*@business.com"]\n'

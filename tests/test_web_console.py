@@ -28,7 +28,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from fakes.https import shared_ca
+from fakes.https import server_cert_files, shared_ca
 from test_auth_login import headless_chromium
 
 from relayd.auth.passwords import hash_password
@@ -417,9 +417,7 @@ async def test_off_loopback_every_page_and_api_needs_a_login(tmp_path: Path,
     """Off loopback (HTTPS, [web] admins): 401 on every page and API without a login or with
     a non-admin's; an admin sees them, and the journal names that admin for a delete."""
     ca = shared_ca()
-    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
-    ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
-    ca.server_cert.private_key_pem.write_to_path(str(key))
+    cert, key = server_cert_files(tmp_path)
     users = (f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
              f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
              'senders = ["*@business.com"]\n'

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import Upstream, message, run_service, send, service_port, smtp_route, wait_for
 from conftest import write_config as base_config
-from fakes.https import shared_ca
+from fakes.https import server_cert_files, shared_ca
 
 from relayd.auth.passwords import hash_password
 from relayd.config import WebConfig, load_config
@@ -75,9 +75,7 @@ async def test_a_thousand_trickling_connections_and_a_silent_tls_one_stop_nothin
     descriptors than its limit: the page's are capped 6. one log line for the refusals
     7. the silent connection is closed by the page's deadline."""
     ca = shared_ca()
-    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
-    ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
-    ca.server_cert.private_key_pem.write_to_path(str(key))
+    cert, key = server_cert_files(tmp_path)
     server = (f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
               f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
               'senders = ["*@business.com"]\n')

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import Upstream, run_service, smtp_route, wait_for, write_config
-from fakes.https import shared_ca
+from fakes.https import server_cert_files, shared_ca
 from test_auth_login import headless_chromium, login_env
 
 from relayd.auth.passwords import hash_password, verify_password
@@ -180,9 +180,7 @@ async def test_admin_login_back_off_per_address_and_headers_on_every_response(
     standard library's own errors (a bad request line, an unknown method) included, carries
     the security headers."""
     ca = shared_ca()
-    cert, key = tmp_path / "tls.pem", tmp_path / "tls.key"
-    ca.server_cert.cert_chain_pems[0].write_to_path(str(cert))
-    ca.server_cert.private_key_pem.write_to_path(str(key))
+    cert, key = server_cert_files(tmp_path)
     users = (f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
              f'[server.users.it]\npassword_hash = "{hash_password("admin-pw")}"\n'
              'senders = ["*@business.com"]\n')

@@ -63,6 +63,15 @@ def shared_ca() -> TestCA:
         return _shared_ca
 
 
+def server_cert_files(directory: Path) -> tuple[Path, Path]:
+    """The shared CA's server certificate chain and key as `tls.pem` and `tls.key` in
+    `directory`: what relayd's `server.tls_cert` / `tls_key` name for HTTPS off loopback."""
+    cert, key = directory / "tls.pem", directory / "tls.key"
+    shared_ca().server_cert.cert_chain_pems[0].write_to_path(str(cert))
+    shared_ca().server_cert.private_key_pem.write_to_path(str(key))
+    return cert, key
+
+
 class _TLSServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     # Tests send many requests on fresh connections; a short queue would refuse some.
