@@ -318,7 +318,7 @@ class MainProcess(SmtpSide):
         await asyncio.sleep(KEEP_FRESH_FIRST_S)
         while True:
             for route in list(self.config.routes.values()):
-                if route.client_id is None and route.provider != "google":
+                if route.oauth is None:
                     continue
                 try:
                     await self.qmgr.agent_for(route).upstream.keep_fresh()
@@ -420,7 +420,7 @@ def _say_at_start(config: Config) -> None:
     for route in config.routes.values():
         if route.upstream == "outbox":
             # the bundled conf/relayd.toml is one: say that nothing leaves, and where it goes
-            where = str(route.path or ".")
+            where = str(route.outbox.path)
             if not os.path.isabs(where):
                 where += f" ({os.path.abspath(where)})"
             log.warning("route %s is a dry run: its mail (%s) is written as .eml files to %s "

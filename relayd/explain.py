@@ -8,7 +8,14 @@ config: nothing is contacted, no secret is shown (a secret is named by where it 
 
 from __future__ import annotations
 
-from relayd.config import Config, RouteConfig, switch_off_warnings
+from relayd.config import (
+    Config,
+    OAuthSettings,
+    OutboxSettings,
+    RouteConfig,
+    SmtpSettings,
+    switch_off_warnings,
+)
 from relayd.delivery.mime import fixed_mailbox
 from relayd.router import matches_any
 
@@ -28,7 +35,7 @@ def _patterns(patterns: tuple[str, ...]) -> str:
 def _where(route: RouteConfig) -> str:
     if route.upstream == "smtp":
         tls = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
-        return f"SMTP to {route.target} ({tls.get(route.tls or '', route.tls)})"
+        return f"SMTP to {route.target} ({tls.get(route.smtp.tls, route.smtp.tls)})"
     if route.upstream == "ews":
         return f"Exchange Web Services at {route.target}"
     if route.upstream == "graph":
@@ -58,55 +65,58 @@ def _who(config: Config, route: RouteConfig) -> str:
     return who
 
 
-def _oauth(route: RouteConfig) -> str:
-    if route.provider == "google":
-        how = ("a Google service account (domain-wide delegation)" if route.refresh_token is None
+def _oauth(route: RouteConfig, oauth: OAuthSettings) -> str:
+    if oauth.provider == "google":
+        how = ("a Google service account (domain-wide delegation)" if oauth.refresh_token is None
                else "a Google refresh token one user consented to")
-        return f"OAuth: {how}, client {route.client_id}"
-    if route.flow == "device":
+        return f"OAuth: {how}, client {oauth.client_id}"
+    if oauth.flow == "device":
         return (f"OAuth delegated: each user's own token from `relayd auth login {route.name} "
-                f"--user ADDRESS` (app {route.client_id}, tenant {route.tenant_id}); a user "
+                f"--user ADDRESS` (app {oauth.client_id}, tenant {oauth.tenant_id}); a user "
                 "sends only as the account that signed in")
-    cred = "a certificate" if route.certificate_file else "a client secret"
-    return (f"OAuth app-only: app {route.client_id} in tenant {route.tenant_id} with {cred} "
+    cred = "a certificate" if oauth.certificate_file else "a client secret"
+    return (f"OAuth app-only: app {oauth.client_id} in tenant {oauth.tenant_id} with {cred} "
             "(application permission; scope it to these mailboxes)")
 
 
 def _account(route: RouteConfig) -> str:
     mailbox = fixed_mailbox(route)
-    if route.upstream == "outbox":
+    settings = route.settings
+    if isinstance(settings, OutboxSettings):
         return "as which account: none"
-    if route.upstream == "smtp":
-        if route.auth == "password":
-            return f"as which account: {route.username} with a password (basic SMTP AUTH)"
-        if route.auth == "xoauth2":
-            who = mailbox or route.username or "each sender's own address"
-            return f"as which account: {who}, {_oauth(route)}"
+    if isinstance(settings, SmtpSettings):
+        if settings.auth == "password":
+            return f"as which account: {settings.username} with a password (basic SMTP AUTH)"
+        if settings.oauth is not None:  # auth = "xoauth2"
+            who = mailbox or settings.username or "each sender's own address"
+            return f"as which account: {who}, {_oauth(route, settings.oauth)}"
         return "as which account: none (no SMTP AUTH)"
-    if route.auth in ("basic", "ntlm"):
-        how = f"{route.username} with a password ({route.auth.upper()})"
+    if settings.oauth is not None:  # graph, or ews with auth = "oauth"
+        how = _oauth(route, settings.oauth)
     else:
-        how = _oauth(route)
+        ews = route.ews
+        how = f"{ews.username} with a password ({ews.auth.upper()})"
     box = f"the mailbox {mailbox}" if mailbox else "each sender's own mailbox"
     return f"as which account: {how}; sending from {box}"
 
 
 def _asked(route: RouteConfig) -> str:
     mailbox = fixed_mailbox(route)
-    if route.upstream == "outbox":
+    settings = route.settings
+    if isinstance(settings, OutboxSettings):
         return "the upstream is asked to: nothing (dry run)"
     parts = []
-    if route.from_rewrite:
+    if not isinstance(settings, SmtpSettings) and settings.from_rewrite:
         parts.append("rewrite From to the route's mailbox and put the sender in Reply-To")
-    elif route.upstream == "smtp":
-        account = route.username or mailbox
+    elif isinstance(settings, SmtpSettings):
+        account = settings.username or mailbox
         if account and "*" not in "".join(route.senders) and route.senders == (account,):
             parts.append("send as its own account")
-        elif route.auth == "xoauth2" and mailbox is None:
+        elif settings.auth == "xoauth2" and mailbox is None:
             # mailbox = "sender": each message goes with a token for its own sender (a
             # Google service account's delegation, or a Microsoft token per sender)
             parts.append("send each message as its own sender, with a token for that sender")
-        elif route.auth == "none":
+        elif settings.auth == "none":
             parts.append("relay each sender's From unchanged (no login: the upstream must "
                          "accept mail from this host for these senders)")
         else:
@@ -116,13 +126,13 @@ def _asked(route: RouteConfig) -> str:
                      f"Send on Behalf on {mailbox})")
     else:
         parts.append("send from each sender's own mailbox as that sender")
-    if route.upstream in ("ews", "graph"):
-        saved = route.save_to_sent or route.upstream == "graph"
+    if not isinstance(settings, SmtpSettings):  # ews, graph
+        saved = settings.save_to_sent or route.upstream == "graph"
         parts.append("save a copy in Sent Items" if saved else "keep no copy in Sent Items")
-        if route.dedupe and saved:
+        if settings.dedupe and saved:
             parts.append("after a crash mid-send, look in Sent Items before sending again "
                          "(dedupe)")
-        elif route.dedupe:
+        elif settings.dedupe:
             parts.append("dedupe cannot look without a Sent Items copy: at least once")
     if route.rate_limit:
         parts.append(f"at most {route.rate_limit.count} messages per "
@@ -137,9 +147,10 @@ def _provider(route: RouteConfig) -> list[str]:
     from relayd.providers import explain_line
 
     out = []
-    if route.flow == "device" and is_microsoft_oauth(route) and takes_personal_accounts(route):
+    if route.device_flow and is_microsoft_oauth(route) and takes_personal_accounts(route):
+        tenant = route.oauth.tenant_id if route.oauth is not None else None
         kinds = ("personal Microsoft accounts only (Outlook.com, Hotmail, Live)"
-                 if (route.tenant_id or "").lower() == "consumers" else
+                 if (tenant or "").lower() == "consumers" else
                  "personal Microsoft accounts (Outlook.com, Hotmail, Live) and work accounts")
         out.append(f"who signs in: {kinds}")
     line = explain_line(route)
@@ -152,7 +163,7 @@ def _send_as(route: RouteConfig, account: str | None) -> str:
     """Who must allow `account` to send with other From addresses, in the provider's words:
     "Send As" is Exchange's; Azure Communication Services, Gmail and ISP smarthosts have
     their own rules."""
-    host = (route.host or "").lower()
+    host = route.smtp.host.lower()
     who = account or "the account"
     if host.endswith((".office365.com", ".outlook.com", ".hve.mx.microsoft")):
         return f"Exchange must let {who} send as them: Send As or Send on Behalf"

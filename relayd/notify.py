@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd.auth import TokenHealth, registry
 from relayd.config import Config, RouteConfig
-from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats
+from relayd.delivery.agent import RouteStats
 from relayd.errors import QueueError
 from relayd.escape import visible
 from relayd.platform.fs import write_atomic
@@ -168,7 +168,7 @@ def route_conditions(stats: Mapping[str, RouteStats], routes: Mapping[str, Route
         # Refused credentials do not heal by themselves (and defer, never bounce, until
         # queue.max_age: relayd.delivery.agent.auth_refused_advice): reported at once.
         route = routes.get(name)
-        password = route is not None and route.auth in PASSWORD_AUTHS
+        password = route is not None and route.uses_password
         after_s = 0.0 if st.failing_kind == "authentication" and password else failing_after_s
         if st.failing_since is None or now - st.failing_since <= after_s:
             continue
@@ -226,7 +226,8 @@ def token_conditions(health: Sequence[TokenHealth], routes: Mapping[str, RouteCo
         if expires is not None and expires - now <= expiry_warning_s:
             key = f"expiry:{h.route}"  # the app's credential: one notice, not one per user
             route = routes.get(h.route)
-            cert = route is not None and route.certificate_file is not None
+            oauth = route.oauth if route is not None else None
+            cert = oauth is not None and oauth.certificate_file is not None
             thing = "client certificate" if cert else "client secret"
             left = expires - now
             subject = (f"the {thing} of route {h.route} expires in {duration(left)}" if left > 0

@@ -32,13 +32,9 @@ class Decision:
 
 def is_delegated(route: RouteConfig) -> bool:
     """Whether the route sends with users' own sign-ins (`relayd auth login`, /signin)."""
-    if route.flow != "device" or route.upstream == "outbox":
-        return False
-    if route.upstream == "ews" and route.auth != "oauth":
-        return False
     # not a password route, nor one Google refresh token from a file
-    return not (route.upstream == "smtp" and (route.auth != "xoauth2" or
-                                              route.refresh_token is not None))
+    oauth = route.oauth
+    return oauth is not None and oauth.flow == "device" and oauth.refresh_token is None
 
 
 class SenderPolicy:

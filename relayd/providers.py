@@ -124,16 +124,17 @@ def _host_matches(host: str | None, hosts: tuple[str, ...]) -> bool:
 def provider_of(route: RouteConfig) -> Provider | None:
     """The provider a route talks to, by its SMTP host, else by the account's address; a
     delegated Graph route that personal Microsoft accounts sign in to is Outlook.com's."""
-    if route.upstream == "graph" and route.flow == "device":
+    if route.upstream == "graph" and route.device_flow:
         from relayd.auth.oauth import takes_personal_accounts
 
         return _OUTLOOK_COM if takes_personal_accounts(route) else None
     if route.upstream != "smtp":
         return None
+    smtp = route.smtp
     for p in PROVIDERS:
-        if _host_matches(route.host, p.hosts):
+        if _host_matches(smtp.host, p.hosts):
             return p
-    accounts = [route.username, route.mailbox if route.mailbox != "sender" else None,
+    accounts = [smtp.username, smtp.mailbox if smtp.mailbox != "sender" else None,
                 *(s for s in route.senders if "*" not in s)]
     for p in PROVIDERS:
         if any(_domain(a) in p.domains for a in accounts if a):
@@ -147,8 +148,9 @@ def fix_for(route: RouteConfig, reply: object) -> str:
     if provider is None:
         return ""
     words = " ".join(str(reply).split())
+    auth = route.smtp.auth if route.upstream == "smtp" else None
     for fix in provider.fixes:
-        if route.auth in fix.auth and fix.pattern.search(words):
+        if auth in fix.auth and fix.pattern.search(words):
             return f"{provider.name}: {fix.text}"
     return ""
 
@@ -159,7 +161,7 @@ def explain_line(route: RouteConfig) -> str | None:
     if provider is None:
         return None
     line = f"provider: {provider.name} (recipe {provider.recipe}); it refuses {provider.refuses}"
-    if provider.recipe.endswith("outlook-com-xoauth2.toml") and route.auth == "password":
+    if provider.recipe.endswith("outlook-com-xoauth2.toml") and route.uses_password:
         line += ("; WARNING: this route logs in with a password, which Outlook.com refuses: "
                  "use the xoauth2 recipe")
     return line

@@ -49,8 +49,8 @@ def problems(tmp_path: Path, text: str) -> list[str]:
 def test_good_config_loads_with_secret_hidden(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
     route = config.routes["system"]
-    assert route.port == 587 and route.tls == "starttls" and route.auth == "password"
-    assert route.password is not None and route.password.reveal() == "hunter2-not-logged"
+    assert route.smtp.port == 587 and route.smtp.tls == "starttls" and route.smtp.auth == "password"
+    assert route.smtp.password is not None and route.smtp.password.reveal() == "hunter2-not-logged"
     assert "hunter2" not in repr(route)
 
 
@@ -90,14 +90,14 @@ def test_password_env_and_credentials_directory(tmp_path: Path,
     monkeypatch.setenv("SYSTEM_PW", "from-env")
     config = load_config(write(tmp_path, GOOD.replace('password_file = "{tmp}/secret"',
                                                       'password_env = "SYSTEM_PW"')))
-    assert config.routes["system"].password.reveal() == "from-env"  # type: ignore[union-attr]
+    assert config.routes["system"].smtp.password.reveal() == "from-env"  # type: ignore[union-attr]
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "system").write_text("from-credential")
     (creds / "system").chmod(0o400)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     config = load_config(write(tmp_path, GOOD.replace('"{tmp}/secret"', '"system"')))
-    assert config.routes["system"].password.reveal() == "from-credential"  # type: ignore[union-attr]
+    assert config.routes["system"].smtp.password.reveal() == "from-credential"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("fragment, expected", [

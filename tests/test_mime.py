@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mimeutil import CORPUS, corpus, parse
 
-from relayd.config import RouteConfig
+from relayd.config import GraphSettings, OAuthSettings, RouteConfig
 from relayd.delivery import OutboundMessage
 from relayd.delivery.mime import (
     Head,
@@ -146,7 +146,8 @@ def outbound(sender: str, *recipients: str) -> OutboundMessage:
 
 
 def route(mailbox: str | None) -> RouteConfig:
-    return RouteConfig("m365", ("*@business.com",), "graph", mailbox=mailbox)
+    return RouteConfig("m365", ("*@business.com",),
+                       GraphSettings(OAuthSettings("app-id"), mailbox=mailbox))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("mailbox", "fixed"), [(None, None), ("sender", None), ("", None),

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import NO_RATE, RateLimit, RouteConfig, load_config
+from relayd.config import (
+    NO_RATE,
+    EwsSettings,
+    GraphSettings,
+    OAuthSettings,
+    RateLimit,
+    RouteConfig,
+    SmtpSettings,
+    UpstreamSettings,
+    load_config,
+)
 from relayd.errors import ConfigError
 from relayd.qmgr import pacing
 from relayd.qmgr.pacing import GO, Ledger, Limits, TooMany, Usage, WaitBudget, WaitRate, decide
@@ -15,11 +25,11 @@ from relayd.reply import Reply, reinterpret
 T0 = 1_800_000_000.0  # a fake clock's epoch seconds
 
 
-def route(**kw: object) -> RouteConfig:
-    base: dict[str, object] = {"name": "r", "senders": ("*",), "upstream": "smtp",
-                               "host": "127.0.0.1", "port": 25}
-    base.update(kw)
-    return RouteConfig(**base)  # type: ignore[arg-type]
+def route(settings: UpstreamSettings, **kw: object) -> RouteConfig:
+    return RouteConfig("r", ("*",), settings, **kw)  # type: ignore[arg-type]
+
+
+APP = OAuthSettings("app-id")
 
 
 def test_rate_spaces_messages_evenly_and_never_catches_up() -> None:
@@ -91,24 +101,23 @@ def test_counts_survive_a_save_and_load(tmp_path: Path) -> None:
     assert late.usage == {}
 
 
-@pytest.mark.parametrize(("kw", "expected"), [
-    ({"upstream": "graph", "endpoint": "https://graph.microsoft.com"},
+@pytest.mark.parametrize(("settings", "kw", "expected"), [
+    (GraphSettings(APP, endpoint="https://graph.microsoft.com"), {},
      (RateLimit(30, 60.0), 10_000)),
-    ({"upstream": "graph", "endpoint": "https://127.0.0.1:8443"}, (None, 0)),
-    ({"upstream": "ews", "server": "outlook.office365.com"}, (RateLimit(30, 60.0), 10_000)),
-    ({"upstream": "ews", "service_endpoint": "https://mail.example/EWS/Exchange.asmx"},
-     (None, 0)),
-    ({"host": "smtp.office365.com"}, (RateLimit(30, 60.0), 10_000)),
-    ({"host": "smtp.gmail.com"}, (None, 2_000)),
-    ({"host": "smtp.azurecomm.net"}, (RateLimit(100, 3600.0), 0)),
-    ({"host": "smtp.office365.com", "mailbox_rate_limit": NO_RATE,
-      "mailbox_daily_recipients": 0}, (None, 0)),
-    ({"host": "smtp.office365.com", "mailbox_daily_recipients": 500},
+    (GraphSettings(APP, endpoint="https://127.0.0.1:8443"), {}, (None, 0)),
+    (EwsSettings(server="outlook.office365.com"), {}, (RateLimit(30, 60.0), 10_000)),
+    (EwsSettings(service_endpoint="https://mail.example/EWS/Exchange.asmx"), {}, (None, 0)),
+    (SmtpSettings("smtp.office365.com", 25), {}, (RateLimit(30, 60.0), 10_000)),
+    (SmtpSettings("smtp.gmail.com", 25), {}, (None, 2_000)),
+    (SmtpSettings("smtp.azurecomm.net", 25), {}, (RateLimit(100, 3600.0), 0)),
+    (SmtpSettings("smtp.office365.com", 25), {"mailbox_rate_limit": NO_RATE,
+                                              "mailbox_daily_recipients": 0}, (None, 0)),
+    (SmtpSettings("smtp.office365.com", 25), {"mailbox_daily_recipients": 500},
      (RateLimit(30, 60.0), 500)),
 ])
-def test_provider_defaults_and_route_overrides(kw: dict[str, object],
+def test_provider_defaults_and_route_overrides(settings: UpstreamSettings, kw: dict[str, object],
                                                expected: tuple[object, int]) -> None:
-    limits = pacing.limits_for(route(**kw))
+    limits = pacing.limits_for(route(settings, **kw))
     assert (limits.rate, limits.daily_recipients) == expected
 
 

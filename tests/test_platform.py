@@ -181,7 +181,7 @@ def test_config_and_secret_with_a_utf8_bom_and_windows_path_forms(tmp_path: Path
                        f"username = \"u@business.com\"\npassword_file = '{secret}'")
     cfg = write_config(tmp_path, route)
     cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
-    password = load_config(cfg).routes["staff"].password
+    password = load_config(cfg).routes["staff"].smtp.password
     assert password is not None and password.reveal() == "s3cret"
     # A literal string keeps backslashes as they are: on Windows the separator, elsewhere
     # part of a file name.
@@ -194,7 +194,7 @@ def test_config_and_secret_with_a_utf8_bom_and_windows_path_forms(tmp_path: Path
     assert "\\" in backslashed
     text = cfg.read_text(encoding="utf-8-sig").replace(f"'{secret}'", f"'{backslashed}'")
     cfg.write_text(text)
-    password = load_config(cfg).routes["staff"].password
+    password = load_config(cfg).routes["staff"].smtp.password
     assert password is not None and password.reveal() == "x"
 
 

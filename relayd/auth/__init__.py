@@ -12,7 +12,7 @@ __all__ = ["AccessToken", "TokenHealth", "TokenProvider", "make_token_provider"]
 
 def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> TokenProvider:
     """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""
-    if route.provider == "google":
+    if route.oauth is not None and route.oauth.provider == "google":
         from relayd.auth.google import GoogleTokenProvider
 
         return GoogleTokenProvider(route, config, scopes)

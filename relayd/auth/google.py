@@ -19,7 +19,7 @@ from google.oauth2 import service_account
 
 import relayd.auth.health as token_health
 from relayd.auth.tokencache import TokenStore
-from relayd.auth.tokens import AccessToken, TokenHealth, register_live
+from relayd.auth.tokens import AccessToken, TokenHealth, oauth_of, register_live
 from relayd.config import Config, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
@@ -64,12 +64,13 @@ class GoogleTokenProvider:
 
     def __init__(self, route: RouteConfig, config: Config, scopes: Sequence[str]) -> None:
         self.route = route
+        self.oauth = oauth_of(route)
         self.config = config
         self.scopes = list(scopes)
-        self.token_uri = route.authority or GOOGLE_TOKEN_URI
-        if route.refresh_token is not None:
+        self.token_uri = self.oauth.authority or GOOGLE_TOKEN_URI
+        if self.oauth.refresh_token is not None:
             self.mode = "refresh_token"
-        elif route.flow == "device":
+        elif self.oauth.flow == "device":
             self.mode = "delegated"
         else:
             self.mode = "service_account"
@@ -214,25 +215,25 @@ class GoogleTokenProvider:
 
     def _credentials(self, account: str) -> user_credentials.Credentials | \
             service_account.Credentials:
-        route = self.route
+        route, oauth = self.route, self.oauth
         if self.mode == "delegated":
             return self._delegated_credentials(account)
         if self.mode == "refresh_token":
-            assert route.refresh_token is not None
-            if route.client_secret is None:
+            assert oauth.refresh_token is not None
+            if oauth.client_secret is None:
                 raise AuthenticationError(f"route {route.name}: a Google refresh token needs "
                                           "client_secret_file (the OAuth client's secret)")
             return user_credentials.Credentials(  # type: ignore[no-untyped-call]
-                token=None, refresh_token=route.refresh_token.reveal(),
-                token_uri=self.token_uri, client_id=route.client_id,
-                client_secret=route.client_secret.reveal(), scopes=self.scopes)
+                token=None, refresh_token=oauth.refresh_token.reveal(),
+                token_uri=self.token_uri, client_id=oauth.client_id,
+                client_secret=oauth.client_secret.reveal(), scopes=self.scopes)
         info = self._service_account_info()
         creds = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
             info, scopes=self.scopes, subject=account)
         return creds  # type: ignore[no-any-return]
 
     def _delegated_credentials(self, account: str) -> user_credentials.Credentials:
-        route = self.route
+        route, oauth = self.route, self.oauth
         key = account.lower()
         hint = f"; run `{token_health.fix_command(route.name, key)}`"
         stored = self.store.load(route.name, key)
@@ -243,24 +244,24 @@ class GoogleTokenProvider:
         except (ValueError, KeyError, TypeError):
             raise AuthenticationError(f"route {route.name}: the stored sign-in of {key} holds "
                                       "no Google refresh token" + hint) from None
-        if route.client_secret is None:
+        if oauth.client_secret is None:
             raise AuthenticationError(f"route {route.name}: Google sign-ins need "
                                       "client_secret_file (the OAuth client's secret)")
         return user_credentials.Credentials(  # type: ignore[no-untyped-call]
             token=None, refresh_token=refresh_token, token_uri=self.token_uri,
-            client_id=route.client_id, client_secret=route.client_secret.reveal(),
+            client_id=oauth.client_id, client_secret=oauth.client_secret.reveal(),
             scopes=self.scopes)
 
     def _service_account_info(self) -> dict[str, Any]:
-        route = self.route
+        route, oauth = self.route, self.oauth
         if self._sa_info is not None:
             return self._sa_info
         problem = (f"route {route.name}: without refresh_token_file, a Google route needs a "
                    "service account JSON key as client_secret_file")
-        if route.client_secret is None:
+        if oauth.client_secret is None:
             raise AuthenticationError(problem)
         try:
-            info = json.loads(route.client_secret.reveal())
+            info = json.loads(oauth.client_secret.reveal())
         except ValueError:
             raise AuthenticationError(problem + " (it is not JSON)") from None
         if not isinstance(info, dict) or info.get("type") != "service_account":
@@ -268,13 +269,13 @@ class GoogleTokenProvider:
         missing = [k for k in ("client_email", "private_key") if not info.get(k)]
         if missing:
             raise AuthenticationError(problem + f" (it lacks {', '.join(missing)})")
-        if route.client_id and info.get("client_id") and str(info["client_id"]) != route.client_id:
+        if oauth.client_id and info.get("client_id") and str(info["client_id"]) != oauth.client_id:
             raise AuthenticationError(
-                f"route {route.name}: client_id {route.client_id} is not the client ID of the "
+                f"route {route.name}: client_id {oauth.client_id} is not the client ID of the "
                 f"service account key ({info['client_id']}); domain-wide delegation is granted "
                 "to the key's client ID")
         # `authority` overrides the key's own token_uri (a test or proxying endpoint).
-        if route.authority or not info.get("token_uri"):
+        if oauth.authority or not info.get("token_uri"):
             info["token_uri"] = self.token_uri
         self._sa_info = info
         return info

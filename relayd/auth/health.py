@@ -111,11 +111,14 @@ def credential_expiry(route: RouteConfig) -> float | None:
     """When the route's app credential lapses: the client certificate's notAfter, or
     `client_secret_expires` (the start of that day, UTC), whichever comes first."""
     found: list[float] = []
-    if route.certificate_file is not None:
-        cert = certificate_expiry(route.certificate_file)
+    oauth = route.oauth
+    if oauth is None:
+        return None
+    if oauth.certificate_file is not None:
+        cert = certificate_expiry(oauth.certificate_file)
         if cert is not None:
             found.append(cert)
-    if route.client_secret_expires is not None:
-        day = route.client_secret_expires
+    if oauth.client_secret_expires is not None:
+        day = oauth.client_secret_expires
         found.append(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
     return min(found) if found else None

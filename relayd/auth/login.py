@@ -43,10 +43,11 @@ import msal  # type: ignore[import-untyped]
 import requests
 
 from relayd.auth.claims import microsoft_account, signed_in_account
-from relayd.auth.oauth import authority_url, is_delegated, signin_scopes
+from relayd.auth.oauth import authority_url, is_delegated, is_google_oauth, signin_scopes
 from relayd.auth.oauth import login as device_login
 from relayd.auth.tokencache import TokenStore
-from relayd.config import Config, RouteConfig
+from relayd.auth.tokens import oauth_of
+from relayd.config import Config, OAuthSettings, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
 
@@ -129,11 +130,12 @@ def store_signin(config: Config, route: RouteConfig, account: str, cache: str,
 class MicrosoftFlow(_Flow):
     def __init__(self, config: Config, route: RouteConfig, user: str, redirect_uri: str) -> None:
         self.config, self.route, self.user = config, route, user
-        authority, custom = authority_url(route)
+        oauth = oauth_of(route)
+        authority, custom = authority_url(oauth)
         self.cache = msal.SerializableTokenCache()
         self.http = route_session(route)
         self.app = msal.PublicClientApplication(
-            route.client_id, authority=authority, http_client=self.http,
+            oauth.client_id, authority=authority, http_client=self.http,
             instance_discovery=False if custom else None, token_cache=self.cache)
         # The answer comes in the redirect's query (response_mode "query"): --paste has the
         # admin paste the address the browser ended on, which a form post would not put in
@@ -174,11 +176,11 @@ class MicrosoftFlow(_Flow):
 # -- Google (installed-app flow) -----------------------------------------------------------------
 
 
-def google_auth_uri(route: RouteConfig) -> str:
+def google_auth_uri(oauth: OAuthSettings) -> str:
     """Google's authorization endpoint; with `authority` (the token endpoint of a test or
     proxying server) it is the sibling path `auth` of it."""
-    if route.authority:
-        base = route.authority.rstrip("/").rsplit("/", 1)[0]
+    if oauth.authority:
+        base = oauth.authority.rstrip("/").rsplit("/", 1)[0]
         return f"{base}/auth"
     return GOOGLE_AUTH_URI
 
@@ -189,17 +191,19 @@ class GoogleFlow(_Flow):
         from relayd.auth.google import GOOGLE_TOKEN_URI
 
         self.config, self.route, self.user = config, route, user
+        self.oauth = oauth_of(route)
         self.redirect_uri = redirect_uri
-        self.token_uri = route.authority or GOOGLE_TOKEN_URI
+        self.token_uri = self.oauth.authority or GOOGLE_TOKEN_URI
         self.state = secrets.token_urlsafe(24)
         self.verifier = secrets.token_urlsafe(48)  # 64 characters, RFC 7636's 43-128
         challenge = base64.urlsafe_b64encode(
             hashlib.sha256(self.verifier.encode()).digest()).rstrip(b"=").decode()
         self.scopes = [*scopes, *GOOGLE_LOGIN_SCOPES]
         self.http = route_session(route)
-        self.auth_uri = google_auth_uri(route) + "?" + urlencode({
-            "client_id": route.client_id, "redirect_uri": redirect_uri, "response_type": "code",
-            "scope": " ".join(self.scopes), "state": self.state, "code_challenge": challenge,
+        self.auth_uri = google_auth_uri(self.oauth) + "?" + urlencode({
+            "client_id": self.oauth.client_id, "redirect_uri": redirect_uri,
+            "response_type": "code", "scope": " ".join(self.scopes), "state": self.state,
+            "code_challenge": challenge,
             "code_challenge_method": "S256", "access_type": "offline", "prompt": "consent",
             "login_hint": user})
 
@@ -211,11 +215,11 @@ class GoogleFlow(_Flow):
             return Outcome(False, f"sign-in refused: {query['error']}")
         if not query.get("code"):
             return Outcome(False, "the redirect carries no authorization code")
-        secret = self.route.client_secret.reveal() if self.route.client_secret else ""
+        secret = self.oauth.client_secret.reveal() if self.oauth.client_secret else ""
         try:
             resp = self.http.post(self.token_uri, data={
                 "grant_type": "authorization_code", "code": query["code"],
-                "client_id": self.route.client_id, "client_secret": secret,
+                "client_id": self.oauth.client_id, "client_secret": secret,
                 "redirect_uri": self.redirect_uri, "code_verifier": self.verifier},
                 timeout=self.route.timeout_s)
             body = resp.json()
@@ -319,7 +323,7 @@ def parse_pasted(text: str) -> dict[str, str]:
 
 
 def _make_flow(config: Config, route: RouteConfig, user: str, redirect_uri: str) -> _Flow:
-    if route.provider == "google":
+    if is_google_oauth(route):
         from relayd.auth.google import GMAIL_SCOPE
 
         return GoogleFlow(config, route, user, redirect_uri, [GMAIL_SCOPE])
@@ -338,7 +342,7 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
                   "for Google without refresh_token_file)\n")
         return EXIT_USAGE
     if mode == "device":
-        if route.provider == "google":
+        if is_google_oauth(route):
             out.write("relayd: Google has no device sign-in for mail; use --browser or "
                       "--paste\n")
             return EXIT_USAGE

@@ -19,8 +19,8 @@ import requests
 import relayd.auth.health as token_health
 from relayd.auth.claims import MSA_TENANT_ID, microsoft_account
 from relayd.auth.tokencache import Stamp, TokenStore
-from relayd.auth.tokens import AccessToken, TokenHealth, register_live
-from relayd.config import Config, RouteConfig
+from relayd.auth.tokens import AccessToken, TokenHealth, oauth_of, register_live
+from relayd.config import Config, EwsSettings, GraphSettings, OAuthSettings, RouteConfig
 from relayd.errors import AuthenticationError
 from relayd.http import route_session
 
@@ -42,52 +42,54 @@ _KEY_RE = re.compile(
 
 
 def is_microsoft_oauth(route: RouteConfig) -> bool:
-    return route.client_id is not None and (route.provider or "microsoft") == "microsoft" and (
-        route.upstream == "graph" or route.auth in ("oauth", "xoauth2"))
+    return route.oauth is not None and route.oauth.provider == "microsoft"
+
+
+def is_google_oauth(route: RouteConfig) -> bool:
+    return route.oauth is not None and route.oauth.provider == "google"
 
 
 def is_delegated(route: RouteConfig) -> bool:
     """A route whose tokens come from `relayd auth login`: flow = "device" with a Microsoft
     OAuth upstream, or a Google XOAUTH2 route without a refresh_token_file."""
-    if route.flow != "device" or route.client_id is None:
+    oauth = route.oauth
+    if oauth is None or oauth.flow != "device":
         return False
-    if route.provider == "google":
-        return route.auth == "xoauth2" and route.refresh_token is None
-    return is_microsoft_oauth(route)
+    return oauth.provider == "microsoft" or oauth.refresh_token is None
 
 
-def authority_url(route: RouteConfig) -> tuple[str, bool]:
+def authority_url(oauth: OAuthSettings) -> tuple[str, bool]:
     """(authority URL, whether it is a custom one). `authority` is the identity provider's base
     URL (national cloud, test server); the tenant is appended unless the URL already has a path."""
-    if route.authority:
-        base = route.authority.rstrip("/")
+    if oauth.authority:
+        base = oauth.authority.rstrip("/")
         if urlsplit(base).path.strip("/"):
             return base, True
-        return f"{base}/{route.tenant_id or 'organizations'}", True
-    return f"{MICROSOFT_AUTHORITY}/{route.tenant_id or 'organizations'}", False
+        return f"{base}/{oauth.tenant_id or 'organizations'}", True
+    return f"{MICROSOFT_AUTHORITY}/{oauth.tenant_id or 'organizations'}", False
 
 
-def ews_host(route: RouteConfig) -> str:
-    if route.service_endpoint:
-        return urlsplit(route.service_endpoint).hostname or EXCHANGE_ONLINE_HOST
-    return route.server or EXCHANGE_ONLINE_HOST
+def ews_host(ews: EwsSettings) -> str:
+    if ews.service_endpoint:
+        return urlsplit(ews.service_endpoint).hostname or EXCHANGE_ONLINE_HOST
+    return ews.server or EXCHANGE_ONLINE_HOST
 
 
 def app_scopes(route: RouteConfig) -> list[str]:
     """The client-credentials scope for a route's resource."""
-    if route.upstream == "ews":
-        return [f"https://{ews_host(route)}/.default"]
-    if route.upstream == "graph":
-        return [f"{(route.endpoint or 'https://graph.microsoft.com').rstrip('/')}/.default"]
+    if isinstance(route.settings, EwsSettings):
+        return [f"https://{ews_host(route.settings)}/.default"]
+    if isinstance(route.settings, GraphSettings):
+        return [f"{route.settings.endpoint.rstrip('/')}/.default"]
     return [SMTP_APP_SCOPE]
 
 
 def delegated_scopes(route: RouteConfig) -> list[str]:
     """The delegated (device-flow) scope for a route's resource."""
-    if route.upstream == "ews":
-        return [f"https://{ews_host(route)}/EWS.AccessAsUser.All"]
-    if route.upstream == "graph":
-        return [f"{(route.endpoint or 'https://graph.microsoft.com').rstrip('/')}/Mail.Send"]
+    if isinstance(route.settings, EwsSettings):
+        return [f"https://{ews_host(route.settings)}/EWS.AccessAsUser.All"]
+    if isinstance(route.settings, GraphSettings):
+        return [f"{route.settings.endpoint.rstrip('/')}/Mail.Send"]
     return [SMTP_DELEGATED_SCOPE]
 
 
@@ -95,7 +97,7 @@ def takes_personal_accounts(route: RouteConfig) -> bool:
     """Whether personal Microsoft accounts (Outlook.com, Hotmail, Live) sign in for this route:
     its tenant is `consumers` (personal accounts only), `common` (both kinds) or the personal
     accounts' own tenant id."""
-    return (route.tenant_id or "").lower() in PERSONAL_TENANTS
+    return route.oauth is not None and (route.oauth.tenant_id or "").lower() in PERSONAL_TENANTS
 
 
 def signin_scopes(route: RouteConfig) -> list[str]:
@@ -133,9 +135,10 @@ class MsalTokenProvider:
 
     def __init__(self, route: RouteConfig, config: Config, scopes: Sequence[str]) -> None:
         self.route = route
+        self.oauth = oauth_of(route)
         self.config = config
         self.scopes = list(scopes)
-        self.authority, custom = authority_url(route)
+        self.authority, custom = authority_url(self.oauth)
         # A custom authority is not in Microsoft's instance list: skip that lookup (it would go
         # to login.microsoftonline.com) and use the authority's own OpenID discovery.
         self._instance_discovery: bool | None = False if custom else None
@@ -156,7 +159,7 @@ class MsalTokenProvider:
 
     @property
     def delegated(self) -> bool:
-        return self.route.flow == "device"
+        return self.oauth.flow == "device"
 
     # -- TokenProvider -------------------------------------------------------------------------
 
@@ -311,29 +314,29 @@ class MsalTokenProvider:
     # -- client credentials ----------------------------------------------------------------------
 
     def _credential(self) -> str | dict[str, str]:
-        route = self.route
-        if route.certificate_file is not None:
+        route, oauth = self.route, self.oauth
+        if oauth.certificate_file is not None:
             try:
-                pem = route.certificate_file.read_text(encoding="utf-8")
+                pem = oauth.certificate_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise AuthenticationError(f"route {route.name}: cannot read certificate_file "
-                                          f"{route.certificate_file}: {e}") from None
+                                          f"{oauth.certificate_file}: {e}") from None
             m = _KEY_RE.search(pem)
             if not m:
                 raise AuthenticationError(f"route {route.name}: certificate_file "
-                                          f"{route.certificate_file} holds no private key")
+                                          f"{oauth.certificate_file} holds no private key")
             return {"private_key": m.group(0),
-                    "thumbprint": (route.thumbprint or "").replace(":", "").strip()}
-        if route.client_secret is None:
+                    "thumbprint": (oauth.thumbprint or "").replace(":", "").strip()}
+        if oauth.client_secret is None:
             raise AuthenticationError(f"route {route.name}: no client secret or certificate")
-        return route.client_secret.reveal()
+        return oauth.client_secret.reveal()
 
     def _app_client(self) -> msal.ConfidentialClientApplication:
         with self._lock:
             if self._app is None:
                 # Building it fetches the OpenID configuration; on failure it is retried next time.
                 self._app = msal.ConfidentialClientApplication(
-                    self.route.client_id, client_credential=self._credential(),
+                    self.oauth.client_id, client_credential=self._credential(),
                     authority=self.authority, http_client=self._http,
                     instance_discovery=self._instance_discovery, token_cache=msal.TokenCache())
             return self._app
@@ -373,7 +376,7 @@ class MsalTokenProvider:
                 cache = msal.SerializableTokenCache()
                 cache.deserialize(stored.cache)
                 app = msal.PublicClientApplication(
-                    self.route.client_id, authority=self.authority, http_client=self._http,
+                    self.oauth.client_id, authority=self.authority, http_client=self._http,
                     instance_discovery=self._instance_discovery, token_cache=cache)
                 u = _UserCache(app, cache, stored.stamp)
                 self._users[key] = u
@@ -444,12 +447,13 @@ def _device_code_signin(route: RouteConfig, user: str | None, out: TextIO
     """The device-code flow at the identity provider (msal): the user signs in elsewhere while
     this polls. The token endpoint's answer and the cache holding it; None (said on `out`)
     when the sign-in failed."""
-    authority, custom = authority_url(route)
+    oauth = oauth_of(route)
+    authority, custom = authority_url(oauth)
     cache = msal.SerializableTokenCache()
     http = route_session(route)
     try:
         app = msal.PublicClientApplication(
-            route.client_id, authority=authority, http_client=http,
+            oauth.client_id, authority=authority, http_client=http,
             instance_discovery=False if custom else None, token_cache=cache)
         flow = app.initiate_device_flow(scopes=signin_scopes(route))
         if "user_code" not in flow:
@@ -491,7 +495,7 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     if route is None:
         out.write(f"relayd: no route named {route_name!r}\n")
         return 2
-    if not is_microsoft_oauth(route) or route.flow != "device":
+    if not is_microsoft_oauth(route) or not route.device_flow:
         out.write(f'relayd: route {route_name} does not use delegated OAuth (flow = "device")\n')
         return 2
     store = TokenStore(config)

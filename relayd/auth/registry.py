@@ -30,6 +30,7 @@ from relayd.auth.oauth import (
     app_scopes,
     delegated_scopes,
     is_delegated,
+    is_google_oauth,
     is_microsoft_oauth,
 )
 from relayd.auth.tokens import TokenHealth, live_providers
@@ -44,8 +45,8 @@ def oauth_scopes(route: RouteConfig) -> list[str] | None:
     """The scopes a reader of the route's tokens is built with; None: the route has no OAuth
     credential to report."""
     if is_microsoft_oauth(route):
-        return delegated_scopes(route) if route.flow == "device" else app_scopes(route)
-    if route.provider == "google" and route.auth == "xoauth2" and route.client_id:
+        return delegated_scopes(route) if route.device_flow else app_scopes(route)
+    if is_google_oauth(route):
         return []
     return None
 
@@ -54,7 +55,7 @@ def _reader(route: RouteConfig, config: Config) -> Reader | None:
     scopes = oauth_scopes(route)
     if scopes is None:
         return None
-    if route.provider == "google":
+    if is_google_oauth(route):
         return GoogleTokenProvider(route, config, scopes)
     return MsalTokenProvider(route, config, scopes)
 
@@ -153,8 +154,8 @@ def status(config: Config, out: TextIO) -> int:
         cred = health_rules.credential_expiry(route)
         if cred is not None:
             left = (cred - now) / 86400
-            out.write(f"{route.name}: app credential (client "
-                      f"{'certificate' if route.certificate_file else 'secret'}) expires "
+            kind = "certificate" if route.oauth and route.oauth.certificate_file else "secret"
+            out.write(f"{route.name}: app credential (client {kind}) expires "
                       f"{_when(cred)}" + (" - EXPIRED" if left < 0 else f" (in {left:.0f} days)")
                       + "\n")
             if left < 0:
@@ -168,7 +169,7 @@ def status(config: Config, out: TextIO) -> int:
                       "daemon memory\n")
             continue
         for h in healths:
-            if not delegated and route.provider != "google":
+            if not delegated and is_microsoft_oauth(route):
                 line = f"{route.name}: app-only (client credentials); token kept in daemon memory"
                 if h.expires_at:
                     line += f"; last token valid until {_when(h.expires_at)}"

@@ -10,6 +10,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relayd.config import OAuthSettings, RouteConfig
+
 
 @dataclass(frozen=True)
 class AccessToken:
@@ -81,3 +83,11 @@ def live_providers() -> list[Any]:
     """The providers alive now, in no particular order."""
     with _live_lock:
         return list(_live)
+
+
+def oauth_of(route: RouteConfig) -> OAuthSettings:
+    """The OAuth settings of a route a token provider is built for (a route without them here is
+    a caller's mistake: ValueError)."""
+    if route.oauth is None:
+        raise ValueError(f"route {route.name} does not sign in with OAuth")
+    return route.oauth

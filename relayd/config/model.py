@@ -1,8 +1,16 @@
 """The config's types: frozen dataclasses, one per section, and their defaults.
 
-`RouteConfig` is one flat type for the four upstream kinds; which of its keys a route's table
-may hold is fixed per kind at load (relayd.config.routes), so a route of one kind never carries
-another kind's settings.
+A route is a common part and one part per upstream kind: `RouteConfig` holds what every route
+has (name, senders, recipients, rates, timeout, ca_file) and in `settings` exactly one of
+`SmtpSettings`, `EwsSettings`, `GraphSettings`, `OutboxSettings`; `upstream` is the kind of
+that part, never stored beside it. The routes that sign in with OAuth (smtp auth = "xoauth2",
+ews auth = "oauth", every graph route) hold an `OAuthSettings` in their part; a graph part
+cannot be built without one, and the smtp and ews parts refuse one that their `auth` does not
+take. Each part is reached through the accessor of its kind (`route.graph.endpoint`), which
+raises TypeError on a route of another kind; code that serves every kind asks the common part
+(`target`, `oauth`, `device_flow`, `uses_password`, `dedupe`) or branches with isinstance on
+`settings`, which mypy narrows. All of them stay frozen dataclasses with value equality: a
+reload and the token registry compare routes.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar, TypeVar
 
 from relayd import platform
 
@@ -186,14 +195,102 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class OAuthSettings:
+    """How a route gets its OAuth tokens: smtp with auth = "xoauth2", ews with auth = "oauth",
+    and every graph route (relayd.auth)."""
+
+    client_id: str
+    provider: str = "microsoft"  # or "google" (smtp only)
+    tenant_id: str | None = None
+    authority: str | None = None
+    client_secret: Secret | None = None  # a Google service account: its JSON key
+    certificate_file: Path | None = None
+    thumbprint: str | None = None
+    flow: str = "app"  # "app": the app's own token; "device": each user signs in
+    client_secret_expires: datetime.date | None = None  # so relayd can warn before it lapses
+    refresh_token: Secret | None = None  # Google: one user's consent
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """upstream = "smtp" (relayd.delivery.smtp)."""
+
+    UPSTREAM: ClassVar[str] = "smtp"
+    host: str
+    port: int
+    tls: str = "starttls"  # "starttls", "implicit" or "none"
+    auth: str = "none"  # "password", "xoauth2" or "none"
+    username: str | None = None
+    password: Secret | None = None
+    mailbox: str | None = None  # auth = "xoauth2": a fixed account, or "sender"
+    oauth: OAuthSettings | None = None  # set exactly when auth = "xoauth2"
+
+    def __post_init__(self) -> None:
+        _check_oauth(self.auth == "xoauth2", self.oauth, 'auth = "xoauth2"')
+
+
+@dataclass(frozen=True)
+class EwsSettings:
+    """upstream = "ews" (relayd.delivery.ews): one of server and service_endpoint is set."""
+
+    UPSTREAM: ClassVar[str] = "ews"
+    server: str | None = None
+    service_endpoint: str | None = None
+    auth: str = "basic"  # "basic", "ntlm" or "oauth"
+    username: str | None = None
+    password: Secret | None = None
+    mailbox: str = "sender"  # a fixed mailbox address, or "sender"
+    save_to_sent: bool = True
+    from_rewrite: bool = False
+    dedupe: bool = True  # after a crash, look in Sent Items before sending again
+    oauth: OAuthSettings | None = None  # set exactly when auth = "oauth"
+
+    def __post_init__(self) -> None:
+        _check_oauth(self.auth == "oauth", self.oauth, 'auth = "oauth"')
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """upstream = "graph" (relayd.delivery.graph): always OAuth."""
+
+    UPSTREAM: ClassVar[str] = "graph"
+    oauth: OAuthSettings
+    endpoint: str = "https://graph.microsoft.com"
+    mailbox: str = "sender"
+    save_to_sent: bool = True  # Graph saves a copy whatever this says (a config warning)
+    from_rewrite: bool = False
+    dedupe: bool = True
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """upstream = "outbox" (relayd.delivery.outbox): no delivery, .eml files in a folder."""
+
+    UPSTREAM: ClassVar[str] = "outbox"
+    path: Path
+
+
+UpstreamSettings = SmtpSettings | EwsSettings | GraphSettings | OutboxSettings
+
+
+_Part = TypeVar("_Part", SmtpSettings, EwsSettings, GraphSettings, OutboxSettings)
+
+
+def _check_oauth(takes: bool, oauth: OAuthSettings | None, setting: str) -> None:
+    if takes != (oauth is not None):
+        raise ValueError(f"OAuth settings go with {setting} and only with it")
+
+
+@dataclass(frozen=True)
 class RouteConfig:
-    """One upstream route. Keys that do not apply to its upstream stay None: the fields below
-    are grouped by the upstream kind that takes them, and the per-kind key lists that
-    relayd.config.routes checks at load keep a route's table to its own kind's keys."""
+    """One route: what every route has, and in `settings` its upstream kind's own part. A
+    delivery agent reads its part through the accessor of its kind (`route.smtp.host`), which
+    raises TypeError on a route of another kind; code that serves every kind branches on
+    `upstream` (or isinstance on `settings`, which mypy narrows)."""
 
     name: str
     senders: tuple[str, ...]
-    upstream: str
+    settings: UpstreamSettings
     recipients: tuple[str, ...] = ()  # RCPT outside these is refused; () allows any
     rate_limit: RateLimit | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
@@ -202,45 +299,72 @@ class RouteConfig:
     mailbox_rate_limit: RateLimit | None = None
     mailbox_daily_recipients: int | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    ca_file: Path | None = None
-    # smtp
-    host: str | None = None
-    port: int | None = None
-    tls: str | None = None
-    auth: str | None = None
-    username: str | None = None
-    password: Secret | None = None
-    provider: str | None = None
-    # ews / graph / xoauth2
-    server: str | None = None
-    service_endpoint: str | None = None
-    endpoint: str | None = None
-    authority: str | None = None
-    tenant_id: str | None = None
-    client_id: str | None = None
-    client_secret: Secret | None = None
-    certificate_file: Path | None = None
-    thumbprint: str | None = None
-    refresh_token: Secret | None = None
-    flow: str | None = None
-    client_secret_expires: datetime.date | None = None  # so relayd can warn before it lapses
-    mailbox: str | None = None
-    save_to_sent: bool = True
-    from_rewrite: bool = False
-    dedupe: bool = False  # ews/graph (default true there): after a crash, look in Sent Items
-    # outbox
-    path: Path | None = None
+    ca_file: Path | None = None  # not for outbox
+
+    @property
+    def upstream(self) -> str:
+        """"smtp", "ews", "graph" or "outbox": the kind of `settings`."""
+        return self.settings.UPSTREAM
+
+    @property
+    def smtp(self) -> SmtpSettings:
+        return self._part(SmtpSettings)
+
+    @property
+    def ews(self) -> EwsSettings:
+        return self._part(EwsSettings)
+
+    @property
+    def graph(self) -> GraphSettings:
+        return self._part(GraphSettings)
+
+    @property
+    def outbox(self) -> OutboxSettings:
+        return self._part(OutboxSettings)
+
+    def _part(self, kind: type[_Part]) -> _Part:
+        if isinstance(self.settings, kind):
+            return self.settings
+        raise TypeError(f'route {self.name} has upstream = "{self.upstream}", not '
+                        f'"{kind.UPSTREAM}"')
+
+    @property
+    def oauth(self) -> OAuthSettings | None:
+        """The route's OAuth settings; None when it signs in without OAuth (or not at all)."""
+        return None if isinstance(self.settings, OutboxSettings) else self.settings.oauth
+
+    @property
+    def device_flow(self) -> bool:
+        """Each user signs in for the route (OAuth flow = "device"), not the app alone."""
+        return self.oauth is not None and self.oauth.flow == "device"
+
+    @property
+    def uses_password(self) -> bool:
+        """The route logs in with a password (smtp auth = "password", ews "basic" or "ntlm"):
+        a refused login means a wrong password."""
+        settings = self.settings
+        if isinstance(settings, SmtpSettings):
+            return settings.auth == "password"
+        return isinstance(settings, EwsSettings) and settings.auth in ("basic", "ntlm")
+
+    @property
+    def dedupe(self) -> bool:
+        """After a crash mid-send, the agent looks in Sent Items before sending again (ews and
+        graph routes with dedupe on; other kinds have nothing to look in)."""
+        settings = self.settings
+        return isinstance(settings, EwsSettings | GraphSettings) and settings.dedupe
 
     @property
     def target(self) -> str:
         """What the route talks to: host:port, the EWS or Graph endpoint, the outbox folder."""
-        if self.upstream == "smtp":
-            return f"{self.host}:{self.port}"
-        if self.upstream == "ews":
-            return self.service_endpoint or self.server or ""
-        if self.upstream == "graph":
-            return self.endpoint or ""
-        return str(self.path or "")
+        settings = self.settings
+        if isinstance(settings, SmtpSettings):
+            return f"{settings.host}:{settings.port}"
+        if isinstance(settings, EwsSettings):
+            return settings.service_endpoint or settings.server or ""
+        if isinstance(settings, GraphSettings):
+            return settings.endpoint
+        return str(settings.path)
 
     @property
     def upstream_name(self) -> str:

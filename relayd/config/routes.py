@@ -6,17 +6,26 @@ unknown key for upstream = "smtp"`), so `relayd check` cannot pass a setting tha
 delivery agent would never read. A key of the route's own kind that its other settings leave
 unread (`client_id` with `auth = "password"`) is an error too.
 
-Rejected: one config type per kind (`route.smtp.host`, `route.oauth.client_id`). The check above
-gives what the split was for, and the flat `RouteConfig` is read in some 250 places across
-delivery, auth, the web pages and the tests; its fields stay grouped by kind in
-relayd.config.model, and a field that does not apply to a route's kind stays None.
+Each kind's keys are parsed into that kind's own type (relayd.config.model: `SmtpSettings`,
+`EwsSettings`, `GraphSettings`, `OutboxSettings`, and `OAuthSettings` for the routes that sign
+in with OAuth), held by the route's common part, `RouteConfig`. So what the check above refuses
+in the file, the types refuse in the code: a delivery agent, the auth code and the web pages
+read their kind's part (`route.smtp.host`, the OAuth part's `client_id`), and an EWS route has
+no `host` to read or set.
+
+Rejected: one flat `RouteConfig` with every kind's fields, those of other kinds left None (the
+shape before issue 24, the check above its only guard). It let any code read `route.host` on a
+Graph route and get None, so every reader had to know which fields its kind fills, and mypy
+could not tell a missing setting from one of the wrong kind; the split costs one accessor per
+read (`route.smtp.host`) and proves each read belongs to the route's kind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +35,13 @@ from relayd.config.model import (
     DEFAULT_TIMEOUT_S,
     IMPLEMENTED_UPSTREAMS,
     UPSTREAMS,
+    EwsSettings,
+    GraphSettings,
+    OAuthSettings,
+    OutboxSettings,
     RouteConfig,
+    SmtpSettings,
+    UpstreamSettings,
 )
 from relayd.config.values import (
     HOST_RE,
@@ -60,15 +75,16 @@ GRAPH_EXAMPLE = "conf/examples/m365-graph-app.toml"
 
 def switch_off_warnings(r: RouteConfig) -> list[str]:
     """The provider switch-offs that will stop (or have stopped) route `r`."""
-    if r.upstream == "smtp" and r.auth == "password" and \
-            ascii_lower(r.host or "") in EXCHANGE_ONLINE_SMTP_HOSTS:
+    settings = r.settings
+    if isinstance(settings, SmtpSettings) and settings.auth == "password" and \
+            ascii_lower(settings.host) in EXCHANGE_ONLINE_SMTP_HOSTS:
         return [f"routes.{r.name}: basic SMTP AUTH (a password) at Exchange Online "
-                f"({r.host}): Microsoft turns it off by default in existing tenants at "
+                f"({settings.host}): Microsoft turns it off by default in existing tenants at "
                 f"{BASIC_SMTP_AUTH_OFF}; the refusal (550 5.7.30, 535 5.7.139) defers this "
                 f'route\'s mail until it is moved to upstream = "graph" ({GRAPH_EXAMPLE}) or '
                 'auth = "xoauth2" with provider = "microsoft" (docs/graph.md)']
-    if r.upstream == "ews":
-        host = ascii_lower(r.server or r.service_endpoint or "")
+    if isinstance(settings, EwsSettings):
+        host = ascii_lower(settings.server or settings.service_endpoint or "")
         host = host.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
         if host in EXCHANGE_ONLINE_EWS_HOSTS:
             return [f"routes.{r.name}: EWS at Exchange Online ({host}) is blocked since "
@@ -82,10 +98,11 @@ def route_warnings(routes: Mapping[str, RouteConfig]) -> tuple[str, ...]:
     out = []
     for r in routes.values():
         out.extend(switch_off_warnings(r))
-        if r.upstream == "graph" and not r.save_to_sent:
+        if isinstance(r.settings, GraphSettings) and not r.settings.save_to_sent:
             out.append(f"routes.{r.name}.save_to_sent: Graph sendMail with a MIME body always "
                        "saves a copy in Sent Items; false has no effect")
-        if r.upstream == "ews" and r.dedupe and not r.save_to_sent:
+        if isinstance(r.settings, EwsSettings) and r.settings.dedupe \
+                and not r.settings.save_to_sent:
             out.append(f"routes.{r.name}.dedupe: with save_to_sent = false Exchange keeps no "
                        "copy to look for after a crash, so this route delivers at least once")
     return tuple(out)
@@ -116,17 +133,18 @@ _UPSTREAM_KEYS: dict[str, tuple[str, ...]] = {
 _INLINE_SECRETS = ("password", "client_secret", "refresh_token")
 
 
-def _parse_oauth(s: Section, values: dict[str, Any], *, provider: str = "microsoft") -> None:
-    """The OAuth keys shared by ews (auth = oauth), graph and smtp (auth = xoauth2)."""
-    values["flow"] = s.text("flow", "app", choices=("app", "device"))
-    values["client_id"] = s.text("client_id")
-    values["tenant_id"] = s.text("tenant_id")
-    values["authority"] = s.text("authority")
-    if values["authority"] is not None and not values["authority"].startswith("https://"):
+def _parse_oauth(s: Section, *, provider: str = "microsoft") -> OAuthSettings | None:
+    """The OAuth keys shared by ews (auth = oauth), graph and smtp (auth = xoauth2); None when
+    client_id is missing (a problem reported)."""
+    flow = s.text("flow", "app", choices=("app", "device"))
+    client_id = s.text("client_id")
+    tenant_id = s.text("tenant_id")
+    authority = s.text("authority")
+    if authority is not None and not authority.startswith("https://"):
         s.problem("authority", "must be an https:// URL")
-    if values["client_id"] is None:
+    if client_id is None:
         s.problem("client_id", "required for OAuth")
-    if provider == "microsoft" and values["tenant_id"] is None:
+    if provider == "microsoft" and tenant_id is None:
         s.problem("tenant_id", "required for Microsoft OAuth")
     cert = s.text("certificate_file")
     thumb = s.text("thumbprint")
@@ -135,13 +153,16 @@ def _parse_oauth(s: Section, values: dict[str, Any], *, provider: str = "microso
         s.problem("certificate_file", "give client_secret_file/_env or certificate_file, not both")
     if (cert is None) != (thumb is None):
         s.problem("thumbprint", "certificate_file and thumbprint go together")
-    values["certificate_file"] = Path(cert) if cert else None
-    values["thumbprint"] = thumb
-    needs_secret = values["flow"] == "app" and cert is None and provider == "microsoft"
-    values["client_secret"] = read_secret(s, "client_secret", required=needs_secret,
-                                      what="the app's client secret")
-    values["client_secret_expires"] = s.convert("client_secret_expires", parse_date,
-                                                (str, datetime.date))
+    needs_secret = flow == "app" and cert is None and provider == "microsoft"
+    client_secret = read_secret(s, "client_secret", required=needs_secret,
+                                what="the app's client secret")
+    expires = s.convert("client_secret_expires", parse_date, (str, datetime.date))
+    if client_id is None:
+        return None
+    return OAuthSettings(client_id=client_id, provider=provider, tenant_id=tenant_id,
+                         authority=authority, client_secret=client_secret,
+                         certificate_file=Path(cert) if cert else None, thumbprint=thumb,
+                         flow=flow, client_secret_expires=expires)
 
 
 def parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> RouteConfig | None:
@@ -174,20 +195,14 @@ def parse_route(name: str, data: Mapping[str, Any], problems: list[str]) -> Rout
         s.problem("ca_file", f"cannot read {ca}")
     v["ca_file"] = Path(ca) if ca else None
 
-    if upstream == "smtp":
-        _parse_smtp_route(s, v)
-    elif upstream == "outbox":
-        _parse_outbox_route(s, v)
-    elif upstream == "ews":
-        _parse_ews_route(s, v)
-    else:
-        _parse_graph_route(s, v)
+    k: dict[str, Any] = {}  # the upstream kind's own settings
+    _PARSERS[upstream](s, k)
     _check_unused_keys(s, upstream)
     if any(not isinstance(p, SecretProblem) for p in problems[start:]):
         return None
     return RouteConfig(name=name, senders=tuple(ascii_lower(p) for p in senders),
                        recipients=tuple(ascii_lower(p) for p in recipients),
-                       upstream=upstream, **v)
+                       settings=_SETTINGS[upstream](**k), **v)
 
 
 def _parse_patterns(s: Section) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -229,100 +244,111 @@ def _check_unused_keys(s: Section, upstream: str) -> None:
             s.problem(key, "unknown key")
 
 
-def _parse_outbox_route(s: Section, v: dict[str, Any]) -> None:
+def _parse_outbox_route(s: Section, k: dict[str, Any]) -> None:
     path = s.text("path")
     if path is None:
         s.problem("path", "required: the folder .eml files are written to")
-    v["path"] = Path(path) if path else None
+    k["path"] = Path(path) if path else None
 
 
-def _parse_smtp_route(s: Section, v: dict[str, Any]) -> None:
-    v["host"] = s.text("host")
-    if v["host"] is None:
+def _parse_smtp_route(s: Section, k: dict[str, Any]) -> None:
+    k["host"] = s.text("host")
+    if k["host"] is None:
         s.problem("host", "required: the upstream SMTP server")
-    elif not HOST_RE.match(v["host"]):
+    elif not HOST_RE.match(k["host"]):
         s.problem("host", "must be a host name or address")
-    v["tls"] = s.text("tls", "starttls", choices=("starttls", "implicit", "none"))
-    port = s.get("port", int, 465 if v["tls"] == "implicit" else 587)
+    k["tls"] = s.text("tls", "starttls", choices=("starttls", "implicit", "none"))
+    port = s.get("port", int, 465 if k["tls"] == "implicit" else 587)
     if not 1 <= port <= 65535:
         s.problem("port", "must be 1-65535")
-    v["port"] = port
-    v["auth"] = s.text("auth", None, choices=("password", "xoauth2", "none"))
-    if v["auth"] is None:
+    k["port"] = port
+    k["auth"] = s.text("auth", None, choices=("password", "xoauth2", "none"))
+    if k["auth"] is None:
         has_pw = s.has("password_file") or s.has("password_env")
-        v["auth"] = "password" if has_pw else "none"
-    v["username"] = s.text("username")
-    if v["auth"] == "none" and v["username"] is not None:
+        k["auth"] = "password" if has_pw else "none"
+    k["username"] = s.text("username")
+    if k["auth"] == "none" and k["username"] is not None:
         # Without this relayd would send without SMTP AUTH, and the upstream would refuse the
         # mail (or relay it as anyone's) long after `relayd check` said ok.
         s.problem("username", "given without a password: add password_file (or password_env) "
                   'for SMTP AUTH, or remove username to send without AUTH')
-    if v["auth"] == "password":
-        if v["username"] is None:
+    if k["auth"] == "password":
+        if k["username"] is None:
             s.problem("username", 'required with auth = "password"')
-        v["password"] = read_secret(s, "password", required=True, what="the account's password")
-    elif v["auth"] == "xoauth2":
-        v["provider"] = s.text("provider", None, choices=("microsoft", "google"))
-        if v["provider"] is None:
+        k["password"] = read_secret(s, "password", required=True, what="the account's password")
+    elif k["auth"] == "xoauth2":
+        provider = s.text("provider", None, choices=("microsoft", "google"))
+        if provider is None:
             s.problem("provider", 'required with auth = "xoauth2": "microsoft" or "google"')
-        v["mailbox"] = s.text("mailbox", "sender")
-        _parse_oauth(s, v, provider=v["provider"] or "microsoft")
-        v["refresh_token"] = read_secret(s, "refresh_token", required=False, what="")
-        if v["provider"] == "google" and v.get("client_secret") is None \
-                and not s.has("client_secret_file") and not s.has("client_secret_env"):
+        k["mailbox"] = s.text("mailbox", "sender")
+        oauth = _parse_oauth(s, provider=provider or "microsoft")
+        refresh_token = read_secret(s, "refresh_token", required=False, what="")
+        if oauth is not None:
+            k["oauth"] = dataclasses.replace(oauth, refresh_token=refresh_token)
+        if provider == "google" and not s.has("client_secret_file") \
+                and not s.has("client_secret_env"):
             # Google: a user's refresh token with the app's client secret, or a service
             # account whose JSON key is the client secret. Either way a client secret.
             s.problem("client_secret_file", "required for Google: the OAuth client secret (with "
                       "refresh_token_file) or the service account's JSON key")
-    if v["auth"] != "none" and v["tls"] == "none" and v["host"] not in ("127.0.0.1", "::1",
+    if k["auth"] != "none" and k["tls"] == "none" and k["host"] not in ("127.0.0.1", "::1",
                                                                      "localhost"):
         s.problem("tls", 'credentials would cross the network in clear; use "starttls" or '
                   '"implicit"')
 
 
-def _parse_mailbox_keys(s: Section, v: dict[str, Any]) -> None:
-    v["mailbox"] = s.text("mailbox", "sender")
-    if v["mailbox"] != "sender" and validate_pattern(v["mailbox"]) is not None:
+def _parse_mailbox_keys(s: Section, k: dict[str, Any]) -> None:
+    k["mailbox"] = s.text("mailbox", "sender")
+    if k["mailbox"] != "sender" and validate_pattern(k["mailbox"]) is not None:
         s.problem("mailbox", '"sender" or an email address')
-    v["save_to_sent"] = s.get("save_to_sent", bool, True)
-    v["from_rewrite"] = s.get("from_rewrite", bool, False)
-    if v["from_rewrite"] and v["mailbox"] == "sender":
+    k["save_to_sent"] = s.get("save_to_sent", bool, True)
+    k["from_rewrite"] = s.get("from_rewrite", bool, False)
+    if k["from_rewrite"] and k["mailbox"] == "sender":
         s.problem("from_rewrite", 'needs a fixed mailbox address (mailbox = "sender" already '
                   "sends as the sender)")
 
 
-def _parse_ews_route(s: Section, v: dict[str, Any]) -> None:
+def _parse_ews_route(s: Section, k: dict[str, Any]) -> None:
     default_auth = "oauth" if s.has("client_id") else "basic"
-    v["auth"] = s.text("auth", default_auth, choices=("basic", "ntlm", "oauth"))
-    v["server"] = s.text("server")
-    v["service_endpoint"] = s.text("service_endpoint")
-    if (v["server"] is None) == (v["service_endpoint"] is None):
+    k["auth"] = s.text("auth", default_auth, choices=("basic", "ntlm", "oauth"))
+    k["server"] = s.text("server")
+    k["service_endpoint"] = s.text("service_endpoint")
+    if (k["server"] is None) == (k["service_endpoint"] is None):
         s.problem("server", "give server or service_endpoint (exactly one)")
-    if v["server"] is not None and not HOST_RE.match(v["server"]):
+    if k["server"] is not None and not HOST_RE.match(k["server"]):
         s.problem("server", "must be a host name")
-    if v["service_endpoint"] is not None and not v["service_endpoint"].startswith(
+    if k["service_endpoint"] is not None and not k["service_endpoint"].startswith(
             ("https://", "http://")):
         s.problem("service_endpoint", "must be an https:// URL")
-    if v["auth"] == "oauth" and (v["service_endpoint"] or "https://").startswith("http://"):
+    if k["auth"] == "oauth" and (k["service_endpoint"] or "https://").startswith("http://"):
         s.problem("service_endpoint", "OAuth needs an https:// endpoint")
-    _parse_mailbox_keys(s, v)
-    if v["auth"] in ("basic", "ntlm"):
-        v["username"] = s.text("username")
-        if v["username"] is None:
-            s.problem("username", f'required with auth = "{v["auth"]}"')
-        v["password"] = read_secret(s, "password", required=True, what="the account's password")
+    _parse_mailbox_keys(s, k)
+    if k["auth"] in ("basic", "ntlm"):
+        k["username"] = s.text("username")
+        if k["username"] is None:
+            s.problem("username", f'required with auth = "{k["auth"]}"')
+        k["password"] = read_secret(s, "password", required=True, what="the account's password")
     else:
-        _parse_oauth(s, v)
-    v["dedupe"] = bool(s.get("dedupe", bool, True))
+        k["oauth"] = _parse_oauth(s)
+    k["dedupe"] = bool(s.get("dedupe", bool, True))
 
 
-def _parse_graph_route(s: Section, v: dict[str, Any]) -> None:
-    v["endpoint"] = s.text("endpoint", "https://graph.microsoft.com")
-    if not v["endpoint"].startswith("https://"):
+def _parse_graph_route(s: Section, k: dict[str, Any]) -> None:
+    k["endpoint"] = s.text("endpoint", "https://graph.microsoft.com")
+    if not k["endpoint"].startswith("https://"):
         s.problem("endpoint", "must be an https:// URL")
-    _parse_mailbox_keys(s, v)
-    _parse_oauth(s, v)
-    v["dedupe"] = bool(s.get("dedupe", bool, True))
+    _parse_mailbox_keys(s, k)
+    k["oauth"] = _parse_oauth(s)
+    k["dedupe"] = bool(s.get("dedupe", bool, True))
+
+
+_PARSERS: dict[str, Callable[[Section, dict[str, Any]], None]] = {
+    "smtp": _parse_smtp_route, "ews": _parse_ews_route, "graph": _parse_graph_route,
+    "outbox": _parse_outbox_route}
+
+
+_SETTINGS: dict[str, type[UpstreamSettings]] = {
+    "smtp": SmtpSettings, "ews": EwsSettings, "graph": GraphSettings, "outbox": OutboxSettings}
 
 
 def check_patterns(claimed: Mapping[str, Sequence[str]], problems: list[str]) -> None:

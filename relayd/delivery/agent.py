@@ -116,7 +116,6 @@ class Report:
 _Item = tuple[Job, "asyncio.Future[Report]"]  # a job and where its report goes
 
 
-PASSWORD_AUTHS = ("password", "basic", "ntlm")  # a refused login is a wrong password
 
 
 def auth_refused_advice(route: str, reply: str) -> str:
@@ -299,7 +298,7 @@ class DeliveryAgent:
                         future.set_result(self._cut_off(job, STOPPED))
                     raise
                 if self.stats.record(report) and self.stats.failing_kind == "authentication" \
-                        and self.route.auth in PASSWORD_AUTHS:
+                        and self.route.uses_password:
                     log.error("route %s: %s", self.route.name, auth_refused_advice(
                         self.route.name, self.stats.last_failure_reply))
                 if not future.done():

@@ -34,7 +34,7 @@ from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
 from relayd.auth import TokenHealth
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
-from relayd.config import Config, RouteConfig
+from relayd.config import Config, EwsSettings, RouteConfig
 from relayd.delivery.base import (
     SENT_CLOCK_SKEW_S,
     OutboundMessage,
@@ -101,7 +101,7 @@ class _ProviderCredentials(exchangelib.OAuth2AuthorizationCodeCredentials):  # t
     """
 
     def __init__(self, provider: MsalTokenProvider, account: str) -> None:
-        super().__init__(client_id=provider.route.client_id, tenant_id=provider.route.tenant_id)
+        super().__init__(client_id=provider.oauth.client_id, tenant_id=provider.oauth.tenant_id)
         self._provider = provider
         self._account = account
         self._serial = next(_serial)  # each instance gets its own exchangelib Protocol
@@ -121,9 +121,9 @@ class _Target:
     credentials: Any
 
 
-def endpoint(route: RouteConfig) -> str:
+def endpoint(ews: EwsSettings) -> str:
     """The EWS URL: service_endpoint, or the standard path on `server`. Never autodiscover."""
-    return route.service_endpoint or f"https://{route.server}{EWS_PATH}"
+    return ews.service_endpoint or f"https://{ews.server}{EWS_PATH}"
 
 
 class EwsUpstream(Upstream):
@@ -131,9 +131,10 @@ class EwsUpstream(Upstream):
 
     def __init__(self, route: RouteConfig, config: Config) -> None:
         super().__init__(route, config)
-        self.endpoint = endpoint(route)
-        self.oauth = route.auth == "oauth"
-        self.delegated = self.oauth and route.flow == "device"
+        self.ews = route.ews
+        self.endpoint = endpoint(self.ews)
+        self.oauth = self.ews.oauth is not None  # auth = "oauth"
+        self.delegated = self.ews.oauth is not None and self.ews.oauth.flow == "device"
         self.provider: MsalTokenProvider | None = None
         if self.oauth:
             scopes = delegated_scopes(route) if self.delegated else app_scopes(route)
@@ -179,7 +180,7 @@ class EwsUpstream(Upstream):
         message:InternetMessageId). None when Exchange keeps no copy (save_to_sent = false) or
         refuses the lookup (logged once per route)."""
         mid = header_facts(message.data)[0]
-        if not mid or not self.route.save_to_sent or self.lookup_refused:
+        if not mid or not self.ews.save_to_sent or self.lookup_refused:
             return None
         mailbox = mailbox_for(self.route, message)
 
@@ -227,9 +228,10 @@ class EwsUpstream(Upstream):
             creds = shared or _ProviderCredentials(self.provider, key if self.delegated else "")
             auth_type = exchangelib.OAUTH2
         else:
-            assert self.route.username is not None and self.route.password is not None
-            creds = exchangelib.Credentials(self.route.username, self.route.password.reveal())
-            auth_type = exchangelib.NTLM if self.route.auth == "ntlm" else exchangelib.BASIC
+            ews = self.ews
+            assert ews.username is not None and ews.password is not None
+            creds = exchangelib.Credentials(ews.username, ews.password.reveal())
+            auth_type = exchangelib.NTLM if ews.auth == "ntlm" else exchangelib.BASIC
         conf = exchangelib.Configuration(
             service_endpoint=self.endpoint, credentials=creds, auth_type=auth_type,
             version=EWS_VERSION, max_connections=self.route.max_connections)
@@ -257,7 +259,7 @@ class EwsUpstream(Upstream):
             bcc = [exchangelib.Mailbox(email_address=r) for r in restricted.unnamed]
             msg = exchangelib.Message(account=target.account, mime_content=restricted.data,
                                       bcc_recipients=bcc or None)
-            msg.send(save_copy=self.route.save_to_sent)
+            msg.send(save_copy=self.ews.save_to_sent)
         except Exception as e:  # noqa: BLE001 - every library error is translated here
             raise self.translate(e, mailbox, sends=True) from None
 
@@ -381,7 +383,7 @@ class EwsSession(Session):
         if not message.recipients:
             return {}
         await up.run(lambda: up.send_blocking(message))
-        disposition = "sent and saved" if up.route.save_to_sent else "sent"
+        disposition = "sent and saved" if up.ews.save_to_sent else "sent"
         return all_results(message.recipients,
                            RecipientResult.smtp(Status.DELIVERED, 250,
                                            f"2.0.0 {disposition} via EWS {up.endpoint}"))

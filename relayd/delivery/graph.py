@@ -179,8 +179,9 @@ class GraphUpstream(Upstream):
 
     def __init__(self, route: RouteConfig, config: Config) -> None:
         super().__init__(route, config)
-        self.endpoint = (route.endpoint or "https://graph.microsoft.com").rstrip("/")
-        if route.flow == "device":
+        self.graph = route.graph
+        self.endpoint = self.graph.endpoint.rstrip("/")
+        if self.graph.oauth.flow == "device":
             scopes = [f"{self.endpoint}/Mail.Send"]
         else:
             scopes = [f"{self.endpoint}/.default"]
@@ -192,7 +193,7 @@ class GraphUpstream(Upstream):
         self._memo: dict[str, tuple[str, float]] = {}  # token key -> (token, use until)
         self._memo_locks: dict[str, asyncio.Lock] = {}
         self.lookup_refused = False  # Graph said 403 to reading Sent Items: dedupe is off
-        if not route.save_to_sent:
+        if not self.graph.save_to_sent:
             # Graph has no switch for MIME sends: Exchange always keeps a copy in Sent Items.
             log.warning("route %s: save_to_sent = false cannot be honoured by Graph sendMail "
                         "with MIME content; Exchange keeps a copy in Sent Items", route.name)
@@ -269,7 +270,7 @@ class GraphUpstream(Upstream):
 
     async def _token(self, mailbox: str) -> str:
         """The provider's token for `mailbox`, from memory while it is fresh (TOKEN_MEMO_S)."""
-        key = mailbox.lower() if self.route.flow == "device" else ""
+        key = mailbox.lower() if self.graph.oauth.flow == "device" else ""
         memo = self._memo.get(key)
         if memo is not None and memo[1] > time.monotonic():
             return memo[0]
@@ -288,7 +289,7 @@ class GraphUpstream(Upstream):
             return token
 
     def _forget_token(self, mailbox: str) -> None:
-        self._memo.pop(mailbox.lower() if self.route.flow == "device" else "", None)
+        self._memo.pop(mailbox.lower() if self.graph.oauth.flow == "device" else "", None)
         self.tokens.invalidate(mailbox)
 
     async def close(self) -> None:
@@ -370,7 +371,7 @@ class GraphUpstream(Upstream):
         """A delegated route that personal Microsoft accounts sign in to."""
         from relayd.auth.oauth import takes_personal_accounts
 
-        return self.route.flow == "device" and takes_personal_accounts(self.route)
+        return self.graph.oauth.flow == "device" and takes_personal_accounts(self.route)
 
     async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
                       json_body: Mapping[str, Any] | None = None,
@@ -458,7 +459,7 @@ class GraphSession(Session):
 
     async def deliver(self, message: OutboundMessage) -> dict[str, RecipientResult]:
         mailbox = mailbox_for(self.up.route, message)
-        prepared = prepare_mime(message, mailbox, from_rewrite=self.up.route.from_rewrite,
+        prepared = prepare_mime(message, mailbox, from_rewrite=self.up.graph.from_rewrite,
                                 is_bounce=not message.sender)
         route = self.up.route.name
         if prepared.removed:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address, Group
 from typing import Protocol
 
-from relayd.config import RouteConfig
+from relayd.config import OutboxSettings, RouteConfig
 from relayd.errors import PermanentDeliveryError
 
 # The fields Exchange takes recipients from, lower case.
@@ -193,7 +193,9 @@ def add_bcc(data: bytes, addresses: Sequence[str]) -> bytes:
 
 def fixed_mailbox(route: RouteConfig) -> str | None:
     """The route's fixed sending mailbox, or None when each sender sends from its own."""
-    return route.mailbox if route.mailbox not in (None, "", "sender") else None
+    settings = route.settings
+    mailbox = None if isinstance(settings, OutboxSettings) else settings.mailbox
+    return mailbox if mailbox not in (None, "", "sender") else None
 
 
 class Envelope(Protocol):

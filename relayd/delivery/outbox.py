@@ -23,8 +23,7 @@ from relayd.platform.fs import write_atomic
 class OutboxUpstream(Upstream):
     def __init__(self, route: RouteConfig, config: Config) -> None:
         super().__init__(route, config)
-        assert route.path is not None
-        self.path: Path = route.path
+        self.path: Path = route.outbox.path
 
     def session(self) -> Session:
         return OutboxSession(self.path)

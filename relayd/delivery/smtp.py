@@ -52,15 +52,17 @@ def error_for(code: int, text: str) -> TransientDeliveryError | PermanentDeliver
 class SmtpUpstream(Upstream):
     def __init__(self, route: RouteConfig, config: Config) -> None:
         super().__init__(route, config)
+        self.smtp = route.smtp
         self.tls_context: ssl.SSLContext | None = None
-        if route.tls != "none":
+        if self.smtp.tls != "none":
             self.tls_context = ssl.create_default_context(
                 cafile=str(route.ca_file) if route.ca_file else None)
         self.tokens: TokenProvider | None = None
-        if route.auth == "xoauth2":
-            if route.provider == "google":
+        oauth = self.smtp.oauth
+        if oauth is not None:  # auth = "xoauth2"
+            if oauth.provider == "google":
                 scopes = GOOGLE_SCOPES
-            elif route.flow == "device":
+            elif oauth.flow == "device":
                 scopes = MICROSOFT_DELEGATED_SCOPES
             else:
                 scopes = MICROSOFT_APP_SCOPES
@@ -88,13 +90,13 @@ class SmtpUpstream(Upstream):
         return self._account(message.sender, message.recipients)
 
     def _account(self, sender: str, recipients: Sequence[str]) -> str:
-        route = self.route
-        if route.auth == "password":
-            return route.username or ""
-        if route.mailbox and route.mailbox != "sender":
-            return route.mailbox
-        if route.username:
-            return route.username
+        smtp = self.smtp
+        if smtp.auth == "password":
+            return smtp.username or ""
+        if smtp.mailbox and smtp.mailbox != "sender":
+            return smtp.mailbox
+        if smtp.username:
+            return smtp.username
         return sender or (recipients[0] if recipients else "")
 
     def sending_mailbox(self, sender: str, recipients: Sequence[str]) -> str | None:
@@ -107,6 +109,7 @@ class SmtpSession(Session):
     def __init__(self, upstream: SmtpUpstream) -> None:
         self.up = upstream
         self.route = upstream.route
+        self.smtp = upstream.smtp
         self.client: PipeliningSMTP | None = None
         self.account = ""
 
@@ -121,25 +124,25 @@ class SmtpSession(Session):
             client.close()
 
     async def _connect(self, account: str) -> PipeliningSMTP:
-        route = self.route
+        smtp = self.smtp
         client = PipeliningSMTP(
-            hostname=route.host, port=route.port, timeout=route.timeout_s,
-            use_tls=route.tls == "implicit", start_tls=route.tls == "starttls",
+            hostname=smtp.host, port=smtp.port, timeout=self.route.timeout_s,
+            use_tls=smtp.tls == "implicit", start_tls=smtp.tls == "starttls",
             tls_context=self.up.tls_context, local_hostname=self.up.config.server.hostname)
         trace = self.up.trace
         try:
             banner = await client.connect()
             if trace is not None:
-                trace(f"connected to {route.host}:{route.port}: {banner.code} {banner.message}")
-                if route.tls != "none":
-                    trace(f"{'STARTTLS' if route.tls == 'starttls' else 'implicit TLS'}: "
+                trace(f"connected to {smtp.host}:{smtp.port}: {banner.code} {banner.message}")
+                if smtp.tls != "none":
+                    trace(f"{'STARTTLS' if smtp.tls == 'starttls' else 'implicit TLS'}: "
                           f"{_tls_info(client)}")
         except aiosmtplib.SMTPConnectResponseError as e:
             raise UpstreamUnavailableError(
-                f"{route.host}:{route.port} refused the connection: {e.message}", e.code) from e
+                f"{smtp.host}:{smtp.port} refused the connection: {e.message}", e.code) from e
         except (aiosmtplib.SMTPException, OSError) as e:
             raise UpstreamUnavailableError(
-                f"cannot connect to {route.host}:{route.port}: {_why(e)}") from e
+                f"cannot connect to {smtp.host}:{smtp.port}: {_why(e)}") from e
         try:
             if client.is_ehlo_or_helo_needed:
                 # Extensions (SMTPUTF8, 8BITMIME, SIZE) are known only after EHLO.
@@ -149,12 +152,12 @@ class SmtpSession(Session):
                     await client.helo()
             if trace is not None:
                 trace("EHLO: " + " ".join(sorted(client.esmtp_extensions)))
-            if route.auth == "password":
-                assert route.password is not None
-                said = await client.login(account, route.password.reveal())
+            if smtp.auth == "password":
+                assert smtp.password is not None
+                said = await client.login(account, smtp.password.reveal())
                 if trace is not None:
                     trace(f"AUTH as {account}: {said.code} {said.message}")
-            elif route.auth == "xoauth2":
+            elif smtp.auth == "xoauth2":
                 await self._xoauth2(client, account)
                 if trace is not None:
                     trace(f"AUTH XOAUTH2 as {account}: accepted")
@@ -176,7 +179,7 @@ class SmtpSession(Session):
                 tokens.invalidate(account)
                 if attempt == 2:
                     raise AuthenticationError(
-                        f"{self.route.host} refused the OAuth token for {account}: {e.message}",
+                        f"{self.smtp.host} refused the OAuth token for {account}: {e.message}",
                         e.code) from e
             except aiosmtplib.SMTPException as e:
                 raise TransientDeliveryError(f"XOAUTH2 failed: {_why(e)}") from e
@@ -209,30 +212,30 @@ class SmtpSession(Session):
                 raise TransientDeliveryError(f"connection lost: {_why(e2)}") from e2
         except aiosmtplib.SMTPTimeoutError as e:
             await self.close()
-            raise TransientDeliveryError(f"timeout talking to {self.route.host}: {e}") from e
+            raise TransientDeliveryError(f"timeout talking to {self.smtp.host}: {e}") from e
         except aiosmtplib.SMTPException as e:
             await self.close()
             raise TransientDeliveryError(f"SMTP error: {_why(e)}") from e
 
     async def _in_doubt(self, e: UnansweredEndOfData) -> InDoubtError:
         await self.close()
-        return InDoubtError(f"4.4.2 {SMTP_DUPLICATE_RISK} ({self.route.host}: {e.message})")
+        return InDoubtError(f"4.4.2 {SMTP_DUPLICATE_RISK} ({self.smtp.host}: {e.message})")
 
     async def _connect_mapped(self, account: str) -> PipeliningSMTP:
         try:
             return await self._connect(account)
         except aiosmtplib.SMTPAuthenticationError as e:
             raise AuthenticationError(
-                f"{self.route.host} refused the credentials for {account}: {e.code} {e.message}",
+                f"{self.smtp.host} refused the credentials for {account}: {e.code} {e.message}",
                 e.code) from e
         except aiosmtplib.SMTPTimeoutError as e:
             raise UpstreamUnavailableError(
-                f"timeout setting up {self.route.host}: {_why(e)}") from e
+                f"timeout setting up {self.smtp.host}: {_why(e)}") from e
         except aiosmtplib.SMTPResponseException as e:
             # EHLO, STARTTLS or AUTH refused: a setup problem, never the message's fault.
-            raise TransientDeliveryError(f"{self.route.host}: {e.message}", e.code) from e
+            raise TransientDeliveryError(f"{self.smtp.host}: {e.message}", e.code) from e
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError) as e:
-            raise UpstreamUnavailableError(f"cannot set up {self.route.host}: {_why(e)}") from e
+            raise UpstreamUnavailableError(f"cannot set up {self.smtp.host}: {_why(e)}") from e
 
     async def _transaction(self, message: OutboundMessage) -> dict[str, RecipientResult]:
         client = self.client
@@ -242,7 +245,7 @@ class SmtpSession(Session):
         if mail is None:
             # Nothing was sent: the connection is still in step.
             raise PermanentDeliveryError(f"5.1.7 the sender address cannot be encoded for "
-                                         f"{self.route.host}", 553)
+                                         f"{self.smtp.host}", 553)
         results: dict[str, RecipientResult] = {}
         sent: list[str] = []
         lines: list[bytes] = []
@@ -251,7 +254,7 @@ class SmtpSession(Session):
             if line is None:
                 # This recipient only; the rest go on.
                 why = ("5.1.3 the recipient address is not valid UTF-8" if encoding == "utf-8"
-                       else f"5.6.7 the recipient address is not ASCII and {self.route.host} "
+                       else f"5.6.7 the recipient address is not ASCII and {self.smtp.host} "
                        "does not support SMTPUTF8")
                 results[rcpt] = RecipientResult.smtp(Status.FAILED, 553, why)
                 continue
@@ -293,7 +296,7 @@ class SmtpSession(Session):
         if needs_utf8 or (utf8_rcpts and client.supports_extension("smtputf8")):
             if not client.supports_extension("smtputf8"):
                 raise PermanentDeliveryError(
-                    f"{self.route.host} does not support SMTPUTF8, which this message's "
+                    f"{self.smtp.host} does not support SMTPUTF8, which this message's "
                     "addresses need", 553)
             options.append("SMTPUTF8")
         if "BODY=8BITMIME" in requested and client.supports_extension("8bitmime"):

@@ -110,13 +110,13 @@ def _ends(host: str, suffixes: tuple[str, ...]) -> bool:
 def provider_of(route: RouteConfig) -> str | None:
     """Whose documented per-mailbox limits apply to a route, by where it sends."""
     if route.upstream == "graph":
-        return EXCHANGE_ONLINE if _ends(_host(route.endpoint), _MICROSOFT_GRAPH_SUFFIXES) \
+        return EXCHANGE_ONLINE if _ends(_host(route.graph.endpoint), _MICROSOFT_GRAPH_SUFFIXES) \
             else None
     if route.upstream == "ews":
-        host = _host(route.service_endpoint or route.server)
+        host = _host(route.ews.service_endpoint or route.ews.server)
         return EXCHANGE_ONLINE if _ends(host, _EXCHANGE_ONLINE_SUFFIXES) else None
     if route.upstream == "smtp":
-        host = _host(route.host)
+        host = _host(route.smtp.host)
         if _ends(host, _EXCHANGE_ONLINE_SUFFIXES):
             return EXCHANGE_ONLINE
         if _ends(host, ("gmail.com", "googlemail.com")):

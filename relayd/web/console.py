@@ -453,8 +453,9 @@ class Console:
         snap = self.snapshot()
         credentials = []
         for route in self.config.routes.values():
-            kind = ("client certificate" if route.certificate_file else "client secret"
-                    if route.client_secret is not None else "")
+            oauth = route.oauth
+            kind = ("" if oauth is None else "client certificate" if oauth.certificate_file
+                    else "client secret" if oauth.client_secret is not None else "")
             if not kind:
                 continue
             credentials.append({"route": route.name, "kind": kind,
@@ -462,9 +463,9 @@ class Console:
         with_tokens = {t.route for t in snap.tokens}
         # Routes with no token at all: what they sign in with instead (never the secret).
         others = [{"route": r.name, "upstream": r.upstream,
-                   "auth": ("password" if r.password is not None else r.auth or "none")}
+                   "auth": "password" if r.uses_password else "none"}
                   for r in self.config.routes.values()
-                  if r.name not in with_tokens and r.client_id is None]
+                  if r.name not in with_tokens and r.oauth is None]
         data = {"now": snap.now, "expiry_warning_s": getattr(snap, "expiry_warning_s",
                                                              EXPIRY_WARNING_S),
                 "tokens": [dataclasses.asdict(t) for t in snap.tokens],

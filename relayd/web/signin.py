@@ -84,10 +84,10 @@ class SignIns:
         return out
 
     def google_routes(self) -> list[RouteConfig]:
-        from relayd.auth.oauth import is_delegated
+        from relayd.auth.oauth import is_delegated, is_google_oauth
 
         return [r for r in self.config.routes.values()
-                if r.provider == "google" and is_delegated(r)]
+                if is_google_oauth(r) and is_delegated(r)]
 
     def start_google(self, address: str, client: str = "") -> tuple[str, str]:
         """Google's authorize URL for `address`, which a delegated Google route must cover:
@@ -95,11 +95,11 @@ class SignIns:
         that the account that signs in is that address."""
         from relayd.auth.google import GMAIL_SCOPE
         from relayd.auth.login import GoogleFlow
-        from relayd.auth.oauth import is_delegated
+        from relayd.auth.oauth import is_delegated, is_google_oauth
 
         address = address.strip().lower()
         route = self.router.lookup(address) if "@" in address else None
-        if route is None or route.provider != "google" or not is_delegated(route):
+        if route is None or not is_google_oauth(route) or not is_delegated(route):
             raise LookupError(f"no route of this relay sends for {address!r} with Google "
                               "sign-in; ask your administrator")
         self._room(client)
@@ -145,15 +145,17 @@ class SignIns:
         import msal  # type: ignore[import-untyped]
 
         from relayd.auth.oauth import authority_url
+        from relayd.auth.tokens import oauth_of
         from relayd.http import route_session
 
-        authority, custom = authority_url(route)
+        oauth = oauth_of(route)
+        authority, custom = authority_url(oauth)
         kwargs: dict[str, Any] = {"authority": authority, "http_client": route_session(route),
                                   "instance_discovery": False if custom else None}
-        if self.redirect_uri.startswith("https://") and route.client_secret is not None:
+        if self.redirect_uri.startswith("https://") and oauth.client_secret is not None:
             return msal.ConfidentialClientApplication(
-                route.client_id, client_credential=route.client_secret.reveal(), **kwargs)
-        return msal.PublicClientApplication(route.client_id, **kwargs)
+                oauth.client_id, client_credential=oauth.client_secret.reveal(), **kwargs)
+        return msal.PublicClientApplication(oauth.client_id, **kwargs)
 
     def start(self, key: str, client: str = "") -> tuple[str, str]:
         """The provider's authorize URL for a new sign-in, and its cookie's value."""
@@ -274,11 +276,13 @@ class SignIns:
 def _delegated_microsoft(route: RouteConfig) -> bool:
     from relayd.auth.oauth import is_microsoft_oauth
 
-    return route.flow == "device" and is_microsoft_oauth(route)
+    return route.device_flow and is_microsoft_oauth(route)
 
 
 def _group(route: RouteConfig) -> str:
     from relayd.auth.oauth import authority_url, delegated_scopes
+    from relayd.auth.tokens import oauth_of
 
-    ident = f"{route.client_id}|{authority_url(route)[0]}|{' '.join(delegated_scopes(route))}"
+    oauth = oauth_of(route)
+    ident = f"{oauth.client_id}|{authority_url(oauth)[0]}|{' '.join(delegated_scopes(route))}"
     return base64.urlsafe_b64encode(ident.encode()).decode().rstrip("=")[:32]

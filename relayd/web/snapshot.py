@@ -11,7 +11,7 @@ import time
 
 from relayd.auth import registry
 from relayd.config import Config
-from relayd.delivery.agent import PASSWORD_AUTHS, RouteStats, auth_refused_advice
+from relayd.delivery.agent import RouteStats, auth_refused_advice
 from relayd.policy import is_delegated
 from relayd.providers import fix_for
 from relayd.qmgr.view import QueueView, RouteCount
@@ -34,7 +34,7 @@ def take_snapshot(config: Config, view: QueueView) -> Snapshot:
         st = stats.get(route.name) or RouteStats()
         count = counts.get(route.name, RouteCount())
         advice = (auth_refused_advice(route.name, st.last_failure_reply)
-                  if st.failing_kind == "authentication" and route.auth in PASSWORD_AUTHS
+                  if st.failing_kind == "authentication" and route.uses_password
                   else "")
         routes.append(RouteRow(route.name, route.upstream_name, st.last_success,
                                st.last_failure, st.last_failure_reply, st.failing_since,
@@ -50,7 +50,7 @@ def take_snapshot(config: Config, view: QueueView) -> Snapshot:
                           m.summary["next_attempt"], m.summary["last_error"])
               for m in waiting]
     oldest = [c.oldest_deferred for c in counts.values() if c.oldest_deferred is not None]
-    signin = [r.name for r in config.routes.values() if r.flow == "device"]
+    signin = [r.name for r in config.routes.values() if r.device_flow]
     expiry_warning_s = (config.notify.expiry_warning_s if config.notify
                         else Snapshot.expiry_warning_s)
     mailboxes = [MailboxRow(u.route, u.mailbox, u.used, u.budget,
