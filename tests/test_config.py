@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 from conftest import relayd_cli
 
-from relayd.config import ConfigError, load_config, parse_duration, parse_size
+from relayd.config import (
+    ConfigError,
+    EwsSettings,
+    GraphSettings,
+    OAuthSettings,
+    OutboxSettings,
+    RouteConfig,
+    SmtpSettings,
+    load_config,
+    parse_duration,
+    parse_size,
+)
 
 GOOD = """
 [server]
@@ -185,6 +196,29 @@ path = "{tmp}/outbox"
         'routes.system.endpoint: unknown key for upstream = "smtp"',
         'routes.system.server: unknown key for upstream = "smtp"',
     ]
+
+
+def test_a_route_holds_its_own_upstream_kind_only(tmp_path: Path) -> None:
+    """What `relayd check` refuses in the file the types refuse in the code: each route holds
+    one part, of its upstream's kind; reading another kind's raises, naming route and kind; an
+    OAuth part goes only with the auth that takes one; routes compare by value (a reload)."""
+    config = load_config(write(tmp_path, GOOD))
+    system, drafts = config.routes["system"], config.routes["drafts"]
+    assert isinstance(system.settings, SmtpSettings) and system.upstream == "smtp"
+    assert isinstance(drafts.settings, OutboxSettings) and drafts.upstream == "outbox"
+    assert drafts.outbox.path == tmp_path / "outbox" and system.oauth is None
+    with pytest.raises(TypeError, match='route system has upstream = "smtp", not "ews"'):
+        system.ews  # noqa: B018 - the read is the test
+    with pytest.raises(TypeError, match='route drafts has upstream = "outbox", not "smtp"'):
+        drafts.smtp  # noqa: B018
+    app = OAuthSettings("client-id", tenant_id="t")
+    with pytest.raises(ValueError, match='OAuth settings go with auth = "xoauth2"'):
+        SmtpSettings("smtp.office365.com", 587, auth="password", oauth=app)
+    with pytest.raises(ValueError, match='OAuth settings go with auth = "oauth"'):
+        EwsSettings(server="mail.business.com", auth="oauth")
+    assert load_config(write(tmp_path, GOOD)).routes == config.routes
+    graph = RouteConfig("app", ("app@business.com",), GraphSettings(app))
+    assert graph.oauth is app and graph.upstream_name == "graph:https://graph.microsoft.com"
 
 
 def test_check_reports_a_broken_file(tmp_path: Path) -> None:

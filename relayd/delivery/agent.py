@@ -116,8 +116,6 @@ class Report:
 _Item = tuple[Job, "asyncio.Future[Report]"]  # a job and where its report goes
 
 
-
-
 def auth_refused_advice(route: str, reply: str) -> str:
     """What relayd does when the upstream refuses a route's credentials (535 5.7.8, a wrong
     password), said once per run of failures in the log, on the status page and in a notice.

@@ -133,10 +133,10 @@ class EwsUpstream(Upstream):
         super().__init__(route, config)
         self.ews = route.ews
         self.endpoint = endpoint(self.ews)
-        self.oauth = self.ews.oauth is not None  # auth = "oauth"
-        self.delegated = self.ews.oauth is not None and self.ews.oauth.flow == "device"
+        oauth = self.ews.oauth  # auth = "oauth"
+        self.delegated = oauth is not None and oauth.flow == "device"
         self.provider: MsalTokenProvider | None = None
-        if self.oauth:
+        if oauth is not None:
             scopes = delegated_scopes(route) if self.delegated else app_scopes(route)
             self.provider = MsalTokenProvider(route, config, scopes)
         # exchangelib blocks: its calls run here, at most max_connections at once.
@@ -235,7 +235,7 @@ class EwsUpstream(Upstream):
         conf = exchangelib.Configuration(
             service_endpoint=self.endpoint, credentials=creds, auth_type=auth_type,
             version=EWS_VERSION, max_connections=self.route.max_connections)
-        access = exchangelib.IMPERSONATION if (self.oauth and not self.delegated) \
+        access = exchangelib.IMPERSONATION if (self.provider is not None and not self.delegated) \
             else exchangelib.DELEGATE
         account = exchangelib.Account(primary_smtp_address=mailbox, config=conf,
                                       autodiscover=False, access_type=access)
