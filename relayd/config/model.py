@@ -10,7 +10,8 @@ take. Each part is reached through the accessor of its kind (`route.graph.endpoi
 raises TypeError on a route of another kind; code that serves every kind asks the common part
 (`target`, `oauth`, `device_flow`, `uses_password`, `dedupe`) or branches with isinstance on
 `settings`, which mypy narrows. All of them stay frozen dataclasses with value equality: a
-reload and the token registry compare routes.
+reload and the token registry compare routes. Why this shape, and the flat one it replaced:
+relayd.config.routes.
 """
 
 from __future__ import annotations
