@@ -1,14 +1,18 @@
 """Exchange Web Services upstream: the MIME sent as-is through exchangelib, basic/NTLM or OAuth.
 
 Touch points on exchangelib beyond its plain interface (guarded by `exchangelib>=5.4,<5.7`
-in pyproject.toml; 1 private behaviour, 2 documented hooks; the same before issue 24):
+in pyproject.toml; 2 documented hooks; before issue 24 also 1 private behaviour):
 
 | exchangelib                                  | what relayd does with it (where)            |
 |----------------------------------------------|---------------------------------------------|
-| behaviour: OAuth2 credentials hash their `__dict__`; one Protocol cached per credentials   |
-|                                              | `_serial`: each object its own Protocol     |
 | `BaseProtocol.HTTP_ADAPTER_CLS` (documented) | set at import: a route's ca_file is pinned  |
 | `Protocol.TIMEOUT` (documented setting)      | the route's timeout, per account (_account) |
+
+exchangelib keeps one Protocol (its HTTP sessions) per configuration, found by the
+credentials' equality and hash; its OAuth credentials compare their `__dict__`, so relayd once
+gave each object a serial number to keep them apart. `_ProviderCredentials` now compares by
+identity (Python's own `__eq__` and `__hash__`): each object its own Protocol, whatever its
+fields are.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import re
 import threading
@@ -89,7 +92,6 @@ _PERMANENT: dict[type[Exception], tuple[int, str]] = {
 
 # exchangelib makes its own sessions: its adapter class is how a route's ca_file is pinned.
 BaseProtocol.HTTP_ADAPTER_CLS = EndpointPinnedAdapter
-_serial = itertools.count()
 
 
 class _ProviderCredentials(exchangelib.OAuth2AuthorizationCodeCredentials):  # type: ignore[misc]
@@ -104,8 +106,11 @@ class _ProviderCredentials(exchangelib.OAuth2AuthorizationCodeCredentials):  # t
         super().__init__(client_id=provider.oauth.client_id, tenant_id=provider.oauth.tenant_id)
         self._provider = provider
         self._account = account
-        self._serial = next(_serial)  # each instance gets its own exchangelib Protocol
         self.access_token = self.fetch()
+
+    # By identity: each object its own exchangelib Protocol (the module docstring).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def fetch(self) -> dict[str, Any]:
         tok = self._provider.acquire(self._account)
