@@ -26,12 +26,10 @@ picked up; the replies to a pipelined group often arrive just so, one segment ea
 protocol here keeps such data in its buffer, to be read after the reply it parsed.
 
 Private-API touch points (aiosmtplib's internals; guarded by `aiosmtplib>=5.1.3,<5.2` in
-pyproject.toml; 7 names and 2 behaviours, before issue 24: the same 7 and 3 behaviours):
+pyproject.toml; 5 names and 2 behaviours, before issue 24: 7 names and 3 behaviours):
 
 | aiosmtplib internal                        | what relayd does with it (where)                  |
 |--------------------------------------------|---------------------------------------------------|
-| `SMTP._create_connection` (overridden)     | gives the connection relayd's protocol class      |
-| `SMTPProtocol._command_lock`               | a transaction excludes aiosmtplib's own commands  |
 | `SMTPProtocol._response_waiter`            | awaited; failed by the reply timer (_reply)       |
 | `SMTPProtocol._response_pending`           | tells the protocol a reply is due                 |
 | `SMTPProtocol._buffer`                     | keeps a pipelined group's later replies           |
@@ -41,7 +39,10 @@ pyproject.toml; 7 names and 2 behaviours, before issue 24: the same 7 and 3 beha
 | behaviour: a live SMTPProtocol's `__class__` can be swapped (no `__slots__`)                   |
 
 Removed in issue 24: the transport told again of the swapped class (`set_protocol`, for the
-BufferedProtocol half, which uvloop never used).
+BufferedProtocol half, which uvloop never used); the override of `SMTP._create_connection`
+(the class is swapped after the public `connect()` now); `SMTPProtocol._command_lock`, held
+around a transaction to keep aiosmtplib's own commands out of it, which nothing sends
+meanwhile (one caller at a time: PipeliningSMTP's docstring).
 Rejected: a client of our own (TLS, AUTH, EHLO parsing are aiosmtplib's, and well kept); and
 sending commands without PIPELINING in one write, which servers may answer by dropping what
 they did not expect.
@@ -52,6 +53,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
@@ -106,15 +108,20 @@ class _PipeliningProtocol(SMTPProtocol):
 
 
 class PipeliningSMTP(aiosmtplib.SMTP):
-    async def _create_connection(self, timeout: float | None) -> SMTPResponse:
-        response = await super()._create_connection(timeout)
+    """aiosmtplib's client with one more command: a whole mail transaction, pipelined where
+    the server offers PIPELINING. One caller at a time (relayd.delivery.smtp's session owns
+    its client), so nothing else's commands can come between a transaction's."""
+
+    async def connect(self, *args: Any, **kwargs: Any) -> SMTPResponse:
+        response = await super().connect(*args, **kwargs)
         if self.protocol is not None:
-            # The same object and state, with the reading above (STARTTLS keeps it).
+            # The same object and state, with the reading above, from here on (aiosmtplib
+            # read the greeting and did STARTTLS and AUTH with its own).
             self.protocol.__class__ = _PipeliningProtocol
         return response
 
     def _protocol(self) -> SMTPProtocol:
-        if self.protocol is None or self.protocol._command_lock is None:
+        if self.protocol is None or not self.is_connected:
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         return self.protocol
 
@@ -169,38 +176,35 @@ class PipeliningSMTP(aiosmtplib.SMTP):
         `body` the message as stored (CRLF line endings), whole or in chunks."""
         protocol = self._protocol()
         timeout = self.timeout
-        lock = protocol._command_lock
-        assert lock is not None
         try:
-            async with lock:
-                if self.supports_extension("pipelining"):
-                    protocol._response_pending = True
-                    protocol.write(b"".join([mail, *rcpts, b"DATA\r\n"]))
-                    replies = Replies(await self._reply(protocol, timeout))
-                    for _ in rcpts:
-                        replies.rcpts.append(await self._reply(protocol, timeout))
-                    replies.data = await self._reply(protocol, timeout)
-                else:
-                    replies = Replies(await self._command(protocol, mail, timeout))
-                    if replies.mail.code != 250:
-                        return replies
-                    for rcpt in rcpts:
-                        replies.rcpts.append(await self._command(protocol, rcpt, timeout))
-                    if not _any_recipient_ok(replies.rcpts):
-                        return replies
-                    replies.data = await self._command(protocol, b"DATA\r\n", timeout)
-                if replies.data.code != 354:
+            if self.supports_extension("pipelining"):
+                protocol._response_pending = True
+                protocol.write(b"".join([mail, *rcpts, b"DATA\r\n"]))
+                replies = Replies(await self._reply(protocol, timeout))
+                for _ in rcpts:
+                    replies.rcpts.append(await self._reply(protocol, timeout))
+                replies.data = await self._reply(protocol, timeout)
+            else:
+                replies = Replies(await self._command(protocol, mail, timeout))
+                if replies.mail.code != 250:
                     return replies
-                if replies.mail.code != 250 or not _any_recipient_ok(replies.rcpts):
-                    await self._command(protocol, b".\r\n", timeout)  # nothing to send
+                for rcpt in rcpts:
+                    replies.rcpts.append(await self._command(protocol, rcpt, timeout))
+                if not _any_recipient_ok(replies.rcpts):
                     return replies
-                await self._write_body(protocol, body)
-                try:
-                    replies.final = await self._final_reply(protocol, timeout)
-                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
-                    self.close()
-                    raise UnansweredEndOfData(str(e) or type(e).__name__) from e
+                replies.data = await self._command(protocol, b"DATA\r\n", timeout)
+            if replies.data.code != 354:
                 return replies
+            if replies.mail.code != 250 or not _any_recipient_ok(replies.rcpts):
+                await self._command(protocol, b".\r\n", timeout)  # nothing to send
+                return replies
+            await self._write_body(protocol, body)
+            try:
+                replies.final = await self._final_reply(protocol, timeout)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as e:
+                self.close()
+                raise UnansweredEndOfData(str(e) or type(e).__name__) from e
+            return replies
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             self.close()
             raise
