@@ -161,7 +161,8 @@ def make_protocol_factory(handler: Handler, config: Config, sessions: set[RelayS
             guard=guard, limits=limits, server=server, implicit_tls=implicit_tls,
             data_size_limit=server.max_message_size, enable_SMTPUTF8=True, decode_data=False,
             hostname=server.hostname, ident="relayd", tls_context=starttls,
-            auth_require_tls=implicit_tls is None, timeout=server.session_timeout_s,
+            auth_require_tls=False,  # RelaySMTP decides where AUTH is offered
+            timeout=server.session_timeout_s,
             loop=asyncio.get_running_loop(),  # aiosmtpd's own lookup goes through warnings
             tables=tables)
         if tables is None:

@@ -15,14 +15,19 @@ library's by the suite on Python 3.11 and 3.13 (.ci/run). relayd.smtpfast lists 
 | SMTP._reset_timeout (override; called   | when the session last spoke (SessionLimits); a     |
 |   per DATA read)                        | slow DATA times out per read                       |
 | SMTP._timeout_cb (override)             | 421 before closing a timed-out session (Postfix)   |
-| SMTP._auth_require_tls, _auth_methods   | AUTH over TLS or from loopback only; none offered  |
-|   (set in connection_made)              | without [server.users]                             |
 | SMTP._reader                            | DATA read in chunks (relayd.smtpdata)              |
 | SMTP._original_transport, _tls_protocol | smtp_STARTTLS, aiosmtpd 1.4.6's copied, with a TLS |
 |   (set by smtp_STARTTLS)                | layer that keeps the hello (tls.HelloRecorder)     |
-| asyncio StreamReaderProtocol._closed    | a reset's error retrieved (no "never retrieved")   |
 | asyncio SSLProtocol._app_transport      | the TLS transport, as aiosmtpd's STARTTLS takes it |
-| email._header_value_parser              | the address parser aiosmtpd's _getaddr uses        |
+| asyncio.sslproto.SSLProtocol (a module  | subclassed by tls.HelloRecorder, as aiosmtpd's     |
+|   outside asyncio's documented API)     | STARTTLS builds it                                 |
+
+Removed in issue 24: SMTP._auth_require_tls and _auth_methods set per connection (the
+constructor's public auth_require_tls is off, and why_no_auth decides, for AUTH and for EHLO's
+AUTH line; without [server.users] off loopback AUTH now gets Postfix's 503 5.5.1 and EHLO no
+empty AUTH line, where aiosmtpd said 504 5.5.4); the email package's _header_value_parser
+(aiosmtpd's own _getaddr parses what the plain form does not cover); asyncio
+StreamReaderProtocol._closed read after a reset (the stream is told of an end instead).
 """
 
 from __future__ import annotations
@@ -32,8 +37,6 @@ import functools
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import (
@@ -69,6 +72,8 @@ REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins; closing connection"
 REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded; closing connection"
 REPLY_GIVE_WAY = "421 4.7.0 Server busy: closing an idle session; try again later"
+REPLY_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+REPLY_AUTH_NOT_ENABLED = "503 5.5.1 Error: authentication not enabled"  # Postfix's words
 
 # Postfix's and Exchange's AUTH LOGIN prompts; some printers (Xerox) hang up on aiosmtpd's
 # "User Name\0". RFC 4954 leaves the text free, so the ones every client has seen win.
@@ -146,15 +151,18 @@ class RelaySMTP(FastSMTP):
         self._implicit_context = implicit_tls  # the handshake is this protocol's to start
         self._failed_here = 0
         self._refusal: str | None = None
+        self._loopback = False
         self.client = ""
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's own parsing (the email package's get_angle_addr / get_addr_spec), without
-        the typing-only class it defines on every call (most of the cost of MAIL and RCPT),
-        and for the plain `<local@domain>` form a regular expression that gives the parser's
-        answer (tests/test_listener_input.py compares them) at a tenth of its cost.
-        What the parser cannot read becomes UNPARSABLE for the handler to refuse: it raises
-        IndexError or AttributeError, not only HeaderParseError, on input such as `<`."""
+        """aiosmtpd's own parsing (the email package's get_angle_addr / get_addr_spec), but for
+        the plain `<local@domain>` form a regular expression that gives the parser's answer
+        (tests/test_listener_input.py compares them) at a tenth of its cost: aiosmtpd defines a
+        typing-only class on every call, most of the cost of MAIL and RCPT.
+        What the parser cannot read becomes UNPARSABLE for the handler to refuse with MAIL's
+        or RCPT's own reply: aiosmtpd gives (None, None) for it (relayd sets no
+        local_part_limit, the other reason it has), and the parser raises IndexError or
+        AttributeError, not only HeaderParseError, on input such as `<`."""
         if not arg:
             return "", ""
         plain = plain_path(arg)
@@ -162,19 +170,13 @@ class RelaySMTP(FastSMTP):
             if self.local_part_limit and len(plain[0].rpartition("@")[0]) > self.local_part_limit:
                 return None, None
             return plain
-        address: Any
         try:
-            if arg.lstrip().startswith("<"):
-                address, rest = get_angle_addr(arg)
-            else:
-                address, rest = get_addr_spec(arg)
-            addr: str = address.addr_spec
-        except (HeaderParseError, IndexError, AttributeError, ValueError):
+            address, rest = super()._getaddr(arg)
+        except (IndexError, AttributeError, ValueError):
             return UNPARSABLE, ""
-        localpart = addr.rpartition("@")[0]
-        if self.local_part_limit and len(localpart) > self.local_part_limit:
-            return None, None
-        return addr, rest
+        if address is None and not self.local_part_limit:
+            return UNPARSABLE, ""
+        return address, rest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._implicit_context is not None:
@@ -185,14 +187,10 @@ class RelaySMTP(FastSMTP):
         if not first or self.session is None:
             return
         self.client = clients.address(self.session)
-        loopback = clients.on_loopback(self.session)
+        self._loopback = clients.on_loopback(self.session)
         self._refusal = self._limits.refusal(self._sessions, self.client)
         if self._refusal is None:
             self._sessions.add(self)  # counted only once admitted
-        # AUTH only over TLS, or from this machine (loopback never leaves it).
-        self._auth_require_tls = not (self._implicit_tls or loopback)
-        if not self._users and not loopback:
-            self._auth_methods = {}  # nothing to log in to
 
     def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
         """The TLS layer of an implicit-TLS port, set up here rather than by the server
@@ -257,6 +255,18 @@ class RelaySMTP(FastSMTP):
             transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
+    def why_no_auth(self) -> str | None:
+        """Why AUTH is not offered on this connection now (its reply), None when it is: only
+        over TLS or from this machine (loopback never leaves it), and from elsewhere only
+        when there are [server.users] to log in as. EHLO leaves AUTH out where this refuses
+        it (FastSMTP.smtp_EHLO)."""
+        if not (self._loopback or self._implicit_tls
+                or (self.session is not None and self.session.ssl is not None)):
+            return REPLY_AUTH_NEEDS_TLS
+        if not self._users and not self._loopback:
+            return REPLY_AUTH_NOT_ENABLED
+        return None
+
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         """Mechanism names are case-insensitive (RFC 4954); .NET's SmtpClient sends
@@ -265,6 +275,10 @@ class RelaySMTP(FastSMTP):
             parts = arg.split(maxsplit=1)
             arg = " ".join([parts[0].upper(), *parts[1:]])
         session = self.session
+        refusal = self.why_no_auth()
+        if refusal is not None and session is not None and session.host_name:
+            await self.push(refusal)
+            return
         if session is None or session.extended_smtp or not session.host_name:
             await super().smtp_AUTH(arg)
             return
@@ -399,14 +413,12 @@ class RelaySMTP(FastSMTP):
         return await super().handle_exception(error)
 
     def connection_lost(self, error: Exception | None) -> None:
+        """A client's reset ends the session as its EOF does: the stream is told of an end, not
+        of the error. The session's task is cancelled either way; the error would only stay
+        on the stream's "closed" future, which nobody awaits, and asyncio would log "Future
+        exception was never retrieved" with a traceback when it is collected."""
         self._sessions.discard(self)
-        super().connection_lost(error)
-        # A client's reset leaves its error on the stream's "closed" future, which nobody
-        # awaits; asyncio would log "Future exception was never retrieved" with a traceback
-        # when it is collected (aiosmtpd's __del__ that should prevent it may run too late).
-        closed = getattr(self, "_closed", None)
-        if isinstance(closed, asyncio.Future) and closed.done() and not closed.cancelled():
-            closed.exception()
+        super().connection_lost(None)
 
     _spoke = False  # the client has sent something on this connection
 
