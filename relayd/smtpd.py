@@ -11,7 +11,6 @@ library's by the suite on Python 3.11 and 3.13 (.ci/run). relayd.smtpfast lists 
 |-----------------------------------------|----------------------------------------------------|
 | SMTP._getaddr (override)                | MAIL and RCPT refuse an unparsable address each    |
 |                                         | with its own reply; the plain form without parser  |
-| SMTP._handle_client (override)          | allowed_clients and the limits before the greeting |
 | SMTP._reset_timeout (override; called   | when the session last spoke (SessionLimits); a     |
 |   per DATA read)                        | slow DATA times out per read                       |
 | SMTP._timeout_cb (override)             | 421 before closing a timed-out session (Postfix)   |
@@ -27,7 +26,9 @@ constructor's public auth_require_tls is off, and why_no_auth decides, for AUTH 
 AUTH line; without [server.users] off loopback AUTH now gets Postfix's 503 5.5.1 and EHLO no
 empty AUTH line, where aiosmtpd said 504 5.5.4); the email package's _header_value_parser
 (aiosmtpd's own _getaddr parses what the plain form does not cover); asyncio
-StreamReaderProtocol._closed read after a reset (the stream is told of an end instead).
+StreamReaderProtocol._closed read after a reset (the stream is told of an end instead); the
+override of SMTP._handle_client that refused a client before the greeting (connection_made
+turns it away now, before aiosmtpd starts a session: no task and no timer for it).
 """
 
 from __future__ import annotations
@@ -150,7 +151,6 @@ class RelaySMTP(FastSMTP):
         self._implicit_tls = implicit_tls is not None
         self._implicit_context = implicit_tls  # the handshake is this protocol's to start
         self._failed_here = 0
-        self._refusal: str | None = None
         self._loopback = False
         self.client = ""
 
@@ -182,15 +182,36 @@ class RelaySMTP(FastSMTP):
         if self._implicit_context is not None:
             self._start_implicit_tls(transport)  # then called again with the TLS transport
             return
-        first = self._original_transport is None  # called again after STARTTLS
-        super().connection_made(transport)
-        if not first or self.session is None:
+        if self._original_transport is not None:  # called again after STARTTLS
+            super().connection_made(transport)
             return
-        self.client = clients.address(self.session)
-        self._loopback = clients.on_loopback(self.session)
-        self._refusal = self._limits.refusal(self._sessions, self.client)
-        if self._refusal is None:
-            self._sessions.add(self)  # counted only once admitted
+        self.client = clients.host(transport.get_extra_info("peername"))
+        refusal = self._admission()
+        if refusal is not None:
+            # Turned away before any SMTP session exists (no task, no timer): the reply,
+            # and the connection closed once it is written.
+            self._turned_away = True
+            cast(asyncio.WriteTransport, transport).write(refusal.encode() + b"\r\n")
+            transport.close()
+            return
+        self._loopback = clients.is_loopback(self.client)
+        self._sessions.add(self)  # counted only once admitted
+        super().connection_made(transport)
+
+    _turned_away = False  # refused in connection_made: aiosmtpd never saw the connection
+
+    def _admission(self) -> str | None:
+        """The reply that turns this client away before the greeting, or None to let it in:
+        server.allowed_clients, then the session limits (relayd.limits)."""
+        peer = self.client
+        ip = clients.ip(peer)
+        if ip is None or not any(ip in net for net in self._allowed):
+            log.warning("refused connection from %s: not in server.allowed_clients", peer)
+            return REPLY_ACCESS_DENIED
+        refusal = self._limits.refusal(self._sessions, peer)
+        if refusal is not None:
+            self._limits.refused(peer, refusal)
+        return refusal
 
     def _start_implicit_tls(self, transport: asyncio.BaseTransport) -> None:
         """The TLS layer of an implicit-TLS port, set up here rather than by the server
@@ -417,6 +438,8 @@ class RelaySMTP(FastSMTP):
         of the error. The session's task is cancelled either way; the error would only stay
         on the stream's "closed" future, which nobody awaits, and asyncio would log "Future
         exception was never retrieved" with a traceback when it is collected."""
+        if self._turned_away:
+            return
         self._sessions.discard(self)
         super().connection_lost(None)
 
@@ -444,27 +467,9 @@ class RelaySMTP(FastSMTP):
         listen backlog before the task's first step, and the connection then stayed half
         open, a descriptor and a session slot, until relayd stopped. Close it here: after an
         EOF there is nothing left to say (Postfix's smtpd ends the session too)."""
-        super().eof_received()
+        if not self._turned_away:
+            super().eof_received()
         return False
-
-    async def _handle_client(self) -> None:
-        assert self.session is not None
-        peer = self.client
-        ip = clients.ip(peer)
-        allowed = ip is not None and any(ip in net for net in self._allowed)
-        if not allowed:
-            log.warning("refused connection from %s: not in server.allowed_clients", peer)
-            await self.push(REPLY_ACCESS_DENIED)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        if self._refusal is not None:
-            self._limits.refused(peer, self._refusal)
-            await self.push(self._refusal)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super()._handle_client()
 
     def close_gracefully(self) -> None:
         """Tell an idle client we are going away (used after the drain timeout)."""

@@ -444,3 +444,49 @@ async def test_a_client_that_refuses_the_certificate_is_logged_as_such(
     [line] = [r.getMessage() for r in caplog.records if "TLS handshake with" in r.getMessage()]
     assert "refused relayd's certificate" in line and "server.tls_cert" in line, line
     assert "error" not in line.lower(), line
+
+
+@pytest.mark.parametrize("users", [True, False])
+async def test_auth_off_loopback_is_offered_only_over_tls_and_only_with_users(
+        tmp_path: Path, upstream: Upstream, password_hash: str,
+        monkeypatch: pytest.MonkeyPatch, users: bool) -> None:
+    """A client on the LAN (its socket's peer address seen as 192.0.2.7; the test's own
+    connection is loopback) 1. EHLO on the plain port: no AUTH line, and AUTH is refused with
+    538 5.7.11 (a password never crosses the LAN in clear) 2. after STARTTLS: AUTH offered and
+    taken with [server.users]; without them, no AUTH line and Postfix's 503 5.5.1."""
+    import relayd.smtpd
+
+    real_host = relayd.smtpd.clients.host
+    monkeypatch.setattr(relayd.smtpd.clients, "host",
+                        lambda peer: "192.0.2.7" if real_host(peer) == "127.0.0.1"
+                        else real_host(peer))
+    if users:
+        cfg = auth_config(tmp_path, upstream, password_hash,
+                          extra='allowed_clients = ["127.0.0.0/8", "192.0.2.0/24"]')
+    else:
+        cfg = write_config(tmp_path, smtp_route("staff", '["*@business.com"]', upstream.port),
+                           server='allowed_clients = ["127.0.0.0/8", "192.0.2.0/24"]\n'
+                                  'listen_tls = ["127.0.0.1:0"]')  # so STARTTLS is offered
+
+    def talk(port: int) -> list[tuple[bool, tuple[int, bytes]]]:
+        seen = []
+        with smtplib.SMTP("127.0.0.1", port, timeout=15) as client:
+            client.ehlo("lan-pc")
+            seen.append((client.has_extn("auth"), client.docmd("AUTH", "PLAIN")))
+            client.starttls(context=unverified())
+            client.ehlo("lan-pc")
+            seen.append((client.has_extn("auth"), (0, b"")))
+            if users:
+                client.login("casemanager", PASSWORD)
+            else:
+                seen[-1] = (seen[-1][0], client.docmd("AUTH", "PLAIN"))
+        return seen
+
+    async with run_service(cfg) as svc:
+        plain, after_tls = await asyncio.to_thread(talk, svc.addresses[0][1])
+    assert plain[0] is False
+    assert plain[1][0] == 538 and plain[1][1].startswith(b"5.7.11")
+    if users:
+        assert after_tls[0] is True  # and the login above was taken
+    else:
+        assert after_tls == (False, (503, b"5.5.1 Error: authentication not enabled"))
