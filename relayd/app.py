@@ -317,13 +317,8 @@ class MainProcess(SmtpSide):
         who sends once a quarter must not find their sign-in expired."""
         await asyncio.sleep(KEEP_FRESH_FIRST_S)
         while True:
-            for route in list(self.config.routes.values()):
-                if route.oauth is None:
-                    continue
-                try:
-                    await self.qmgr.agent_for(route).upstream.keep_fresh()
-                except Exception as e:  # noqa: BLE001 - the next round tries again
-                    log.warning("route %s: background token refresh failed: %s", route.name, e)
+            # Through the token registry: no route's upstream client is built for this.
+            await registry.keep_tokens_fresh(self.config)
             await asyncio.sleep(KEEP_FRESH_INTERVAL_S)
 
     def reload(self, config: Config) -> None:

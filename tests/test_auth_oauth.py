@@ -19,7 +19,6 @@ from fakes.idp import (
     make_certificate,
 )
 
-from relayd.auth import make_token_provider
 from relayd.auth.oauth import (
     MsalTokenProvider,
     app_scopes,
@@ -27,7 +26,7 @@ from relayd.auth.oauth import (
     has_signed_in,
     login,
 )
-from relayd.auth.registry import status
+from relayd.auth.registry import make_token_provider, status
 from relayd.config import Config, parse_config
 from relayd.errors import AuthenticationError
 

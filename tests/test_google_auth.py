@@ -22,8 +22,8 @@ from fakes.google import (
 )
 from fakes.https import HttpsServer
 
-from relayd.auth import make_token_provider
 from relayd.auth.google import GoogleTokenProvider
+from relayd.auth.registry import make_token_provider
 from relayd.config import Config, parse_config
 from relayd.errors import AuthenticationError
 

@@ -20,7 +20,7 @@ from test_auth_login import Login, headless_chromium, sign_in_by_hand
 from test_xoauth2 import XOAuthHandler
 
 from relayd.auth import health
-from relayd.auth.registry import status
+from relayd.auth.registry import TokenRegistry, status
 from relayd.config import Config, load_config
 from relayd.delivery import OutboundMessage, Status, make_upstream
 
@@ -112,13 +112,14 @@ async def test_google_sign_in_then_delivery_as_that_user(genv: GEnv,
         assert h.account == ALICE and not h.needs_signin
         refreshes = genv.google.grants("refresh_token")
         monkeypatch.setattr(health, "REFRESH_IDLE_S", 0.0)
-        await up.keep_fresh()
+        reg = TokenRegistry()  # the daemon's background round: no upstream client built
+        await reg.keep_fresh(config)
         assert genv.google.grants("refresh_token") == refreshes + 1
         genv.google.revoke_user(ALICE)
-        up2 = make_upstream(config.routes["gmail"], config)
-        await up2.keep_fresh()
-        [h] = up2.token_health()
-        await up2.close()
+        monkeypatch.setattr(health, "IDLE_RETRY_S", 0.0)  # the next round, as if later
+        await reg.keep_fresh(config)
+        [h] = reg.health_of(config, config.routes["gmail"])
+        reg.close()
         assert h.needs_signin and h.fix == FIX and "invalid_grant" in h.problem
         out = io.StringIO()
         assert status(config, out) == 1

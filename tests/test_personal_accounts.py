@@ -26,10 +26,10 @@ from test_examples import (  # noqa: F401 - smtp_account is a fixture
     toml_text,
 )
 
-from relayd.auth import make_token_provider
 from relayd.auth.claims import microsoft_account, microsoft_names
 from relayd.auth.oauth import delegated_scopes, has_signed_in
 from relayd.auth.oauth import login as device_login
+from relayd.auth.registry import make_token_provider
 from relayd.config import load_config
 
 ALICE = "alice@outlook.com"  # signs in with her phone number, as personal accounts may

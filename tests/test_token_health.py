@@ -18,7 +18,7 @@ from test_auth_login import ALICE, Env, login_env
 
 from relayd.auth import health
 from relayd.auth.oauth import login
-from relayd.auth.registry import status
+from relayd.auth.registry import TokenRegistry, status
 from relayd.config import Config, load_config
 from relayd.delivery import make_upstream
 from relayd.delivery.graph import GraphUpstream
@@ -49,32 +49,34 @@ def graph(config: Config) -> GraphUpstream:
 
 async def test_idle_token_is_refreshed_in_the_background_not_at_first_use(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """1. alice signs in 2. keep_fresh() with the weekly setting refreshes nothing 3. with a
-    0.3 s setting, once 0.3 s passed, keep_fresh() refreshes her token without any message
-    4. token_health() shows the new expiry and refresh time 5. a second call right after does
+    """1. alice signs in 2. the daemon's background round (the token registry's keep_fresh,
+    no upstream client built) with the weekly setting refreshes nothing 3. with a 0.3 s
+    setting, once 0.3 s passed, it refreshes her token without any message 4. the route's
+    token health shows the new expiry and refresh time 5. a second round right after does
     nothing."""
     config = await asyncio.to_thread(signed_in, env)
-    up = graph(config)
+    reg = TokenRegistry()
+    route = config.routes["m365"]
     try:
-        [before] = up.token_health()
+        [before] = reg.health_of(config, route)
         assert before.account == ALICE and not before.needs_signin and before.fix == ""
         assert before.last_refreshed is not None and before.expires_at is not None
-        await up.keep_fresh()
+        await reg.keep_fresh(config)
         assert env.idp.grants("refresh_token") == 0
         monkeypatch.setattr(health, "REFRESH_IDLE_S", 0.3)
-        await up.keep_fresh()
+        await reg.keep_fresh(config)
         assert env.idp.grants("refresh_token") == 0  # just signed in: not idle yet
         await asyncio.sleep(0.5)
-        await up.keep_fresh()
+        await reg.keep_fresh(config)
         assert env.idp.grants("refresh_token") == 1
-        [after] = up.token_health()
+        [after] = reg.health_of(config, route)
         assert after.last_refreshed is not None and after.last_refreshed > before.last_refreshed
         assert not after.needs_signin and after.problem == ""
-        await up.keep_fresh()
+        await reg.keep_fresh(config)
         assert env.idp.grants("refresh_token") == 1
         assert env.graph.sent == []  # no message was needed for it
     finally:
-        await up.close()
+        reg.close()
 
 
 async def test_revoked_refresh_token_needs_signin_and_mail_is_deferred_not_bounced(
@@ -85,12 +87,12 @@ async def test_revoked_refresh_token_needs_signin_and_mail_is_deferred_not_bounc
     config = await asyncio.to_thread(signed_in, env)
     env.idp.revoke_user(ALICE)
     monkeypatch.setattr(health, "REFRESH_IDLE_S", 0.0)
-    up = graph(config)
+    reg = TokenRegistry()
     try:
-        await up.keep_fresh()
-        [h] = up.token_health()
+        await reg.keep_fresh(config)
+        [h] = reg.health_of(config, config.routes["m365"])
     finally:
-        await up.close()
+        reg.close()
     assert h.needs_signin and h.fix == FIX
     assert "invalid_grant" in h.problem and "AADSTS50173" in h.problem
     out = io.StringIO()

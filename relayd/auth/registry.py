@@ -1,5 +1,6 @@
-"""Token health without an upstream client: the one place the status page, [notify], the
-metrics and `relayd auth status` learn which credentials need a person.
+"""Token providers, made here (make_token_provider) and found here: the one place the status
+page, [notify], the metrics and `relayd auth status` learn which credentials need a person,
+and where idle sign-ins are kept alive, without an upstream client.
 
 Rules:
 - Every token provider registers itself when built (relayd.auth.tokens.register_live): the ones
@@ -17,9 +18,11 @@ account) just to answer a status read, for routes that had sent nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -51,13 +54,16 @@ def oauth_scopes(route: RouteConfig) -> list[str] | None:
     return None
 
 
-def _reader(route: RouteConfig, config: Config) -> Reader | None:
-    scopes = oauth_scopes(route)
-    if scopes is None:
-        return None
+def make_token_provider(route: RouteConfig, config: Config, scopes: Sequence[str]) -> Reader:
+    """The token provider for an OAuth route: Google for provider = "google", MSAL otherwise."""
     if is_google_oauth(route):
         return GoogleTokenProvider(route, config, scopes)
     return MsalTokenProvider(route, config, scopes)
+
+
+def _reader(route: RouteConfig, config: Config) -> Reader | None:
+    scopes = oauth_scopes(route)
+    return None if scopes is None else make_token_provider(route, config, scopes)
 
 
 class TokenRegistry:
@@ -81,6 +87,18 @@ class TokenRegistry:
         except Exception:  # noqa: BLE001 - one route's bug must not stop the others
             log.exception("token health of route %s could not be read", route.name)
             return []
+
+    async def keep_fresh(self, config: Config) -> None:
+        """Refresh idle delegated sign-ins of every route (relayd.auth.health.refresh_idle),
+        through the route's live provider, or one built here when no agent has used the route
+        yet. Never raises: one route's failure is logged and the others go on."""
+        for route in list(config.routes.values()):
+            try:
+                provider = await asyncio.to_thread(self._provider, route, config)
+                if provider is not None:
+                    await provider.refresh_idle()
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                log.warning("route %s: background token refresh failed: %s", route.name, e)
 
     def _provider(self, route: RouteConfig, config: Config) -> Reader | None:
         root = config.auth.path
@@ -113,6 +131,11 @@ REGISTRY = TokenRegistry()  # the process's: providers register in relayd.auth.t
 def token_health(config: Config) -> list[TokenHealth]:
     """Every OAuth route's token health, idle routes too (no upstream client built)."""
     return REGISTRY.health(config)
+
+
+async def keep_tokens_fresh(config: Config) -> None:
+    """Keep every route's idle delegated sign-ins alive (TokenRegistry.keep_fresh)."""
+    await REGISTRY.keep_fresh(config)
 
 
 def route_token_health(config: Config, route: RouteConfig) -> list[TokenHealth]:

@@ -136,11 +136,6 @@ class Upstream(abc.ABC):
         [] for routes without OAuth. Must be cheap (no network)."""
         return []
 
-    async def keep_fresh(self) -> None:  # noqa: B027 - optional hook
-        """Refresh delegated OAuth tokens idle for a week (jittered), so none lapses unused.
-        The service calls it now and then (every few minutes is fine: it only looks at
-        timestamps unless a token is due). Never raises; failures show in token_health()."""
-
 
 def all_results(recipients: Sequence[str], result: RecipientResult) -> dict[str, RecipientResult]:
     return {r: result for r in recipients}

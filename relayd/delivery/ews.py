@@ -162,11 +162,6 @@ class EwsUpstream(Upstream):
     def token_health(self) -> list[TokenHealth]:
         return self.provider.health() if self.provider is not None else []
 
-    async def keep_fresh(self) -> None:
-        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
-        if self.provider is not None:
-            await self.provider.refresh_idle()
-
     async def close(self) -> None:
         targets = list(self._targets.values())
         self._targets.clear()

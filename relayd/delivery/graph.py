@@ -41,7 +41,8 @@ from typing import Any
 
 import httpx
 
-from relayd.auth import TokenHealth, TokenProvider, make_token_provider
+from relayd.auth import TokenHealth, TokenProvider
+from relayd.auth.registry import make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery.base import (
     SENT_CLOCK_SKEW_S,
@@ -211,11 +212,6 @@ class GraphUpstream(Upstream):
 
     def token_health(self) -> list[TokenHealth]:
         return self.tokens.health() if self.tokens is not None else []
-
-    async def keep_fresh(self) -> None:
-        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
-        if self.tokens is not None:
-            await self.tokens.refresh_idle()
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self.route.ca_file is not None:

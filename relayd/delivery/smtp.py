@@ -13,7 +13,8 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
-from relayd.auth import TokenHealth, TokenProvider, make_token_provider
+from relayd.auth import TokenHealth, TokenProvider
+from relayd.auth.registry import make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery.base import OutboundMessage, RecipientResult, Session, Status, Upstream
 from relayd.delivery.doubt import SMTP_DUPLICATE_RISK
@@ -78,11 +79,6 @@ class SmtpUpstream(Upstream):
 
     def token_health(self) -> list[TokenHealth]:
         return self.tokens.health() if self.tokens is not None else []
-
-    async def keep_fresh(self) -> None:
-        """Refresh idle delegated tokens (relayd.auth.health.REFRESH_IDLE_S); never raises."""
-        if self.tokens is not None:
-            await self.tokens.refresh_idle()
 
     def account_for(self, message: OutboundMessage) -> str:
         """Who the connection authenticates as: the username, a fixed mailbox, or the sender

@@ -16,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import relayd.qmgr.pacing as pacing
 from relayd.config import Config, RouteConfig
 from relayd.delivery import RecipientResult, Status
 from relayd.delivery.agent import DeliveryAgent, Report
-from relayd.qmgr import pacing
 from relayd.qmgr.queued import ACTIVE, DEFERRED, DUE, Queued
 from relayd.queue import Entry, Spool
 

@@ -34,13 +34,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import relayd.qmgr.pacing as pacing
 from relayd import crashpoint
 from relayd.config import Config, RouteConfig
 from relayd.delivery import STREAMING_UPSTREAMS, RecipientResult, SpooledBody, Status, Upstream
 from relayd.delivery.agent import DeliveryAgent, Job, Report
 from relayd.delivery.doubt import INTERRUPTED
 from relayd.journal import Journal
-from relayd.qmgr import pacing
 from relayd.qmgr.control import (
     CONTROL_ERROR_LOG_S,
     CONTROL_POLL_S,
