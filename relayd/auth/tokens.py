@@ -8,9 +8,10 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from relayd.config import OAuthSettings, RouteConfig
+if TYPE_CHECKING:  # relayd.config reads password hashes from relayd.auth.passwords
+    from relayd.config import OAuthSettings, RouteConfig
 
 
 @dataclass(frozen=True)
