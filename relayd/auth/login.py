@@ -63,7 +63,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 @dataclass
-class Outcome:
+class SignInOutcome:
     """The end of one sign-in: what to tell the person, and the exit code."""
 
     ok: bool
@@ -75,7 +75,7 @@ class _Flow:
 
     auth_uri: str
 
-    def finish(self, query: dict[str, str]) -> Outcome:
+    def finish(self, query: dict[str, str]) -> SignInOutcome:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -98,18 +98,19 @@ def _claims(id_token: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_account(signed_in: str, user: str) -> Outcome | None:
+def check_account(signed_in: str, user: str) -> SignInOutcome | None:
     """None when `signed_in` is `user`; otherwise the refusal (nothing is stored)."""
     if not signed_in:
-        return Outcome(False, "the identity provider did not say who signed in; nothing stored")
+        return SignInOutcome(False, "the identity provider did not say who signed in; "
+                             "nothing stored")
     if signed_in.lower() != user.lower():
-        return Outcome(False, f"signed in as {signed_in}, but --user is {user}: a delegated "
-                       "route sends only as the account that signed in; nothing stored")
+        return SignInOutcome(False, f"signed in as {signed_in}, but --user is {user}: a delegated "
+                             "route sends only as the account that signed in; nothing stored")
     return None
 
 
 def store_signin(config: Config, route: RouteConfig, account: str, cache: str,
-                 expires_at: float | None) -> Outcome:
+                 expires_at: float | None) -> SignInOutcome:
     store = TokenStore(config)
     key = account.lower()
     try:
@@ -119,9 +120,9 @@ def store_signin(config: Config, route: RouteConfig, account: str, cache: str,
         store.write_state(route.name, key, last_error=None, expires_at=expires_at,
                           refreshed_at=now, signed_in_at=now)
     except OSError as e:
-        return Outcome(False, f"cannot store the token in {store.root}: {e.strerror}")
-    return Outcome(True, f"Signed in as {key}; token stored for route {route.name} "
-                   f"({store.path(route.name, key)}).")
+        return SignInOutcome(False, f"cannot store the token in {store.root}: {e.strerror}")
+    return SignInOutcome(True, f"Signed in as {key}; token stored for route {route.name} "
+                         f"({store.path(route.name, key)}).")
 
 
 # -- Microsoft (msal) ----------------------------------------------------------------------------
@@ -147,21 +148,21 @@ class MicrosoftFlow(_Flow):
                 signin_scopes(route), redirect_uri=redirect_uri, login_hint=user)
         self.auth_uri = str(self.flow["auth_uri"])
 
-    def finish(self, query: dict[str, str]) -> Outcome:
+    def finish(self, query: dict[str, str]) -> SignInOutcome:
         if "error" in query:
-            return Outcome(False, f"sign-in refused: {query['error']}: "
-                           f"{_first_line(query.get('error_description'))}")
+            return SignInOutcome(False, f"sign-in refused: {query['error']}: "
+                                 f"{_first_line(query.get('error_description'))}")
         try:
             result = self.app.acquire_token_by_auth_code_flow(self.flow, query)
         except ValueError as e:  # msal: state mismatch (another sign-in's redirect, or forged)
-            return Outcome(False, f"the redirect does not belong to this sign-in ({e}); "
-                           "nothing stored")
+            return SignInOutcome(False, f"the redirect does not belong to this sign-in ({e}); "
+                                 "nothing stored")
         except (requests.RequestException, msal.exceptions.MsalError, RuntimeError) as e:
-            return Outcome(False, f"identity provider unreachable: {type(e).__name__}: "
-                           f"{_first_line(e)}")
+            return SignInOutcome(False, f"identity provider unreachable: {type(e).__name__}: "
+                                 f"{_first_line(e)}")
         if "access_token" not in result:
-            return Outcome(False, f"sign-in failed: {result.get('error')}: "
-                           f"{_first_line(result.get('error_description'))}")
+            return SignInOutcome(False, f"sign-in failed: {result.get('error')}: "
+                                 f"{_first_line(result.get('error_description'))}")
         refusal = check_account(microsoft_account(result.get("id_token_claims") or {},
                                                   self.user), self.user)
         if refusal:
@@ -207,14 +208,14 @@ class GoogleFlow(_Flow):
             "code_challenge_method": "S256", "access_type": "offline", "prompt": "consent",
             "login_hint": user})
 
-    def finish(self, query: dict[str, str]) -> Outcome:
+    def finish(self, query: dict[str, str]) -> SignInOutcome:
         if not secrets.compare_digest(query.get("state", ""), self.state):
-            return Outcome(False, "the redirect does not belong to this sign-in (state "
-                           "mismatch); nothing stored")
+            return SignInOutcome(False, "the redirect does not belong to this sign-in (state "
+                                 "mismatch); nothing stored")
         if "error" in query:
-            return Outcome(False, f"sign-in refused: {query['error']}")
+            return SignInOutcome(False, f"sign-in refused: {query['error']}")
         if not query.get("code"):
-            return Outcome(False, "the redirect carries no authorization code")
+            return SignInOutcome(False, "the redirect carries no authorization code")
         secret = self.oauth.client_secret.reveal() if self.oauth.client_secret else ""
         try:
             resp = self.http.post(self.token_uri, data={
@@ -224,12 +225,12 @@ class GoogleFlow(_Flow):
                 timeout=self.route.timeout_s)
             body = resp.json()
         except (requests.RequestException, ValueError) as e:
-            return Outcome(False, f"Google token endpoint {self.token_uri} unreachable: "
-                           f"{type(e).__name__}: {_first_line(e)}")
+            return SignInOutcome(False, f"Google token endpoint {self.token_uri} unreachable: "
+                                 f"{type(e).__name__}: {_first_line(e)}")
         if not isinstance(body, dict) or resp.status_code != 200 or "refresh_token" not in body:
             error = body.get("error") if isinstance(body, dict) else resp.status_code
             desc = body.get("error_description", "") if isinstance(body, dict) else ""
-            return Outcome(False, f"sign-in failed: {error}: {_first_line(desc)}".rstrip(": ")
+            return SignInOutcome(False, f"sign-in failed: {error}: {_first_line(desc)}".rstrip(": ")
                            + ("" if not isinstance(body, dict) or "error" in body
                               else " (no refresh token in the answer)"))
         refusal = check_account(signed_in_account(_claims(str(body.get("id_token") or ""))),
@@ -248,7 +249,7 @@ class GoogleFlow(_Flow):
 # -- the loopback listener and the paste prompt ----------------------------------------------
 
 
-def _page(outcome: Outcome) -> bytes:
+def _page(outcome: SignInOutcome) -> bytes:
     title = "Signed in" if outcome.ok else "Sign-in failed"
     advice = ("You can close this window; relayd now sends as this account." if outcome.ok
               else "Nothing was stored. Run relayd auth login again.")
@@ -285,10 +286,10 @@ class _Callback(http.server.BaseHTTPRequestHandler):
 
 
 class _CallbackServer(http.server.HTTPServer):
-    def __init__(self, port: int, finish: Callable[[dict[str, str]], Outcome]) -> None:
+    def __init__(self, port: int, finish: Callable[[dict[str, str]], SignInOutcome]) -> None:
         super().__init__(("127.0.0.1", port), _Callback)
         self.finish = finish
-        self.outcome: Outcome | None = None
+        self.outcome: SignInOutcome | None = None
 
 
 def _timeout() -> float:
@@ -358,7 +359,7 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
     server: _CallbackServer | None = None
     if mode == "browser":
         try:
-            server = _CallbackServer(port, lambda q: Outcome(False, "not started"))
+            server = _CallbackServer(port, lambda q: SignInOutcome(False, "not started"))
         except OSError as e:
             out.write(f"relayd: cannot listen on 127.0.0.1:{port}: {e.strerror}\n")
             return EXIT_FAILED
@@ -388,7 +389,7 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
 
 
 def _wait_for_redirect(server: _CallbackServer, flow: _Flow, user: str,
-                       out: TextIO) -> Outcome:
+                       out: TextIO) -> SignInOutcome:
     server.finish = flow.finish
     out.write(f"Sign in as {user} in a browser on this machine, at this address:\n")
     out.write(flow.auth_uri + "\n")
@@ -401,7 +402,7 @@ def _wait_for_redirect(server: _CallbackServer, flow: _Flow, user: str,
     server.timeout = POLL_S
     while server.outcome is None:
         if time.monotonic() > deadline:
-            return Outcome(False, f"no sign-in within {_timeout():.0f}s; nothing stored")
+            return SignInOutcome(False, f"no sign-in within {_timeout():.0f}s; nothing stored")
         try:
             server.handle_request()
         except OSError:  # a client that hung up mid-request; keep waiting
@@ -409,7 +410,7 @@ def _wait_for_redirect(server: _CallbackServer, flow: _Flow, user: str,
     return server.outcome
 
 
-def _paste(flow: _Flow, user: str, out: TextIO, inp: TextIO) -> Outcome:
+def _paste(flow: _Flow, user: str, out: TextIO, inp: TextIO) -> SignInOutcome:
     out.write(f"Sign in as {user} in a browser on any machine, at this address:\n")
     out.write(flow.auth_uri + "\n")
     out.write("The browser then ends on an address starting http://localhost that does not "
@@ -418,6 +419,6 @@ def _paste(flow: _Flow, user: str, out: TextIO, inp: TextIO) -> Outcome:
     line = inp.readline()
     query = parse_pasted(line)
     if not ({"code", "error"} & query.keys()):
-        return Outcome(False, "that is not the address the sign-in ended on (it has no code=); "
-                       "nothing stored")
+        return SignInOutcome(False, "that is not the address the sign-in ended on (it has no "
+                             "code=); nothing stored")
     return flow.finish(query)

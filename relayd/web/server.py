@@ -217,10 +217,10 @@ class WebServer:
 
 def _make_server(web: WebServer, host: str, port: int,
                  context: ssl.SSLContext | None) -> _Server:
-    class Handler(_Handler):
+    class ServerHandler(_Handler):  # this server's handler class: one per WebServer
         server_app = web
 
-    return _Server((host, port), Handler, context)
+    return _Server((host, port), ServerHandler, context)
 
 
 class _Server(http.server.ThreadingHTTPServer):

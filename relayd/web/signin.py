@@ -224,7 +224,7 @@ class SignIns:
         its token stored for the route that covers it."""
         import msal
 
-        from relayd.auth.login import Outcome, store_signin
+        from relayd.auth.login import SignInOutcome, store_signin
         from relayd.auth.oauth import signin_scopes
         from relayd.errors import AuthenticationError
 
@@ -252,7 +252,7 @@ class SignIns:
             stored = store_signin(self.config, covering, account, cache.serialize(),
                                   time.time() + float(result.get("expires_in") or 0))
         except (AuthenticationError, OSError) as e:
-            stored = Outcome(False, str(e))
+            stored = SignInOutcome(False, str(e))
         if not stored.ok:
             log.error("web sign-in: %s", stored.message)
             return False, "relayd could not store the sign-in; tell your administrator."
