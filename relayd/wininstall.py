@@ -100,7 +100,8 @@ def install(source: Path, *, start: bool = True) -> int:
         print(done.stdout.strip() or done.stderr.strip())
         if done.returncode != 0:
             return 1
-    _add_to_path(target)
+    if _edit_path(target, add=True):
+        print(f"PATH: {target} added (new windows see it)")
     checked = _relayd(target, "check", "-c", str(config))
     if checked.returncode != 0:
         print(f"the {SERVICE} service stays stopped until `relayd check` accepts "
@@ -122,7 +123,8 @@ def _wait_stopped(timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
-def _add_to_path(target: Path) -> None:
+def _edit_path(target: Path, *, add: bool) -> bool:
+    """Add `target` to the machine's PATH, or remove it; True when PATH changed."""
     winreg: Any = importlib.import_module("winreg")  # Windows only
 
     with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, ENV_KEY, 0,
@@ -132,25 +134,12 @@ def _add_to_path(target: Path) -> None:
         except FileNotFoundError:
             value, kind = "", winreg.REG_EXPAND_SZ
         parts = [p for p in str(value).split(";") if p]
-        if any(os.path.normcase(p.rstrip("\\")) == os.path.normcase(str(target))
-               for p in parts):
-            return
-        winreg.SetValueEx(key, "Path", 0, kind, ";".join([*parts, str(target)]))
-    print(f"PATH: {target} added (new windows see it)")
-
-
-def _remove_from_path(target: Path) -> None:
-    winreg: Any = importlib.import_module("winreg")  # Windows only
-
-    with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, ENV_KEY, 0,
-                        winreg.KEY_READ | winreg.KEY_WRITE) as key:
-        try:
-            value, kind = winreg.QueryValueEx(key, "Path")
-        except FileNotFoundError:
-            return
-        keep = [p for p in str(value).split(";")
-                if p and os.path.normcase(p.rstrip("\\")) != os.path.normcase(str(target))]
-        winreg.SetValueEx(key, "Path", 0, kind, ";".join(keep))
+        keep = [p for p in parts
+                if os.path.normcase(p.rstrip("\\")) != os.path.normcase(str(target))]
+        if add == (len(keep) < len(parts)):
+            return False  # already there (add) or not there (remove)
+        winreg.SetValueEx(key, "Path", 0, kind, ";".join([*keep, str(target)] if add else keep))
+        return True
 
 
 def uninstall(*, keep_files: bool = False) -> int:
@@ -161,7 +150,7 @@ def uninstall(*, keep_files: bool = False) -> int:
 
         if remove_service(SERVICE) != 0:
             return 1
-    _remove_from_path(target)
+    _edit_path(target, add=False)
     here = Path(sys.executable).resolve().parent.parent
     if keep_files:
         pass
