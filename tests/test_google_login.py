@@ -107,25 +107,25 @@ async def test_google_sign_in_then_delivery_as_that_user(genv: GEnv,
     assert genv.handler.auths == [(ALICE, True)]
 
     up = make_upstream(config.routes["gmail"], config)
+    reg = TokenRegistry()  # the daemon's reads and background round: its live provider
     try:
-        [h] = up.token_health()
+        [h] = reg.health_of(config, config.routes["gmail"])
         assert h.account == ALICE and not h.needs_signin
         refreshes = genv.google.grants("refresh_token")
         monkeypatch.setattr(health, "REFRESH_IDLE_S", 0.0)
-        reg = TokenRegistry()  # the daemon's background round: no upstream client built
         await reg.keep_fresh(config)
         assert genv.google.grants("refresh_token") == refreshes + 1
         genv.google.revoke_user(ALICE)
         monkeypatch.setattr(health, "IDLE_RETRY_S", 0.0)  # the next round, as if later
         await reg.keep_fresh(config)
         [h] = reg.health_of(config, config.routes["gmail"])
-        reg.close()
         assert h.needs_signin and h.fix == FIX and "invalid_grant" in h.problem
         out = io.StringIO()
         assert status(config, out) == 1
         assert f"gmail: {ALICE}" in out.getvalue() and "NEEDS SIGN-IN" in out.getvalue()
         assert FIX in out.getvalue()
     finally:
+        reg.close()
         await up.close()
 
 

@@ -20,8 +20,6 @@ from relayd.auth import health
 from relayd.auth.oauth import login
 from relayd.auth.registry import TokenRegistry, status
 from relayd.config import Config, load_config
-from relayd.delivery import make_upstream
-from relayd.delivery.graph import GraphUpstream
 
 FIX = f"relayd auth login m365 --user {ALICE}"
 
@@ -39,12 +37,6 @@ def signed_in(env: Env, **route: object) -> Config:
     out = io.StringIO()
     assert login(config, "m365", ALICE, out) == 0, out.getvalue()
     return config
-
-
-def graph(config: Config) -> GraphUpstream:
-    up = make_upstream(config.routes["m365"], config)
-    assert isinstance(up, GraphUpstream)
-    return up
 
 
 async def test_idle_token_is_refreshed_in_the_background_not_at_first_use(
@@ -144,18 +136,14 @@ async def test_credential_expiry_from_certificate_and_client_secret_expires(
     secret.chmod(0o600)
     config = load_config(env.config_file(flow="app", certificate_file=str(pem),
                                          thumbprint=thumb))
-    up = graph(config)
-    [h] = up.token_health()
-    await up.close()
+    [h] = TokenRegistry().health_of(config, config.routes["m365"])
     assert h.account == "" and h.credential_expires_at is not None
     assert abs(h.credential_expires_at - (time.time() + 30 * 86400)) < 86400 * 1.1
 
     day = dt.date.today() + dt.timedelta(days=5)
     config = load_config(env.config_file(flow="app", client_secret_file=str(secret),
                                          client_secret_expires=day.isoformat()))
-    up = graph(config)
-    [h] = up.token_health()
-    await up.close()
+    [h] = TokenRegistry().health_of(config, config.routes["m365"])
     assert h.credential_expires_at == dt.datetime(day.year, day.month, day.day,
                                                   tzinfo=dt.UTC).timestamp()
     out = io.StringIO()

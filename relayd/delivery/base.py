@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.auth import TokenHealth
 from relayd.config import Config, RouteConfig
 from relayd.delivery.mime import sending_mailbox
 from relayd.reply import Reply
@@ -130,11 +129,6 @@ class Upstream(abc.ABC):
     def token_expiries(self) -> dict[str, float]:
         """Account -> expiry (epoch seconds) of the OAuth tokens this route holds."""
         return {}
-
-    def token_health(self) -> list[TokenHealth]:
-        """Each credential this route uses and what needs a person (relayd.auth.TokenHealth);
-        [] for routes without OAuth. Must be cheap (no network)."""
-        return []
 
 
 def all_results(recipients: Sequence[str], result: RecipientResult) -> dict[str, RecipientResult]:

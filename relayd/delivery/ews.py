@@ -35,7 +35,6 @@ from exchangelib.protocol import BaseProtocol  # type: ignore[import-untyped]
 from exchangelib.version import EXCHANGE_2013_SP1  # type: ignore[import-untyped]
 from oauthlib.oauth2 import TokenExpiredError  # type: ignore[import-untyped]
 
-from relayd.auth import TokenHealth
 from relayd.auth.oauth import MsalTokenProvider, app_scopes, delegated_scopes
 from relayd.config import Config, EwsSettings, RouteConfig
 from relayd.delivery.base import (
@@ -158,9 +157,6 @@ class EwsUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.provider.expiries() if self.provider is not None else {}
-
-    def token_health(self) -> list[TokenHealth]:
-        return self.provider.health() if self.provider is not None else []
 
     async def close(self) -> None:
         targets = list(self._targets.values())

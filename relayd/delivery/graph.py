@@ -41,7 +41,7 @@ from typing import Any
 
 import httpx
 
-from relayd.auth import TokenHealth, TokenProvider
+from relayd.auth import TokenProvider
 from relayd.auth.registry import make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery.base import (
@@ -209,9 +209,6 @@ class GraphUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}
-
-    def token_health(self) -> list[TokenHealth]:
-        return self.tokens.health() if self.tokens is not None else []
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self.route.ca_file is not None:

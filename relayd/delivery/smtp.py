@@ -13,7 +13,7 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
-from relayd.auth import TokenHealth, TokenProvider
+from relayd.auth import TokenProvider
 from relayd.auth.registry import make_token_provider
 from relayd.config import Config, RouteConfig
 from relayd.delivery.base import OutboundMessage, RecipientResult, Session, Status, Upstream
@@ -76,9 +76,6 @@ class SmtpUpstream(Upstream):
 
     def token_expiries(self) -> dict[str, float]:
         return self.tokens.expiries() if self.tokens is not None else {}
-
-    def token_health(self) -> list[TokenHealth]:
-        return self.tokens.health() if self.tokens is not None else []
 
     def account_for(self, message: OutboundMessage) -> str:
         """Who the connection authenticates as: the username, a fixed mailbox, or the sender
