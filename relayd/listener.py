@@ -62,8 +62,12 @@ class Handler:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        # aiosmtpd advertises "250-AUTH " even with no mechanism left; curl then gives up.
-        kept = [r for r in responses[:-1] if r.rstrip() != "250-AUTH"]
+        # AUTH only where it is offered (RelaySMTP.why_no_auth: over TLS or from loopback, and
+        # with logins to check), and never without a mechanism ("250-AUTH ": curl gives up);
+        # aiosmtpd lists it on every connection.
+        offered = not isinstance(server, RelaySMTP) or server.why_no_auth() is None
+        kept = [r for r in responses[:-1]
+                if not r.startswith("250-AUTH") or (offered and r.rstrip() != "250-AUTH")]
         # aiosmtpd reads commands one line at a time, so pipelined commands just queue up.
         return [*kept, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 

@@ -282,7 +282,7 @@ class RelaySMTP(FastSMTP):
         """Why AUTH is not offered on this connection now (its reply), None when it is: only
         over TLS or from this machine (loopback never leaves it), and from elsewhere only
         when there are [server.users] to log in as. EHLO leaves AUTH out where this refuses
-        it (FastSMTP.smtp_EHLO)."""
+        it (relayd.listener.Handler.handle_EHLO)."""
         if not (self._loopback or self._implicit_tls
                 or (self.session is not None and self.session.ssl is not None)):
             return REPLY_AUTH_NEEDS_TLS

@@ -103,11 +103,6 @@ class FastSMTP(SMTP):
     def __dir__(self) -> list[str]:
         return [] if self._unlisted else list(super().__dir__())
 
-    def why_no_auth(self) -> str | None:
-        """Why AUTH is not offered on this connection (relayd.smtpd.RelaySMTP says), None when
-        it is; EHLO leaves the AUTH line out where it is not."""
-        return None
-
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         """aiosmtpd's, with its reply written in one piece. aiosmtpd pushes each line of it on
@@ -116,13 +111,10 @@ class FastSMTP(SMTP):
         a stand-in for push while it runs (an override of push would cost every reply of
         every session a coroutine more)."""
         lines: list[bytes] = []
-        no_auth = self.why_no_auth() is not None
 
         async def gather(status: AnyStr) -> None:  # encoded as aiosmtpd's push does
-            line = status if isinstance(status, bytes) else \
-                status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
-            if not (no_auth and line.startswith(b"250-AUTH")):
-                lines.append(line)
+            lines.append(status if isinstance(status, bytes) else
+                         status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
 
         self.push = gather  # type: ignore[method-assign]
         try:
