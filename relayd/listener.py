@@ -80,10 +80,10 @@ class Handler:
                 log.info("refused sender from %s: %s", clients.address(session), refusal[4:])
                 return refusal
         user: ServerUser | None = getattr(session, "relayd_user", None)
-        if self.relay.config.server.users and user is None and not clients.on_loopback(session):
+        loopback = clients.on_loopback(session)
+        if self.relay.config.server.users and user is None and not loopback:
             return REPLY_AUTH_REQUIRED
-        decision = self.relay.policy.check("" if null else address, user,
-                                           loopback=clients.on_loopback(session))
+        decision = self.relay.policy.check("" if null else address, user, loopback=loopback)
         if decision.route is None:
             level = logging.INFO if user is None else logging.WARNING
             log.log(level, "refused sender <%s> from %s: %s",
