@@ -288,6 +288,9 @@ async def test_a_blocked_mailbox_is_named_deferred_and_reported(
         await send(service_port(svc), MERGE, ["bob@example.net"], numbered(MERGE, 0))
         await wait_for(lambda: any(n["X-Relayd-Notice"] == f"blocked:{MERGE}"
                                    for n in _notices(upstream2)), what="the blocked notice")
+        # The notice is itself queued mail: it reaches upstream2 before relayd reads upstream2's
+        # 250 and drops it from the queue, so wait until only the blocked message is left.
+        await wait_for(lambda: len(svc.qmgr.view.messages()) == 1, what="the notice's 250 read")
         [queued] = svc.qmgr.view.messages()
         assert queued.state == "deferred"
         listing = await arelayd_cli("queue", "list", "-c", str(cfg))
