@@ -562,6 +562,10 @@ async def test_a_wrong_upstream_password_is_deferred_and_said_once_loudly(
                                        if q.entry.sender == ALICE) >= 5, what="tried again")
             page = status_page(await svc.web_snapshot()).decode()
             await wait_for(lambda: len(notices(upstream)) == 1, what="the notice")
+            # The notice is queued mail too: it is in the queue until relayd reads the 250.
+            await wait_for(lambda: all(q.entry.sender == ALICE
+                                       for q in svc.qmgr.view.messages()),
+                           what="the notice's 250 read")
             await asyncio.sleep(0.5)  # further checks send nothing more
             assert all(q.entry.attempts for q in svc.qmgr.view.messages())
     finally:
