@@ -36,6 +36,7 @@ fi
 
 if [ -n "${RELAYD_WINE_WORK:-}" ]; then
     export WORK=$RELAYD_WINE_WORK
+    mkdir -p "$WORK"
     keep=1
 else
     export WORK=$(mktemp -d /tmp/relayd-wine.XXXXXX)
