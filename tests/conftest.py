@@ -383,19 +383,28 @@ def tmp_leftovers(queue: Path) -> list[str]:
 async def daemon(cfg: Path, port: int, log: Path,
                  wrapper: Sequence[str] = ()) -> AsyncIterator[subprocess.Popen[bytes]]:
     """`relayd serve` in a subprocess (run by `wrapper`, such as taskset or chrt, if given),
-    ready once its port answers; always killed at the end."""
+    ready when systemd would call it ready: its port answers and it has logged its start line,
+    which relayd.app writes inside its signal scope just before READY=1. The port alone is not
+    enough: with listener workers it answers before SIGTERM is handled, and a SIGTERM then
+    killed relayd by the default action. Always killed at the end."""
+    starts = _start_lines(log)
     with open(log, "ab") as out:
         proc = subprocess.Popen([*wrapper, sys.executable, "-m", "relayd", "serve", "-c",
                                  str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        await wait_for(lambda: _port_open(port) or proc.poll() is not None, what="relayd start")
+        await wait_for(lambda: (_port_open(port) and _start_lines(log) > starts)
+                       or proc.poll() is not None, what="relayd start")
         assert proc.poll() is None, log.read_text()
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def _start_lines(log: Path) -> int:
+    return log.read_bytes().count(b"relayd started with") if log.exists() else 0
 
 
 def _port_open(port: int) -> bool:
