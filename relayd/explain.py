@@ -147,7 +147,7 @@ def _provider(route: RouteConfig) -> list[str]:
     from relayd.providers import explain_line
 
     out = []
-    if route.device_flow and is_microsoft_oauth(route) and takes_personal_accounts(route):
+    if route.delegated and is_microsoft_oauth(route) and takes_personal_accounts(route):
         tenant = route.oauth.tenant_id if route.oauth is not None else None
         kinds = ("personal Microsoft accounts only (Outlook.com, Hotmail, Live)"
                  if (tenant or "").lower() == "consumers" else

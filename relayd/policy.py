@@ -30,13 +30,6 @@ class Decision:
     pin: bool = False  # record the route with the message: its sender does not find it
 
 
-def is_delegated(route: RouteConfig) -> bool:
-    """Whether the route sends with users' own sign-ins (`relayd auth login`, /signin)."""
-    # not a password route, nor one Google refresh token from a file
-    oauth = route.oauth
-    return oauth is not None and oauth.flow == "device" and oauth.refresh_token is None
-
-
 class SenderPolicy:
     """Built once per config (and per process); immutable."""
 
@@ -83,7 +76,7 @@ class SenderPolicy:
     def not_signed_in(self, route: RouteConfig, sender: str) -> str | None:
         """A delegated route sends only as accounts that signed in: refuse others at MAIL FROM
         rather than queue mail that can only defer until it expires."""
-        if not sender or not is_delegated(route):
+        if not sender or not route.delegated:
             return None
         # Imported here: the token store pulls in cryptography, which a relay without
         # delegated routes (or a listener worker) need not load.

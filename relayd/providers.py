@@ -124,7 +124,7 @@ def _host_matches(host: str | None, hosts: tuple[str, ...]) -> bool:
 def provider_of(route: RouteConfig) -> Provider | None:
     """The provider a route talks to, by its SMTP host, else by the account's address; a
     delegated Graph route that personal Microsoft accounts sign in to is Outlook.com's."""
-    if route.upstream == "graph" and route.device_flow:
+    if route.upstream == "graph" and route.delegated:
         from relayd.auth.oauth import takes_personal_accounts
 
         return _OUTLOOK_COM if takes_personal_accounts(route) else None

@@ -41,7 +41,7 @@ def make_config(tmp_path: Path, idp: HttpsServer, *, flow: str = "app",
 
 def provider(config: Config) -> MsalTokenProvider:
     route = config.routes["staff"]
-    scopes = delegated_scopes(route) if route.device_flow else app_scopes(route)
+    scopes = delegated_scopes(route) if route.delegated else app_scopes(route)
     p = make_token_provider(route, config, scopes)
     assert isinstance(p, MsalTokenProvider)
     return p

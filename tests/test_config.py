@@ -275,6 +275,30 @@ client_id = "123.apps.googleusercontent.com"
         "refresh_token_file) or the service account's JSON key"]
 
 
+def test_a_refresh_token_file_is_for_google_only(tmp_path: Path) -> None:
+    """Microsoft's XOAUTH2 tokens come from MSAL (the app's, or users' sign-ins): a
+    refresh_token_file there would be left unread, so `relayd check` names it."""
+    secret = tmp_path / "token"
+    secret.write_text("1//refresh")
+    secret.chmod(0o600)
+    route = f"""
+[routes.o365]
+senders = ["*@o365.example"]
+upstream = "smtp"
+host = "smtp.office365.com"
+auth = "xoauth2"
+provider = "microsoft"
+tenant_id = "t"
+client_id = "c"
+flow = "device"
+refresh_token_file = "{secret}"
+"""
+    found = problems(tmp_path, GOOD + route)
+    assert [p for p in found if p.startswith("routes.o365.")] == [
+        "routes.o365.refresh_token_file: does not apply with this route's other settings "
+        "(auth, flow, tls)"]
+
+
 def test_check_warns_when_graph_cannot_honour_save_to_sent(tmp_path: Path) -> None:
     route = """
 [routes.m365]

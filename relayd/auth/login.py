@@ -43,7 +43,7 @@ import msal  # type: ignore[import-untyped]
 import requests
 
 from relayd.auth.claims import microsoft_account, signed_in_account
-from relayd.auth.oauth import authority_url, is_delegated, is_google_oauth, signin_scopes
+from relayd.auth.oauth import authority_url, is_google_oauth, signin_scopes
 from relayd.auth.oauth import login as device_login
 from relayd.auth.tokencache import TokenStore
 from relayd.auth.tokens import oauth_of
@@ -338,7 +338,7 @@ def login(config: Config, route_name: str, user: str | None, mode: str, port: in
     if route is None:
         out.write(f"relayd: no route named {route_name!r}\n")
         return EXIT_USAGE
-    if not is_delegated(route):
+    if not route.delegated:
         out.write(f'relayd: route {route_name} does not use delegated OAuth (flow = "device"; '
                   "for Google without refresh_token_file)\n")
         return EXIT_USAGE

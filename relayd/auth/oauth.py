@@ -49,15 +49,6 @@ def is_google_oauth(route: RouteConfig) -> bool:
     return route.oauth is not None and route.oauth.provider == "google"
 
 
-def is_delegated(route: RouteConfig) -> bool:
-    """A route whose tokens come from `relayd auth login`: flow = "device" with a Microsoft
-    OAuth upstream, or a Google XOAUTH2 route without a refresh_token_file."""
-    oauth = route.oauth
-    if oauth is None or oauth.flow != "device":
-        return False
-    return oauth.provider == "microsoft" or oauth.refresh_token is None
-
-
 def authority_url(oauth: OAuthSettings) -> tuple[str, bool]:
     """(authority URL, whether it is a custom one). `authority` is the identity provider's base
     URL (national cloud, test server); the tenant is appended unless the URL already has a path."""
@@ -495,7 +486,7 @@ def login(config: Config, route_name: str, user: str | None, out: TextIO) -> int
     if route is None:
         out.write(f"relayd: no route named {route_name!r}\n")
         return 2
-    if not is_microsoft_oauth(route) or not route.device_flow:
+    if not is_microsoft_oauth(route) or not route.delegated:
         out.write(f'relayd: route {route_name} does not use delegated OAuth (flow = "device")\n')
         return 2
     store = TokenStore(config)

@@ -32,7 +32,6 @@ from relayd.auth.oauth import (
     MsalTokenProvider,
     app_scopes,
     delegated_scopes,
-    is_delegated,
     is_google_oauth,
     is_microsoft_oauth,
 )
@@ -48,7 +47,7 @@ def oauth_scopes(route: RouteConfig) -> list[str] | None:
     """The scopes a reader of the route's tokens is built with; None: the route has no OAuth
     credential to report."""
     if is_microsoft_oauth(route):
-        return delegated_scopes(route) if route.device_flow else app_scopes(route)
+        return delegated_scopes(route) if route.delegated else app_scopes(route)
     if is_google_oauth(route):
         return []
     return None
@@ -155,7 +154,7 @@ def _token_providers(config: Config) -> list[tuple[RouteConfig, bool, Reader]]:
     for route in config.routes.values():
         provider = _reader(route, config)
         if provider is not None:
-            out.append((route, is_delegated(route), provider))
+            out.append((route, route.delegated, provider))
     return out
 
 

@@ -8,7 +8,7 @@ ews auth = "oauth", every graph route) hold an `OAuthSettings` in their part; a 
 cannot be built without one, and the smtp and ews parts refuse one that their `auth` does not
 take. Each part is reached through the accessor of its kind (`route.graph.endpoint`), which
 raises TypeError on a route of another kind; code that serves every kind asks the common part
-(`target`, `oauth`, `device_flow`, `uses_password`, `dedupe`) or branches with isinstance on
+(`target`, `oauth`, `delegated`, `uses_password`, `dedupe`) or branches with isinstance on
 `settings`, which mypy narrows. All of them stay frozen dataclasses with value equality: a
 reload and the token registry compare routes. Why this shape, and the flat one it replaced:
 relayd.config.routes.
@@ -335,9 +335,12 @@ class RouteConfig:
         return None if isinstance(self.settings, OutboxSettings) else self.settings.oauth
 
     @property
-    def device_flow(self) -> bool:
-        """Each user signs in for the route (OAuth flow = "device"), not the app alone."""
-        return self.oauth is not None and self.oauth.flow == "device"
+    def delegated(self) -> bool:
+        """Each user signs in for the route (`relayd auth login`, /signin): OAuth flow =
+        "device". A Google route's refresh_token_file is one user's consent given once, which
+        takes the place of sign-ins (it is read for Google only: relayd.config.routes)."""
+        oauth = self.oauth
+        return oauth is not None and oauth.flow == "device" and oauth.refresh_token is None
 
     @property
     def uses_password(self) -> bool:

@@ -282,9 +282,11 @@ def _parse_smtp_route(s: Section, k: dict[str, Any]) -> None:
             s.problem("provider", 'required with auth = "xoauth2": "microsoft" or "google"')
         k["mailbox"] = s.text("mailbox", "sender")
         oauth = _parse_oauth(s, provider=provider or "microsoft")
-        refresh_token = read_secret(s, "refresh_token", required=False, what="")
-        if oauth is not None:
-            k["oauth"] = dataclasses.replace(oauth, refresh_token=refresh_token)
+        if provider == "google":  # one user's consent; Microsoft's tokens come from MSAL
+            refresh_token = read_secret(s, "refresh_token", required=False, what="")
+            if oauth is not None:
+                oauth = dataclasses.replace(oauth, refresh_token=refresh_token)
+        k["oauth"] = oauth
         if provider == "google" and not s.has("client_secret_file") \
                 and not s.has("client_secret_env"):
             # Google: a user's refresh token with the app's client secret, or a service

@@ -84,10 +84,9 @@ class SignIns:
         return out
 
     def google_routes(self) -> list[RouteConfig]:
-        from relayd.auth.oauth import is_delegated, is_google_oauth
+        from relayd.auth.oauth import is_google_oauth
 
-        return [r for r in self.config.routes.values()
-                if is_google_oauth(r) and is_delegated(r)]
+        return [r for r in self.config.routes.values() if is_google_oauth(r) and r.delegated]
 
     def start_google(self, address: str, client: str = "") -> tuple[str, str]:
         """Google's authorize URL for `address`, which a delegated Google route must cover:
@@ -95,11 +94,11 @@ class SignIns:
         that the account that signs in is that address."""
         from relayd.auth.google import GMAIL_SCOPE
         from relayd.auth.login import GoogleFlow
-        from relayd.auth.oauth import is_delegated, is_google_oauth
+        from relayd.auth.oauth import is_google_oauth
 
         address = address.strip().lower()
         route = self.router.lookup(address) if "@" in address else None
-        if route is None or not is_google_oauth(route) or not is_delegated(route):
+        if route is None or not is_google_oauth(route) or not route.delegated:
             raise LookupError(f"no route of this relay sends for {address!r} with Google "
                               "sign-in; ask your administrator")
         self._room(client)
@@ -276,7 +275,7 @@ class SignIns:
 def _delegated_microsoft(route: RouteConfig) -> bool:
     from relayd.auth.oauth import is_microsoft_oauth
 
-    return route.device_flow and is_microsoft_oauth(route)
+    return route.delegated and is_microsoft_oauth(route)
 
 
 def _group(route: RouteConfig) -> str:

@@ -12,7 +12,6 @@ import time
 from relayd.auth import registry
 from relayd.config import Config
 from relayd.delivery.agent import RouteStats, auth_refused_advice
-from relayd.policy import is_delegated
 from relayd.providers import fix_for
 from relayd.qmgr.view import QueueView, RouteCount
 from relayd.web.pages import (
@@ -50,7 +49,7 @@ def take_snapshot(config: Config, view: QueueView) -> Snapshot:
                           m.summary["next_attempt"], m.summary["last_error"])
               for m in waiting]
     oldest = [c.oldest_deferred for c in counts.values() if c.oldest_deferred is not None]
-    signin = [r.name for r in config.routes.values() if r.device_flow]
+    signin = [r.name for r in config.routes.values() if r.delegated]
     expiry_warning_s = (config.notify.expiry_warning_s if config.notify
                         else Snapshot.expiry_warning_s)
     mailboxes = [MailboxRow(u.route, u.mailbox, u.used, u.budget,
@@ -73,7 +72,7 @@ def _tokens(config: Config) -> list[TokenRow]:
     for route in config.routes.values():
         rows = by_route.get(route.name, [])
         tokens.extend(rows)
-        if not rows and is_delegated(route):
+        if not rows and route.delegated:
             how = ("each user signs in at /signin, or an administrator runs"
                    if config.web.listen is not None else "an administrator runs")
             tokens.append(TokenRow(
