@@ -350,7 +350,7 @@ _PARSERS: dict[str, Callable[[Section, dict[str, Any]], None]] = {
 
 
 _SETTINGS: dict[str, type[UpstreamSettings]] = {
-    "smtp": SmtpSettings, "ews": EwsSettings, "graph": GraphSettings, "outbox": OutboxSettings}
+    kind.UPSTREAM: kind for kind in (SmtpSettings, EwsSettings, GraphSettings, OutboxSettings)}
 
 
 def check_patterns(claimed: Mapping[str, Sequence[str]], problems: list[str]) -> None:
