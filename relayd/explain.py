@@ -66,14 +66,16 @@ def _who(config: Config, route: RouteConfig) -> str:
 
 
 def _oauth(route: RouteConfig, oauth: OAuthSettings) -> str:
-    if oauth.provider == "google":
+    google = oauth.provider == "google"
+    if route.delegated:
+        app = (f"Google client {oauth.client_id}" if google
+               else f"app {oauth.client_id}, tenant {oauth.tenant_id}")
+        return (f"OAuth delegated: each user's own token from `relayd auth login {route.name} "
+                f"--user ADDRESS` ({app}); a user sends only as the account that signed in")
+    if google:
         how = ("a Google service account (domain-wide delegation)" if oauth.refresh_token is None
                else "a Google refresh token one user consented to")
         return f"OAuth: {how}, client {oauth.client_id}"
-    if oauth.flow == "device":
-        return (f"OAuth delegated: each user's own token from `relayd auth login {route.name} "
-                f"--user ADDRESS` (app {oauth.client_id}, tenant {oauth.tenant_id}); a user "
-                "sends only as the account that signed in")
     cred = "a certificate" if oauth.certificate_file else "a client secret"
     return (f"OAuth app-only: app {oauth.client_id} in tenant {oauth.tenant_id} with {cred} "
             "(application permission; scope it to these mailboxes)")

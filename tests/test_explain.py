@@ -105,6 +105,29 @@ def test_each_account_layout_explained(tmp_path: Path, monkeypatch: pytest.Monke
     assert not any("not-shown" in line for line in lines)
 
 
+def test_a_delegated_google_route_is_explained_as_users_sign_ins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flow = "device" without refresh_token_file: each user signs in (relayd auth login,
+    /signin), not a service account, whatever the client secret is."""
+    monkeypatch.setenv("RELAYD_TEST_SECRET", "not-shown")
+    cfg = write_config(tmp_path, '''
+[routes.gmail]
+senders = ["*@gmail-business.com"]
+upstream = "smtp"
+host = "smtp.gmail.com"
+auth = "xoauth2"
+provider = "google"
+client_id = "123.apps.googleusercontent.com"
+client_secret_env = "RELAYD_TEST_SECRET"
+flow = "device"
+''')
+    [line] = [x for x in explain(load_config(cfg)) if "as which account" in x]
+    assert line == ("  as which account: each sender's own address, OAuth delegated: each user's "
+                    "own token from `relayd auth login gmail --user ADDRESS` (Google client "
+                    "123.apps.googleusercontent.com); a user sends only as the account that "
+                    "signed in")
+
+
 def test_check_explain_prints_it_with_the_logins_that_may_use_a_route(
         tmp_path: Path) -> None:
     from relayd.auth.passwords import hash_password
