@@ -150,7 +150,7 @@ class MsalTokenProvider:
 
     @property
     def delegated(self) -> bool:
-        return self.oauth.flow == "device"
+        return self.route.delegated
 
     # -- TokenProvider -------------------------------------------------------------------------
 

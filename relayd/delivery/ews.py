@@ -137,10 +137,9 @@ class EwsUpstream(Upstream):
         super().__init__(route, config)
         self.ews = route.ews
         self.endpoint = endpoint(self.ews)
-        oauth = self.ews.oauth  # auth = "oauth"
-        self.delegated = oauth is not None and oauth.flow == "device"
+        self.delegated = route.delegated
         self.provider: MsalTokenProvider | None = None
-        if oauth is not None:
+        if self.ews.oauth is not None:  # auth = "oauth"
             scopes = delegated_scopes(route) if self.delegated else app_scopes(route)
             self.provider = MsalTokenProvider(route, config, scopes)
         # exchangelib blocks: its calls run here, at most max_connections at once.

@@ -182,7 +182,8 @@ class GraphUpstream(Upstream):
         super().__init__(route, config)
         self.graph = route.graph
         self.endpoint = self.graph.endpoint.rstrip("/")
-        if self.graph.oauth.flow == "device":
+        self.delegated = route.delegated
+        if self.delegated:
             scopes = [f"{self.endpoint}/Mail.Send"]
         else:
             scopes = [f"{self.endpoint}/.default"]
@@ -263,7 +264,7 @@ class GraphUpstream(Upstream):
 
     async def _token(self, mailbox: str) -> str:
         """The provider's token for `mailbox`, from memory while it is fresh (TOKEN_MEMO_S)."""
-        key = mailbox.lower() if self.graph.oauth.flow == "device" else ""
+        key = mailbox.lower() if self.delegated else ""
         memo = self._memo.get(key)
         if memo is not None and memo[1] > time.monotonic():
             return memo[0]
@@ -282,7 +283,7 @@ class GraphUpstream(Upstream):
             return token
 
     def _forget_token(self, mailbox: str) -> None:
-        self._memo.pop(mailbox.lower() if self.graph.oauth.flow == "device" else "", None)
+        self._memo.pop(mailbox.lower() if self.delegated else "", None)
         self.tokens.invalidate(mailbox)
 
     async def close(self) -> None:
@@ -364,7 +365,7 @@ class GraphUpstream(Upstream):
         """A delegated route that personal Microsoft accounts sign in to."""
         from relayd.auth.oauth import takes_personal_accounts
 
-        return self.graph.oauth.flow == "device" and takes_personal_accounts(self.route)
+        return self.delegated and takes_personal_accounts(self.route)
 
     async def request(self, method: str, url: str, mailbox: str, *, content: bytes | None = None,
                       json_body: Mapping[str, Any] | None = None,

@@ -63,7 +63,7 @@ class SmtpUpstream(Upstream):
         if oauth is not None:  # auth = "xoauth2"
             if oauth.provider == "google":
                 scopes = GOOGLE_SCOPES
-            elif oauth.flow == "device":
+            elif route.delegated:
                 scopes = MICROSOFT_DELEGATED_SCOPES
             else:
                 scopes = MICROSOFT_APP_SCOPES
